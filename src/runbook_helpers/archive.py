@@ -1,0 +1,112 @@
+"""The audit record of a run: its folder, the manifest with file hashes, HTML renderings, the secret scan.
+
+runs/<env>/<UTC timestamp>-<run id>/ holds each executed notebook, an HTML rendering of each, and
+manifest.json. The manifest records the sha256 of every file and of the previous run's manifest of the
+same env, so the records form a chain. Before the manifest is written, every file is scanned for the
+secrets of this run (the DSN, its password, URLs with an inline password); a hit is redacted on disk and
+fails the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import subprocess
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from . import paths
+
+MANIFEST = "manifest.json"
+INLINE_PASSWORD = re.compile(rb"[a-z][a-z0-9+.-]*://[^/\s:@\"']+:[^@\s/\"']+@", re.IGNORECASE)
+
+
+def run_folder(archive_dir: str, env: str, started: datetime, run_id: str) -> Path:
+    base = Path(archive_dir)
+    if not base.is_absolute():
+        base = paths.project_root() / base
+    folder = base / env / f"{started:%Y%m%dT%H%M%SZ}-{run_id}"
+    folder.mkdir(parents=True, exist_ok=False)
+    return folder
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def previous_manifest(folder: Path) -> Path | None:
+    """The newest earlier run of the same env (folder names sort by UTC timestamp)."""
+    earlier = sorted(p for p in folder.parent.iterdir() if p.is_dir() and p.name < folder.name and (p / MANIFEST).is_file())
+    return earlier[-1] / MANIFEST if earlier else None
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): sha256_file(p)
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def write_manifest(folder: Path, data: dict[str, Any]) -> str:
+    prev = previous_manifest(folder)
+    data = dict(data)
+    data["previous_manifest"] = {"run": prev.parent.name, "sha256": sha256_file(prev)} if prev else None
+    data["files"] = file_hashes(folder)
+    (folder / MANIFEST).write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    return sha256_file(folder / MANIFEST)
+
+
+def export_html(notebook: Path) -> Path:
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
+    target = notebook.with_suffix(".html")
+    target.write_text(body, encoding="utf-8")
+    return target
+
+
+def scan_for_secrets(folder: Path, secrets: list[str]) -> list[str]:
+    """Files holding a secret (or an inline-password URL); each hit is redacted in place."""
+    needles = [s.encode("utf-8") for s in secrets if s and len(s) >= 4]
+    findings = []
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        hit = [n for n in needles if n in data]
+        url_hits = INLINE_PASSWORD.findall(data)
+        if hit or url_hits:
+            for needle in sorted(hit, key=len, reverse=True):
+                data = data.replace(needle, b"[REDACTED]")
+            data = INLINE_PASSWORD.sub(b"[REDACTED-URL]@", data)
+            path.write_bytes(data)
+            what = "a secret of this run" if hit else "a URL with an inline password"
+            findings.append(f"{path.relative_to(folder).as_posix()}: contained {what} (redacted)")
+    return findings
+
+
+def git_commit(root: Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root or paths.project_root(),
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def list_runs(archive_dir: str, env: str) -> list[dict[str, Any]]:
+    base = Path(archive_dir)
+    if not base.is_absolute():
+        base = paths.project_root() / base
+    runs = []
+    for manifest in sorted((base / env).glob(f"*/{MANIFEST}")):
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+        runs.append({"run": manifest.parent.name, "status": data.get("status"), "dry_run": data.get("dry_run"),
+                     "phases": ",".join(p["name"] for p in data.get("phases", [])),
+                     "operator": data.get("operator"), "folder": str(manifest.parent)})
+    return runs

@@ -1,0 +1,296 @@
+"""Read-only catalog queries: the state of each spec table, as dataclasses and DataFrames.
+
+Everything here only reads. Tables are looked up by (schema, name) as bound values, so names that need
+quoting (mixed case, spaces, non-ASCII) work without any string building.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+from psycopg import sql
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+from .names import TENANT_COLUMN
+from .sqltext import render
+
+
+@dataclass
+class TableState:
+    schema: str
+    name: str
+    exists: bool = False
+    oid: int | None = None
+    relkind: str | None = None
+    is_partition: bool = False
+    owner: str | None = None
+    can_alter: bool = False
+    estimated_rows: int = 0
+    size_bytes: int = 0
+    pk_columns: list[str] = field(default_factory=list)
+    pk_types: list[str] = field(default_factory=list)
+    columns: list[str] = field(default_factory=list)
+    # tenant_id
+    has_column: bool = False
+    column_type: str | None = None
+    not_null: bool = False
+    default: str | None = None
+    # the runbook's temporary CHECK (tenant_id IS NOT NULL)
+    check_name: str | None = None
+    check_valid: bool = False
+    # FK tenant_id -> tenants(id)
+    fk_name: str | None = None
+    fk_valid: bool = False
+    # index led by tenant_id
+    index_name: str | None = None
+    index_valid: bool = False
+    invalid_tenant_indexes: list[str] = field(default_factory=list)
+    triggers: list[str] = field(default_factory=list)
+    row_update_triggers: list[str] = field(default_factory=list)
+    views: list[str] = field(default_factory=list)
+    rls_enabled: bool = False
+    rls_forced: bool = False
+
+    @property
+    def qualified(self) -> sql.Composed:
+        return sql.Identifier(self.schema, self.name)
+
+    @property
+    def partitioned(self) -> bool:
+        return self.relkind == "p"
+
+
+TABLE_SQL = text("""
+SELECT c.oid, c.relkind, c.relispartition, pg_get_userbyid(c.relowner) AS owner,
+       (pg_has_role(current_user, c.relowner, 'USAGE')
+        OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)) AS can_alter,
+       greatest(c.reltuples, 0)::bigint AS estimated_rows,
+       pg_total_relation_size(c.oid) AS size_bytes,
+       c.relrowsecurity, c.relforcerowsecurity
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = :schema AND c.relname = :name AND c.relkind IN ('r', 'p')
+""")
+
+COLUMNS_SQL = text("""
+SELECT a.attname, format_type(a.atttypid, a.atttypmod) AS type, a.attnotnull,
+       pg_get_expr(d.adbin, d.adrelid) AS default_expr
+FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+WHERE a.attrelid = :oid AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+""")
+
+PK_SQL = text("""
+SELECT a.attname, format_type(a.atttypid, a.atttypmod)
+FROM pg_constraint con
+CROSS JOIN LATERAL unnest(con.conkey) WITH ORDINALITY AS k(attnum, ord)
+JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum
+WHERE con.conrelid = :oid AND con.contype = 'p'
+ORDER BY k.ord
+""")
+
+CONSTRAINTS_SQL = text("""
+SELECT con.conname, con.contype, con.convalidated, pg_get_constraintdef(con.oid) AS def,
+       con.confrelid::regclass::text AS ref_table,
+       (SELECT array_agg(a.attname ORDER BY k.ord) FROM unnest(con.conkey) WITH ORDINALITY k(attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum) AS cols,
+       (SELECT array_agg(a.attname ORDER BY k.ord) FROM unnest(con.confkey) WITH ORDINALITY k(attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum) AS ref_cols,
+       con.confrelid
+FROM pg_constraint con WHERE con.conrelid = :oid
+""")
+
+INDEXES_SQL = text("""
+SELECT ic.relname AS name, i.indisvalid, i.indisready, i.indisunique, i.indisprimary,
+       (SELECT array_agg(a.attname ORDER BY k.ord) FROM unnest(i.indkey) WITH ORDINALITY k(attnum, ord)
+          LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum) AS cols,
+       i.indpred IS NOT NULL AS partial
+FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+WHERE i.indrelid = :oid
+ORDER BY ic.relname
+""")
+
+TRIGGERS_SQL = text("""
+SELECT t.tgname, (t.tgtype & 1) = 1 AS for_each_row, (t.tgtype & 2) = 2 AS before, (t.tgtype & 16) = 16 AS on_update
+FROM pg_trigger t WHERE t.tgrelid = :oid AND NOT t.tgisinternal ORDER BY t.tgname
+""")
+
+VIEWS_SQL = text("""
+SELECT DISTINCT v.oid::regclass::text AS view
+FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid JOIN pg_class v ON v.oid = r.ev_class
+WHERE d.refobjid = :oid AND d.classid = 'pg_rewrite'::regclass AND v.oid <> :oid
+ORDER BY 1
+""")
+
+
+def table_state(conn: Connection, schema: str, name: str, tenants_oid: int | None = None) -> TableState:
+    state = TableState(schema=schema, name=name)
+    row = conn.execute(TABLE_SQL, {"schema": schema, "name": name}).mappings().first()
+    if row is None:
+        return state
+    state.exists = True
+    state.oid = row["oid"]
+    state.relkind = row["relkind"]
+    state.is_partition = row["relispartition"]
+    state.owner = row["owner"]
+    state.can_alter = bool(row["can_alter"])
+    state.estimated_rows = row["estimated_rows"]
+    state.size_bytes = row["size_bytes"]
+    state.rls_enabled = row["relrowsecurity"]
+    state.rls_forced = row["relforcerowsecurity"]
+    params = {"oid": state.oid}
+
+    for col in conn.execute(COLUMNS_SQL, params).mappings():
+        state.columns.append(col["attname"])
+        if col["attname"] == TENANT_COLUMN:
+            state.has_column = True
+            state.column_type = col["type"]
+            state.not_null = col["attnotnull"]
+            state.default = col["default_expr"]
+    for attname, typ in conn.execute(PK_SQL, params):
+        state.pk_columns.append(attname)
+        state.pk_types.append(typ)
+
+    for con in conn.execute(CONSTRAINTS_SQL, params).mappings():
+        cols = list(con["cols"] or [])
+        if con["contype"] == "c" and _is_not_null_check(con["def"]):
+            state.check_name, state.check_valid = con["conname"], con["convalidated"]
+        if (con["contype"] == "f" and cols == [TENANT_COLUMN] and list(con["ref_cols"] or []) == ["id"]
+                and (tenants_oid is None or con["confrelid"] == tenants_oid)):
+            if state.fk_name is None or con["convalidated"]:
+                state.fk_name, state.fk_valid = con["conname"], con["convalidated"]
+
+    for idx in conn.execute(INDEXES_SQL, params).mappings():
+        cols = list(idx["cols"] or [])
+        if cols[:1] == [TENANT_COLUMN] and not idx["partial"]:
+            if not idx["indisvalid"]:
+                state.invalid_tenant_indexes.append(idx["name"])
+            elif state.index_name is None:
+                state.index_name, state.index_valid = idx["name"], True
+
+    for trig in conn.execute(TRIGGERS_SQL, params).mappings():
+        state.triggers.append(trig["tgname"])
+        if trig["for_each_row"] and trig["before"] and trig["on_update"]:
+            state.row_update_triggers.append(trig["tgname"])
+    state.views = [r[0] for r in conn.execute(VIEWS_SQL, params)]
+    return state
+
+
+def _is_not_null_check(definition: str) -> bool:
+    normalized = " ".join(definition.replace("(", " ").replace(")", " ").split()).lower()
+    return normalized.startswith(f"check {TENANT_COLUMN} is not null")
+
+
+def relation_oid(conn: Connection, schema: str, name: str) -> int | None:
+    return conn.execute(text(
+        "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = :schema AND c.relname = :name"), {"schema": schema, "name": name}).scalar()
+
+
+def schema_exists(conn: Connection, schema: str) -> bool:
+    return bool(conn.execute(text("SELECT 1 FROM pg_namespace WHERE nspname = :s"), {"s": schema}).scalar())
+
+
+def server_version_num(conn: Connection) -> int:
+    return int(conn.execute(text("SELECT current_setting('server_version_num')")).scalar())
+
+
+def exact_count(conn: Connection, schema: str, table: str, where: sql.Composable | None = None) -> int:
+    query = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table))
+    if where is not None:
+        query = query + sql.SQL(" WHERE ") + where
+    return int(conn.exec_driver_sql(render(conn, query)).scalar())
+
+
+def null_tenant_count(conn: Connection, schema: str, table: str) -> int:
+    return exact_count(conn, schema, table, sql.SQL("{} IS NULL").format(sql.Identifier(TENANT_COLUMN)))
+
+
+def count_rows(conn: Connection, state: TableState, exact_below: int) -> tuple[int, str]:
+    """Rows of a table: exact below the threshold, the planner's estimate above it (and says which)."""
+    if state.estimated_rows < exact_below:
+        return exact_count(conn, state.schema, state.name), "exact"
+    return state.estimated_rows, "estimate"
+
+
+UNIQUE_SQL = text("""
+SELECT c.relname AS table, ic.relname AS name,
+       CASE WHEN con.contype = 'p' THEN 'primary key' WHEN con.oid IS NOT NULL THEN 'unique constraint'
+            ELSE 'unique index' END AS kind,
+       (SELECT string_agg(coalesce(a.attname, '(expression)'), ', ' ORDER BY k.ord)
+          FROM unnest(i.indkey) WITH ORDINALITY k(attnum, ord)
+          LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum) AS columns
+FROM pg_index i
+JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_class ic ON ic.oid = i.indexrelid
+LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid
+WHERE n.nspname = :schema AND c.relname = ANY(:tables) AND i.indisunique
+  AND NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = i.indrelid
+                  AND a.attnum = ANY(i.indkey) AND a.attname = :col)
+ORDER BY c.relname, ic.relname
+""")
+
+
+def unique_without_tenant(conn: Connection, schema: str, tables: list[str]) -> pd.DataFrame:
+    """Unique constraints and indexes that do not include tenant_id: uniqueness stays global."""
+    rows = conn.execute(UNIQUE_SQL, {"schema": schema, "tables": tables, "col": TENANT_COLUMN}).mappings().all()
+    return pd.DataFrame(rows, columns=["table", "name", "kind", "columns"])
+
+
+INVALID_INDEXES_SQL = text("""
+SELECT c.relname AS table, ic.relname AS index
+FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_class ic ON ic.oid = i.indexrelid
+WHERE n.nspname = :schema AND c.relname = ANY(:tables) AND NOT i.indisvalid
+ORDER BY 1, 2
+""")
+
+
+def invalid_indexes(conn: Connection, schema: str, tables: list[str]) -> pd.DataFrame:
+    rows = conn.execute(INVALID_INDEXES_SQL, {"schema": schema, "tables": tables}).mappings().all()
+    return pd.DataFrame(rows, columns=["table", "index"])
+
+
+SESSIONS_SQL = text("""
+SELECT a.pid, a.usename AS "user", a.application_name, a.state,
+       date_trunc('second', now() - a.xact_start) AS transaction_age,
+       left(a.query, 200) AS query,
+       string_agg(DISTINCT c.relname || ':' || l.mode, ', ')
+         FILTER (WHERE n.nspname = :schema AND c.relname = ANY(:tables)) AS locks
+FROM pg_stat_activity a
+LEFT JOIN pg_locks l ON l.pid = a.pid AND l.locktype = 'relation' AND l.granted
+LEFT JOIN pg_class c ON c.oid = l.relation
+LEFT JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE a.pid <> pg_backend_pid() AND a.datname = current_database()
+  AND a.application_name NOT LIKE :ours
+GROUP BY a.pid, a.usename, a.application_name, a.state, a.xact_start, a.query
+HAVING count(*) FILTER (WHERE n.nspname = :schema AND c.relname = ANY(:tables)) > 0
+    OR (a.xact_start IS NOT NULL AND now() - a.xact_start > make_interval(secs => :threshold))
+ORDER BY transaction_age DESC NULLS LAST
+""")
+
+
+def sessions_in_the_way(conn: Connection, schema: str, tables: list[str], threshold_s: int,
+                        own_application: str) -> pd.DataFrame:
+    """Sessions holding locks on spec tables, or with transactions open longer than the threshold."""
+    rows = conn.execute(SESSIONS_SQL, {"schema": schema, "tables": tables, "threshold": threshold_s,
+                                       "ours": own_application + "%"}).mappings().all()
+    return pd.DataFrame(rows, columns=["pid", "user", "application_name", "state", "transaction_age", "query", "locks"])
+
+
+BLOCKERS_SQL = text("""
+SELECT a.pid, a.usename AS "user", a.application_name, a.state,
+       date_trunc('second', now() - coalesce(a.xact_start, a.query_start)) AS age, left(a.query, 200) AS query
+FROM pg_stat_activity a WHERE a.pid = ANY(pg_blocking_pids(:pid))
+ORDER BY a.pid
+""")
+
+
+def blocking_sessions(conn: Connection, pid: int) -> list[dict]:
+    """Who blocks backend `pid` right now (pg_blocking_pids), with their query and transaction age."""
+    return [dict(r) for r in conn.execute(BLOCKERS_SQL, {"pid": pid}).mappings()]
+
+
+def has_schema_create(conn: Connection, schema: str) -> bool:
+    return bool(conn.execute(text("SELECT has_schema_privilege(:s, 'CREATE')"), {"s": schema}).scalar())

@@ -1,0 +1,163 @@
+"""`runbook run|demo|demo-db|db|plan|notebooks|audit`: the command line of the runbook.
+
+Every RunbookError is printed as `runbook: error: …` on stderr with exit status 2, never a traceback:
+those errors say what was wrong and what to do. A failed phase exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import params as params_mod
+from .errors import RunbookError
+
+
+def _env_arg(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument("--env", default=default, required=default is None,
+                        help="environment: the name of a file in params/ (local, ci, staging, prod)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="runbook", description="Migrate a single-tenant PostgreSQL database "
+                                     "to shared-schema multi-tenancy, online, resumable and proven.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the phase notebooks in order and archive the run")
+    _env_arg(run)
+    run.add_argument("--phases", help="comma-separated subset, e.g. inspect,seed (always run in order)")
+    run.add_argument("--dry-run", action="store_true", help="show every plan, change nothing")
+    run.add_argument("--yes", action="store_true", help="confirm a run on an env that requires it (prod)")
+    run.add_argument("--cell-timeout", type=int, default=None, help="seconds a notebook cell may run")
+
+    demo = sub.add_parser("demo", help="fresh demo database, then the whole runbook on it")
+    _env_arg(demo, "local")
+    demo.add_argument("--rows", type=int, default=None, help="rows in workflows (default from params)")
+
+    demo_db = sub.add_parser("demo-db", help="drop and rebuild the legacy demo database")
+    _env_arg(demo_db)
+    demo_db.add_argument("--rows", type=int, default=None, help="rows in workflows (default from params)")
+
+    db = sub.add_parser("db", help="manage the env's embedded PostgreSQL server")
+    db.add_argument("action", choices=["start", "stop", "status", "url", "reset"])
+    _env_arg(db)
+
+    plan = sub.add_parser("plan", help="print what seed, backfill and constrain would do (changes nothing)")
+    _env_arg(plan)
+
+    notebooks = sub.add_parser("notebooks", help="re-execute the committed notebooks on a fresh demo database")
+    _env_arg(notebooks, "ci")
+
+    audit = sub.add_parser("audit", help="list archived runs")
+    audit.add_argument("action", choices=["list"])
+    _env_arg(audit)
+    return parser
+
+
+def _demo_db(env: str, rows: int | None) -> None:
+    from . import demo
+    from .database import server_for
+
+    params = params_mod.load(env)
+    server = server_for(params)
+    server.start()
+    demo.build(server.url(), params.database.name, system_uuid=str(params.system_tenant.uuid),
+               system_name=params.system_tenant.name, rows=rows or params.demo.rows, seed=params.demo.seed)
+
+
+def _db(action: str, env: str) -> int:
+    from .database import server_for
+
+    params = params_mod.load(env)
+    server = server_for(params)
+    if action == "start":
+        status, note = server.start()
+        print(f"{status.describe()} ({note})")
+        print(server.url(params.database.name))
+    elif action == "stop":
+        print(server.stop())
+    elif action == "status":
+        status = server.status()
+        print(status.describe())
+        if status.running:
+            print(server.url(params.database.name))
+        return 0 if status.running else 3
+    elif action == "url":
+        server.start()
+        print(server.url(params.database.name))
+    elif action == "reset":
+        _demo_db(env, None)
+    return 0
+
+
+def _plan(env: str) -> int:
+    import pandas as pd
+
+    from .phases import inspect
+    from .session import PhaseSession
+
+    rb = PhaseSession("inspect", env, dry_run=True)
+    try:
+        frame = inspect.full_plan(rb)
+    finally:
+        rb.close()
+    with pd.option_context("display.max_colwidth", 120, "display.width", 200, "display.max_rows", 500):
+        print(frame[["phase", "table", "action", "lock", "statement"]].to_string(index=False))
+    return 0
+
+
+def _notebooks(env: str) -> int:
+    from . import notebook_outputs
+
+    _demo_db(env, None)
+    notebook_outputs.refresh(env)
+    return 0
+
+
+def _audit(action: str, env: str) -> int:
+    from . import archive
+
+    params = params_mod.load(env)
+    runs = archive.list_runs(params.archive.dir, env)
+    if not runs:
+        print(f"no archived runs for env {env}")
+    for r in runs:
+        print(f"{r['run']}  {r['status']:<9}  {'dry run ' if r['dry_run'] else ''}{r['phases']}  by {r['operator']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            from . import runner
+            result = runner.run(args.env, args.phases, dry_run=args.dry_run, yes=args.yes,
+                                cell_timeout_s=args.cell_timeout)
+            return 0 if result.ok else 1
+        if args.command == "demo":
+            from . import runner
+            _demo_db(args.env, args.rows)
+            return 0 if runner.run(args.env).ok else 1
+        if args.command == "demo-db":
+            params_mod.load(args.env)
+            _demo_db(args.env, args.rows)
+            return 0
+        if args.command == "db":
+            return _db(args.action, args.env)
+        if args.command == "plan":
+            return _plan(args.env)
+        if args.command == "notebooks":
+            return _notebooks(args.env)
+        if args.command == "audit":
+            return _audit(args.action, args.env)
+    except RunbookError as exc:
+        print(f"runbook: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("runbook: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Connections from params: the embedded server or a DSN read from an environment variable.
+
+Every connection carries the runbook's session settings (application_name, lock_timeout,
+statement_timeout, idle_in_transaction_session_timeout), so a forgotten SET can never leave a DDL
+statement waiting behind a long transaction while the application queues behind it. The DSN itself is
+only ever held in memory: the engine's URL is the bare dialect name.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Connection, Engine
+
+from .errors import RunbookError
+from .params import Params, dsn_from_environment
+from .server import EmbeddedServer
+
+MIN_SERVER_VERSION = 130000
+
+
+def server_for(params: Params) -> EmbeddedServer:
+    if not params.database.embedded:
+        raise RunbookError(f"env {params.env} uses a DSN from ${params.database.dsn_env}; it has no embedded server")
+    return EmbeddedServer(params.env)
+
+
+def conninfo(params: Params, database: str | None = None, start: bool = True) -> str:
+    """A libpq connection string for the env; for embedded envs the server is started (or reused)."""
+    if params.database.embedded:
+        server = server_for(params)
+        if start:
+            server.start()
+        return server.url(database or params.database.name)
+    dsn = dsn_from_environment(params)
+    if database:
+        return make_conninfo(dsn, dbname=database)
+    return dsn
+
+
+def secrets_in(dsn: str) -> list[str]:
+    """The parts of a DSN that must never be written anywhere: password, and the DSN itself."""
+    found = [dsn]
+    try:
+        password = conninfo_to_dict(dsn).get("password")
+    except psycopg.ProgrammingError:
+        password = None
+    if not password and "://" in dsn:
+        password = urlsplit(dsn).password
+        if password:
+            found.append(unquote(password))
+    if password:
+        found.append(str(password))
+    return [s for s in dict.fromkeys(found) if s]
+
+
+def scrub(message: str, secrets: list[str]) -> str:
+    for secret in sorted(secrets, key=len, reverse=True):
+        message = message.replace(secret, "***")
+    return re.sub(r"(password=)\S+", r"\1***", message)
+
+
+def session_options(params: Params, existing: str | None = None) -> str:
+    locks = params.locks
+    opts = [
+        f"-c lock_timeout={locks.lock_timeout_ms}",
+        f"-c statement_timeout={locks.statement_timeout_ms}",
+        f"-c idle_in_transaction_session_timeout={locks.idle_in_transaction_timeout_ms}",
+    ]
+    return " ".join(([existing] if existing else []) + opts)
+
+
+def application_name(params: Params, phase: str | None = None, run_id: str | None = None) -> str:
+    parts = [params.database.application_name, params.env]
+    if phase:
+        parts.append(phase)
+    if run_id:
+        parts.append(run_id)
+    return "/".join(parts)[:63]
+
+
+def connect_raw(params: Params, database: str | None = None, phase: str | None = None,
+                run_id: str | None = None, autocommit: bool = False) -> psycopg.Connection:
+    """A psycopg connection with the session settings; errors name the env, never the DSN."""
+    info = conninfo(params, database)
+    existing = conninfo_to_dict(info).get("options")
+    try:
+        return psycopg.connect(
+            make_conninfo(info, application_name=application_name(params, phase, run_id),
+                          options=session_options(params, existing), connect_timeout="10"),
+            autocommit=autocommit,
+        )
+    except psycopg.OperationalError as exc:
+        reason = scrub(str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc), secrets_in(info))
+        if "does not exist" in reason and params.database.embedded:
+            raise RunbookError(
+                f"database {database or params.database.name!r} does not exist on the {params.env} server; "
+                f"build the demo database with `runbook demo-db --env {params.env}`"
+            ) from None
+        source = "the embedded server" if params.database.embedded else f"${params.database.dsn_env}"
+        raise RunbookError(f"cannot connect to the {params.env} database named by {source}: {reason}") from None
+
+
+def make_engine(params: Params, database: str | None = None, phase: str | None = None,
+                run_id: str | None = None) -> Engine:
+    """A SQLAlchemy engine whose URL holds no secret: connections come from connect_raw."""
+    connect_raw(params, database, phase, run_id).close()  # fail now, with a clear message
+    return create_engine(
+        "postgresql+psycopg://",
+        creator=lambda: connect_raw(params, database, phase, run_id),
+        pool_size=3,
+        max_overflow=4,
+    )
+
+
+@dataclass(frozen=True)
+class Identity:
+    database: str
+    system_identifier: str | None
+    server_version: str
+    server_version_num: int
+    user: str
+
+
+def identity(conn: Connection) -> Identity:
+    row = conn.execute(text(
+        "SELECT current_database(), current_setting('server_version'), "
+        "current_setting('server_version_num')::int, current_user"
+    )).one()
+    try:
+        with conn.begin_nested():
+            sysid = conn.execute(text("SELECT system_identifier::text FROM pg_control_system()")).scalar()
+    except Exception:  # pg_control_system() needs privileges a migration role may lack
+        sysid = None
+    return Identity(row[0], sysid, row[1], row[2], row[3])
+
+
+# --- the single-runner advisory locks ---------------------------------------------------------------
+# A run (runbook run, or an engineer stepping through notebooks) holds RUN_LOCK for its whole length;
+# each phase notebook also holds PHASE_LOCK, so two kernels never run phases against one database at once.
+LOCK_CLASS = 741852963
+RUN_LOCK = 1
+PHASE_LOCK = 2
+
+HOLDER_SQL = text("""
+SELECT a.pid, a.usename AS "user", a.application_name, a.client_addr::text AS client,
+       date_trunc('second', now() - a.backend_start) AS connected_for
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.classid = :cls AND l.objid = :obj AND l.granted
+""")
+
+
+def try_advisory_lock(conn: Connection, which: int, what: str) -> None:
+    """Take a session-level advisory lock or fail at once, saying who holds it."""
+    from .errors import RunnerBusy
+
+    got = conn.execute(text("SELECT pg_try_advisory_lock(:cls, :obj)"), {"cls": LOCK_CLASS, "obj": which}).scalar()
+    if got:
+        return
+    holders = conn.execute(HOLDER_SQL, {"cls": LOCK_CLASS, "obj": which}).mappings().all()
+    who = "; ".join(f"pid {h['pid']} ({h['application_name'] or 'no application_name'}, user {h['user']}, "
+                    f"connected for {h['connected_for']})" for h in holders) or "a session that just ended"
+    raise RunnerBusy(f"another {what} is in progress on this database, held by {who}; wait for it to finish "
+                     f"(or end that session) and try again. Nothing was changed.")
+
+
+def release_advisory_lock(conn: Connection, which: int) -> None:
+    conn.execute(text("SELECT pg_advisory_unlock(:cls, :obj)"), {"cls": LOCK_CLASS, "obj": which})

@@ -1,0 +1,201 @@
+"""Safe DDL: one Step type, a retry ladder on lock timeouts, CONCURRENTLY outside transactions, dry runs.
+
+A Step is one statement with the table it touches, the lock it takes and why it is safe. The Executor
+runs it with lock_timeout (so the application never queues behind the runbook for longer than that),
+retries lock timeouts with exponential backoff and jitter, journals every try in the ledger, and when
+the ladder is exhausted fails with the sessions that blocked it (pg_blocking_pids, their query and age).
+Each Step is atomic: a failed try leaves nothing behind, and the phase's plan re-reads the catalog, so a
+re-run continues from whatever did commit.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pandas as pd
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg import sql
+from sqlalchemy import text
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
+
+from . import catalog
+from .errors import LockNotAcquired, RunbookError
+from .params import LockParams
+from .sqltext import render
+
+# Lock levels, spelled the way the PostgreSQL docs spell them, with what they mean for the application.
+ACCESS_EXCLUSIVE_META = "ACCESS EXCLUSIVE (metadata only, milliseconds)"
+SHARE_UPDATE_EXCLUSIVE = "SHARE UPDATE EXCLUSIVE (reads and writes continue)"
+SHARE_ROW_EXCLUSIVE_META = "SHARE ROW EXCLUSIVE on table and tenants (metadata only, milliseconds)"
+ROW_EXCLUSIVE_BATCH = "ROW EXCLUSIVE, row locks per batch (reads and writes continue)"
+NEW_OBJECT = "none on existing tables (creates a new object)"
+
+
+@dataclass(frozen=True)
+class Step:
+    phase: str
+    table: str | None
+    action: str
+    statement: sql.Composable
+    lock: str
+    why: str
+    transactional: bool = True  # False: CREATE/DROP INDEX CONCURRENTLY must run outside a transaction
+    long_scan: bool = False      # True: VALIDATE or an index build; runs under statement_timeout only
+
+
+@dataclass
+class StepResult:
+    step: Step
+    outcome: str  # applied | dry run | failed
+    attempts: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def plan_frame(steps: list[Step], conn: Connection | None = None) -> pd.DataFrame:
+    """The plan as a table: each statement with the table it touches and the lock it takes."""
+    return pd.DataFrame(
+        [{"phase": s.phase, "table": s.table or "", "action": s.action, "lock": s.lock,
+          "statement": render(conn, s.statement), "why safe": s.why} for s in steps],
+        columns=["phase", "table", "action", "lock", "statement", "why safe"],
+    )
+
+
+def results_frame(results: list[StepResult]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [{"table": r.step.table or "", "action": r.step.action, "outcome": r.outcome, "attempts": r.attempts,
+          "seconds": round(r.seconds, 3)} for r in results],
+        columns=["table", "action", "outcome", "attempts", "seconds"],
+    )
+
+
+class _BlockerWatch:
+    """While a statement waits for its lock, ask once who blocks it (from another connection)."""
+
+    def __init__(self, engine: Engine, pid: int, after_s: float):
+        self.found: list[dict] = []
+        self._timer = threading.Timer(after_s, self._look, args=(engine, pid))
+        self._timer.daemon = True
+
+    def _look(self, engine: Engine, pid: int) -> None:
+        try:
+            with engine.connect() as conn:
+                self.found = catalog.blocking_sessions(conn, pid)
+        except Exception:  # the watch is advisory; the statement's own outcome decides
+            pass
+
+    def __enter__(self) -> "_BlockerWatch":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+
+
+def describe_blockers(blockers: list[dict]) -> str:
+    if not blockers:
+        return "no blocking session was caught in the act (the lock was held only briefly each time)"
+    parts = []
+    for b in blockers:
+        parts.append(f"pid {b['pid']} ({b.get('user')}, {b.get('application_name') or 'no application_name'}, "
+                     f"{b.get('state')}, open for {b.get('age')}): {b.get('query')!r}")
+    return "blocked by " + "; ".join(parts)
+
+
+class Executor:
+    """Runs Steps against the database, or only lists them when dry_run is set."""
+
+    def __init__(self, engine: Engine, locks: LockParams, *, dry_run: bool = False,
+                 journal: Callable[..., int] | None = None, journal_end: Callable[..., None] | None = None,
+                 sleep: Callable[[float], None] = time.sleep, log: Callable[[str], None] = print):
+        self.engine = engine
+        self.locks = locks
+        self.dry_run = dry_run
+        self._journal = journal
+        self._journal_end = journal_end
+        self._sleep = sleep
+        self._log = log
+
+    def backoff_s(self, attempt: int) -> float:
+        retry = self.locks.retry
+        base = min(retry.backoff_ms * (2 ** (attempt - 1)), retry.backoff_max_ms) / 1000.0
+        return max(0.0, base * (1 + random.uniform(-retry.jitter, retry.jitter)))
+
+    def run_all(self, steps: list[Step]) -> list[StepResult]:
+        return [self.run(step) for step in steps]
+
+    def run(self, step: Step) -> StepResult:
+        with self.engine.connect() as conn:
+            statement = render(conn, step.statement)
+        if self.dry_run:
+            return StepResult(step, "dry run")
+        entry = self._journal(step.phase, step.table, step.action, statement, step.lock) if self._journal else None
+        started = time.monotonic()
+        attempts = self.locks.retry.attempts
+        blockers: list[dict] = []
+        for attempt in range(1, attempts + 1):
+            try:
+                self._try(step, statement, blockers)
+            except pg_errors.LockNotAvailable:
+                if attempt == attempts:
+                    break
+                wait = self.backoff_s(attempt)
+                self._log(f"  {step.table}: {step.action}: lock not granted within "
+                          f"{self.locks.lock_timeout_ms} ms (try {attempt}/{attempts}); retrying in {wait:.1f} s")
+                self._sleep(wait)
+                continue
+            except psycopg.Error as exc:
+                message = f"{step.table}: {step.action} failed: {exc.diag.message_primary or exc}"
+                if self._journal_end and entry is not None:
+                    self._journal_end(entry, "failed", attempt, message)
+                raise RunbookError(f"{message}\n  statement: {statement}\n  nothing of this step was applied; "
+                                   f"fix the cause and re-run this notebook (it resumes)") from None
+            if self._journal_end and entry is not None:
+                self._journal_end(entry, "applied", attempt, None)
+            return StepResult(step, "applied", attempt, time.monotonic() - started)
+        message = (f"{step.table}: {step.action}: could not take its lock ({step.lock}) after {attempts} tries of "
+                   f"{self.locks.lock_timeout_ms} ms each; {describe_blockers(blockers)}. Nothing of this step was "
+                   f"applied. End or wait for those sessions, then re-run this notebook; it resumes here.")
+        if self._journal_end and entry is not None:
+            self._journal_end(entry, "lock timeout", attempts, message)
+        raise LockNotAcquired(message)
+
+    def _try(self, step: Step, statement: str, blockers: list[dict]) -> None:
+        lock_timeout = self.locks.lock_timeout_ms
+        if step.long_scan or not step.transactional:
+            statement_timeout = self.locks.statement_timeout_ms
+        else:
+            # a metadata-only change may hold ACCESS EXCLUSIVE only briefly: cap it
+            statement_timeout = lock_timeout + 10_000
+        raw = self.engine.raw_connection()
+        try:
+            driver: psycopg.Connection = raw.driver_connection
+            driver.autocommit = True
+            pid = driver.info.backend_pid
+            driver.execute(f"SET lock_timeout = {int(lock_timeout)}")
+            driver.execute(f"SET statement_timeout = {int(statement_timeout)}")
+            watch_after = max(0.05, min(lock_timeout / 2000.0, 1.0))
+            with _BlockerWatch(self.engine, pid, watch_after) as watch:
+                try:
+                    if step.transactional:
+                        with driver.transaction():
+                            driver.execute(statement)
+                    else:
+                        driver.execute(statement)
+                finally:
+                    if watch.found:
+                        seen = {b["pid"] for b in blockers}
+                        blockers.extend(b for b in watch.found if b["pid"] not in seen)
+            driver.execute("RESET lock_timeout")
+            driver.execute("RESET statement_timeout")
+        except BaseException:
+            raw.invalidate()  # never hand a connection in an unknown state back to the pool
+            raise
+        finally:
+            raw.close()

@@ -1,0 +1,205 @@
+"""The runbook's own schema inside the target database: runs, phase runs, baseline, checkpoints, journal.
+
+It lives next to the data it describes, so a resumed run on another machine finds the same checkpoints,
+and the audit trail survives the laptop that ran it. Every table is created with IF NOT EXISTS;
+the ledger is the only thing 01_inspect writes. Reads tolerate a missing ledger (dry runs create nothing).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pandas as pd
+from psycopg import sql
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+from .catalog import relation_oid
+from .sqltext import render
+
+TABLES_SQL = """
+CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE TABLE IF NOT EXISTS {schema}.runs (
+  run_id text PRIMARY KEY,
+  env text NOT NULL,
+  operator text NOT NULL,
+  started_at timestamptz NOT NULL DEFAULT now(),
+  finished_at timestamptz,
+  status text NOT NULL DEFAULT 'running',
+  phases text[] NOT NULL DEFAULT '{{}}',
+  dry_run boolean NOT NULL DEFAULT false,
+  runbook_version text,
+  git_commit text,
+  manifest_sha256 text
+);
+CREATE TABLE IF NOT EXISTS {schema}.phase_runs (
+  id bigserial PRIMARY KEY,
+  run_id text,
+  phase text NOT NULL,
+  dry_run boolean NOT NULL DEFAULT false,
+  started_at timestamptz NOT NULL DEFAULT now(),
+  finished_at timestamptz,
+  status text NOT NULL DEFAULT 'running',
+  summary jsonb
+);
+CREATE TABLE IF NOT EXISTS {schema}.baseline (
+  table_name text PRIMARY KEY,
+  row_count bigint NOT NULL,
+  fingerprint text NOT NULL,
+  columns text[] NOT NULL,
+  captured_at timestamptz NOT NULL DEFAULT now(),
+  run_id text
+);
+CREATE TABLE IF NOT EXISTS {schema}.backfill_checkpoints (
+  table_name text PRIMARY KEY,
+  strategy text NOT NULL,
+  key_columns text[] NOT NULL,
+  last_key jsonb,
+  pass integer NOT NULL DEFAULT 1,
+  rows_total bigint NOT NULL DEFAULT 0,
+  rows_updated bigint NOT NULL DEFAULT 0,
+  batches integer NOT NULL DEFAULT 0,
+  started_at timestamptz NOT NULL DEFAULT now(),
+  updated_at timestamptz NOT NULL DEFAULT now(),
+  finished_at timestamptz
+);
+CREATE TABLE IF NOT EXISTS {schema}.statement_journal (
+  id bigserial PRIMARY KEY,
+  run_id text,
+  phase text NOT NULL,
+  table_name text,
+  action text NOT NULL,
+  statement text NOT NULL,
+  lock_mode text NOT NULL,
+  started_at timestamptz NOT NULL DEFAULT now(),
+  finished_at timestamptz,
+  attempts integer NOT NULL DEFAULT 0,
+  outcome text NOT NULL DEFAULT 'running',
+  error text
+)
+"""
+
+
+class Ledger:
+    """Access to the ledger schema through one connection (autocommit, so entries survive failures)."""
+
+    def __init__(self, schema: str):
+        self.schema = schema
+
+    def _t(self, name: str) -> sql.Composed:
+        return sql.Identifier(self.schema, name)
+
+    def _q(self, conn: Connection, template: str, **names: str) -> str:
+        return render(conn, sql.SQL(template).format(**{k: self._t(v) for k, v in names.items()}))
+
+    def exists(self, conn: Connection) -> bool:
+        return relation_oid(conn, self.schema, "statement_journal") is not None
+
+    def ensure(self, conn: Connection) -> None:
+        script = sql.SQL(TABLES_SQL).format(schema=sql.Identifier(self.schema))
+        for statement in render(conn, script).split(";\n"):
+            conn.exec_driver_sql(statement)
+
+    # -- runs and phases
+    def start_run(self, conn: Connection, run_id: str, env: str, operator: str, phases: list[str],
+                  dry_run: bool, version: str, commit: str | None) -> None:
+        conn.exec_driver_sql(self._q(conn, "INSERT INTO {t} (run_id, env, operator, phases, dry_run, runbook_version, "
+                                           "git_commit) VALUES (%s, %s, %s, %s, %s, %s, %s)", t="runs"),
+                             (run_id, env, operator, phases, dry_run, version, commit))
+
+    def finish_run(self, conn: Connection, run_id: str, status: str, manifest_sha256: str | None) -> None:
+        conn.exec_driver_sql(self._q(conn, "UPDATE {t} SET finished_at = now(), status = %s, manifest_sha256 = %s "
+                                           "WHERE run_id = %s", t="runs"), (status, manifest_sha256, run_id))
+
+    def start_phase(self, conn: Connection, run_id: str | None, phase: str, dry_run: bool) -> int:
+        return conn.exec_driver_sql(self._q(conn, "INSERT INTO {t} (run_id, phase, dry_run) VALUES (%s, %s, %s) "
+                                                  "RETURNING id", t="phase_runs"), (run_id, phase, dry_run)).scalar()
+
+    def finish_phase(self, conn: Connection, phase_run: int, status: str, summary: dict[str, Any]) -> None:
+        conn.exec_driver_sql(self._q(conn, "UPDATE {t} SET finished_at = now(), status = %s, summary = %s::jsonb "
+                                           "WHERE id = %s", t="phase_runs"),
+                             (status, json.dumps(summary, default=str), phase_run))
+
+    def fail_open_phases(self, conn: Connection, run_id: str) -> None:
+        conn.exec_driver_sql(self._q(conn, "UPDATE {t} SET finished_at = now(), status = 'failed' "
+                                           "WHERE run_id = %s AND status = 'running'", t="phase_runs"), (run_id,))
+
+    # -- baseline
+    def baseline(self, conn: Connection) -> pd.DataFrame:
+        cols = ["table_name", "row_count", "fingerprint", "columns", "captured_at", "run_id"]
+        if not self.exists(conn):
+            return pd.DataFrame(columns=cols)
+        rows = conn.exec_driver_sql(self._q(conn, "SELECT table_name, row_count, fingerprint, columns, captured_at, "
+                                                  "run_id FROM {t} ORDER BY table_name", t="baseline")).all()
+        return pd.DataFrame(rows, columns=cols)
+
+    def record_baseline(self, conn: Connection, table: str, row_count: int, fingerprint: str,
+                        columns: list[str], run_id: str | None) -> bool:
+        """Insert once; never overwrite. Returns True if this call captured it."""
+        result = conn.exec_driver_sql(self._q(conn, "INSERT INTO {t} (table_name, row_count, fingerprint, columns, run_id) "
+                                                    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (table_name) DO NOTHING",
+                                              t="baseline"), (table, row_count, fingerprint, columns, run_id))
+        return result.rowcount == 1
+
+    # -- backfill checkpoints
+    def checkpoint(self, conn: Connection, table: str) -> dict[str, Any] | None:
+        if not self.exists(conn):
+            return None
+        row = conn.exec_driver_sql(self._q(conn, "SELECT * FROM {t} WHERE table_name = %s", t="backfill_checkpoints"),
+                                   (table,)).mappings().first()
+        return dict(row) if row else None
+
+    def checkpoints(self, conn: Connection) -> pd.DataFrame:
+        if not self.exists(conn):
+            return pd.DataFrame()
+        return pd.DataFrame(conn.exec_driver_sql(self._q(conn, "SELECT * FROM {t} ORDER BY table_name",
+                                                         t="backfill_checkpoints")).mappings().all())
+
+    def open_checkpoint(self, conn: Connection, table: str, strategy: str, key_columns: list[str],
+                        rows_total: int) -> dict[str, Any]:
+        conn.exec_driver_sql(self._q(conn, "INSERT INTO {t} (table_name, strategy, key_columns, rows_total) "
+                                           "VALUES (%s, %s, %s, %s) ON CONFLICT (table_name) DO NOTHING",
+                                     t="backfill_checkpoints"), (table, strategy, key_columns, rows_total))
+        return self.checkpoint(conn, table)
+
+    def advance_checkpoint(self, conn: Connection, table: str, last_key: list[str] | None, rows: int) -> None:
+        """Called inside the batch's own transaction, so the checkpoint commits with the rows it describes."""
+        conn.exec_driver_sql(self._q(conn, "UPDATE {t} SET last_key = %s::jsonb, rows_updated = rows_updated + %s, "
+                                           "batches = batches + 1, updated_at = clock_timestamp() "
+                                           "WHERE table_name = %s", t="backfill_checkpoints"),
+                             (json.dumps(last_key), rows, table))
+
+    def next_pass(self, conn: Connection, table: str, rows_total: int) -> None:
+        conn.exec_driver_sql(self._q(conn, "UPDATE {t} SET last_key = NULL, pass = pass + 1, rows_total = rows_total + %s, "
+                                           "updated_at = clock_timestamp() WHERE table_name = %s",
+                                     t="backfill_checkpoints"), (rows_total, table))
+
+    def close_checkpoint(self, conn: Connection, table: str) -> None:
+        conn.exec_driver_sql(self._q(conn, "UPDATE {t} SET finished_at = clock_timestamp(), updated_at = clock_timestamp() "
+                                           "WHERE table_name = %s", t="backfill_checkpoints"), (table,))
+
+    # -- statement journal
+    def journal_start(self, conn: Connection, run_id: str | None, phase: str, table: str | None, action: str,
+                      statement: str, lock_mode: str) -> int:
+        return conn.exec_driver_sql(self._q(conn, "INSERT INTO {t} (run_id, phase, table_name, action, statement, lock_mode) "
+                                                  "VALUES (%s, %s, %s, %s, %s, %s) RETURNING id", t="statement_journal"),
+                                    (run_id, phase, table, action, statement, lock_mode)).scalar()
+
+    def journal_end(self, conn: Connection, entry: int, outcome: str, attempts: int, error: str | None = None) -> None:
+        conn.exec_driver_sql(self._q(conn, "UPDATE {t} SET finished_at = clock_timestamp(), outcome = %s, attempts = %s, "
+                                           "error = %s WHERE id = %s", t="statement_journal"),
+                             (outcome, attempts, error, entry))
+
+    def journal(self, conn: Connection, run_id: str | None = None) -> pd.DataFrame:
+        if not self.exists(conn):
+            return pd.DataFrame()
+        query = "SELECT * FROM {t}" + (" WHERE run_id = %s" if run_id else "") + " ORDER BY id"
+        return pd.DataFrame(conn.exec_driver_sql(self._q(conn, query, t="statement_journal"),
+                                                 (run_id,) if run_id else ()).mappings().all())
+
+    def runs(self, conn: Connection) -> pd.DataFrame:
+        if not self.exists(conn):
+            return pd.DataFrame()
+        return pd.DataFrame(conn.exec_driver_sql(self._q(conn, "SELECT * FROM {t} ORDER BY started_at",
+                                                         t="runs")).mappings().all())

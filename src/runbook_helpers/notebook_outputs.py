@@ -1,0 +1,34 @@
+"""`make notebooks`: re-execute the committed notebooks in place so their stored outputs are current.
+
+nbval compares the cells marked `# NBVAL_CHECK_OUTPUT` against these stored outputs, so they must come
+from a fresh run on the demo database. Papermill's run metadata (paths, timings) is removed afterwards:
+the committed notebooks should differ only when their content does.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nbformat
+
+from . import paths
+from .runner import NOTEBOOKS, execute_notebook
+
+
+def _strip(path) -> None:
+    nb = nbformat.read(path, as_version=4)
+    nb.metadata.pop("papermill", None)
+    for cell in nb.cells:
+        cell.metadata.pop("papermill", None)
+        cell.metadata.pop("execution", None)
+    nbformat.write(nb, path)
+
+
+def refresh(env: str) -> None:
+    os.environ.update({"RUNBOOK_ENV": env, "RUNBOOK_HEADLESS": "1", "RUNBOOK_HOME": str(paths.project_root())})
+    os.environ.pop("RUNBOOK_RUN_ID", None)
+    for name in NOTEBOOKS.values():
+        path = paths.notebooks_dir() / name
+        print(f"executing {name} ...")
+        execute_notebook(path, path, None)
+        _strip(path)

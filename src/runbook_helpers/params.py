@@ -1,0 +1,275 @@
+"""Load, merge and validate the parameter files; the only code that knows the YAML shape.
+
+params/base.yaml is the migration spec; params/<env>.yaml says `extends: base.yaml` and overrides what
+differs. Every problem becomes one line naming the file, the key and the fix, so a release job's log
+says exactly what to edit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from . import paths
+from .errors import ParamsError
+
+ENV_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class DatabaseParams(_Strict):
+    embedded: bool = False
+    name: str = "tenancy_demo"
+    dsn_env: str | None = None
+    application_name: str = "tenancy-runbook"
+    confirm_required: bool = False
+
+
+class TableSpec(_Strict):
+    key: list[str] | None = None
+    batch_size: int | None = Field(default=None, gt=0)
+
+
+class SystemTenantParams(_Strict):
+    name: str = "System Tenant"
+    uuid: UUID
+
+
+class BackfillParams(_Strict):
+    batch_size: int = Field(default=10000, gt=0)
+    pause_ms: int = Field(default=0, ge=0)
+    keep_default: bool = True
+    progress_every_s: float = Field(default=5.0, gt=0)
+    max_passes: int = Field(default=3, gt=0)
+
+
+class RetryParams(_Strict):
+    attempts: int = Field(default=6, gt=0)
+    backoff_ms: int = Field(default=500, ge=0)
+    backoff_max_ms: int = Field(default=10000, ge=0)
+    jitter: float = Field(default=0.25, ge=0, le=1)
+
+
+class LockParams(_Strict):
+    lock_timeout_ms: int = Field(default=2000, gt=0)
+    statement_timeout_ms: int = Field(default=0, ge=0)
+    idle_in_transaction_timeout_ms: int = Field(default=60000, ge=0)
+    retry: RetryParams = RetryParams()
+
+
+class InspectParams(_Strict):
+    exact_count_below: int = Field(default=1_000_000, ge=0)
+    long_transaction_s: int = Field(default=60, gt=0)
+
+
+class RlsParams(_Strict):
+    enabled: bool = False
+    setting: str = "app.current_tenant_id"
+    app_role: str = "app_user"
+
+
+class SmokeQuery(_Strict):
+    name: str
+    sql: str
+
+
+class ValidateParams(_Strict):
+    smoke_queries: list[SmokeQuery] = []
+
+
+class ArchiveParams(_Strict):
+    dir: str = "runs"
+
+
+class DemoParams(_Strict):
+    rows: int = Field(default=20000, gt=0)
+    seed: int = 42
+
+
+class Params(_Strict):
+    env: str
+    extends: str | None = None
+    schema_: str = Field(default="public", alias="schema")
+    ledger_schema: str = "tenancy_runbook"
+    database: DatabaseParams = DatabaseParams()
+    system_tenant: SystemTenantParams
+    core_tables: dict[str, TableSpec]
+    shared_tables: list[str] = []
+    backfill: BackfillParams = BackfillParams()
+    locks: LockParams = LockParams()
+    inspect: InspectParams = InspectParams()
+    rls: RlsParams = RlsParams()
+    validate_: ValidateParams = Field(default=ValidateParams(), alias="validate")
+    archive: ArchiveParams = ArchiveParams()
+    demo: DemoParams = DemoParams()
+
+    @field_validator("core_tables", mode="before")
+    @classmethod
+    def _empty_options(cls, value: Any) -> Any:
+        # `workflows:` with nothing after it means "no per-table options"
+        if isinstance(value, dict):
+            return {k: ({} if v is None else v) for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Params":
+        if not self.core_tables:
+            raise ValueError("core_tables: the spec names no core tables; list the tables that get tenant_id")
+        both = sorted(set(self.core_tables) & set(self.shared_tables))
+        if both:
+            raise ValueError(f"shared_tables: {', '.join(both)} also listed in core_tables; a table is one or the other")
+        if self.database.embedded and self.database.dsn_env:
+            raise ValueError("database.dsn_env: an embedded environment takes no DSN; remove dsn_env or set embedded: false")
+        if not self.database.embedded and not self.database.dsn_env:
+            raise ValueError(
+                "database.dsn_env: a real environment names the environment variable holding its DSN "
+                "(e.g. dsn_env: RUNBOOK_STAGING_DSN), or sets embedded: true"
+            )
+        return self
+
+    @property
+    def tables(self) -> list[str]:
+        return list(self.core_tables)
+
+    def batch_size_for(self, table: str) -> int:
+        return self.core_tables[table].batch_size or self.backfill.batch_size
+
+    def public_dict(self) -> dict[str, Any]:
+        """The resolved params for manifests and notebooks: holds names of variables, never their values."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def available_envs(folder: Path | None = None) -> list[str]:
+    folder = folder or paths.params_dir()
+    return sorted(p.stem for p in folder.glob("*.yaml") if p.stem != "base")
+
+
+def _read_yaml(path: Path, label: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ParamsError(f"{label}{where}: not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{label}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _chain(path: Path, folder: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The file and everything it extends, most general first."""
+    chain: list[tuple[str, dict[str, Any]]] = []
+    seen: set[Path] = set()
+    current: Path | None = path
+    while current is not None:
+        label = f"params/{current.relative_to(folder)}"
+        if current in seen:
+            raise ParamsError(f"{label}: `extends` forms a cycle; make base.yaml the root of the chain")
+        seen.add(current)
+        data = _read_yaml(current, label)
+        chain.insert(0, (label, data))
+        parent = data.get("extends")
+        if parent is None:
+            current = None
+            continue
+        if not isinstance(parent, str):
+            raise ParamsError(f"{label}: extends must be a file name such as base.yaml")
+        nxt = (current.parent / parent).resolve()
+        if folder.resolve() not in nxt.parents or not nxt.is_file():
+            raise ParamsError(f"{label}: extends names {parent!r}, which is not a file in params/; use extends: base.yaml")
+        current = nxt
+    return chain
+
+
+def _origin(chain: list[tuple[str, dict[str, Any]]], loc: tuple[Any, ...]) -> str:
+    """The most specific file that sets the key at loc (or its nearest parent key)."""
+    for depth in range(len(loc), 0, -1):
+        for label, data in reversed(chain):
+            node: Any = data
+            found = True
+            for part in loc[:depth]:
+                if isinstance(node, dict) and part in node:
+                    node = node[part]
+                elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+                    node = node[part]
+                else:
+                    found = False
+                    break
+            if found:
+                return label
+    return chain[-1][0]
+
+
+def _describe(error: dict[str, Any], chain: list[tuple[str, dict[str, Any]]]) -> str:
+    loc = tuple(error["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    label = _origin(chain, loc)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        if loc and loc[-1] == "dsn":
+            return (f"{label}: {key}: a DSN never goes in a params file; put it in an environment variable "
+                    f"and name that variable with database.dsn_env")
+        return f"{label}: unknown key {key!r}; fix its spelling or remove it (see params/base.yaml for the keys)"
+    if kind == "missing":
+        return f"{label}: {key} is required; add it to this file or to base.yaml"
+    if kind == "value_error":
+        return f"{label}: {error['msg'].removeprefix('Value error, ')}"
+    got = error.get("input")
+    return f"{label}: {key}: {error['msg'].lower()}, got {got!r}; fix the value"
+
+
+def load(env: str, folder: Path | None = None) -> Params:
+    """The validated params of one environment."""
+    folder = folder or paths.params_dir()
+    envs = available_envs(folder)
+    if not isinstance(env, str) or not ENV_NAME.match(env) or env not in envs:
+        raise ParamsError(
+            f"unknown env {env!r}: there is no params/{env}.yaml; envs that exist: {', '.join(envs) or '(none)'}"
+        )
+    chain = _chain(folder / f"{env}.yaml", folder)
+    merged: dict[str, Any] = {}
+    for _, data in chain:
+        merged = _merge(merged, data)
+    merged.pop("extends", None)
+    if "env" in merged:
+        raise ParamsError(f"{_origin(chain, ('env',))}: unknown key 'env'; the env is the file's name, remove the key")
+    merged["env"] = env
+    try:
+        return Params.model_validate(merged)
+    except ValidationError as exc:
+        lines = [_describe(e, chain) for e in exc.errors()]
+        raise ParamsError("\n".join(dict.fromkeys(lines))) from None
+
+
+def dsn_from_environment(params: Params) -> str:
+    """The DSN of a real environment, read at run time from the variable the params name."""
+    var = params.database.dsn_env
+    assert var, "embedded environments have no DSN variable"
+    value = os.environ.get(var, "").strip()
+    if not value:
+        raise ParamsError(
+            f"params/{params.env}.yaml: database.dsn_env names {var}, which is not set; "
+            f"export {var}='postgresql://USER@HOST:5432/DBNAME' (password in ~/.pgpass or in the URL) and run again"
+        )
+    return value

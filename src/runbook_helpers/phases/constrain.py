@@ -1,0 +1,143 @@
+"""Phase 4: tenant_id NOT NULL, a validated foreign key and an index, without long locks.
+
+Per table, each only if the catalog says it is still needed (so a re-run resumes, and after success
+does nothing):
+  1. CHECK (tenant_id IS NOT NULL) NOT VALID   ACCESS EXCLUSIVE, metadata only
+  2. VALIDATE that CHECK                       SHARE UPDATE EXCLUSIVE: reads and writes continue
+  3. SET NOT NULL                              ACCESS EXCLUSIVE, no scan: the valid CHECK proves it
+  4. DROP the CHECK                            ACCESS EXCLUSIVE, metadata only
+  5. FOREIGN KEY … NOT VALID                   SHARE ROW EXCLUSIVE on table and tenants, metadata only
+  6. VALIDATE the FOREIGN KEY                  SHARE UPDATE EXCLUSIVE (+ ROW SHARE on tenants)
+  7. DROP INDEX CONCURRENTLY an INVALID leftover of an interrupted build
+  8. CREATE INDEX CONCURRENTLY on (tenant_id)  SHARE UPDATE EXCLUSIVE, outside any transaction
+  9. DROP DEFAULT, when backfill.keep_default is false (the rollout window is over)
+ 10. ANALYZE, when anything above changed the table
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+from psycopg import sql
+
+from .. import names
+from ..catalog import TableState
+from ..ddl import (ACCESS_EXCLUSIVE_META, SHARE_ROW_EXCLUSIVE_META, SHARE_UPDATE_EXCLUSIVE, Step, plan_frame,
+                   results_frame)
+from ..errors import RunbookError
+from ..names import TENANT_COLUMN
+from . import state as table_states
+
+PHASE = "constrain"
+COL = sql.Identifier(TENANT_COLUMN)
+
+
+def plan_table(st: TableState, schema: str, keep_default: bool) -> list[Step]:
+    if not st.has_column:
+        raise RunbookError(f"{st.name} has no tenant_id yet: run 03_backfill first. Nothing was changed.")
+    t = st.qualified
+    steps: list[Step] = []
+    check = st.check_name or names.not_null_check_name(st.name)
+    if not st.not_null:
+        if st.check_name is None:
+            steps.append(Step(PHASE, st.name, "add CHECK (tenant_id IS NOT NULL) NOT VALID",
+                              sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL) NOT VALID").format(
+                                  t, sql.Identifier(check), COL),
+                              ACCESS_EXCLUSIVE_META, "NOT VALID skips the scan; new writes are checked at once"))
+        if not st.check_valid:
+            steps.append(Step(PHASE, st.name, "validate the NOT NULL check",
+                              sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(t, sql.Identifier(check)),
+                              SHARE_UPDATE_EXCLUSIVE, "scans the table without blocking reads or writes",
+                              long_scan=True))
+        steps.append(Step(PHASE, st.name, "set tenant_id NOT NULL",
+                          sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL").format(t, COL),
+                          ACCESS_EXCLUSIVE_META, "the validated CHECK proves no NULLs, so PostgreSQL skips the scan"))
+    if st.check_name is not None or not st.not_null:
+        steps.append(Step(PHASE, st.name, "drop the now redundant CHECK",
+                          sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(t, sql.Identifier(check)),
+                          ACCESS_EXCLUSIVE_META, "catalog change only"))
+    fk = st.fk_name or names.fk_name(st.name)
+    if st.fk_name is None:
+        steps.append(Step(PHASE, st.name, "add foreign key to tenants NOT VALID",
+                          sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} (id) NOT VALID").format(
+                              t, sql.Identifier(fk), COL, sql.Identifier(schema, "tenants")),
+                          SHARE_ROW_EXCLUSIVE_META, "NOT VALID skips the scan; new writes are checked at once"))
+    if not st.fk_valid:
+        steps.append(Step(PHASE, st.name, "validate the foreign key",
+                          sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(t, sql.Identifier(fk)),
+                          SHARE_UPDATE_EXCLUSIVE, "scans without blocking reads or writes", long_scan=True))
+    for leftover in st.invalid_tenant_indexes:
+        steps.append(Step(PHASE, st.name, f"drop INVALID index {leftover} left by an interrupted build",
+                          sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(schema, leftover)),
+                          SHARE_UPDATE_EXCLUSIVE, "CONCURRENTLY: reads and writes continue", transactional=False))
+    if st.index_name is None:
+        steps.append(Step(PHASE, st.name, "build the tenant_id index",
+                          sql.SQL("CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} ({})").format(
+                              sql.Identifier(names.index_name(st.name)), t, COL),
+                          SHARE_UPDATE_EXCLUSIVE, "CONCURRENTLY: reads and writes continue during the build",
+                          transactional=False, long_scan=True))
+    if not keep_default and st.default is not None:
+        steps.append(Step(PHASE, st.name, "drop the rollout DEFAULT",
+                          sql.SQL("ALTER TABLE {} ALTER COLUMN {} DROP DEFAULT").format(t, COL),
+                          ACCESS_EXCLUSIVE_META, "catalog change only; existing rows keep their tenant"))
+    if steps:
+        steps.append(Step(PHASE, st.name, "refresh planner statistics", sql.SQL("ANALYZE {}").format(t),
+                          SHARE_UPDATE_EXCLUSIVE, "samples the table; reads and writes continue", long_scan=True))
+    return steps
+
+
+def _planned_state(rb, st: TableState) -> TableState:
+    """In a dry run before backfill, plan as if backfill had run (a dry run shows every phase's plan)."""
+    if rb.dry_run and not st.has_column:
+        from .backfill import project
+        return project(st, table_states.system_tenant_id(rb))
+    return st
+
+
+def _steps(rb) -> list[Step]:
+    with rb.engine.connect() as conn:
+        states = table_states.core_states(rb, conn)
+    return [s for st in states.values()
+            for s in plan_table(_planned_state(rb, st), rb.schema, rb.params.backfill.keep_default)]
+
+
+def plan(rb) -> pd.DataFrame:
+    with rb.engine.connect() as conn:
+        return plan_frame(_steps(rb), conn)
+
+
+def apply(rb) -> pd.DataFrame:
+    """Table by table, re-reading the catalog before each, so an interrupted run resumes cleanly."""
+    rb.require_baseline()
+    executor = rb.executor()
+    results = []
+    for table in rb.params.tables:
+        with rb.engine.connect() as conn:
+            st = table_states.core_state(rb, conn, table)
+        results += executor.run_all(plan_table(_planned_state(rb, st), rb.schema, rb.params.backfill.keep_default))
+    return results_frame(results)
+
+
+def status(rb) -> pd.DataFrame:
+    """Per core table: tenant_id NOT NULL, FK validated, index valid (deterministic: for nbval)."""
+    rows = []
+    with rb.engine.connect() as conn:
+        for name, st in table_states.core_states(rb, conn).items():
+            rows.append({
+                "table": name,
+                "tenant_id": "NOT NULL" if st.not_null else ("nullable" if st.has_column else "absent"),
+                "foreign key": "validated" if st.fk_valid else ("NOT VALID" if st.fk_name else "absent"),
+                "index": "valid" if st.index_name else ("INVALID" if st.invalid_tenant_indexes else "absent"),
+                "default": "System Tenant" if st.default else "none",
+            })
+    return pd.DataFrame(rows, columns=["table", "tenant_id", "foreign key", "index", "default"])
+
+
+def assert_constrained(rb) -> str:
+    """The notebook's last cell: NOT NULL, validated FK and valid index on every core table."""
+    if rb.dry_run:
+        return "dry run: nothing was changed"
+    frame = status(rb)
+    bad = frame[(frame["tenant_id"] != "NOT NULL") | (frame["foreign key"] != "validated") | (frame["index"] != "valid")]
+    if len(bad):
+        raise RunbookError("constrain incomplete for " + ", ".join(bad["table"]) + "; re-run 04_constrain: it resumes")
+    return f"{len(frame)} core tables: tenant_id NOT NULL, foreign key validated, index valid"

@@ -1,0 +1,193 @@
+"""Phase 1: preflight, inventory, baseline and the plan. Writes only the runbook's own ledger schema.
+
+The baseline (row count and fingerprint of the pre-existing columns of every core table) is captured on
+the first run only and never overwritten: it is what 05_validate proves the migration preserved.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from .. import catalog, fingerprint
+from ..ddl import plan_frame
+from ..errors import RunbookError
+from ..names import TENANT_COLUMN
+from . import backfill, constrain, seed
+from . import state as table_states
+
+PHASE = "inspect"
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def preflight(rb) -> pd.DataFrame:
+    """One row per check: ok / warn / FAIL, what was found, and what to do about it."""
+    rows: list[dict] = []
+
+    def add(check: str, status: str, detail: str, fix: str = "") -> None:
+        rows.append({"check": check, "status": status, "detail": detail, "fix": fix})
+
+    p = rb.params
+    ident = rb.identity
+    add("server version", OK if ident.server_version_num >= 130000 else FAIL,
+        f"PostgreSQL {ident.server_version}", "" if ident.server_version_num >= 130000 else "upgrade to 13 or newer")
+    with rb.engine.connect() as conn:
+        core = table_states.core_states(rb, conn)
+        shared = table_states.shared_states(rb, conn)
+        missing = [f"core table {n}" for n, s in core.items() if not s.exists]
+        missing += [f"shared table {n}" for n, s in shared.items() if not s.exists]
+        add("spec tables exist", FAIL if missing else OK,
+            f"not found in schema {rb.schema}: {', '.join(missing)}" if missing
+            else f"{len(core)} core and {len(shared)} shared tables found",
+            f"correct the table names in params/{p.env}.yaml or base.yaml" if missing else "")
+        cannot = [f"{n} (owner {s.owner})" for n, s in core.items() if s.exists and not s.can_alter]
+        add("privilege to alter core tables", FAIL if cannot else OK,
+            f"{ident.user} cannot alter: {', '.join(cannot)}" if cannot else f"{ident.user} may alter every core table",
+            "connect as the tables' owner (or a member of its role)" if cannot else "")
+        need_create = any(catalog.relation_oid(conn, rb.schema, t) is None for t in seed.CONVENTIONS)
+        if need_create or not rb.ledger.exists(conn):
+            can = catalog.has_schema_create(conn, rb.schema)
+            add("privilege to create tables", OK if can else FAIL,
+                f"{ident.user} {'may' if can else 'may not'} create in schema {rb.schema}",
+                "" if can else f"GRANT CREATE ON SCHEMA {rb.schema} TO {ident.user}")
+        wrong_type = [f"{n} ({s.column_type})" for n, s in core.items() if s.has_column and s.column_type != "bigint"]
+        add("existing tenant_id columns are bigint", FAIL if wrong_type else OK,
+            f"tenant_id of another type: {', '.join(wrong_type)}" if wrong_type else "no conflicting tenant_id column",
+            "convert the column to bigint first (tenants.id is bigint)" if wrong_type else "")
+        partitioned = [n for n, s in core.items() if s.partitioned or s.is_partition]
+        add("no partitioned core tables", FAIL if partitioned else OK,
+            f"partitioned or partitions: {', '.join(partitioned)}" if partitioned else "none",
+            "partitioned tables are not supported by this version of the runbook" if partitioned else "")
+        on_shared = [n for n, s in shared.items() if s.has_column]
+        add("shared tables carry no tenant_id", WARN if on_shared else OK,
+            f"shared tables with tenant_id: {', '.join(on_shared)}" if on_shared else "shared tables are left alone",
+            "move them to core_tables if they are per tenant" if on_shared else "")
+        sessions = catalog.sessions_in_the_way(conn, rb.schema, p.tables + p.shared_tables,
+                                               p.inspect.long_transaction_s, p.database.application_name)
+        add("sessions in the way", WARN if len(sessions) else OK,
+            "; ".join(f"pid {r.pid} ({r.application_name or r.user}, {r.state}, {r.transaction_age}): {r.locks or r.query}"
+                      for r in sessions.itertuples()) if len(sessions) else "no long transactions or locks on spec tables",
+            "DDL waits at most lock_timeout and retries; long transactions will make it retry" if len(sessions) else "")
+        invalid = catalog.invalid_indexes(conn, rb.schema, p.tables + p.shared_tables)
+        add("no INVALID indexes", WARN if len(invalid) else OK,
+            ", ".join(f"{r.table}.{r.index}" for r in invalid.itertuples()) if len(invalid) else "none",
+            "tenant_id leftovers are rebuilt by constrain; drop or REINDEX the others" if len(invalid) else "")
+        batched = [n for n, s in core.items() if s.has_column and not s.not_null and s.row_update_triggers]
+        add("no row triggers on batched tables", WARN if batched else OK,
+            "BEFORE UPDATE triggers will fire for every backfilled row on: " + ", ".join(
+                f"{n} ({', '.join(core[n].row_update_triggers)})" for n in batched) if batched else "none",
+            "check the triggers leave pre-existing columns unchanged, or the fingerprint check will fail" if batched else "")
+    add("row level security", FAIL if p.rls.enabled else OK,
+        "rls.enabled is true, but this version of the runbook does not build RLS yet" if p.rls.enabled else "off",
+        "set rls.enabled: false" if p.rls.enabled else "")
+    return pd.DataFrame(rows, columns=["check", "status", "detail", "fix"])
+
+
+def assert_ready(pre: pd.DataFrame) -> str:
+    """Raise if any preflight check failed (the notebook's last cell: papermill marks the run failed)."""
+    failed = pre[pre["status"] == FAIL]
+    if len(failed):
+        lines = "\n".join(f"  - {r.check}: {r.detail} -> {r.fix}" for r in failed.itertuples())
+        raise RunbookError(f"preflight failed; fix these and re-run 01_inspect (nothing was changed):\n{lines}")
+    warned = int((pre["status"] == WARN).sum())
+    return f"preflight passed ({warned} warning{'s' if warned != 1 else ''})"
+
+
+def _tenant_state(conn, rb, st) -> str:
+    if not st.has_column:
+        return "absent"
+    if st.not_null:
+        return "NOT NULL"
+    if st.estimated_rows < rb.params.inspect.exact_count_below:
+        return f"nullable, {catalog.null_tenant_count(conn, rb.schema, st.name):,} NULL"
+    return "nullable (NULLs not counted: large table)"
+
+
+def inventory(rb) -> pd.DataFrame:
+    """One row per spec table: size, key, tenant_id state, FK, index, triggers, views, partitioning, RLS."""
+    rows = []
+    with rb.engine.connect() as conn:
+        states = [("core", st) for st in table_states.core_states(rb, conn).values()]
+        states += [("shared", st) for st in table_states.shared_states(rb, conn).values()]
+        for kind, st in states:
+            if not st.exists:
+                rows.append({"table": st.name, "kind": kind, "rows": None, "counted": "missing"})
+                continue
+            count, how = catalog.count_rows(conn, st, rb.params.inspect.exact_count_below)
+            rows.append({
+                "table": st.name, "kind": kind, "rows": count, "counted": how, "size": _size(st.size_bytes),
+                "primary key": ", ".join(st.pk_columns) or "none",
+                "tenant_id": _tenant_state(conn, rb, st),
+                "foreign key": "validated" if st.fk_valid else ("NOT VALID" if st.fk_name else "absent"),
+                "index": "valid" if st.index_name else ("INVALID" if st.invalid_tenant_indexes else "absent"),
+                "triggers": ", ".join(st.triggers) or "",
+                "dependent views": ", ".join(st.views) or "",
+                "partitioning": "partitioned" if st.partitioned else ("partition" if st.is_partition else "no"),
+                "rls": ("on, forced" if st.rls_forced else "on") if st.rls_enabled else "off",
+            })
+    cols = ["table", "kind", "rows", "counted", "size", "primary key", "tenant_id", "foreign key", "index",
+            "triggers", "dependent views", "partitioning", "rls"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def unique_constraints(rb) -> pd.DataFrame:
+    """Unique constraints/indexes on core tables that leave out tenant_id: uniqueness stays global."""
+    with rb.engine.connect() as conn:
+        return catalog.unique_without_tenant(conn, rb.schema, rb.params.tables)
+
+
+def capture_baseline(rb) -> pd.DataFrame:
+    """Counts and fingerprints of every core table, stored on the first run only, never overwritten."""
+    if not rb.dry_run:
+        rb.ledger.ensure(rb.control)
+    stored = rb.ledger.baseline(rb.control).set_index("table_name")
+    rows = []
+    with rb.engine.connect() as conn:
+        states = table_states.core_states(rb, conn)
+    for name, st in states.items():
+        if not st.exists:
+            raise RunbookError(f"core table {name!r} does not exist; fix the spec first (see preflight)")
+        if name in stored.index:
+            kept = stored.loc[name]
+            rows.append({"table": name, "rows": int(kept["row_count"]), "fingerprint": kept["fingerprint"],
+                         "columns": len(kept["columns"]), "status": f"kept from {kept['captured_at']:%Y-%m-%d %H:%M:%S %Z}"})
+            continue
+        columns = [c for c in st.columns if c != TENANT_COLUMN]
+        count, fp = fingerprint.measure(rb.engine, rb.schema, name, columns)
+        status = "measured (dry run: not stored)"
+        if not rb.dry_run:
+            captured = rb.ledger.record_baseline(rb.control, name, count, fp, columns, rb.run_id)
+            status = "captured now" if captured else "kept (captured concurrently)"
+        rows.append({"table": name, "rows": count, "fingerprint": fp, "columns": len(columns), "status": status})
+    return pd.DataFrame(rows, columns=["table", "rows", "fingerprint", "columns", "status"])
+
+
+def full_plan(rb) -> pd.DataFrame:
+    """What seed, backfill and constrain will do, table by table, with the lock each statement takes."""
+    steps = seed.steps(rb)
+    system_id = table_states.system_tenant_id(rb)
+    for tp in backfill.plans(rb):
+        steps += tp.steps
+        projected = tp.state if tp.strategy == "done" else backfill.project(tp.state, system_id)
+        steps += constrain.plan_table(projected, rb.schema, rb.params.backfill.keep_default)
+    with rb.engine.connect() as conn:
+        return plan_frame(steps, conn)
+
+
+def plan_summary(plan: pd.DataFrame, inventory_frame: pd.DataFrame) -> pd.DataFrame:
+    """Per core table: strategy and the number of statements per phase (deterministic: for nbval)."""
+    core = inventory_frame[inventory_frame["kind"] == "core"]["table"].tolist()
+    rows = []
+    for table in core:
+        mine = plan[plan["table"] == table]
+        rows.append({"table": table,
+                     "backfill": "; ".join(mine[mine["phase"] == "backfill"]["action"]) or "nothing",
+                     "constrain statements": int((mine["phase"] == "constrain").sum())})
+    return pd.DataFrame(rows, columns=["table", "backfill", "constrain statements"])

@@ -1,0 +1,51 @@
+"""The catalog state of every spec table, read fresh for each decision."""
+
+from __future__ import annotations
+
+import re
+
+from sqlalchemy.engine import Connection
+
+from .. import catalog
+from ..catalog import TableState
+
+
+def tenants_oid(conn: Connection, schema: str) -> int | None:
+    return catalog.relation_oid(conn, schema, "tenants")
+
+
+def core_states(rb, conn: Connection) -> dict[str, TableState]:
+    oid = tenants_oid(conn, rb.schema)
+    return {t: catalog.table_state(conn, rb.schema, t, oid) for t in rb.params.tables}
+
+
+def core_state(rb, conn: Connection, table: str) -> TableState:
+    return catalog.table_state(conn, rb.schema, table, tenants_oid(conn, rb.schema))
+
+
+def shared_states(rb, conn: Connection) -> dict[str, TableState]:
+    return {t: catalog.table_state(conn, rb.schema, t) for t in rb.params.shared_tables}
+
+
+def system_tenant_id(rb) -> int | None:
+    """The id of the System Tenant (by its fixed UUID), or None before seed has created it."""
+    from psycopg import sql
+    from sqlalchemy.exc import DBAPIError
+
+    from ..sqltext import render
+    with rb.engine.connect() as conn:
+        if tenants_oid(conn, rb.schema) is None:
+            return None
+        query = sql.SQL("SELECT id FROM {} WHERE uuid = %s::uuid").format(sql.Identifier(rb.schema, "tenants"))
+        try:
+            return conn.exec_driver_sql(render(conn, query), (str(rb.params.system_tenant.uuid),)).scalar()
+        except DBAPIError:  # a tenants table of another shape: seed reports it
+            return None
+
+
+def default_value(default_expr: str | None) -> int | None:
+    """The integer a column DEFAULT evaluates to, when it is a plain constant (e.g. '7'::bigint)."""
+    if not default_expr:
+        return None
+    match = re.fullmatch(r"\(?'?(-?\d+)'?\)?(::bigint|::integer)?", default_expr.strip())
+    return int(match.group(1)) if match else None

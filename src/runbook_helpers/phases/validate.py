@@ -1,0 +1,105 @@
+"""Phase 5: prove it. A table of checks, each with expected and actual; the last cell raises on any failure.
+
+Changes nothing: every query is a read, and the smoke queries run in a READ ONLY transaction that is
+rolled back.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+from psycopg import sql
+from sqlalchemy.exc import DBAPIError
+
+from .. import catalog, fingerprint
+from ..errors import RunbookError
+from ..names import TENANT_COLUMN
+from ..sqltext import render
+from . import seed
+from . import state as table_states
+
+PHASE = "validate"
+COLUMNS = ["check", "table", "expected", "actual", "passed"]
+
+
+def checks(rb) -> pd.DataFrame:
+    rows: list[dict] = []
+
+    def add(check: str, table: str, expected, actual) -> None:
+        rows.append({"check": check, "table": table, "expected": str(expected), "actual": str(actual),
+                     "passed": str(expected) == str(actual)})
+
+    baseline = rb.ledger.baseline(rb.control).set_index("table_name")
+    system_id = table_states.system_tenant_id(rb)
+    add("System Tenant present", "tenants", f"uuid {rb.params.system_tenant.uuid}",
+        f"uuid {rb.params.system_tenant.uuid}" if system_id is not None else "missing")
+    add("baseline captured", "", len(rb.params.tables), len(baseline))
+
+    with rb.engine.connect() as conn:
+        states = table_states.core_states(rb, conn)
+        for name, st in states.items():
+            add("tenant_id NOT NULL", name, "NOT NULL",
+                "NOT NULL" if st.not_null else ("nullable" if st.has_column else "absent"))
+            add("foreign key to tenants validated", name, "validated",
+                "validated" if st.fk_valid else ("NOT VALID" if st.fk_name else "absent"))
+            add("index led by tenant_id valid", name, "valid",
+                "valid" if st.index_name else ("INVALID" if st.invalid_tenant_indexes else "absent"))
+            add("no leftover NOT NULL check", name, "none", st.check_name or "none")
+            if not st.has_column:
+                continue
+            nulls = catalog.null_tenant_count(conn, rb.schema, name)
+            add("rows without tenant", name, 0, nulls)
+            orphans = conn.exec_driver_sql(render(conn, sql.SQL(
+                "SELECT count(*) FROM {t} x WHERE x.{c} IS NOT NULL AND NOT EXISTS "
+                "(SELECT 1 FROM {tenants} tn WHERE tn.id = x.{c})").format(
+                    t=sql.Identifier(rb.schema, name), c=sql.Identifier(TENANT_COLUMN),
+                    tenants=sql.Identifier(rb.schema, "tenants")))).scalar()
+            add("rows whose tenant does not exist", name, 0, orphans)
+        for name, st in table_states.shared_states(rb, conn).items():
+            add("shared table left alone", name, "no tenant_id", "tenant_id present" if st.has_column else "no tenant_id")
+        for conv in seed.CONVENTIONS.values():
+            diffs = [d for d in seed.shape_differences(conn, rb.schema, conv) if not d["ok"]]
+            add("follows the house convention", conv.name, "yes",
+                "yes" if not diffs else "; ".join(f"{d['check']}: {d['actual']}" for d in diffs))
+
+    for name in rb.params.tables:
+        if name not in baseline.index:
+            add("row count equals baseline", name, "a baseline", "none captured")
+            continue
+        base = baseline.loc[name]
+        count, fp = fingerprint.measure(rb.engine, rb.schema, name, list(base["columns"]))
+        add("row count equals baseline", name, int(base["row_count"]), count)
+        add("pre-existing columns unchanged (fingerprint)", name, base["fingerprint"], fp)
+
+    for query in rb.params.validate_.smoke_queries:
+        add("smoke query runs", query.name, "runs", _smoke(rb, query.sql))
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _smoke(rb, statement: str) -> str:
+    with rb.engine.connect() as conn:
+        try:
+            with conn.begin() as tx:
+                conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+                conn.exec_driver_sql(statement).fetchall()
+                tx.rollback()
+            return "runs"
+        except DBAPIError as exc:
+            return f"error: {getattr(exc.orig, 'diag', None) and exc.orig.diag.message_primary or exc.orig}"
+
+
+def summary(results: pd.DataFrame) -> pd.DataFrame:
+    """Passed and failed per check (deterministic: for nbval)."""
+    grouped = results.groupby("check", sort=False)["passed"].agg(passed="sum", total="count").reset_index()
+    grouped["failed"] = grouped["total"] - grouped["passed"]
+    return grouped[["check", "passed", "failed"]]
+
+
+def assert_all_passed(results: pd.DataFrame, dry_run: bool = False) -> str:
+    failed = results[~results["passed"]]
+    if dry_run:
+        return f"dry run: {len(failed)} of {len(results)} checks would fail at this point"
+    if len(failed):
+        lines = "\n".join(f"  - {r.check} [{r.table}]: expected {r.expected}, got {r.actual}"
+                          for r in failed.itertuples())
+        raise RunbookError(f"{len(failed)} of {len(results)} checks failed:\n{lines}")
+    return f"all {len(results)} checks passed"

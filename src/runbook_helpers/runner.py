@@ -1,0 +1,175 @@
+"""`runbook run`: execute the phase notebooks in order with papermill, stop at the first failure, archive.
+
+The runner holds the single-runner advisory lock for the whole run (a second run fails fast, naming the
+holder), passes each notebook only env, dry_run and run_id (never a secret: the kernel reads the DSN from
+the environment variable itself), and writes the audit record whether the run succeeded or not.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__, archive, database, params as params_mod, paths
+from .errors import RunbookError
+from .ledger import Ledger
+from .session import PHASES, operator
+
+NOTEBOOKS = {
+    "inspect": "01_inspect.ipynb",
+    "seed": "02_seed.ipynb",
+    "backfill": "03_backfill.ipynb",
+    "constrain": "04_constrain.ipynb",
+    "validate": "05_validate.ipynb",
+}
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    folder: Path
+    status: str
+    phases: list[dict[str, Any]] = field(default_factory=list)
+    manifest_sha256: str | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "succeeded"
+
+
+def parse_phases(text: str | None) -> list[str]:
+    if not text:
+        return list(PHASES)
+    wanted = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in wanted if p not in PHASES]
+    if unknown:
+        raise RunbookError(f"unknown phase(s) {', '.join(unknown)}; phases are {', '.join(PHASES)}")
+    return [p for p in PHASES if p in wanted]  # always in runbook order
+
+
+def _kernel_environment(env: str, run_id: str) -> dict[str, str]:
+    return {"RUNBOOK_HEADLESS": "1", "RUNBOOK_RUN_ID": run_id, "RUNBOOK_ENV": env,
+            "RUNBOOK_HOME": str(paths.project_root()), "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+
+
+def execute_notebook(source: Path, target: Path, parameters: dict[str, Any] | None,
+                     timeout_s: int | None = None) -> None:
+    import papermill
+
+    papermill.execute_notebook(str(source), str(target), parameters=parameters, kernel_name="python3",
+                               progress_bar=False, log_output=False, cwd=str(source.parent),
+                               execution_timeout=timeout_s)
+
+
+def _headline(engine, params) -> dict[str, Any]:
+    ledger = Ledger(params.ledger_schema)
+    with engine.connect() as conn:
+        if not ledger.exists(conn):
+            return {}
+        baseline = ledger.baseline(conn)
+        cps = ledger.checkpoints(conn)
+    return {
+        "core_tables": len(params.tables),
+        "baseline_rows": int(baseline["row_count"].sum()) if len(baseline) else 0,
+        "rows_backfilled_in_batches": int(cps["rows_updated"].sum()) if len(cps) else 0,
+    }
+
+
+def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool = False,
+        cell_timeout_s: int | None = None, log: Callable[[str], None] = print) -> RunResult:
+    params = params_mod.load(env)
+    wanted = parse_phases(phases)
+    if params.database.confirm_required and not yes and not dry_run:
+        raise RunbookError(f"env {env} changes a production database: add --yes to confirm "
+                           f"(or --dry-run to see the plan). Nothing was changed.")
+    engine = database.make_engine(params, phase="runner")
+    control = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    try:
+        ident = database.identity(control)
+        database.try_advisory_lock(control, database.RUN_LOCK, "runbook run")
+        run_id = uuid.uuid4().hex[:8]
+        started = datetime.now(timezone.utc)
+        folder = archive.run_folder(params.archive.dir, env, started, run_id)
+        ledger = Ledger(params.ledger_schema)
+        commit = archive.git_commit()
+        if not dry_run:
+            ledger.ensure(control)
+            ledger.start_run(control, run_id, env, operator(), wanted, dry_run, __version__, commit)
+        log(f"run {run_id} on env {env} ({ident.database}, PostgreSQL {ident.server_version})"
+            f"{' DRY RUN' if dry_run else ''}: {', '.join(wanted)}")
+        os.environ.update(_kernel_environment(env, run_id))
+        result = RunResult(run_id, folder, "succeeded")
+        for phase in wanted:
+            record = _run_phase(phase, folder, env, dry_run, run_id, cell_timeout_s, log)
+            result.phases.append(record)
+            if record["status"] != "succeeded":
+                result.status = "failed"
+                break
+        if result.status != "succeeded" and not dry_run:
+            ledger.fail_open_phases(control, run_id)
+        secrets = database.secrets_in(database.conninfo(params, start=False)) if not params.database.embedded else []
+        result.problems = archive.scan_for_secrets(folder, secrets)
+        if result.problems:
+            result.status = "failed"
+            for p in result.problems:
+                log(f"SECRET FOUND: {p}")
+        manifest = {
+            "run_id": run_id, "env": env, "operator": operator(), "dry_run": dry_run,
+            "status": result.status, "started_at": started.isoformat(),
+            "finished_at": datetime.now(timezone.utc).isoformat(),
+            "runbook_version": __version__, "git_commit": commit,
+            "server": {"version": ident.server_version, "database": ident.database,
+                       "system_identifier": ident.system_identifier},
+            "params": params.public_dict(),
+            "phases": result.phases,
+            "headline": _headline(engine, params),
+            "secret_scan": result.problems or "clean",
+        }
+        result.manifest_sha256 = archive.write_manifest(folder, manifest)
+        if not dry_run:
+            ledger.finish_run(control, run_id, result.status, result.manifest_sha256)
+        log(f"run {run_id} {result.status}; archive: {folder}")
+        return result
+    finally:
+        control.close()
+        engine.dispose()
+
+
+def _run_phase(phase: str, folder: Path, env: str, dry_run: bool, run_id: str, timeout_s: int | None,
+               log: Callable[[str], None]) -> dict[str, Any]:
+    from papermill.exceptions import PapermillExecutionError
+
+    source = paths.notebooks_dir() / NOTEBOOKS[phase]
+    target = folder / NOTEBOOKS[phase]
+    record: dict[str, Any] = {"name": phase, "notebook": target.name, "html": target.with_suffix(".html").name,
+                              "started_at": datetime.now(timezone.utc).isoformat()}
+    t0 = time.monotonic()
+    log(f"  {phase} ...")
+    try:
+        execute_notebook(source, target, {"env": env, "dry_run": dry_run, "run_id": run_id}, timeout_s)
+        record["status"] = "succeeded"
+    except PapermillExecutionError as exc:
+        record["status"] = "failed"
+        record["error"] = f"{exc.ename}: {exc.evalue}"
+        record["failed_cell"] = exc.exec_count
+    except Exception as exc:  # kernel died, timeout, notebook missing
+        record["status"] = "failed"
+        record["error"] = f"{type(exc).__name__}: {exc}"
+    record["finished_at"] = datetime.now(timezone.utc).isoformat()
+    record["seconds"] = round(time.monotonic() - t0, 2)
+    if target.exists():
+        try:
+            archive.export_html(target)
+        except Exception as exc:  # an HTML failure must not hide the phase's own outcome
+            record["html_error"] = f"{type(exc).__name__}: {exc}"
+    line = f"  {phase} {record['status']} in {record['seconds']:.1f} s"
+    if record["status"] != "succeeded":
+        line += f"\n    {record.get('error')}\n    see {target}"
+    log(line)
+    return record

@@ -1,0 +1,158 @@
+"""A phase session: what every notebook opens first and every phase helper receives.
+
+It loads the env's params, connects (starting the embedded server if that is the env's database),
+takes the single-runner advisory locks, and records the phase in the ledger. It holds no secret: the DSN
+is read from the environment variable by database.py and never stored here.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+from datetime import datetime, timezone
+from typing import Any
+
+import pandas as pd
+from sqlalchemy.engine import Connection, Engine
+
+from . import database, params as params_mod
+from .ddl import Executor
+from .errors import RunbookError
+from .ledger import Ledger
+from .params import Params
+
+PHASES = ["inspect", "seed", "backfill", "constrain", "validate"]
+
+
+def default_env() -> str:
+    return os.environ.get("RUNBOOK_ENV") or "local"
+
+
+def operator() -> str:
+    return os.environ.get("RUNBOOK_OPERATOR") or getpass.getuser()
+
+
+def headless() -> bool:
+    """True when papermill runs the notebook for `runbook run` (no one watches a live bar)."""
+    return os.environ.get("RUNBOOK_HEADLESS") == "1"
+
+
+class PhaseSession:
+    def __init__(self, phase: str, env: str | None = None, *, dry_run: bool = False, run_id: str | None = None,
+                 database_name: str | None = None, params: Params | None = None, log=print):
+        if phase not in PHASES:
+            raise RunbookError(f"unknown phase {phase!r}; phases are {', '.join(PHASES)}")
+        self.phase = phase
+        self.params = params or params_mod.load(env or default_env())
+        self.env = self.params.env
+        self.dry_run = bool(dry_run)
+        self.run_id = run_id or None
+        self.log = log
+        self.schema = self.params.schema_
+        self.ledger = Ledger(self.params.ledger_schema)
+        self.started_at = datetime.now(timezone.utc)
+        self.engine: Engine = database.make_engine(self.params, database_name, phase, self.run_id)
+        self.control: Connection = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        self._phase_run: int | None = None
+        self._closed = False
+        try:
+            self.identity = database.identity(self.control)
+            if self.identity.server_version_num < database.MIN_SERVER_VERSION:
+                raise RunbookError(
+                    f"the {self.env} server runs PostgreSQL {self.identity.server_version}; the runbook needs 13 or "
+                    f"newer (fast column defaults, SET NOT NULL proven by a valid CHECK). Nothing was changed."
+                )
+            under_runner = self.run_id is not None and os.environ.get("RUNBOOK_RUN_ID") == self.run_id
+            if not under_runner:
+                database.try_advisory_lock(self.control, database.RUN_LOCK, "runbook run")
+            database.try_advisory_lock(self.control, database.PHASE_LOCK, "runbook phase")
+            if not self.dry_run and self.ledger.exists(self.control):
+                self._phase_run = self.ledger.start_phase(self.control, self.run_id, phase, self.dry_run)
+            self._watch_cells()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- what the notebook shows first
+    def summary(self) -> pd.DataFrame:
+        ident = self.identity
+        rows = [
+            ("env", self.env),
+            ("phase", self.phase),
+            ("dry run", "yes: nothing will be changed" if self.dry_run else "no: changes are applied"),
+            ("database", ident.database),
+            ("server", f"PostgreSQL {ident.server_version}"),
+            ("connected as", ident.user),
+            ("run id", self.run_id or "(interactive)"),
+            ("operator", operator()),
+        ]
+        return pd.DataFrame(rows, columns=["setting", "value"]).set_index("setting")
+
+    def executor(self) -> Executor:
+        journal = journal_end = None
+        if not self.dry_run:
+            def journal(phase, table, action, statement, lock):
+                return self.ledger.journal_start(self.control, self.run_id, phase, table, action, statement, lock)
+
+            def journal_end(entry, outcome, attempts, error):
+                self.ledger.journal_end(self.control, entry, outcome, attempts, error)
+        return Executor(self.engine, self.params.locks, dry_run=self.dry_run, journal=journal,
+                        journal_end=journal_end, log=self.log)
+
+    def require_baseline(self) -> pd.DataFrame:
+        """Phases that change tables refuse to start before 01_inspect has captured the baseline."""
+        baseline = self.ledger.baseline(self.control)
+        missing = sorted(set(self.params.tables) - set(baseline["table_name"]))
+        if missing and not self.dry_run:
+            raise RunbookError(
+                f"no baseline for {', '.join(missing)}: run 01_inspect (not as a dry run) first; it captures the "
+                f"row counts and fingerprints that 05_validate compares against. Nothing was changed."
+            )
+        return baseline
+
+    # -- ending
+    def finish(self, result: Any = None, summary: dict[str, Any] | None = None) -> Any:
+        """Record the phase as succeeded and release the locks; returns `result` for display."""
+        if self._phase_run is not None:
+            self.ledger.finish_phase(self.control, self._phase_run, "succeeded", summary or {})
+            self._phase_run = None
+        self.close()
+        return result
+
+    def fail(self, reason: str) -> None:
+        if self._phase_run is not None and not self._closed:
+            try:
+                self.ledger.finish_phase(self.control, self._phase_run, "failed", {"error": reason[:2000]})
+            finally:
+                self._phase_run = None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.control.close()
+        finally:
+            self.engine.dispose()
+
+    def _watch_cells(self) -> None:
+        """In a notebook, record a failing cell as a failed phase at once."""
+        try:
+            from IPython import get_ipython
+        except ImportError:
+            return
+        shell = get_ipython()
+        if shell is None:
+            return
+
+        def after_cell(result) -> None:
+            error = result.error_in_exec or result.error_before_exec
+            if error is not None and self._phase_run is not None:
+                self.fail(f"{type(error).__name__}: {error}")
+
+        shell.events.register("post_run_cell", after_cell)
+
+
+def open_phase(phase: str, env: str | None = None, dry_run: bool = False, run_id: str | None = None) -> PhaseSession:
+    """The first call of every notebook."""
+    return PhaseSession(phase, env, dry_run=dry_run, run_id=run_id)
