@@ -218,6 +218,8 @@ UNIQUE_SQL = text("""
 SELECT c.relname AS table, ic.relname AS name,
        CASE WHEN con.contype = 'p' THEN 'primary key' WHEN con.oid IS NOT NULL THEN 'unique constraint'
             ELSE 'unique index' END AS kind,
+       i.indnatts = 1 AND (con.contype = 'p' OR (SELECT format_type(a.atttypid, a.atttypmod) = 'uuid'
+          FROM pg_attribute a WHERE a.attrelid = i.indrelid AND a.attnum = i.indkey[0])) AS global_id,
        (SELECT string_agg(coalesce(a.attname, '(expression)'), ', ' ORDER BY k.ord)
           FROM unnest(i.indkey) WITH ORDINALITY k(attnum, ord)
           LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum) AS columns
@@ -235,7 +237,11 @@ ORDER BY c.relname, ic.relname
 def unique_without_tenant(conn: Connection, schema: str, tables: list[str]) -> pd.DataFrame:
     """Unique constraints and indexes that do not include tenant_id: uniqueness stays global."""
     rows = conn.execute(UNIQUE_SQL, {"schema": schema, "tables": tables, "col": TENANT_COLUMN}).mappings().all()
-    return pd.DataFrame(rows, columns=["table", "name", "kind", "columns"])
+    frame = pd.DataFrame(rows, columns=["table", "name", "kind", "columns", "global_id"])
+    frame["assessment"] = frame["global_id"].map(
+        lambda g: "global identifier: stays unique across tenants, as it should" if g
+        else "business key: unique across ALL tenants; the application team decides whether to add tenant_id")
+    return frame.drop(columns=["global_id"])
 
 
 INVALID_INDEXES_SQL = text("""

@@ -154,5 +154,8 @@ class PhaseSession:
 
 
 def open_phase(phase: str, env: str | None = None, dry_run: bool = False, run_id: str | None = None) -> PhaseSession:
-    """The first call of every notebook."""
+    """The first call of every notebook: also makes tables show whole statements and every plan row."""
+    pd.set_option("display.max_colwidth", 200)
+    pd.set_option("display.max_rows", 500)
+    pd.set_option("display.width", 200)
     return PhaseSession(phase, env, dry_run=dry_run, run_id=run_id)

@@ -293,11 +293,17 @@ class BatchedBackfill:
     def _ctid_pass(self, last_key: list[str] | None) -> None:
         rb = self.rb
         with rb.engine.connect() as conn:
-            pages, per_page = conn.exec_driver_sql(
-                "SELECT pg_relation_size(%s::oid) / current_setting('block_size')::int, "
-                "greatest(1, (reltuples / greatest(relpages, 1))::int) FROM pg_class WHERE oid = %s::oid",
-                (self.st.oid, self.st.oid)).one()
-        step = max(1, self.batch_size // max(1, per_page))
+            pages, reltuples, relpages = conn.exec_driver_sql(
+                "SELECT pg_relation_size(%s::oid) / current_setting('block_size')::int, reltuples, relpages "
+                "FROM pg_class WHERE oid = %s::oid", (self.st.oid, self.st.oid)).one()
+            if reltuples > 0 and relpages > 0:
+                per_page = reltuples / relpages
+            else:  # never analyzed: count the rows of the first pages instead
+                sample = min(max(int(pages), 1), 10)
+                rows = conn.exec_driver_sql(render(conn, sql.SQL("SELECT count(*) FROM {} WHERE ctid < %s::tid").format(
+                    self.st.qualified)), (f"({sample},0)",)).scalar()
+                per_page = rows / sample
+        step = max(1, int(self.batch_size // max(1.0, per_page)))
         page = int(last_key[0]) if last_key else 0
         while page <= pages:
             upper = page + step

@@ -1,0 +1,48 @@
+"""A phase without its notebook: the same helper calls, in the same order, as the phase's notebook.
+
+For tests and benchmarks, which drive many databases and need return values rather than cell outputs.
+Operators use the notebooks (or `runbook run`); keep this in step with them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import backfill, constrain, inspect, seed, validate
+
+
+def run_phase(rb) -> dict[str, Any]:
+    """Run rb.phase to its verdict; raises like the notebook's last cell would. Closes the session."""
+    out: dict[str, Any] = {}
+    try:
+        if rb.phase == "inspect":
+            out["preflight"] = inspect.preflight(rb)
+            out["inventory"] = inspect.inventory(rb)
+            out["baseline"] = inspect.capture_baseline(rb)
+            out["plan"] = inspect.full_plan(rb)
+            out["verdict"] = inspect.assert_ready(out["preflight"])
+        elif rb.phase == "seed":
+            out["shape"] = seed.shape_report(rb)
+            out["plan"] = seed.plan(rb)
+            out["applied"] = seed.apply(rb)
+            out["verdict"] = seed.assert_seeded(rb)
+        elif rb.phase == "backfill":
+            out["strategies"] = backfill.strategies(rb)
+            out["plan"] = backfill.plan(rb)
+            out["report"] = backfill.apply(rb)
+            out["verdict"] = backfill.assert_filled(rb)
+        elif rb.phase == "constrain":
+            out["plan"] = constrain.plan(rb)
+            out["applied"] = constrain.apply(rb)
+            out["status"] = constrain.status(rb)
+            out["verdict"] = constrain.assert_constrained(rb)
+        elif rb.phase == "validate":
+            out["checks"] = validate.checks(rb)
+            out["verdict"] = validate.assert_all_passed(out["checks"], rb.dry_run)
+        rb.finish(summary={"verdict": out.get("verdict")})
+    except BaseException as exc:
+        rb.fail(f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        rb.close()
+    return out

@@ -1,0 +1,129 @@
+"""Real PostgreSQL for every test: the ci env's embedded server, and a fresh database per test.
+
+A small demo database is built once per session as a template; each test gets its own copy
+(CREATE DATABASE … TEMPLATE), so tests never see each other's changes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from runbook_helpers import demo, params as params_mod
+from runbook_helpers.phases.headless import run_phase
+from runbook_helpers.server import EmbeddedServer
+from runbook_helpers.session import PHASES, PhaseSession
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_ENV = "ci"
+TEMPLATE = "runbook_test_template"
+TEMPLATE_ROWS = 3000     # workflows in the per-test databases
+TEMPLATE_SCALE = 0.1     # the other tables at a tenth of the demo size
+
+os.environ.setdefault("RUNBOOK_HOME", str(ROOT))
+os.environ.pop("RUNBOOK_RUN_ID", None)
+os.environ["RUNBOOK_HEADLESS"] = "1"
+
+
+@pytest.fixture(scope="session")
+def server() -> EmbeddedServer:
+    srv = EmbeddedServer(TEST_ENV)
+    srv.start()
+    return srv
+
+
+@pytest.fixture(scope="session")
+def ci_params() -> params_mod.Params:
+    return params_mod.load(TEST_ENV)
+
+
+@pytest.fixture(scope="session")
+def template(server, ci_params) -> str:
+    demo.build(server.url(), TEMPLATE, system_uuid=str(ci_params.system_tenant.uuid), rows=TEMPLATE_ROWS,
+               scale=TEMPLATE_SCALE, log=lambda *_: None)
+    return TEMPLATE
+
+
+@dataclass
+class Db:
+    """One test's database and shortcuts to drive the runbook against it."""
+    server: EmbeddedServer
+    name: str
+    params: params_mod.Params
+
+    @property
+    def url(self) -> str:
+        return self.server.url(self.name)
+
+    def connect(self, **kw) -> psycopg.Connection:
+        return psycopg.connect(self.url, **kw)
+
+    def scalar(self, query, args=None):
+        with self.connect() as conn:
+            return conn.execute(query, args).fetchone()[0]
+
+    def execute(self, query, args=None) -> None:
+        with self.connect(autocommit=True) as conn:
+            conn.execute(query, args)
+
+    def session(self, phase: str, *, dry_run: bool = False, params=None, run_id=None) -> PhaseSession:
+        return PhaseSession(phase, dry_run=dry_run, run_id=run_id, database_name=self.name,
+                            params=params or self.params, log=lambda *_: None)
+
+    def run(self, *phases: str, dry_run: bool = False, params=None) -> dict[str, dict]:
+        results = {}
+        for phase in phases or PHASES:
+            results[phase] = run_phase(self.session(phase, dry_run=dry_run, params=params))
+        return results
+
+    def schema_dump(self) -> str:
+        """pg_dump --schema-only of the application's schema (the ledger excluded when asked)."""
+        out = subprocess.run([str(self.server.tool("pg_dump")), "--schema-only", "--no-owner", "-d", self.url],
+                             capture_output=True, text=True, check=True)
+        return "\n".join(line for line in out.stdout.splitlines() if not line.startswith("\\restrict")
+                         and not line.startswith("\\unrestrict"))
+
+
+def create_database(server: EmbeddedServer, name: str, template: str | None) -> None:
+    with psycopg.connect(server.url(), autocommit=True) as conn:
+        query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+        if template:
+            query = query + sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
+        conn.execute(query)
+
+
+def drop_database(server: EmbeddedServer, name: str) -> None:
+    with psycopg.connect(server.url(), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def db(server, template, ci_params) -> Db:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    create_database(server, name, template)
+    yield Db(server, name, ci_params)
+    drop_database(server, name)
+
+
+@pytest.fixture
+def empty_db(server, ci_params) -> Db:
+    name = f"e_{uuid.uuid4().hex[:12]}"
+    create_database(server, name, None)
+    yield Db(server, name, ci_params)
+    drop_database(server, name)
+
+
+def runbook_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The installed console script, as an operator would run it."""
+    runbook = Path(sys.executable).with_name("runbook")
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([str(runbook), *args], capture_output=True, text=True, timeout=timeout, env=full_env,
+                          cwd=ROOT)

@@ -1,0 +1,149 @@
+"""`runbook run` end to end: papermill executes the five notebooks, the run is archived and verifiable."""
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from conftest import runbook_cli
+from runbook_helpers import archive, database
+from runbook_helpers.server import EmbeddedServer
+
+pytestmark = pytest.mark.slow
+
+
+def latest_run(before: set[Path]) -> Path:
+    runs = set((Path(archive.paths.project_root()) / "runs" / "ci").glob("*"))
+    new = sorted(runs - before)
+    assert len(new) == 1, new
+    return new[0]
+
+
+def existing_runs() -> set[Path]:
+    return set((Path(archive.paths.project_root()) / "runs" / "ci").glob("*"))
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def app_schema(url: str, server: EmbeddedServer) -> str:
+    import subprocess
+    out = subprocess.run([str(server.tool("pg_dump")), "--schema-only", "--exclude-schema=tenancy_runbook", "-d", url],
+                         capture_output=True, text=True, check=True).stdout
+    return "\n".join(l for l in out.splitlines() if not l.startswith(("\\restrict", "\\unrestrict")))
+
+
+def test_run_dry_run_then_for_real_then_again(server):
+    demo = runbook_cli("demo-db", "--env", "ci")
+    assert demo.returncode == 0, demo.stderr
+    url = server.url("tenancy_demo")
+    legacy = app_schema(url, server)
+
+    # a dry run changes nothing, not even the ledger
+    before = existing_runs()
+    dry = runbook_cli("run", "--env", "ci", "--dry-run")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert app_schema(url, server) == legacy
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT to_regnamespace('tenancy_runbook')").fetchone()[0] is None
+    dry_manifest = json.loads((latest_run(before) / "manifest.json").read_text())
+    assert dry_manifest["dry_run"] is True and dry_manifest["status"] == "succeeded"
+
+    # the real run
+    before = existing_runs()
+    result = runbook_cli("run", "--env", "ci")
+    assert result.returncode == 0, result.stdout + result.stderr
+    folder = latest_run(before)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["status"] == "succeeded" and manifest["env"] == "ci"
+    assert [p["name"] for p in manifest["phases"]] == ["inspect", "seed", "backfill", "constrain", "validate"]
+    assert {p["status"] for p in manifest["phases"]} == {"succeeded"}
+    notebooks = sorted(p.name for p in folder.glob("*.ipynb"))
+    htmls = sorted(p.name for p in folder.glob("*.html"))
+    assert notebooks == ["01_inspect.ipynb", "02_seed.ipynb", "03_backfill.ipynb", "04_constrain.ipynb",
+                         "05_validate.ipynb"]
+    assert htmls == [n.replace(".ipynb", ".html") for n in notebooks]
+    assert manifest["files"] == {p.name: sha256(p) for p in folder.iterdir() if p.name != "manifest.json"}
+    assert manifest["server"]["database"] == "tenancy_demo" and manifest["server"]["version"]
+    assert manifest["params"]["system_tenant"]["uuid"] == "00000000-0000-4000-8000-000000000001"
+    assert manifest["headline"]["baseline_rows"] > 90_000
+    assert manifest["secret_scan"] == "clean"
+    assert manifest["previous_manifest"]["sha256"] == sha256(sorted(before)[-1] / "manifest.json")
+    # the executed validate notebook carries the verdict; the papermill parameters hold no secret
+    validate = json.loads((folder / "05_validate.ipynb").read_text())
+    assert "all " in json.dumps(validate) and "checks passed" in json.dumps(validate)
+    with psycopg.connect(url) as conn:
+        run_row = conn.execute("SELECT status, manifest_sha256, phases FROM tenancy_runbook.runs "
+                               "WHERE run_id = %s", (manifest["run_id"],)).fetchone()
+        assert run_row == ("succeeded", sha256(folder / "manifest.json"),
+                           ["inspect", "seed", "backfill", "constrain", "validate"])
+        phase_rows = conn.execute("SELECT phase, status FROM tenancy_runbook.phase_runs WHERE run_id = %s "
+                                  "ORDER BY id", (manifest["run_id"],)).fetchall()
+        assert phase_rows == [(p, "succeeded") for p in ("inspect", "seed", "backfill", "constrain", "validate")]
+    migrated = app_schema(url, server)
+    assert migrated != legacy
+
+    # running again succeeds and changes nothing
+    before = existing_runs()
+    again = runbook_cli("run", "--env", "ci")
+    assert again.returncode == 0, again.stdout + again.stderr
+    second = latest_run(before)
+    second_manifest = json.loads((second / "manifest.json").read_text())
+    assert second_manifest["previous_manifest"] == {"run": folder.name, "sha256": sha256(folder / "manifest.json")}
+    assert app_schema(url, server) == migrated
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT count(*) FROM tenancy_runbook.statement_journal WHERE run_id = %s",
+                            (second_manifest["run_id"],)).fetchone()[0] == 0
+
+
+def test_a_failing_phase_stops_the_run_with_its_error(server):
+    assert runbook_cli("demo-db", "--env", "ci").returncode == 0
+    before = existing_runs()
+    result = runbook_cli("run", "--env", "ci", "--phases", "validate,backfill")
+    assert result.returncode == 1
+    assert "backfill failed" in result.stdout
+    assert "RunbookError: no baseline for" in result.stdout
+    manifest = json.loads((latest_run(before) / "manifest.json").read_text())
+    assert manifest["status"] == "failed"
+    assert [p["name"] for p in manifest["phases"]] == ["backfill"]  # phases run in runbook order; validate never ran
+    assert manifest["phases"][0]["error"].startswith("RunbookError: no baseline for")
+    url = server.url("tenancy_demo")
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT status FROM tenancy_runbook.runs WHERE run_id = %s",
+                            (manifest["run_id"],)).fetchone()[0] == "failed"
+
+
+def test_a_second_runner_fails_fast_naming_the_holder(server):
+    url = server.url("tenancy_demo")
+    with psycopg.connect(url, autocommit=True) as holder:
+        holder.execute("SET application_name = 'someone-elses-run'")
+        holder.execute("SELECT pg_advisory_lock(%s, %s)", (database.LOCK_CLASS, database.RUN_LOCK))
+        holder_pid = holder.info.backend_pid
+        started = time.monotonic()
+        result = runbook_cli("run", "--env", "ci", "--phases", "inspect")
+        elapsed = time.monotonic() - started
+    assert result.returncode == 2
+    assert "another runbook run is in progress on this database" in result.stderr
+    assert f"pid {holder_pid} (someone-elses-run" in result.stderr
+    assert elapsed < 30
+
+
+def test_prod_requires_yes_before_anything_happens():
+    result = runbook_cli("run", "--env", "prod", env={"RUNBOOK_PROD_DSN": ""})
+    assert result.returncode == 2
+    assert "add --yes to confirm" in result.stderr
+
+
+def test_archive_scan_redacts_and_reports_a_planted_secret(tmp_path):
+    (tmp_path / "01_inspect.ipynb").write_text('{"text": "connected with hunter2-password"}')
+    (tmp_path / "clean.html").write_text("<p>nothing here</p>")
+    (tmp_path / "log.txt").write_text("url postgresql://app:pw123@db.internal/app")
+    findings = archive.scan_for_secrets(tmp_path, ["hunter2-password"])
+    assert findings == ["01_inspect.ipynb: contained a secret of this run (redacted)",
+                        "log.txt: contained a URL with an inline password (redacted)"]
+    assert "hunter2" not in (tmp_path / "01_inspect.ipynb").read_text()
+    assert "pw123" not in (tmp_path / "log.txt").read_text()

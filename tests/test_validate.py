@@ -1,0 +1,101 @@
+"""05_validate: every check passes after a migration, and each check turns red when its property breaks."""
+
+import pytest
+
+from runbook_helpers import params as params_mod
+from runbook_helpers.errors import RunbookError
+from runbook_helpers.phases import validate
+
+
+def checks_of(db):
+    rb = db.session("validate")
+    try:
+        return validate.checks(rb)
+    finally:
+        rb.close()
+
+
+def failing(frame):
+    return {(r.check, r.table) for r in frame[~frame["passed"]].itertuples()}
+
+
+@pytest.fixture
+def migrated(db):
+    db.run("inspect", "seed", "backfill", "constrain")
+    return db
+
+
+def test_all_checks_pass_after_the_migration(migrated):
+    out = migrated.run("validate")["validate"]
+    assert out["checks"]["passed"].all()
+    assert out["verdict"] == f"all {len(out['checks'])} checks passed"
+    per_table = out["checks"][out["checks"]["table"] == "workflows"]["check"].tolist()
+    for check in ("tenant_id NOT NULL", "foreign key to tenants validated", "index led by tenant_id valid",
+                  "rows without tenant", "rows whose tenant does not exist", "row count equals baseline",
+                  "pre-existing columns unchanged (fingerprint)"):
+        assert check in per_table
+
+
+def test_a_changed_value_fails_the_fingerprint_check(migrated):
+    migrated.execute("UPDATE rules SET expression = expression || ' ' WHERE id = 3")
+    assert failing(checks_of(migrated)) == {("pre-existing columns unchanged (fingerprint)", "rules")}
+
+
+def test_a_lost_row_fails_count_and_fingerprint(migrated):
+    migrated.execute("DELETE FROM widgets WHERE template_id = 1 AND position = 0")
+    assert failing(checks_of(migrated)) == {("row count equals baseline", "widgets"),
+                                             ("pre-existing columns unchanged (fingerprint)", "widgets")}
+
+
+def test_unvalidated_fk_and_invalid_index_fail(migrated):
+    migrated.execute("ALTER TABLE models DROP CONSTRAINT models_tenant_id_tenants_id_fk")
+    migrated.execute("ALTER TABLE models ADD CONSTRAINT models_tenant_id_tenants_id_fk FOREIGN KEY (tenant_id) "
+                     "REFERENCES tenants(id) NOT VALID")
+    migrated.execute("UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'templates_tenant_id_idx'::regclass")
+    assert failing(checks_of(migrated)) == {("foreign key to tenants validated", "models"),
+                                             ("index led by tenant_id valid", "templates")}
+
+
+def test_orphans_and_nulls_fail(migrated):
+    migrated.execute("ALTER TABLE endpoints DROP CONSTRAINT endpoints_tenant_id_tenants_id_fk")
+    migrated.execute("ALTER TABLE endpoints ALTER COLUMN tenant_id DROP NOT NULL")
+    migrated.execute("UPDATE endpoints SET tenant_id = 999999 WHERE id = 1")
+    migrated.execute("UPDATE endpoints SET tenant_id = NULL WHERE id = 2")
+    assert failing(checks_of(migrated)) == {
+        ("tenant_id NOT NULL", "endpoints"), ("foreign key to tenants validated", "endpoints"),
+        ("rows without tenant", "endpoints"), ("rows whose tenant does not exist", "endpoints")}
+
+
+def test_a_broken_smoke_query_and_a_touched_shared_table_fail(migrated):
+    params = params_mod.override(migrated.params, {"validate": {"smoke_queries": [
+        {"name": "typo", "sql": "SELECT nam FROM workflows"}]}})
+    migrated.execute("ALTER TABLE node_types ADD COLUMN tenant_id bigint")
+    rb = migrated.session("validate", params=params)
+    try:
+        frame = validate.checks(rb)
+    finally:
+        rb.close()
+    assert failing(frame) == {("smoke query runs", "typo"), ("shared table left alone", "node_types")}
+    actual = frame[frame["table"] == "typo"]["actual"].iloc[0]
+    assert actual.startswith('error: column "nam" does not exist')
+
+
+def test_smoke_queries_cannot_change_anything(migrated):
+    params = params_mod.override(migrated.params, {"validate": {"smoke_queries": [
+        {"name": "sneaky write", "sql": "DELETE FROM workflows"}]}})
+    rb = migrated.session("validate", params=params)
+    try:
+        frame = validate.checks(rb)
+    finally:
+        rb.close()
+    assert "read-only transaction" in frame[frame["table"] == "sneaky write"]["actual"].iloc[0]
+    assert migrated.scalar("SELECT count(*) FROM workflows") > 0
+
+
+def test_the_verdict_raises_with_every_failed_check(migrated):
+    migrated.execute("DELETE FROM decision_tables WHERE id = 5")
+    with pytest.raises(RunbookError) as err:
+        migrated.run("validate")
+    assert "2 of" in str(err.value)
+    assert "row count equals baseline [decision_tables]" in str(err.value)
+    assert migrated.scalar("SELECT status FROM tenancy_runbook.phase_runs WHERE phase = 'validate'") == "failed"
