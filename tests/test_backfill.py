@@ -39,11 +39,12 @@ def test_fast_default_rewrites_nothing_and_gives_every_row_the_system_tenant(db)
     assert db.scalar("SELECT tenant_id FROM templates WHERE name = 'new'") == system_id(db)
 
 
-def test_batched_backfill_fills_every_null_and_checkpoints(db):
+def test_batched_backfill_fills_every_null_in_key_ordered_batches_and_checkpoints(db):
     db.run("inspect", "seed")
     nulls = db.scalar("SELECT count(*) FROM knowledge_bases WHERE tenant_id IS NULL")
     assert nulls > 0
-    out = db.run("backfill")["backfill"]
+    params = params_mod.override(db.params, {"backfill": {"batch_size": 100}})
+    out = db.run("backfill", params=params)["backfill"]
     row = out["report"].summary.set_index("table").loc["knowledge_bases"]
     assert row["strategy"] == "batched" and row["rows updated"] == nulls
     assert db.scalar("SELECT count(*) FROM knowledge_bases WHERE tenant_id IS NULL") == 0
@@ -51,8 +52,10 @@ def test_batched_backfill_fills_every_null_and_checkpoints(db):
                    "WHERE table_name = 'knowledge_bases'")
     assert cp["rows_updated"] == nulls and cp["finished_at"] is not None
     total = db.scalar("SELECT count(*) FROM knowledge_bases")
-    assert cp["batches"] == -(-total // db.params.backfill.batch_size)  # ceil: keyset batches over all keys
-    assert out["report"].progress["rows_done"].iloc[-1] == nulls
+    assert cp["batches"] == total // 100 + 1  # 100 keys per batch in key order, then an open-ended last one
+    progress = out["report"].progress
+    assert progress["rows_done"].iloc[-1] == nulls
+    assert progress["batch_rows"].max() <= 100 and len(progress) == cp["batches"]
 
 
 def test_partly_applied_0001_is_finished(db):

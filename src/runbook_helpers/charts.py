@@ -1,20 +1,29 @@
-"""Matplotlib figures for the notebooks: fixed size and dpi, no timestamps, same data -> same picture.
+"""Matplotlib charts for the notebooks: fixed size and dpi, no timestamps, same data -> same picture.
 
-Figures are built with matplotlib.figure.Figure (not pyplot), so a cell that returns one shows it once
-and nothing leaks into later cells. PNGs survive archives and nbval ignores them.
+Figures are built with matplotlib.figure.Figure (not pyplot, so nothing leaks into later cells or
+depends on the kernel's backend) and returned as PNG images: a cell that returns one shows it in
+JupyterLab, in papermill's output notebook and in the archived HTML alike. nbval ignores PNGs.
 """
 
 from __future__ import annotations
 
-import matplotlib
+import io
 
-matplotlib.use("Agg")
-
-import pandas as pd  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import pandas as pd
+from IPython.display import Image
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 SIZE = (8.0, 4.0)
 DPI = 100
+
+
+def png(fig: Figure) -> Image:
+    """The figure as PNG bytes without a software or date stamp, so equal data gives equal bytes."""
+    buffer = io.BytesIO()
+    FigureCanvasAgg(fig)
+    fig.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
+    return Image(data=buffer.getvalue(), format="png")
 
 
 def _figure() -> tuple[Figure, object]:
@@ -22,22 +31,24 @@ def _figure() -> tuple[Figure, object]:
     return fig, fig.add_subplot(1, 1, 1)
 
 
-def row_counts(inventory: pd.DataFrame) -> Figure:
+def row_counts(inventory: pd.DataFrame) -> Image:
     """Rows per spec table; core and shared in different colours; estimates hatched."""
     fig, ax = _figure()
     data = inventory.dropna(subset=["rows"]).sort_values("rows")
     colors = ["tab:blue" if k == "core" else "tab:gray" for k in data["kind"]]
     bars = ax.barh(data["table"], data["rows"].astype(float), color=colors)
-    for bar, how in zip(bars, data["counted"]):
+    for bar, how, rows in zip(bars, data["counted"], data["rows"]):
         if how == "estimate":
             bar.set_hatch("//")
+        ax.annotate(f" {int(rows):,}", (bar.get_width(), bar.get_y() + bar.get_height() / 2), va="center", fontsize=8)
+    ax.margins(x=0.12)
     ax.set_xlabel("rows (hatched: catalog estimate)")
     ax.set_title("Spec tables by row count (blue: core, grey: shared)")
     fig.tight_layout()
-    return fig
+    return png(fig)
 
 
-def tenancy_tables(counts: pd.DataFrame) -> Figure:
+def tenancy_tables(counts: pd.DataFrame) -> Image:
     fig, ax = _figure()
     ax.bar(counts["table"], counts["rows"].astype(float), color="tab:green")
     for i, v in enumerate(counts["rows"]):
@@ -45,16 +56,18 @@ def tenancy_tables(counts: pd.DataFrame) -> Figure:
     ax.set_ylabel("rows")
     ax.set_title("Tenancy tables after seed")
     fig.tight_layout()
-    return fig
+    return png(fig)
 
 
-def backfill_progress(progress: pd.DataFrame, summary: pd.DataFrame) -> Figure:
+def backfill_progress(progress: pd.DataFrame, summary: pd.DataFrame) -> Image:
     """Left: rows filled over time per batched table. Right: rows per table and strategy."""
     fig = Figure(figsize=(SIZE[0] * 1.5, SIZE[1]), dpi=DPI)
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     if len(progress):
         for label, part in progress.groupby("label", sort=True):
-            left.plot(part["elapsed_s"], part["rows_done"], marker=".", label=label.replace("backfill ", ""))
+            xs = [0.0] + list(part["elapsed_s"])
+            ys = [0] + list(part["rows_done"])
+            left.plot(xs, ys, marker=".", label=label.replace("backfill ", ""))
             rate = part["rows_done"].iloc[-1] / max(part["elapsed_s"].iloc[-1], 1e-9)
             left.annotate(f"{rate:,.0f} rows/s", (part["elapsed_s"].iloc[-1], part["rows_done"].iloc[-1]),
                           ha="right", va="bottom", fontsize=8)
@@ -66,15 +79,18 @@ def backfill_progress(progress: pd.DataFrame, summary: pd.DataFrame) -> Figure:
         left.text(0.5, 0.5, "no batched backfill in this run", ha="center", va="center")
         left.set_axis_off()
     colors = {"fast default": "tab:blue", "batched": "tab:orange", "default only": "tab:purple", "done": "tab:gray"}
-    right.barh(summary["table"], summary["rows updated"].astype(float),
-               color=[colors.get(s, "tab:gray") for s in summary["strategy"]])
-    right.set_xlabel("rows updated (fast default rewrites none)")
-    right.set_title("Rows written per table (orange: batched, blue: fast default)")
+    covered = summary["rows by default"].astype(float) if "rows by default" in summary else 0
+    right.barh(summary["table"], covered, color=colors["fast default"], label="given by the catalog default (no write)")
+    right.barh(summary["table"], summary["rows updated"].astype(float), left=covered, color=colors["batched"],
+               label="written in batches")
+    right.legend(fontsize=8)
+    right.set_xlabel("rows")
+    right.set_title("How each table's rows got their tenant")
     fig.tight_layout()
-    return fig
+    return png(fig)
 
 
-def step_durations(results: pd.DataFrame) -> Figure:
+def step_durations(results: pd.DataFrame) -> Image:
     """Seconds spent per table and statement kind in constrain."""
     fig, ax = _figure()
     if len(results) and results["seconds"].sum() > 0:
@@ -87,10 +103,10 @@ def step_durations(results: pd.DataFrame) -> Figure:
         ax.text(0.5, 0.5, "nothing to do: every table already constrained", ha="center", va="center")
         ax.set_axis_off()
     fig.tight_layout()
-    return fig
+    return png(fig)
 
 
-def before_after(checks: pd.DataFrame) -> Figure:
+def before_after(checks: pd.DataFrame) -> Image:
     """Baseline vs current row counts per core table: the bars must match."""
     fig, ax = _figure()
     counts = checks[checks["check"] == "row count equals baseline"]
@@ -105,4 +121,4 @@ def before_after(checks: pd.DataFrame) -> Figure:
     ax.legend()
     ax.set_title("Rows per core table: baseline vs now (red: differs)")
     fig.tight_layout()
-    return fig
+    return png(fig)

@@ -140,7 +140,7 @@ class BackfillReport:
 
 
 def apply(rb) -> BackfillReport:
-    rb.require_baseline()
+    baseline = rb.require_baseline().set_index("table_name")["row_count"]
     system_id = table_states.system_tenant_id(rb)
     if system_id is None and not rb.dry_run:
         raise RunbookError("the System Tenant does not exist yet: run 02_seed first. Nothing was changed.")
@@ -155,11 +155,13 @@ def apply(rb) -> BackfillReport:
             job = BatchedBackfill(rb, tp.state, system_id)
             updated, batches = job.run()
             progress.append(job.progress.frame())
+        by_default = int(baseline.get(tp.state.name, 0)) if tp.strategy == "fast default" and not rb.dry_run else 0
         summary.append({"table": tp.state.name, "strategy": tp.strategy,
-                        "rows updated": updated, "batches": batches,
+                        "rows by default": by_default, "rows updated": updated, "batches": batches,
                         "outcome": "dry run" if rb.dry_run else ("nothing to do" if tp.strategy == "done" else "done"),
                         "seconds": round(time.monotonic() - started, 2)})
-    frame = pd.DataFrame(summary, columns=["table", "strategy", "rows updated", "batches", "outcome", "seconds"])
+    frame = pd.DataFrame(summary, columns=["table", "strategy", "rows by default", "rows updated", "batches",
+                                           "outcome", "seconds"])
     prog = pd.concat(progress, ignore_index=True) if progress else pd.DataFrame(
         columns=["label", "elapsed_s", "rows_done", "batch_rows", "batch_s"])
     return BackfillReport(frame, prog, results_frame(step_results))
@@ -210,18 +212,22 @@ class BatchedBackfill:
         return [types[k] for k in self.keys]
 
     # -- statements
-    def _key_row(self) -> sql.Composable:
-        return sql.SQL("({})").format(sql.SQL(", ").join(sql.Identifier(k) for k in self.keys))
+    def _key_row(self, alias: str | None = None) -> sql.Composable:
+        cols = [sql.Identifier(alias, k) if alias else sql.Identifier(k) for k in self.keys]
+        return sql.SQL("({})").format(sql.SQL(", ").join(cols))
 
     def _bound_row(self) -> sql.Composable:
         return sql.SQL("({})").format(sql.SQL(", ").join(
             sql.SQL("%s::{}").format(sql.SQL(t)) for t in self.key_types))
 
     def _upper_query(self, has_lower: bool) -> sql.Composed:
-        where = sql.SQL("WHERE {} > {} ").format(self._key_row(), self._bound_row()) if has_lower else sql.SQL("")
-        return sql.SQL("SELECT {cols} FROM {t} {where}ORDER BY {order} OFFSET %s LIMIT 1").format(
-            cols=sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in self.keys),
-            t=self.st.qualified, where=where, order=sql.SQL(", ").join(sql.Identifier(k) for k in self.keys))
+        where = sql.SQL("WHERE {} > {} ").format(self._key_row("t"), self._bound_row()) if has_lower else sql.SQL("")
+        # ORDER BY names the table's columns, qualified: an output column `id::text AS id` would sort as text
+        return sql.SQL("SELECT {cols} FROM {t} AS t {where}ORDER BY {order} OFFSET %s LIMIT 1").format(
+            cols=sql.SQL(", ").join(sql.SQL("t.{}::text AS {}").format(sql.Identifier(k), sql.Identifier(f"k{i}"))
+                                    for i, k in enumerate(self.keys)),
+            t=self.st.qualified, where=where,
+            order=sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(k)) for k in self.keys))
 
     def _update_query(self, has_lower: bool, has_upper: bool) -> sql.Composed:
         conds = []
