@@ -161,3 +161,18 @@ def test_cli_server_down_names_the_variable_not_the_password():
     assert result.returncode == 2
     assert "cannot connect to the staging database named by $RUNBOOK_STAGING_DSN" in result.stderr
     assert "s3cr3t-pw" not in result.stderr + result.stdout
+
+
+def test_notebook_overrides_apply_to_one_session_and_are_shown(db):
+    from runbook_helpers.session import open_phase
+    rb = None
+    try:
+        with pytest.raises(ParamsError, match="override backfill.batch_size"):
+            open_phase("inspect", "ci", overrides={"backfill": {"batch_size": "many"}})
+        rb = open_phase("inspect", "ci", dry_run=True, overrides={"backfill": {"batch_size": 123}})
+        assert rb.params.backfill.batch_size == 123
+        assert rb.summary().loc["params overridden", "value"] == '{"backfill": {"batch_size": 123}}'
+    finally:
+        if rb is not None:
+            rb.close()
+    assert params.load("ci").backfill.batch_size == 2000

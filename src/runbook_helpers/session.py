@@ -8,6 +8,7 @@ is read from the environment variable by database.py and never stored here.
 from __future__ import annotations
 
 import getpass
+import json
 import os
 from datetime import datetime, timezone
 from typing import Any
@@ -86,6 +87,8 @@ class PhaseSession:
             ("run id", self.run_id or "(interactive)"),
             ("operator", operator()),
         ]
+        if getattr(self, "overrides", None):
+            rows.append(("params overridden", json.dumps(self.overrides, sort_keys=True)))
         return pd.DataFrame(rows, columns=["setting", "value"]).set_index("setting")
 
     def executor(self) -> Executor:
@@ -153,9 +156,19 @@ class PhaseSession:
         shell.events.register("post_run_cell", after_cell)
 
 
-def open_phase(phase: str, env: str | None = None, dry_run: bool = False, run_id: str | None = None) -> PhaseSession:
-    """The first call of every notebook: also makes tables show whole statements and every plan row."""
+def open_phase(phase: str, env: str | None = None, dry_run: bool = False, run_id: str | None = None,
+               overrides: dict[str, Any] | None = None) -> PhaseSession:
+    """The first call of every notebook: also makes tables show whole statements and every plan row.
+
+    `overrides` replaces params values for this session only, e.g. {"backfill": {"batch_size": 5000}};
+    they are validated like the files and shown in the summary.
+    """
     pd.set_option("display.max_colwidth", 200)
     pd.set_option("display.max_rows", 500)
     pd.set_option("display.width", 200)
-    return PhaseSession(phase, env, dry_run=dry_run, run_id=run_id)
+    loaded = params_mod.load(env or default_env())
+    if overrides:
+        loaded = params_mod.override(loaded, overrides)
+    session = PhaseSession(phase, loaded.env, dry_run=dry_run, run_id=run_id, params=loaded)
+    session.overrides = dict(overrides or {})
+    return session
