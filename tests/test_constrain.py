@@ -144,3 +144,45 @@ def test_constrain_refuses_before_backfill(db):
     from runbook_helpers.errors import RunbookError
     with pytest.raises(RunbookError, match="has no tenant_id yet: run 03_backfill first"):
         db.run("constrain")
+
+
+def test_an_index_build_timed_out_by_a_writer_leaves_no_invalid_index_behind(db):
+    """CREATE INDEX CONCURRENTLY waits for open writers; a lock timeout there leaves an INVALID index,
+    which the executor tries to drop before each retry (that drop waits for the same writer). When the
+    ladder is exhausted the phase fails naming the writer and saying what is left; the re-run after the
+    writer ends drops the leftover and builds a valid index."""
+    db.run("inspect", "seed", "backfill", "constrain")
+    db.execute("DROP INDEX workflows_tenant_id_idx")  # only the index build is left to do
+    params = params_mod.override(db.params, FAST_LADDER)
+    with db.connect() as writer:
+        writer.execute("UPDATE workflows SET name = name WHERE id = 1")  # holds ROW EXCLUSIVE, uncommitted
+        writer_pid = writer.info.backend_pid
+        with pytest.raises(LockNotAcquired) as err:
+            db.run("constrain", params=params)
+        assert "workflows: build the tenant_id index: could not take its lock" in str(err.value)
+        assert f"pid {writer_pid}" in str(err.value)
+        assert "left an INVALID index" in str(err.value) and "the re-run drops and rebuilds it" in str(err.value)
+        writer.rollback()
+    status = db.run("constrain", params=params)["constrain"]["status"].set_index("table")
+    assert status.loc["workflows", "index"] == "valid"
+    assert db.scalar("SELECT count(*) FROM pg_index WHERE indrelid = 'workflows'::regclass AND NOT indisvalid") == 0
+
+
+def test_an_index_build_that_timed_out_is_cleaned_up_and_retried_within_the_ladder(db):
+    db.run("inspect", "seed", "backfill", "constrain")
+    db.execute("DROP INDEX workflows_tenant_id_idx")
+    params = params_mod.override(db.params, {"locks": {"lock_timeout_ms": 150, "retry": {
+        "attempts": 8, "backoff_ms": 100, "backoff_max_ms": 200}}})
+    writer = db.connect()
+    writer.execute("UPDATE workflows SET name = name WHERE id = 1")
+    ends = threading.Timer(0.5, writer.rollback)  # the writer ends while the ladder is still climbing
+    ends.start()
+    try:
+        out = db.run("constrain", params=params)["constrain"]
+    finally:
+        ends.join()
+        writer.close()
+    built = out["applied"].set_index("action").loc["build the tenant_id index"]
+    assert built["outcome"] == "applied" and built["attempts"] > 1
+    assert db.scalar("SELECT indisvalid FROM pg_index WHERE indexrelid = 'workflows_tenant_id_idx'::regclass") is True
+    assert db.scalar("SELECT count(*) FROM pg_index WHERE indrelid = 'workflows'::regclass AND NOT indisvalid") == 0

@@ -47,6 +47,7 @@ class Step:
     why: str
     transactional: bool = True  # False: CREATE/DROP INDEX CONCURRENTLY must run outside a transaction
     long_scan: bool = False      # True: VALIDATE or an index build; runs under statement_timeout only
+    on_failure: sql.Composable | None = None  # undoes what a failed try leaves (an INVALID index)
 
 
 @dataclass
@@ -139,10 +140,16 @@ class Executor:
         started = time.monotonic()
         attempts = self.locks.retry.attempts
         blockers: list[dict] = []
+        cleanup = self._cleanup_step(step)
+        pending_cleanup = False
         for attempt in range(1, attempts + 1):
             try:
+                if pending_cleanup:
+                    self._try(cleanup, self._render(cleanup), blockers)
+                    pending_cleanup = False
                 self._try(step, statement, blockers)
             except pg_errors.LockNotAvailable:
+                pending_cleanup = cleanup is not None
                 if attempt == attempts:
                     break
                 wait = self.backoff_s(attempt)
@@ -151,6 +158,8 @@ class Executor:
                 self._sleep(wait)
                 continue
             except psycopg.Error as exc:
+                if cleanup is not None:
+                    self._best_effort(cleanup)
                 message = f"{step.table}: {step.action} failed: {exc.diag.message_primary or exc}"
                 if self._journal_end and entry is not None:
                     self._journal_end(entry, "failed", attempt, message)
@@ -159,12 +168,32 @@ class Executor:
             if self._journal_end and entry is not None:
                 self._journal_end(entry, "applied", attempt, None)
             return StepResult(step, "applied", attempt, time.monotonic() - started)
+        leftover = (" The interrupted build left an INVALID index that the lock timeout also kept from being "
+                    "dropped; the re-run drops and rebuilds it." if pending_cleanup else " Nothing of this step was applied.")
         message = (f"{step.table}: {step.action}: could not take its lock ({step.lock}) after {attempts} tries of "
-                   f"{self.locks.lock_timeout_ms} ms each; {describe_blockers(blockers)}. Nothing of this step was "
-                   f"applied. End or wait for those sessions, then re-run this notebook; it resumes here.")
+                   f"{self.locks.lock_timeout_ms} ms each; {describe_blockers(blockers)}.{leftover} End or wait for "
+                   f"those sessions, then re-run this notebook; it resumes here.")
         if self._journal_end and entry is not None:
             self._journal_end(entry, "lock timeout", attempts, message)
         raise LockNotAcquired(message)
+
+    def _render(self, step: Step) -> str:
+        with self.engine.connect() as conn:
+            return render(conn, step.statement)
+
+    @staticmethod
+    def _cleanup_step(step: Step) -> Step | None:
+        if step.on_failure is None:
+            return None
+        return Step(step.phase, step.table, f"clean up after: {step.action}", step.on_failure, step.lock,
+                    step.why, transactional=False)
+
+    def _best_effort(self, cleanup: Step) -> None:
+        try:
+            self._try(cleanup, self._render(cleanup), [])
+        except psycopg.Error as exc:
+            self._log(f"  {cleanup.table}: {cleanup.action} did not complete ({exc.diag.message_primary}); "
+                      f"the next run finds the leftover and removes it")
 
     def _try(self, step: Step, statement: str, blockers: list[dict]) -> None:
         lock_timeout = self.locks.lock_timeout_ms

@@ -70,11 +70,13 @@ def plan_table(st: TableState, schema: str, keep_default: bool) -> list[Step]:
                           sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(schema, leftover)),
                           SHARE_UPDATE_EXCLUSIVE, "CONCURRENTLY: reads and writes continue", transactional=False))
     if st.index_name is None:
+        index = sql.Identifier(names.index_name(st.name))
         steps.append(Step(PHASE, st.name, "build the tenant_id index",
-                          sql.SQL("CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} ({})").format(
-                              sql.Identifier(names.index_name(st.name)), t, COL),
+                          sql.SQL("CREATE INDEX CONCURRENTLY {} ON {} ({})").format(index, t, COL),
                           SHARE_UPDATE_EXCLUSIVE, "CONCURRENTLY: reads and writes continue during the build",
-                          transactional=False, long_scan=True))
+                          transactional=False, long_scan=True,
+                          on_failure=sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
+                              sql.Identifier(schema, names.index_name(st.name)))))
     if not keep_default and st.default is not None:
         steps.append(Step(PHASE, st.name, "drop the rollout DEFAULT",
                           sql.SQL("ALTER TABLE {} ALTER COLUMN {} DROP DEFAULT").format(t, COL),
