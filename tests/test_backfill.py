@@ -185,3 +185,32 @@ def test_killed_mid_backfill_resumes_from_the_checkpoint_and_fills_every_row(db)
 
 def _ledger_ready(db) -> bool:
     return db.scalar("SELECT to_regclass('tenancy_runbook.backfill_checkpoints') IS NOT NULL")
+
+
+def test_a_checkpoint_on_another_key_is_not_reused(db):
+    """If the params' key changed since a run was interrupted, the old position is meaningless: start over."""
+    db.run("inspect", "seed")
+    db.execute("ALTER TABLE widgets ADD COLUMN tenant_id bigint")
+    small = params_mod.override(db.params, {"backfill": {"batch_size": 300}})
+    rb = db.session("backfill", params=small)
+    try:
+        plans = {p.state.name: p for p in backfill.plans(rb)}
+        job = backfill.BatchedBackfill(rb, plans["widgets"].state, system_id(db))
+        original, calls = job._batch, {"n": 0}
+
+        def die_after_two(*args, **kw):
+            if calls["n"] == 2:
+                raise KeyboardInterrupt  # the operator pressed Ctrl-C
+            calls["n"] += 1
+            original(*args, **kw)
+        job._batch = die_after_two
+        with pytest.raises(KeyboardInterrupt):
+            job.run()
+    finally:
+        rb.close()
+    assert db.scalar("SELECT batches FROM tenancy_runbook.backfill_checkpoints WHERE table_name = 'widgets'") == 2
+    rekeyed = params_mod.override(small, {"core_tables": {"widgets": {"key": ["position", "template_id"]}}})
+    db.run("backfill", params=rekeyed)
+    cp = db.scalar("SELECT row_to_json(c) FROM tenancy_runbook.backfill_checkpoints c WHERE table_name = 'widgets'")
+    assert cp["key_columns"] == ["position", "template_id"] and cp["pass"] == 2
+    assert db.scalar("SELECT count(*) FROM widgets WHERE tenant_id IS NULL") == 0

@@ -35,7 +35,17 @@ def test_a_spec_table_that_does_not_exist_fails_preflight_and_changes_nothing(db
             inspect.assert_ready(pre)
     finally:
         rb.close()
+    with pytest.raises(RunbookError, match="no_such_table"):
+        db.run("inspect", params=params)  # the whole notebook sequence
     assert db.schema_dump() == before
+
+
+def test_any_failed_preflight_stores_nothing(db):
+    params = params_mod.override(db.params, {"rls": {"enabled": True}})
+    before = db.schema_dump()
+    with pytest.raises(RunbookError, match="(?s)preflight failed.*row level security"):
+        db.run("inspect", params=params)
+    assert db.schema_dump() == before  # not even the ledger schema
 
 
 def test_sessions_in_the_way_and_invalid_indexes_are_reported(db):

@@ -300,3 +300,7 @@ def blocking_sessions(conn: Connection, pid: int) -> list[dict]:
 
 def has_schema_create(conn: Connection, schema: str) -> bool:
     return bool(conn.execute(text("SELECT has_schema_privilege(:s, 'CREATE')"), {"s": schema}).scalar())
+
+
+def has_database_create(conn: Connection) -> bool:
+    return bool(conn.execute(text("SELECT has_database_privilege(current_database(), 'CREATE')")).scalar())

@@ -97,9 +97,20 @@ class Ledger:
         return relation_oid(conn, self.schema, "statement_journal") is not None
 
     def ensure(self, conn: Connection) -> None:
+        """Create the ledger schema and tables if missing (idempotent)."""
+        from sqlalchemy.exc import DBAPIError
+
+        from .errors import RunbookError
+
         script = sql.SQL(TABLES_SQL).format(schema=sql.Identifier(self.schema))
-        for statement in render(conn, script).split(";\n"):
-            conn.exec_driver_sql(statement)
+        try:
+            for statement in render(conn, script).split(";\n"):
+                conn.exec_driver_sql(statement)
+        except DBAPIError as exc:
+            reason = getattr(getattr(exc.orig, "diag", None), "message_primary", None) or str(exc.orig)
+            raise RunbookError(
+                f"cannot create the runbook's ledger schema {self.schema!r}: {reason}; grant CREATE on the database "
+                f"to the migration user, or create the schema for it (ledger_schema in params names it)") from None
 
     # -- runs and phases
     def start_run(self, conn: Connection, run_id: str, env: str, operator: str, phases: list[str],
@@ -174,6 +185,11 @@ class Ledger:
         conn.exec_driver_sql(self._q(conn, "UPDATE {t} SET last_key = NULL, pass = pass + 1, rows_total = rows_total + %s, "
                                            "updated_at = clock_timestamp() WHERE table_name = %s",
                                      t="backfill_checkpoints"), (rows_total, table))
+
+    def restart(self, conn: Connection, table: str, strategy: str, key_columns: list[str]) -> None:
+        conn.exec_driver_sql(self._q(conn, "UPDATE {t} SET strategy = %s, key_columns = %s, last_key = NULL, "
+                                           "pass = pass + 1, updated_at = clock_timestamp() WHERE table_name = %s",
+                                     t="backfill_checkpoints"), (strategy, key_columns, table))
 
     def close_checkpoint(self, conn: Connection, table: str) -> None:
         conn.exec_driver_sql(self._q(conn, "UPDATE {t} SET finished_at = clock_timestamp(), updated_at = clock_timestamp() "

@@ -102,6 +102,14 @@ class PhaseSession:
         return Executor(self.engine, self.params.locks, dry_run=self.dry_run, journal=journal,
                         journal_end=journal_end, log=self.log)
 
+    def ensure_ledger(self) -> None:
+        """Create the ledger (inspect's only write) and record this phase in it, if not done yet."""
+        if self.dry_run:
+            return
+        self.ledger.ensure(self.control)
+        if self._phase_run is None:
+            self._phase_run = self.ledger.start_phase(self.control, self.run_id, self.phase, self.dry_run)
+
     def require_baseline(self) -> pd.DataFrame:
         """Phases that change tables refuse to start before 01_inspect has captured the baseline."""
         baseline = self.ledger.baseline(self.control)

@@ -245,6 +245,12 @@ class BatchedBackfill:
         with rb.engine.connect() as conn:
             remaining = catalog.null_tenant_count(conn, rb.schema, self.st.name)
         cp = ledger.open_checkpoint(rb.control, self.st.name, strategy, self.keys, remaining)
+        if list(cp["key_columns"]) != self.keys and cp["last_key"] is not None:
+            # the key changed since the checkpoint was written: its position means nothing now
+            rb.log(f"backfill {self.st.name}: checkpoint was on ({', '.join(cp['key_columns'])}), now "
+                   f"({', '.join(self.keys)}); starting a new pass over the new key")
+            ledger.restart(rb.control, self.st.name, strategy, self.keys)
+            cp = ledger.checkpoint(rb.control, self.st.name)
         if cp["finished_at"] is not None and remaining:
             ledger.next_pass(rb.control, self.st.name, remaining)  # NULLs written after it finished
             cp = ledger.checkpoint(rb.control, self.st.name)

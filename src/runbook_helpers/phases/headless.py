@@ -18,7 +18,7 @@ def run_phase(rb) -> dict[str, Any]:
         if rb.phase == "inspect":
             out["preflight"] = inspect.preflight(rb)
             out["inventory"] = inspect.inventory(rb)
-            out["baseline"] = inspect.capture_baseline(rb)
+            out["baseline"] = inspect.capture_baseline(rb, out["preflight"])
             out["plan"] = inspect.full_plan(rb)
             out["verdict"] = inspect.assert_ready(out["preflight"])
         elif rb.phase == "seed":

@@ -51,8 +51,13 @@ def preflight(rb) -> pd.DataFrame:
         add("privilege to alter core tables", FAIL if cannot else OK,
             f"{ident.user} cannot alter: {', '.join(cannot)}" if cannot else f"{ident.user} may alter every core table",
             "connect as the tables' owner (or a member of its role)" if cannot else "")
+        if not catalog.schema_exists(conn, rb.params.ledger_schema):
+            can = catalog.has_database_create(conn)
+            add("privilege to create the ledger schema", OK if can else FAIL,
+                f"{ident.user} {'may' if can else 'may not'} create schema {rb.params.ledger_schema}",
+                "" if can else f"GRANT CREATE ON DATABASE {ident.database} TO {ident.user}")
         need_create = any(catalog.relation_oid(conn, rb.schema, t) is None for t in seed.CONVENTIONS)
-        if need_create or not rb.ledger.exists(conn):
+        if need_create:
             can = catalog.has_schema_create(conn, rb.schema)
             add("privilege to create tables", OK if can else FAIL,
                 f"{ident.user} {'may' if can else 'may not'} create in schema {rb.schema}",
@@ -143,17 +148,25 @@ def unique_constraints(rb) -> pd.DataFrame:
         return catalog.unique_without_tenant(conn, rb.schema, rb.params.tables)
 
 
-def capture_baseline(rb) -> pd.DataFrame:
-    """Counts and fingerprints of every core table, stored on the first run only, never overwritten."""
-    if not rb.dry_run:
-        rb.ledger.ensure(rb.control)
-    stored = rb.ledger.baseline(rb.control).set_index("table_name")
-    rows = []
+def capture_baseline(rb, pre: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Counts and fingerprints of every core table, stored on the first run only, never overwritten.
+
+    Nothing is stored (not even the ledger created) while preflight has a FAIL or in a dry run: bad input
+    must leave the database as it was.
+    """
+    blocked = pre is not None and bool((pre["status"] == FAIL).any())
     with rb.engine.connect() as conn:
         states = table_states.core_states(rb, conn)
+    missing = [n for n, st in states.items() if not st.exists]
+    if missing:
+        raise RunbookError(f"core table(s) {', '.join(missing)} do not exist; fix the spec first (see preflight). "
+                           f"Nothing was changed.")
+    store = not rb.dry_run and not blocked
+    if store:
+        rb.ensure_ledger()
+    stored = rb.ledger.baseline(rb.control).set_index("table_name")
+    rows = []
     for name, st in states.items():
-        if not st.exists:
-            raise RunbookError(f"core table {name!r} does not exist; fix the spec first (see preflight)")
         if name in stored.index:
             kept = stored.loc[name]
             rows.append({"table": name, "rows": int(kept["row_count"]), "fingerprint": kept["fingerprint"],
@@ -161,8 +174,8 @@ def capture_baseline(rb) -> pd.DataFrame:
             continue
         columns = [c for c in st.columns if c != TENANT_COLUMN]
         count, fp = fingerprint.measure(rb.engine, rb.schema, name, columns)
-        status = "measured (dry run: not stored)"
-        if not rb.dry_run:
+        status = "measured (dry run: not stored)" if rb.dry_run else "measured (preflight failed: not stored)"
+        if store:
             captured = rb.ledger.record_baseline(rb.control, name, count, fp, columns, rb.run_id)
             status = "captured now" if captured else "kept (captured concurrently)"
         rows.append({"table": name, "rows": count, "fingerprint": fp, "columns": len(columns), "status": status})
