@@ -1,10 +1,13 @@
 """`make bench` (= python -m bench [NAME ...]): run the benchmarks and report each with its command."""
 
+import os
 import sys
 
-from . import e2e
+os.environ.setdefault("RUNBOOK_HEADLESS", "1")  # milestone lines, no live bars between the tables
 
-BENCHMARKS = {"e2e": e2e.main}
+from . import b1_fast_path, b2_batched, e2e
+
+BENCHMARKS = {"b1": b1_fast_path.main, "b2": b2_batched.main, "e2e": e2e.main}
 
 
 def main(argv: list[str]) -> int:

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from conftest import ROOT
 from runbook_helpers import params as params_mod
 from runbook_helpers.errors import RunbookError
+from runbook_helpers.batches import BatchedBackfill
 from runbook_helpers.phases import backfill
 
 SYSTEM = "00000000-0000-4000-8000-000000000001"
@@ -43,7 +45,7 @@ def test_batched_backfill_fills_every_null_in_key_ordered_batches_and_checkpoint
     db.run("inspect", "seed")
     nulls = db.scalar("SELECT count(*) FROM knowledge_bases WHERE tenant_id IS NULL")
     assert nulls > 0
-    params = params_mod.override(db.params, {"backfill": {"batch_size": 100}})
+    params = params_mod.override(db.params, {"backfill": {"batch_size": 100, "target_batch_ms": None}})
     out = db.run("backfill", params=params)["backfill"]
     row = out["report"].summary.set_index("table").loc["knowledge_bases"]
     assert row["strategy"] == "batched" and row["rows updated"] == nulls
@@ -52,7 +54,7 @@ def test_batched_backfill_fills_every_null_in_key_ordered_batches_and_checkpoint
                    "WHERE table_name = 'knowledge_bases'")
     assert cp["rows_updated"] == nulls and cp["finished_at"] is not None
     total = db.scalar("SELECT count(*) FROM knowledge_bases")
-    assert cp["batches"] == total // 100 + 1  # 100 keys per batch in key order, then an open-ended last one
+    assert cp["batches"] == total // 100 + 1  # 100 keys per batch (fixed size), then an open-ended last one
     progress = out["report"].progress
     assert progress["rows_done"].iloc[-1] == nulls
     assert progress["batch_rows"].max() <= 100 and len(progress) == cp["batches"]
@@ -117,15 +119,16 @@ def test_nulls_written_during_the_backfill_are_swept(db):
     try:
         plans = {p.state.name: p for p in backfill.plans(rb)}
         rb.executor().run_all(plans["knowledge_bases"].steps[:1])
-        job = backfill.BatchedBackfill(rb, plans["knowledge_bases"].state, system_id(db))
+        job = BatchedBackfill(rb, plans["knowledge_bases"].state, system_id(db))
         original = job._batch
         calls = {"n": 0}
 
         def batch_then_write(*args, **kw):
-            original(*args, **kw)
+            seconds = original(*args, **kw)
             calls["n"] += 1
             if calls["n"] == 2:  # behind the cursor now: id 1 was in the first batch
                 db.execute("UPDATE knowledge_bases SET tenant_id = NULL WHERE id IN (1, 2, 3)")
+            return seconds
         job._batch = batch_then_write
         job.run()
     finally:
@@ -195,14 +198,14 @@ def test_a_checkpoint_on_another_key_is_not_reused(db):
     rb = db.session("backfill", params=small)
     try:
         plans = {p.state.name: p for p in backfill.plans(rb)}
-        job = backfill.BatchedBackfill(rb, plans["widgets"].state, system_id(db))
+        job = BatchedBackfill(rb, plans["widgets"].state, system_id(db))
         original, calls = job._batch, {"n": 0}
 
         def die_after_two(*args, **kw):
             if calls["n"] == 2:
                 raise KeyboardInterrupt  # the operator pressed Ctrl-C
             calls["n"] += 1
-            original(*args, **kw)
+            return original(*args, **kw)
         job._batch = die_after_two
         with pytest.raises(KeyboardInterrupt):
             job.run()
@@ -214,3 +217,66 @@ def test_a_checkpoint_on_another_key_is_not_reused(db):
     cp = db.scalar("SELECT row_to_json(c) FROM tenancy_runbook.backfill_checkpoints c WHERE table_name = 'widgets'")
     assert cp["key_columns"] == ["position", "template_id"] and cp["pass"] == 2
     assert db.scalar("SELECT count(*) FROM widgets WHERE tenant_id IS NULL") == 0
+
+
+def test_batch_size_adapts_toward_the_target_duration_within_its_bounds(db):
+    db.run("inspect", "seed")
+    params = params_mod.override(db.params, {"backfill": {
+        "batch_size": 50, "target_batch_ms": 5000, "min_batch_size": 10, "max_batch_size": 300}})
+    progress = db.run("backfill", params=params)["backfill"]["report"].progress
+    sizes = [int(r) for r in progress["batch_rows"]]
+    # every batch is far below 5 s, so each next batch spans twice the keys (2 of every 3 keys are NULL)
+    for got, keys in zip(sizes[:3], (50, 100, 200)):
+        assert abs(got - keys * 2 / 3) <= 1, sizes
+    assert max(sizes) <= 300
+    assert db.scalar("SELECT count(*) FROM knowledge_bases WHERE tenant_id IS NULL") == 0
+
+
+def test_parallel_workers_split_the_key_space_and_fill_every_row(db):
+    db.run("inspect", "seed")
+    db.execute("INSERT INTO knowledge_bases (uuid, org_id, name) SELECT gen_random_uuid(), 1, 'kb ' || i "
+               "FROM generate_series(1, 20000) i")
+    db.execute("ANALYZE knowledge_bases")
+    nulls = db.scalar("SELECT count(*) FROM knowledge_bases WHERE tenant_id IS NULL")
+    params = params_mod.override(db.params, {"backfill": {"workers": 3, "batch_size": 500}})
+    db.run("backfill", params=params)
+    assert db.scalar("SELECT count(*) FROM knowledge_bases WHERE tenant_id IS NULL") == 0
+    with db.connect() as conn:
+        parts = conn.execute("SELECT part, lower_key, upper_key, rows_updated, finished_at IS NOT NULL "
+                             "FROM tenancy_runbook.backfill_checkpoints WHERE table_name = 'knowledge_bases' "
+                             "ORDER BY part").fetchall()
+    assert len(parts) == 3
+    assert parts[0][1] is None and parts[-1][2] is None
+    assert parts[0][2] == parts[1][1] and parts[1][2] == parts[2][1]  # contiguous, disjoint ranges
+    assert all(p[3] > 0 and p[4] for p in parts)
+    assert sum(p[3] for p in parts) == nulls
+
+
+def test_throttle_sees_sessions_waiting_on_the_backfill_and_pauses(db):
+    from runbook_helpers.batches import Throttle
+    from runbook_helpers.params import ThrottleParams
+    logged = []
+    with db.connect() as backfill_like, db.connect() as application:
+        backfill_like.execute("UPDATE knowledge_bases SET name = name WHERE id = 1")  # holds the row lock
+        waiter = threading.Thread(target=lambda: application.execute("UPDATE knowledge_bases SET name = 'x' WHERE id = 1"))
+        waiter.start()
+        rb = db.session("backfill")
+        try:
+            limits = ThrottleParams(max_lock_waiters=0, pause_ms=50, max_pause_s=0.6)
+            oid = db.scalar("SELECT 'knowledge_bases'::regclass::oid")
+            with Throttle(rb.engine, oid, limits, logged.append) as throttle:
+                throttle.pids.add(backfill_like.info.backend_pid)
+                deadline = time.monotonic() + 10
+                while throttle.waiters == 0 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert throttle.waiters == 1
+                started = time.monotonic()
+                throttle.wait("backfill knowledge_bases")
+                assert 0.5 <= time.monotonic() - started < 3
+        finally:
+            rb.close()
+            backfill_like.rollback()
+            waiter.join(10)
+            application.rollback()
+    assert logged[0] == "backfill knowledge_bases: pausing: 1 sessions wait on the backfill's locks (limit 0)"
+    assert logged[1].startswith("backfill knowledge_bases: still over the limit after")

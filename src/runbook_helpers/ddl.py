@@ -223,6 +223,9 @@ class Executor:
                         blockers.extend(b for b in watch.found if b["pid"] not in seen)
             driver.execute("RESET lock_timeout")
             driver.execute("RESET statement_timeout")
+            # the pool would hand an autocommit connection to the next user, whose batch and checkpoint
+            # would then commit separately
+            driver.autocommit = False
         except BaseException:
             raw.invalidate()  # never hand a connection in an unknown state back to the pool
             raise

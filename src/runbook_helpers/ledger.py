@@ -52,9 +52,12 @@ CREATE TABLE IF NOT EXISTS {schema}.baseline (
   run_id text
 );
 CREATE TABLE IF NOT EXISTS {schema}.backfill_checkpoints (
-  table_name text PRIMARY KEY,
+  table_name text NOT NULL,
+  part integer NOT NULL DEFAULT 0,
   strategy text NOT NULL,
   key_columns text[] NOT NULL,
+  lower_key jsonb,
+  upper_key jsonb,
   last_key jsonb,
   pass integer NOT NULL DEFAULT 1,
   rows_total bigint NOT NULL DEFAULT 0,
@@ -62,7 +65,8 @@ CREATE TABLE IF NOT EXISTS {schema}.backfill_checkpoints (
   batches integer NOT NULL DEFAULT 0,
   started_at timestamptz NOT NULL DEFAULT now(),
   updated_at timestamptz NOT NULL DEFAULT now(),
-  finished_at timestamptz
+  finished_at timestamptz,
+  PRIMARY KEY (table_name, part)
 );
 CREATE TABLE IF NOT EXISTS {schema}.statement_journal (
   id bigserial PRIMARY KEY,
@@ -153,47 +157,58 @@ class Ledger:
                                               t="baseline"), (table, row_count, fingerprint, columns, run_id))
         return result.rowcount == 1
 
-    # -- backfill checkpoints
-    def checkpoint(self, conn: Connection, table: str) -> dict[str, Any] | None:
+    # -- backfill checkpoints: one row per part (a worker's key range) of a table
+    def parts(self, conn: Connection, table: str) -> list[dict[str, Any]]:
         if not self.exists(conn):
+            return []
+        rows = conn.exec_driver_sql(self._q(conn, "SELECT * FROM {t} WHERE table_name = %s ORDER BY part",
+                                            t="backfill_checkpoints"), (table,)).mappings().all()
+        return [dict(r) for r in rows]
+
+    def checkpoint(self, conn: Connection, table: str) -> dict[str, Any] | None:
+        """A table's checkpoint summed over its parts (None before its first batch)."""
+        parts = self.parts(conn, table)
+        if not parts:
             return None
-        row = conn.exec_driver_sql(self._q(conn, "SELECT * FROM {t} WHERE table_name = %s", t="backfill_checkpoints"),
-                                   (table,)).mappings().first()
-        return dict(row) if row else None
+        return {
+            "table_name": table, "strategy": parts[0]["strategy"], "key_columns": parts[0]["key_columns"],
+            "parts": len(parts), "pass": max(p["pass"] for p in parts),
+            "rows_total": parts[0]["rows_total"], "rows_updated": sum(p["rows_updated"] for p in parts),
+            "batches": sum(p["batches"] for p in parts), "last_keys": [p["last_key"] for p in parts],
+            "finished_at": None if any(p["finished_at"] is None for p in parts) else max(p["finished_at"] for p in parts),
+        }
 
     def checkpoints(self, conn: Connection) -> pd.DataFrame:
         if not self.exists(conn):
             return pd.DataFrame()
-        return pd.DataFrame(conn.exec_driver_sql(self._q(conn, "SELECT * FROM {t} ORDER BY table_name",
+        return pd.DataFrame(conn.exec_driver_sql(self._q(conn, "SELECT * FROM {t} ORDER BY table_name, part",
                                                          t="backfill_checkpoints")).mappings().all())
 
-    def open_checkpoint(self, conn: Connection, table: str, strategy: str, key_columns: list[str],
-                        rows_total: int) -> dict[str, Any]:
-        conn.exec_driver_sql(self._q(conn, "INSERT INTO {t} (table_name, strategy, key_columns, rows_total) "
-                                           "VALUES (%s, %s, %s, %s) ON CONFLICT (table_name) DO NOTHING",
-                                     t="backfill_checkpoints"), (table, strategy, key_columns, rows_total))
-        return self.checkpoint(conn, table)
+    def create_parts(self, conn: Connection, table: str, strategy: str, key_columns: list[str],
+                     bounds: list[tuple[list[str] | None, list[str] | None]], rows_total: int, first_pass: int = 1) -> None:
+        conn.exec_driver_sql(self._q(conn, "DELETE FROM {t} WHERE table_name = %s", t="backfill_checkpoints"), (table,))
+        for part, (lower, upper) in enumerate(bounds):
+            conn.exec_driver_sql(self._q(conn, "INSERT INTO {t} (table_name, part, strategy, key_columns, lower_key, "
+                                               "upper_key, pass, rows_total) VALUES (%s, %s, %s, %s, %s::jsonb, "
+                                               "%s::jsonb, %s, %s)", t="backfill_checkpoints"),
+                                 (table, part, strategy, key_columns, json.dumps(lower), json.dumps(upper),
+                                  first_pass, rows_total))
 
-    def advance_checkpoint(self, conn: Connection, table: str, last_key: list[str] | None, rows: int) -> None:
+    def advance_checkpoint(self, conn: Connection, table: str, part: int, last_key: list[str] | None, rows: int) -> None:
         """Called inside the batch's own transaction, so the checkpoint commits with the rows it describes."""
         conn.exec_driver_sql(self._q(conn, "UPDATE {t} SET last_key = %s::jsonb, rows_updated = rows_updated + %s, "
                                            "batches = batches + 1, updated_at = clock_timestamp() "
-                                           "WHERE table_name = %s", t="backfill_checkpoints"),
-                             (json.dumps(last_key), rows, table))
+                                           "WHERE table_name = %s AND part = %s", t="backfill_checkpoints"),
+                             (json.dumps(last_key), rows, table, part))
+
+    def finish_part(self, conn: Connection, table: str, part: int) -> None:
+        conn.exec_driver_sql(self._q(conn, "UPDATE {t} SET finished_at = clock_timestamp(), updated_at = clock_timestamp() "
+                                           "WHERE table_name = %s AND part = %s", t="backfill_checkpoints"), (table, part))
 
     def next_pass(self, conn: Connection, table: str, rows_total: int) -> None:
-        conn.exec_driver_sql(self._q(conn, "UPDATE {t} SET last_key = NULL, pass = pass + 1, rows_total = rows_total + %s, "
-                                           "updated_at = clock_timestamp() WHERE table_name = %s",
-                                     t="backfill_checkpoints"), (rows_total, table))
-
-    def restart(self, conn: Connection, table: str, strategy: str, key_columns: list[str]) -> None:
-        conn.exec_driver_sql(self._q(conn, "UPDATE {t} SET strategy = %s, key_columns = %s, last_key = NULL, "
-                                           "pass = pass + 1, updated_at = clock_timestamp() WHERE table_name = %s",
-                                     t="backfill_checkpoints"), (strategy, key_columns, table))
-
-    def close_checkpoint(self, conn: Connection, table: str) -> None:
-        conn.exec_driver_sql(self._q(conn, "UPDATE {t} SET finished_at = clock_timestamp(), updated_at = clock_timestamp() "
-                                           "WHERE table_name = %s", t="backfill_checkpoints"), (table,))
+        conn.exec_driver_sql(self._q(conn, "UPDATE {t} SET last_key = NULL, finished_at = NULL, pass = pass + 1, "
+                                           "rows_total = rows_total + %s, updated_at = clock_timestamp() "
+                                           "WHERE table_name = %s", t="backfill_checkpoints"), (rows_total, table))
 
     # -- statement journal
     def journal_start(self, conn: Connection, run_id: str | None, phase: str, table: str | None, action: str,

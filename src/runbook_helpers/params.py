@@ -44,12 +44,24 @@ class SystemTenantParams(_Strict):
     uuid: UUID
 
 
+class ThrottleParams(_Strict):
+    max_lock_waiters: int | None = Field(default=2, ge=0)   # pause while more sessions wait on backfill locks
+    max_dead_ratio: float | None = Field(default=None, gt=0)  # pause while dead/live tuples exceed this
+    pause_ms: int = Field(default=250, ge=0)
+    max_pause_s: float = Field(default=30, ge=0)             # then carry on, and say so
+
+
 class BackfillParams(_Strict):
-    batch_size: int = Field(default=10000, gt=0)
+    batch_size: int = Field(default=10000, gt=0)             # first batch; fixed when target_batch_ms is null
+    target_batch_ms: int | None = Field(default=100, gt=0)  # adapt batch size toward this duration
+    min_batch_size: int = Field(default=200, gt=0)
+    max_batch_size: int = Field(default=100000, gt=0)
+    workers: int = Field(default=1, ge=1, le=16)             # parallel workers on disjoint key ranges
     pause_ms: int = Field(default=0, ge=0)
     keep_default: bool = True
     progress_every_s: float = Field(default=5.0, gt=0)
     max_passes: int = Field(default=3, gt=0)
+    throttle: ThrottleParams = ThrottleParams()
 
 
 class RetryParams(_Strict):

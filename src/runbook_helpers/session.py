@@ -93,7 +93,7 @@ class PhaseSession:
 
     def executor(self) -> Executor:
         journal = journal_end = None
-        if not self.dry_run:
+        if not self.dry_run and self.ledger.exists(self.control):
             def journal(phase, table, action, statement, lock):
                 return self.ledger.journal_start(self.control, self.run_id, phase, table, action, statement, lock)
 

@@ -1,0 +1,35 @@
+"""The DDL executor: one statement per Step, journaled; connections go back to the pool as they came."""
+
+from psycopg import sql
+
+from runbook_helpers.ddl import Step
+
+
+def test_connections_return_to_the_pool_out_of_autocommit(db):
+    """A DDL try runs in autocommit; a pooled connection left that way would make a later backfill batch
+    and its checkpoint commit separately (found by the kill test)."""
+    rb = db.session("seed")
+    try:
+        step = Step("seed", "templates", "comment", sql.SQL("COMMENT ON TABLE templates IS 'probe'"), "x", "y")
+        for _ in range(5):
+            rb.executor().run(step)
+        raws = [rb.engine.raw_connection() for _ in range(3)]
+        try:
+            assert [r.driver_connection.autocommit for r in raws] == [False, False, False]
+        finally:
+            for r in raws:
+                r.close()
+    finally:
+        rb.close()
+
+
+def test_a_dry_run_executes_and_journals_nothing(db):
+    db.run("inspect")
+    rb = db.session("seed", dry_run=True)
+    try:
+        step = Step("seed", "templates", "comment", sql.SQL("COMMENT ON TABLE templates IS 'probe'"), "x", "y")
+        assert rb.executor().run(step).outcome == "dry run"
+    finally:
+        rb.close()
+    assert db.scalar("SELECT obj_description('templates'::regclass)") is None
+    assert db.scalar("SELECT count(*) FROM tenancy_runbook.statement_journal") == 0
