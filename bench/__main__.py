@@ -5,12 +5,17 @@ import sys
 
 os.environ.setdefault("RUNBOOK_HEADLESS", "1")  # milestone lines, no live bars between the tables
 
-from . import b1_fast_path, b2_batched, e2e
+from . import b1_fast_path, b2_batched, b3_online, b4_memory, e2e
 
-BENCHMARKS = {"b1": b1_fast_path.main, "b2": b2_batched.main, "e2e": e2e.main}
+BENCHMARKS = {"b1": b1_fast_path.main, "b2": b2_batched.main, "b3": b3_online.main, "b4": b4_memory.main,
+              "e2e": e2e.main}
 
 
 def main(argv: list[str]) -> int:
+    if argv == ["report"]:
+        from . import report
+        report.main()
+        return 0
     names = argv or list(BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
@@ -18,6 +23,9 @@ def main(argv: list[str]) -> int:
         return 2
     for name in names:
         BENCHMARKS[name]()
+    if not argv:
+        from . import report
+        report.main()
     return 0
 
 

@@ -1,4 +1,6 @@
-"""B1 fast path: tenant_id for a workflows table whose rows all go to the System Tenant, at 1M and 10M rows.
+"""B1 fast path
+
+tenant_id for a workflows table whose rows all go to the System Tenant, at 1M and 10M rows.
 
 Runbook: backfill (ADD COLUMN … DEFAULT, metadata only) + constrain (CHECK NOT VALID → VALIDATE → SET NOT
 NULL, FK NOT VALID → VALIDATE, CREATE INDEX CONCURRENTLY, ANALYZE). Naive, on an identical copy:

@@ -1,4 +1,6 @@
-"""B2 batched backfill: 5M workflows rows with NULL tenant_id (a partly applied 0001).
+"""B2 batched backfill
+
+5M workflows rows with NULL tenant_id (a partly applied 0001).
 
 The runbook's backfill phase (SET DEFAULT, then keyset batches with checkpoints) against one
 `UPDATE workflows SET tenant_id = <id>` on an identical copy, same server, same run; the single UPDATE is

@@ -37,7 +37,13 @@ def server() -> EmbeddedServer:
 
 
 def base_params() -> params_mod.Params:
-    return params_mod.load(ENV)
+    """The local env (embedded server) with base.yaml's backfill settings: local.yaml shrinks batches for
+    the demo's sake, and a benchmark measures the defaults a real environment gets."""
+    import yaml
+
+    from runbook_helpers import paths
+    base = yaml.safe_load((paths.params_dir() / "base.yaml").read_text())
+    return params_mod.override(params_mod.load(ENV), {"backfill": base["backfill"]})
 
 
 def admin() -> psycopg.Connection:

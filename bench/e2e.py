@@ -1,4 +1,6 @@
-"""B5 end to end: `runbook run --env local` on the default demo database, per phase, and how much of it
+"""B5 end to end
+
+`runbook run --env local` on the default demo database, per phase, and how much of it
 is kernel start-up (an empty notebook executed by papermill the same way, measured in the same run).
 
 Reproduce: make bench   (or .venv/bin/python -m bench e2e). Rebuilds the local demo database.
@@ -44,7 +46,7 @@ def main() -> dict:
     total = time.monotonic() - t0
     phases = {p["name"]: p["seconds"] for p in result.phases}
     report = {
-        "benchmark": "B5 end to end",
+        "benchmark": "e2e (B5 end to end)",
         "command": "make bench  # python -m bench e2e",
         "machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count(),
                     "platform": platform.platform()},
