@@ -7,7 +7,7 @@ The runbook's backfill phase (SET DEFAULT, then keyset batches with checkpoints)
 measured before and after the runbook variants and averaged. The demo's updated_at trigger is dropped
 in this template, so both sides measure the UPDATE itself.
 
-Reproduce: .venv/bin/python -m bench b2    (BENCH_B2_ROWS=5000000, BENCH_B2_VARIANTS="batch_size=1000;batch_size=10000;defaults")
+Reproduce: .venv/bin/python -m bench b2    (BENCH_B2_ROWS=5000000, BENCH_B2_VARIANTS="batch_size=1000,target_batch_ms=none;...;defaults;workers=2")
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def template() -> str:
 
 
 def variants() -> list[tuple[str, dict]]:
-    raw = os.environ.get("BENCH_B2_VARIANTS", "batch_size=1000;batch_size=10000;defaults")
+    raw = os.environ.get("BENCH_B2_VARIANTS", "batch_size=1000,target_batch_ms=none;batch_size=10000,target_batch_ms=none;defaults;workers=2")
     out = []
     for item in raw.split(";"):
         item = item.strip()

@@ -83,7 +83,8 @@ def phase_stats(transactions, start: float, end: float) -> dict:
 
 
 def runbook_side(db: str, folder: Path, rate: int, rows: int) -> tuple[list, Writer]:
-    overrides = common.only("workflows")
+    import json
+    overrides = common.only("workflows", **json.loads(os.environ.get("BENCH_B3_BACKFILL", "{}")))
     common.run("inspect", db, overrides)
     common.run("seed", db, overrides)
     writer = Writer(db, rows, rate, folder)
@@ -123,7 +124,10 @@ def main() -> dict:
     rate = int(os.environ.get("BENCH_B3_RATE", "200"))
     tpl = b2_batched.template()
     report = common.Report("B3 online", "python -m bench b3")
-    for approach, side in (("runbook", runbook_side), ("naive", naive_side)):
+    sides = (("runbook", runbook_side), ("naive", naive_side))
+    if os.environ.get("BENCH_B3_ONLY"):
+        sides = tuple(s for s in sides if s[0] == os.environ["BENCH_B3_ONLY"])
+    for approach, side in sides:
         db = common.clone(tpl, f"bench_b3_{approach}")
         try:
             with tempfile.TemporaryDirectory() as tmp:

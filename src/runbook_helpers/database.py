@@ -71,6 +71,10 @@ def session_options(params: Params, existing: str | None = None) -> str:
         f"-c lock_timeout={locks.lock_timeout_ms}",
         f"-c statement_timeout={locks.statement_timeout_ms}",
         f"-c idle_in_transaction_session_timeout={locks.idle_in_transaction_timeout_ms}",
+        # the runbook's scans (counts, fingerprints, VALIDATE, index builds) stay on one core each, so they
+        # cannot starve the application of CPU; raise these for a faster run in a maintenance window
+        f"-c max_parallel_workers_per_gather={params.database.parallel_workers}",
+        f"-c max_parallel_maintenance_workers={params.database.parallel_workers}",
     ]
     return " ".join(([existing] if existing else []) + opts)
 

@@ -32,6 +32,7 @@ class DatabaseParams(_Strict):
     dsn_env: str | None = None
     application_name: str = "tenancy-runbook"
     confirm_required: bool = False
+    parallel_workers: int = Field(default=0, ge=0, le=16)  # per scan of the runbook's own sessions
 
 
 class TableSpec(_Strict):
@@ -45,6 +46,8 @@ class SystemTenantParams(_Strict):
 
 
 class ThrottleParams(_Strict):
+    app_stall_ms: int | None = Field(default=50, gt=0)      # slow down while application queries stall this long
+    max_pace_ms: int = Field(default=1000, ge=0)            # the longest pause that pacing puts before a batch
     max_lock_waiters: int | None = Field(default=2, ge=0)   # pause while more sessions wait on backfill locks
     max_dead_ratio: float | None = Field(default=None, gt=0)  # pause while dead/live tuples exceed this
     pause_ms: int = Field(default=250, ge=0)
@@ -57,6 +60,7 @@ class BackfillParams(_Strict):
     min_batch_size: int = Field(default=200, gt=0)
     max_batch_size: int = Field(default=100000, gt=0)
     workers: int = Field(default=1, ge=1, le=16)             # parallel workers on disjoint key ranges
+    synchronous_commit: bool = True                          # false: batches do not wait for their WAL flush
     pause_ms: int = Field(default=0, ge=0)
     keep_default: bool = True
     progress_every_s: float = Field(default=5.0, gt=0)
@@ -83,10 +87,24 @@ class InspectParams(_Strict):
     long_transaction_s: int = Field(default=60, gt=0)
 
 
+class LintAcceptance(_Strict):
+    rule: str
+    object: str
+    reason: str = Field(min_length=10)
+
+
 class RlsParams(_Strict):
     enabled: bool = False
-    setting: str = "app.current_tenant_id"
+    # a custom setting name: two lowercase identifiers joined by a dot (it is written into policies)
+    setting: str = Field(default="app.current_tenant_id", pattern=r"^[a-z_][a-z0-9_]*\.[a-z_][a-z0-9_]*$")
     app_role: str = "app_user"
+    legacy_role: str | None = None       # defaults to the System Tenant, so the legacy application keeps working
+    bypass_roles: list[str] = []         # roles allowed to bypass RLS besides the migration role itself
+    lint_accept: list[LintAcceptance] = []
+
+
+class DistributionParams(_Strict):
+    composite_keys: bool = False  # primary keys and foreign keys between tenant tables become (tenant_id, …)
 
 
 class SmokeQuery(_Strict):
@@ -120,6 +138,7 @@ class Params(_Strict):
     locks: LockParams = LockParams()
     inspect: InspectParams = InspectParams()
     rls: RlsParams = RlsParams()
+    distribution: DistributionParams = DistributionParams()
     validate_: ValidateParams = Field(default=ValidateParams(), alias="validate")
     archive: ArchiveParams = ArchiveParams()
     demo: DemoParams = DemoParams()

@@ -146,19 +146,19 @@ def apply(rb) -> BackfillReport:
         started = time.monotonic()
         ddl_steps = [s for s in tp.steps if s.lock != ROW_EXCLUSIVE_BATCH]
         step_results += executor.run_all(ddl_steps)
-        updated, batches = 0, 0
+        updated, batches, paused = 0, 0, 0.0
         if tp.strategy == "batched" and not rb.dry_run:
             job = BatchedBackfill(rb, tp.state, system_id)
             outcome = job.run()
-            updated, batches = outcome.rows, outcome.batches
+            updated, batches, paused = outcome.rows, outcome.batches, outcome.paused_s
             progress.append(job.progress.frame())
         by_default = int(baseline.get(tp.state.name, 0)) if tp.strategy == "fast default" and not rb.dry_run else 0
         summary.append({"table": tp.state.name, "strategy": tp.strategy,
                         "rows by default": by_default, "rows updated": updated, "batches": batches,
                         "outcome": "dry run" if rb.dry_run else ("nothing to do" if tp.strategy == "done" else "done"),
-                        "seconds": round(time.monotonic() - started, 2)})
+                        "seconds": round(time.monotonic() - started, 2), "throttled s": round(paused, 2)})
     frame = pd.DataFrame(summary, columns=["table", "strategy", "rows by default", "rows updated", "batches",
-                                           "outcome", "seconds"])
+                                           "outcome", "seconds", "throttled s"])
     prog = pd.concat(progress, ignore_index=True) if progress else pd.DataFrame(
         columns=["label", "elapsed_s", "rows_done", "batch_rows", "batch_s"])
     return BackfillReport(frame, prog, results_frame(step_results))
