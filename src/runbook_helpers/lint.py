@@ -2,7 +2,9 @@
 
 Shown in 01_inspect (what is still to do), enforced in 05_validate (every finding must pass or be
 accepted in params with a reason), and written as JSON into the run's archive. Each row: rule, object,
-finding, status (pass | FAIL | accepted), and the reason when accepted.
+finding, status (pass | FAIL | accepted | advisory), and the reason when accepted or advisory.
+An environment with row level security off (`rls.enabled: false`) gets the lint as advice: its
+findings are shown and archived but do not fail validate, since nothing there claims isolation yet.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from . import catalog, rls
 from .names import TENANT_COLUMN
 
 COLUMNS = ["rule", "object", "finding", "status", "reason"]
-PASS, FAIL, ACCEPTED = "pass", "FAIL", "accepted"
+PASS, FAIL, ACCEPTED, ADVISORY = "pass", "FAIL", "accepted", "advisory"
 
 FAIL_OPEN = [
-    (re.compile(r"\bis\s+null\s+or\b", re.I), "`… IS NULL OR …` lets a session without a tenant see every row"),
+    (re.compile(r"\bis\s+null\s*\)*\s*or\b", re.I), "`… IS NULL OR …` lets a session without a tenant see every row"),
     (re.compile(r"^\s*\(?\s*true\s*\)?\s*$", re.I), "a constant true expression checks nothing"),
 ]
 BARE_CAST = re.compile(r"current_setting\([^)]*\)\)?\s*::\s*(bigint|integer|int8|int4|numeric)", re.I)
@@ -157,13 +159,23 @@ def _apply_acceptances(frame: pd.DataFrame, accepted) -> pd.DataFrame:
     return frame
 
 
+def advisory(frame: pd.DataFrame) -> pd.DataFrame:
+    """Findings as advice: FAIL becomes advisory, for an environment that does not enforce isolation."""
+    frame = frame.copy()
+    mask = frame["status"] == FAIL
+    frame.loc[mask, "status"] = ADVISORY
+    frame.loc[mask, "reason"] = "rls.enabled is false: reported, not enforced"
+    return frame
+
+
 def summary(frame: pd.DataFrame) -> pd.DataFrame:
     """Per rule: how many objects pass, fail, or are accepted (deterministic: for nbval)."""
     out = frame.groupby("rule", sort=False)["status"].value_counts().unstack(fill_value=0)
-    for col in (PASS, FAIL, ACCEPTED):
+    cols = [PASS, FAIL, ACCEPTED] + ([ADVISORY] if ADVISORY in out else [])
+    for col in cols:
         if col not in out:
             out[col] = 0
-    return out[[PASS, FAIL, ACCEPTED]].reset_index()
+    return out[cols].reset_index()
 
 
 def clean(frame: pd.DataFrame) -> bool:

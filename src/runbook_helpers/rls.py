@@ -95,39 +95,113 @@ SELECT rolname, rolsuper, rolbypassrls, rolcanlogin FROM pg_roles WHERE rolname 
 """)
 
 
+GRANTED_SQL = text("""
+SELECT has_schema_privilege(:role, :schema, 'USAGE') AS schema_usage,
+       (SELECT coalesce(bool_and(has_table_privilege(:role, c.oid, 'SELECT, INSERT, UPDATE, DELETE')
+                                 AND has_table_privilege(:role, c.oid, 'SELECT')
+                                 AND has_table_privilege(:role, c.oid, 'INSERT')
+                                 AND has_table_privilege(:role, c.oid, 'UPDATE')
+                                 AND has_table_privilege(:role, c.oid, 'DELETE')), true)
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname = :schema AND c.relname = ANY(:tables)) AS tables_ok,
+       (SELECT coalesce(bool_and(has_table_privilege(:role, c.oid, 'SELECT')), true)
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname = :schema AND c.relname = ANY(:shared)) AS shared_ok,
+       (SELECT coalesce(bool_and(has_sequence_privilege(:role, c.oid, 'USAGE')), true)
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE n.nspname = :schema AND c.relkind = 'S') AS sequences_ok,
+       (SELECT array_to_string(s.setconfig, ',') FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole
+          WHERE r.rolname = :role AND s.setdatabase = 0) AS role_config
+""")
+
+
 def role_steps(conn: Connection, schema: str, role: str, tables: list[str], shared: list[str],
                legacy_role: str | None, setting: str, system_tenant_id: int | None) -> list[Step]:
-    """Create the application role (and the legacy one) if missing, and grant exactly what they need."""
+    """Create the application role (and the legacy one) if missing, and grant what they lack: read and
+    write on tenant tables, read on shared ones, the schema and its sequences. Nothing when all is there."""
     steps: list[Step] = []
     for name, legacy in ((role, False), (legacy_role, True)):
         if not name:
             continue
-        if conn.execute(ROLE_SQL, {"name": name}).first() is None:
+        exists = conn.execute(ROLE_SQL, {"name": name}).first() is not None
+        if not exists:
             steps.append(Step(PHASE, None, f"create role {name}",
                               sql.SQL("CREATE ROLE {} NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE").format(
                                   sql.Identifier(name)), NEW_OBJECT,
                               "a new role without login: the application team gives it a login and password"))
-        grants = [(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(schema), sql.Identifier(name)),
-                   f"usage on schema {schema}")]
-        for table in tables:
-            grants.append((sql.SQL("GRANT {} ON {} TO {}").format(sql.SQL(TABLE_PRIVILEGES), sql.Identifier(schema, table),
-                                                               sql.Identifier(name)), f"{TABLE_PRIVILEGES} on {table}"))
-        for table in shared + ["tenants"]:
-            grants.append((sql.SQL("GRANT SELECT ON {} TO {}").format(sql.Identifier(schema, table), sql.Identifier(name)),
-                           f"SELECT on {table}"))
-        grants.append((sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA {} TO {}").format(
-            sql.Identifier(schema), sql.Identifier(name)), "usage on the schema's sequences (serial ids)"))
-        for statement, what in grants:
-            steps.append(Step(PHASE, None, f"grant {name} {what}", statement, "none (privileges only)",
-                              "GRANT is idempotent and locks no table"))
+            granted = {"schema_usage": False, "tables_ok": False, "shared_ok": False, "sequences_ok": False,
+                       "role_config": None}
+        else:
+            granted = dict(conn.execute(GRANTED_SQL, {"role": name, "schema": schema, "tables": tables,
+                                                      "shared": shared}).mappings().one())
+        who = sql.Identifier(name)
+        if not granted["schema_usage"]:
+            steps.append(Step(PHASE, None, f"grant {name} usage on schema {schema}",
+                              sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(schema), who),
+                              "none (privileges only)", "locks no table"))
+        if not granted["tables_ok"]:
+            steps.append(Step(PHASE, None, f"grant {name} {TABLE_PRIVILEGES} on the tenant tables",
+                              sql.SQL("GRANT {} ON {} TO {}").format(sql.SQL(TABLE_PRIVILEGES), sql.SQL(", ").join(
+                                  sql.Identifier(schema, t) for t in tables), who),
+                              "none (privileges only)", "no TRUNCATE, no REFERENCES: both would sidestep the policies"))
+        if shared and not granted["shared_ok"]:
+            steps.append(Step(PHASE, None, f"grant {name} SELECT on the shared tables",
+                              sql.SQL("GRANT SELECT ON {} TO {}").format(sql.SQL(", ").join(
+                                  sql.Identifier(schema, t) for t in shared), who),
+                              "none (privileges only)", "shared tables are read by every tenant"))
+        if not granted["sequences_ok"]:
+            steps.append(Step(PHASE, None, f"grant {name} usage on the schema's sequences",
+                              sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA {} TO {}").format(sql.Identifier(schema), who),
+                              "none (privileges only)", "inserts draw serial ids"))
         if legacy and system_tenant_id is not None:
-            steps.append(Step(PHASE, None, f"default {name} to the System Tenant",
-                              sql.SQL("ALTER ROLE {} SET {} = {}").format(sql.Identifier(name), sql.SQL(setting),
-                                                                          sql.Literal(str(system_tenant_id))),
-                              "none (role setting for new sessions)",
-                              "the legacy application keeps working, scoped to the System Tenant, until it sets "
-                              "the tenant itself"))
+            wanted = f"{setting}={system_tenant_id}"
+            if wanted not in (granted["role_config"] or "").split(","):
+                steps.append(Step(PHASE, None, f"default {name} to the System Tenant",
+                                  sql.SQL("ALTER ROLE {} SET {} = {}").format(who, sql.SQL(setting),
+                                                                              sql.Literal(str(system_tenant_id))),
+                                  "none (a role setting for new sessions)",
+                                  "the legacy application keeps working, scoped to the System Tenant, until it "
+                                  "sets the tenant itself"))
     return steps
+
+
+VIEWS_SQL = text("""
+SELECT DISTINCT c.relname AS table, v.oid::regclass::text AS view
+FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid JOIN pg_class v ON v.oid = r.ev_class
+JOIN pg_class c ON c.oid = d.refobjid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE d.classid = 'pg_rewrite'::regclass AND n.nspname = :schema AND c.relname = ANY(:tables) AND v.oid <> c.oid
+  AND v.relkind = 'v'
+  AND coalesce((SELECT option_value FROM pg_options_to_table(v.reloptions) WHERE option_name = 'security_invoker'),
+               'false') NOT IN ('true', 'on', '1')
+ORDER BY 1, 2
+""")
+
+
+def views_to_invoke(conn: Connection, schema: str, tables: list[str]) -> dict[str, list[str]]:
+    """Views over tenant tables not yet security_invoker (PostgreSQL 15+ has the option), per table."""
+    if conn.execute(text("SELECT current_setting('server_version_num')::int")).scalar() < 150000:
+        return {}
+    out: dict[str, list[str]] = {}
+    for row in conn.execute(VIEWS_SQL, {"schema": schema, "tables": tables}).mappings():
+        if row["view"] not in {v for views in out.values() for v in views}:
+            out.setdefault(row["table"], []).append(row["view"])
+    return out
+
+
+def steps(rb, conn: Connection) -> list[Step]:
+    """Everything row level security needs that the catalog does not show yet."""
+    from . import catalog
+    from .phases import state as table_states
+
+    p = rb.params
+    out = role_steps(conn, rb.schema, p.rls.app_role, p.tables, p.shared_tables, p.rls.legacy_role,
+                     p.rls.setting, table_states.system_tenant_id(rb))
+    views = views_to_invoke(conn, rb.schema, p.tables)
+    tenants_oid = catalog.relation_oid(conn, rb.schema, "tenants")
+    for name in p.tables:
+        st = catalog.table_state(conn, rb.schema, name, tenants_oid)
+        out += table_steps(st, p.rls.setting, policies(conn, st.oid) if st.oid else [], views.get(name, []))
+    return out
 
 
 def role_problems(conn: Connection, schema: str, role: str, tables: list[str]) -> list[str]:

@@ -1,0 +1,105 @@
+"""The tenancy lint: clean after the migration (with the accepted findings params name), and each rule
+fires on the shape it exists to catch."""
+
+import pytest
+
+from runbook_helpers import lint, params as params_mod
+
+
+@pytest.fixture
+def migrated(db):
+    db.run("inspect", "seed", "backfill", "constrain")
+    return db
+
+
+def run(db, params=None):
+    rb = db.session("validate", params=params)
+    try:
+        return lint.run(rb)
+    finally:
+        rb.close()
+
+
+def failing(frame):
+    return {(r.rule, r.object) for r in frame[frame["status"] == lint.FAIL].itertuples()}
+
+
+def test_clean_after_the_migration_with_reasons_for_what_is_accepted(migrated):
+    frame = run(migrated)
+    assert lint.clean(frame), frame[frame["status"] == lint.FAIL].to_dict("records")
+    accepted = frame[frame["status"] == lint.ACCEPTED]
+    assert set(accepted["object"]) == {"workflows.workflows_org_id_name_key", "endpoints.endpoints_method_path_key"}
+    assert accepted["reason"].str.len().min() >= 10
+    rules = set(frame["rule"])
+    for rule in ("RLS enabled and forced", "a policy per command", "policy fails closed",
+                 "views over tenant tables are security_invoker", "unique keys include tenant_id",
+                 "foreign keys between tenant tables include tenant_id", "no role bypasses RLS on tenant tables"):
+        assert rule in rules, rule
+
+
+def test_without_acceptances_the_business_keys_fail(migrated):
+    params = params_mod.override(migrated.params, {"rls": {"lint_accept": []}})
+    assert failing(run(migrated, params)) == {
+        ("unique keys include tenant_id", "workflows.workflows_org_id_name_key"),
+        ("unique keys include tenant_id", "endpoints.endpoints_method_path_key")}
+
+
+def test_before_the_migration_everything_is_still_to_do(db):
+    red = failing(run(db))
+    assert ("RLS enabled and forced", "workflows") in red
+    assert ("a policy per command", "workflows") in red
+    assert ("foreign keys between tenant tables include tenant_id", "rules.rules_workflow_id_fkey") in red
+    assert ("views over tenant tables are security_invoker", "active_workflows") in red
+
+
+def test_each_rule_fires_on_its_shape(migrated):
+    migrated.execute("ALTER TABLE widgets NO FORCE ROW LEVEL SECURITY")
+    migrated.execute("DROP POLICY tenant_isolation_delete ON endpoints")
+    migrated.execute("DROP POLICY tenant_isolation_select ON models")
+    migrated.execute("CREATE POLICY tenant_isolation_select ON models FOR SELECT USING "
+                     "(current_setting('app.current_tenant_id', true) IS NULL OR tenant_id = 1)")
+    migrated.execute("DROP POLICY tenant_isolation_insert ON rules")
+    migrated.execute("CREATE POLICY tenant_isolation_insert ON rules FOR INSERT WITH CHECK (true)")
+    migrated.execute("DROP POLICY tenant_isolation_update ON templates")
+    migrated.execute("CREATE POLICY tenant_isolation_update ON templates FOR UPDATE USING "
+                     "(tenant_id = current_setting('app.current_tenant_id')::bigint)")
+    migrated.execute("CREATE VIEW kb_names AS SELECT id, name FROM knowledge_bases")
+    migrated.execute("CREATE FUNCTION count_rules() RETURNS bigint LANGUAGE sql SECURITY DEFINER AS "
+                     "'SELECT count(*) FROM public.rules'")
+    migrated.execute("CREATE UNIQUE INDEX models_name_key ON models (name)")
+    migrated.execute("DO $$ BEGIN CREATE ROLE lint_bypass BYPASSRLS; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+    migrated.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON rules TO lint_bypass")
+    try:
+        red = failing(run(migrated))
+    finally:
+        migrated.execute("REVOKE ALL ON rules FROM lint_bypass")
+    assert red == {
+        ("RLS enabled and forced", "widgets"),
+        ("a policy per command", "endpoints"),
+        ("policy fails closed", "models.tenant_isolation_select"),
+        ("policy fails closed", "rules.tenant_isolation_insert"),
+        ("policy fails closed", "templates.tenant_isolation_update"),
+        ("views over tenant tables are security_invoker", "kb_names"),
+        ("SECURITY DEFINER functions pin search_path", "count_rules()"),
+        ("unique keys include tenant_id", "models.models_name_key"),
+        ("no role bypasses RLS on tenant tables", "lint_bypass"),
+    }
+
+
+def test_with_rls_off_validate_reports_the_lint_as_advice_and_does_not_fail_on_it(db):
+    from runbook_helpers.phases import validate
+
+    params = params_mod.override(db.params, {"rls": {"enabled": False}, "distribution": {"composite_keys": False}})
+    db.run("inspect", "seed", "backfill", "constrain", params=params)
+    rb = db.session("validate", params=params)
+    try:
+        frame = validate.lint(rb)
+        results = validate.checks(rb)
+    finally:
+        rb.close()
+    assert not (frame["status"] == lint.FAIL).any()
+    advice = frame[frame["status"] == lint.ADVISORY]
+    assert ("RLS enabled and forced", "workflows") in {(r.rule, r.object) for r in advice.itertuples()}
+    assert set(advice["reason"]) == {"rls.enabled is false: reported, not enforced"}
+    assert "advisory" in validate.lint_summary(frame).columns
+    assert validate.assert_all_passed(results, False, frame).startswith("all ")

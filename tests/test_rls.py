@@ -1,0 +1,98 @@
+"""Row level security as constrain leaves it: fail-closed policies per command, ENABLE + FORCE, a safe
+application role, and the legacy application still working by setting (or defaulting to) the System Tenant."""
+
+import psycopg
+import pytest
+
+from runbook_helpers import rls
+
+SYSTEM = "00000000-0000-4000-8000-000000000001"
+
+
+@pytest.fixture
+def migrated(db):
+    db.run("inspect", "seed", "backfill", "constrain")
+    return db
+
+
+def test_every_tenant_table_has_rls_forced_and_a_fail_closed_policy_per_command(migrated):
+    with migrated.connect() as conn:
+        for table in migrated.params.tables:
+            enabled, forced = conn.execute("SELECT relrowsecurity, relforcerowsecurity FROM pg_class WHERE oid = %s::regclass",
+                                           (table,)).fetchone()
+            assert enabled and forced, table
+            policies = {r[0]: r[1:] for r in conn.execute(
+                "SELECT polcmd, pg_get_expr(polqual, polrelid), pg_get_expr(polwithcheck, polrelid) FROM pg_policy "
+                "WHERE polrelid = %s::regclass", (table,))}
+            assert set(policies) == {"r", "a", "w", "d"}, table
+            expr = "(tenant_id = (NULLIF(current_setting('app.current_tenant_id'::text, true), ''::text))::bigint)"
+            assert policies["r"] == (expr, None) and policies["d"] == (expr, None)
+            assert policies["a"] == (None, expr) and policies["w"] == (expr, expr)
+        invoker = conn.execute("SELECT reloptions FROM pg_class WHERE relname = 'active_workflows'").fetchone()[0]
+        assert "security_invoker=true" in invoker
+
+
+def test_the_application_role_is_safe(migrated):
+    with migrated.connect() as conn:
+        row = conn.execute("SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = 'app_user'").fetchone()
+        assert row == (False, False)
+        for table in migrated.params.tables:
+            privileges = conn.execute(
+                "SELECT has_table_privilege('app_user', %s, 'SELECT'), has_table_privilege('app_user', %s, 'INSERT'), "
+                "has_table_privilege('app_user', %s, 'TRUNCATE'), has_table_privilege('app_user', %s, 'REFERENCES')",
+                (table,) * 4).fetchone()
+            assert privileges == (True, True, False, False), table
+    rb = migrated.session("validate")
+    try:
+        with rb.engine.connect() as conn:
+            assert rls.role_problems(conn, "public", "app_user", migrated.params.tables) == []
+            migrated.execute("GRANT TRUNCATE ON rules TO app_user")
+            assert rls.role_problems(conn, "public", "app_user", migrated.params.tables) == [
+                "app_user may TRUNCATE rules (TRUNCATE ignores row level security)"]
+    finally:
+        migrated.execute("REVOKE TRUNCATE ON rules FROM app_user")
+        rb.close()
+
+
+def test_the_application_works_once_it_sets_the_tenant(migrated):
+    system = migrated.scalar("SELECT id FROM tenants WHERE uuid = %s", (SYSTEM,))
+    total = migrated.scalar("SELECT count(*) FROM templates")
+    with migrated.connect() as conn:
+        conn.execute("SET ROLE app_user")
+        assert conn.execute("SELECT count(*) FROM templates").fetchone()[0] == 0  # no tenant: nothing
+        conn.rollback()
+        conn.execute("SET ROLE app_user")
+        rls.set_tenant(conn, system)
+        assert conn.execute("SELECT count(*) FROM templates").fetchone()[0] == total
+        # the legacy insert that omits tenant_id: the DEFAULT gives the System Tenant, the policy accepts it
+        conn.execute("INSERT INTO templates (uuid, name, category) VALUES (gen_random_uuid(), 'legacy', 'x')")
+        conn.execute("UPDATE templates SET name = 'legacy!' WHERE name = 'legacy'")
+        conn.commit()
+    assert migrated.scalar("SELECT tenant_id FROM templates WHERE name = 'legacy!'") == system
+
+
+def test_set_tenant_binds_the_value(migrated):
+    with migrated.connect() as conn:
+        rls.set_tenant(conn, 42)
+        assert conn.execute("SELECT current_setting('app.current_tenant_id')").fetchone()[0] == "42"
+        with pytest.raises(ValueError):
+            rls.set_tenant(conn, "1; DROP TABLE rules")
+        conn.rollback()
+        assert conn.execute("SELECT current_setting('app.current_tenant_id', true)").fetchone()[0] == ""
+
+
+def test_the_legacy_role_defaults_to_the_system_tenant(migrated):
+    role = migrated.params.rls.legacy_role
+    system = migrated.scalar("SELECT id FROM tenants WHERE uuid = %s", (SYSTEM,))
+    migrated.execute(f"ALTER ROLE {role} LOGIN")
+    try:
+        with psycopg.connect(migrated.url.replace("postgresql://postgres@", f"postgresql://{role}@")) as conn:
+            assert conn.execute("SELECT current_user, current_setting('app.current_tenant_id')").fetchone() == (
+                role, str(system))
+            assert conn.execute("SELECT count(*) FROM workflows").fetchone()[0] == migrated.scalar(
+                "SELECT count(*) FROM workflows")
+            conn.execute("INSERT INTO templates (uuid, name, category) VALUES (gen_random_uuid(), 'old app', 'x')")
+            conn.commit()
+    finally:
+        migrated.execute(f"ALTER ROLE {role} NOLOGIN")
+    assert migrated.scalar("SELECT tenant_id FROM templates WHERE name = 'old app'") == system
