@@ -1,0 +1,53 @@
+"""Failpoints: named places where a fault-injection test can make the runbook die or stall.
+
+RUNBOOK_FAULT="<point>[=<detail glob>][#<nth>][@<action>]" triggers at the nth time (default the first)
+the process passes <point> with a detail matching the glob. Actions:
+  kill          SIGKILL this process at once (the default): a power cut, an OOM kill, kill -9
+  kill-after:S  SIGKILL it S seconds later, while the statement that follows is running on the server
+  hang          write $RUNBOOK_FAULT_MARKER (if set) and sleep, so the test can act (restart the server)
+  pause         write $RUNBOOK_FAULT_MARKER and wait until the test deletes it, then carry on (so the test can
+                set up a blocker for the statement that follows, and kill the process while it waits)
+Unset, a failpoint costs one dictionary lookup. Points: backfill.before_batch, backfill.mid_batch (inside
+the batch's transaction, after its UPDATE), backfill.after_batch, backfill.after_table,
+ddl.before_step and ddl.after_step (detail: the step's action).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+_hits: dict[str, int] = {}
+
+
+def point(name: str, detail: str = "") -> None:
+    spec = os.environ.get("RUNBOOK_FAULT")
+    if not spec:
+        return
+    target, _, action = spec.partition("@")
+    target, _, nth = target.partition("#")
+    target, _, pattern = target.partition("=")
+    if target != name or (pattern and not fnmatch.fnmatchcase(detail, pattern)):
+        return
+    _hits[spec] = _hits.get(spec, 0) + 1
+    if _hits[spec] != int(nth or 1):
+        return
+    action = action or "kill"
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action.startswith("kill-after:"):
+        delay = float(action.split(":", 1)[1])
+        threading.Timer(delay, os.kill, args=(os.getpid(), signal.SIGKILL)).start()
+    elif action in ("hang", "pause"):
+        marker = os.environ.get("RUNBOOK_FAULT_MARKER")
+        if marker:
+            Path(marker).write_text(f"{name} {detail}\n")
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if action == "pause" and marker and not Path(marker).exists():
+                return
+            time.sleep(0.05)

@@ -1,0 +1,157 @@
+"""Faults: the runner killed (SIGKILL) at many points, the server restarted under it, a statement
+interrupted on the server. Each time the re-run completes, nothing is lost, nothing is left half-built,
+and no backend keeps working for a dead client."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+WORKER = """
+import sys
+from runbook_helpers import params as params_mod
+from runbook_helpers.phases.headless import run_phase
+from runbook_helpers.session import PhaseSession
+p = params_mod.override(params_mod.load("ci"), {"backfill": {"batch_size": 300, "target_batch_ms": None}})
+for phase in sys.argv[2].split(","):
+    run_phase(PhaseSession(phase, params=p, database_name=sys.argv[1], run_id="faultrun",
+                           log=lambda *_: None))
+print("completed")
+"""
+FORWARD = "inspect,seed,backfill,constrain"
+
+# (fault spec, what it simulates): >= 10 distinct points through backfill and constrain
+KILL_POINTS = [
+    ("backfill.before_batch=knowledge_bases#2", "between batches"),
+    ("backfill.mid_batch=knowledge_bases#3", "mid-batch: the UPDATE done, its checkpoint not committed"),
+    ("backfill.after_batch=knowledge_bases#1", "right after a batch committed"),
+    ("backfill.after_table=models", "between tables"),
+    ("ddl.after_step=add tenant_id with the System Tenant as default#3", "between fast-default columns"),
+    ("ddl.after_step=add CHECK (tenant_id IS NOT NULL) NOT VALID#2", "NOT VALID check added, not validated"),
+    ("ddl.after_step=set tenant_id NOT NULL#1", "NOT NULL set, the CHECK still there"),
+    ("ddl.after_step=add foreign key to tenants NOT VALID#4", "foreign key NOT VALID"),
+    ("ddl.before_step=build the tenant_id index#2", "just before an index build"),
+    ("ddl.after_step=build the unique index on (tenant_id, id)#3", "composite index built, keys not swapped"),
+    ("ddl.after_step=add rules_tenant_id_workflow_id_workflows_fk NOT VALID", "composite FK NOT VALID"),
+    ("ddl.after_step=create the SELECT tenant policy#2", "RLS half set up: one policy"),
+    ("ddl.after_step=enable row level security#5", "RLS enabled, not forced"),
+]
+
+
+def run_worker(db, phases: str, fault: str | None = None, marker: Path | None = None, wait: bool = True):
+    env = dict(os.environ, RUNBOOK_HEADLESS="1")
+    env.pop("RUNBOOK_FAULT", None)
+    if fault:
+        env["RUNBOOK_FAULT"] = fault
+    if marker:
+        env["RUNBOOK_FAULT_MARKER"] = str(marker)
+    proc = subprocess.Popen([sys.executable, "-c", WORKER, db.name, phases], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if wait:
+        out, err = proc.communicate(timeout=300)
+        return proc.returncode, out, err
+    return proc
+
+
+def assert_complete_and_intact(db):
+    """Validate passes (counts and fingerprints equal the baseline, constraints valid, isolation holds), every
+    row has a tenant, and nothing duplicate or INVALID is left. Returns the rows checked."""
+    out = db.run("validate")["validate"]
+    assert out["checks"]["passed"].all()
+    checked = 0
+    with db.connect() as conn:
+        for table in db.params.tables:
+            rows, nulls = conn.execute(f"SELECT count(*), count(*) - count(tenant_id) FROM {table}").fetchone()
+            assert nulls == 0, table
+            checked += rows
+        assert conn.execute("SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n "
+                            "ON n.oid = c.relnamespace WHERE n.nspname = 'public' AND NOT i.indisvalid").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM pg_constraint WHERE NOT convalidated AND connamespace = "
+                            "'public'::regnamespace").fetchone()[0] == 0
+        duplicates = conn.execute(
+            "SELECT conrelid::regclass, array_agg(conname) FROM pg_constraint WHERE connamespace = 'public'::regnamespace "
+            "AND contype IN ('f', 'c', 'u') GROUP BY conrelid, contype, pg_get_constraintdef(oid) "
+            "HAVING count(*) > 1").fetchall()
+        assert duplicates == []
+        indexes = conn.execute(
+            "SELECT indrelid::regclass, array_agg(indexrelid::regclass) FROM pg_index i JOIN pg_class c ON "
+            "c.oid = i.indrelid WHERE c.relnamespace = 'public'::regnamespace GROUP BY indrelid, indkey::text, "
+            "indisunique, indpred IS NULL HAVING count(*) > 1").fetchall()
+        assert indexes == []
+    return checked
+
+
+@pytest.mark.parametrize("fault,what", KILL_POINTS, ids=[k[0] for k in KILL_POINTS])
+def test_killed_at_a_point_then_rerun_completes(db, fault, what):
+    code, out, err = run_worker(db, FORWARD, f"{fault}@kill")
+    assert code == -signal.SIGKILL, f"the fault point was never reached ({what}): {code} {out} {err[-2000:]}"
+    code, out, err = run_worker(db, FORWARD)
+    assert code == 0, err[-3000:]
+    assert assert_complete_and_intact(db) > 0
+
+
+def wait_for(path: Path, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def backends_of_run(db) -> list:
+    with db.connect(autocommit=True) as conn:
+        return conn.execute("SELECT pid, state, left(query, 60) FROM pg_stat_activity WHERE application_name LIKE "
+                            "'%%/faultrun' AND datname = %s", (db.name,)).fetchall()
+
+
+@pytest.mark.parametrize("step,lock", [
+    ("validate the NOT NULL check", "SHARE"),           # VALIDATE waits behind a SHARE lock
+    ("build the tenant_id index", None),                 # CREATE INDEX CONCURRENTLY waits for an open writer
+])
+def test_killed_while_a_statement_runs_on_the_server(db, tmp_path, step, lock):
+    marker = tmp_path / "paused"
+    proc = run_worker(db, FORWARD, f"ddl.before_step={step}@pause", marker, wait=False)
+    wait_for(marker)
+    blocker = db.connect()
+    if lock:
+        blocker.execute(f"LOCK TABLE workflows IN {lock} MODE")
+    else:
+        blocker.execute("UPDATE workflows SET name = name WHERE id = 1")
+    marker.unlink()  # the runner carries on into the statement, which now waits on the blocker
+    deadline = time.monotonic() + 30
+    while not any(step_sql in (b[2] or "") for b in backends_of_run(db) for step_sql in ("VALIDATE", "CREATE INDEX")):
+        assert time.monotonic() < deadline, "the statement never started"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    # the server notices the dead client (client_connection_check_interval) and stops the statement
+    deadline = time.monotonic() + 10
+    while backends_of_run(db):
+        assert time.monotonic() < deadline, f"orphaned backend still running: {backends_of_run(db)}"
+        time.sleep(0.2)
+    blocker.rollback()
+    blocker.close()
+    code, out, err = run_worker(db, FORWARD)
+    assert code == 0, err[-3000:]
+    assert_complete_and_intact(db)
+
+
+@pytest.mark.parametrize("fault", ["backfill.after_batch=knowledge_bases#2", "ddl.after_step=set tenant_id NOT NULL#3"])
+def test_server_restarted_mid_phase_then_rerun_completes(db, server, tmp_path, fault):
+    marker = tmp_path / "paused"
+    proc = run_worker(db, FORWARD, f"{fault}@hang", marker, wait=False)
+    wait_for(marker)
+    server.stop(mode="immediate")
+    proc.kill()
+    proc.wait(30)
+    server.start()
+    code, out, err = run_worker(db, FORWARD)
+    assert code == 0, err[-3000:]
+    assert_complete_and_intact(db)
