@@ -32,7 +32,10 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def main(intro: str = "") -> Path:
+def main(intro: str | None = None) -> Path:
+    if intro is None:
+        summary = ROOT / "bench" / "summary.md"
+        intro = summary.read_text().strip() if summary.is_file() else ""
     results = {}
     for path in sorted((ROOT / "bench" / "results").glob("*.json")):
         data = json.loads(path.read_text())

@@ -7,6 +7,7 @@ import time
 import psycopg
 import pytest
 
+from conftest import CORE_ONLY
 from runbook_helpers import params as params_mod
 from runbook_helpers.errors import LockNotAcquired
 
@@ -20,7 +21,7 @@ def constraint_names(db, table):
 
 
 def test_constrain_leaves_not_null_validated_fk_and_valid_index_everywhere(db):
-    out = db.run("inspect", "seed", "backfill", "constrain")["constrain"]
+    out = db.run("inspect", "seed", "backfill", "constrain", params=params_mod.override(db.params, CORE_ONLY))["constrain"]
     status = out["status"]
     assert set(status["tenant_id"]) == {"NOT NULL"}
     assert set(status["foreign key"]) == {"validated"}
@@ -151,9 +152,10 @@ def test_an_index_build_timed_out_by_a_writer_leaves_no_invalid_index_behind(db)
     which the executor tries to drop before each retry (that drop waits for the same writer). When the
     ladder is exhausted the phase fails naming the writer and saying what is left; the re-run after the
     writer ends drops the leftover and builds a valid index."""
-    db.run("inspect", "seed", "backfill", "constrain")
+    core = params_mod.override(db.params, CORE_ONLY)  # no composite (tenant_id, id) index to stand in
+    db.run("inspect", "seed", "backfill", "constrain", params=core)
     db.execute("DROP INDEX workflows_tenant_id_idx")  # only the index build is left to do
-    params = params_mod.override(db.params, FAST_LADDER)
+    params = params_mod.override(core, FAST_LADDER)
     with db.connect() as writer:
         writer.execute("UPDATE workflows SET name = name WHERE id = 1")  # holds ROW EXCLUSIVE, uncommitted
         writer_pid = writer.info.backend_pid
@@ -169,9 +171,10 @@ def test_an_index_build_timed_out_by_a_writer_leaves_no_invalid_index_behind(db)
 
 
 def test_an_index_build_that_timed_out_is_cleaned_up_and_retried_within_the_ladder(db):
-    db.run("inspect", "seed", "backfill", "constrain")
+    core = params_mod.override(db.params, CORE_ONLY)  # no composite (tenant_id, id) index to stand in
+    db.run("inspect", "seed", "backfill", "constrain", params=core)
     db.execute("DROP INDEX workflows_tenant_id_idx")
-    params = params_mod.override(db.params, {"locks": {"lock_timeout_ms": 150, "retry": {
+    params = params_mod.override(core, {"locks": {"lock_timeout_ms": 150, "retry": {
         "attempts": 8, "backoff_ms": 100, "backoff_max_ms": 200}}})
     writer = db.connect()
     writer.execute("UPDATE workflows SET name = name WHERE id = 1")

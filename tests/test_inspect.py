@@ -2,6 +2,7 @@
 
 import pytest
 
+from conftest import CORE_ONLY
 from runbook_helpers import params as params_mod
 from runbook_helpers.errors import RunbookError
 from runbook_helpers.phases import inspect
@@ -41,9 +42,10 @@ def test_a_spec_table_that_does_not_exist_fails_preflight_and_changes_nothing(db
 
 
 def test_any_failed_preflight_stores_nothing(db):
-    params = params_mod.override(db.params, {"rls": {"enabled": True}})
+    db.execute("ALTER TABLE models ADD COLUMN tenant_id integer")  # a tenant_id of the wrong type
+    params = db.params
     before = db.schema_dump()
-    with pytest.raises(RunbookError, match="(?s)preflight failed.*row level security"):
+    with pytest.raises(RunbookError, match="(?s)preflight failed.*existing tenant_id columns are bigint"):
         db.run("inspect", params=params)
     assert db.schema_dump() == before  # not even the ledger schema
 
@@ -142,7 +144,11 @@ def test_fingerprint_changes_when_one_value_changes_and_not_with_row_order(db):
 def test_plan_lists_every_statement_with_its_lock(db):
     plan = run_phase(db.session("inspect"))["plan"]
     wf = plan[plan["table"] == "workflows"]
-    assert list(wf["phase"]) == ["backfill"] + ["constrain"] * 8
+    # the core steps first (1 backfill + 8 constrain), then composite keys and row level security
+    core = run_phase(db.session("inspect", dry_run=True, params=params_mod.override(db.params, CORE_ONLY)))["plan"]
+    assert list(core[core["table"] == "workflows"]["phase"]) == ["backfill"] + ["constrain"] * 8
+    assert list(wf["action"])[:9] == list(core[core["table"] == "workflows"]["action"])
+    assert "enable row level security" in set(wf["action"])
     assert wf.iloc[0]["statement"].startswith('ALTER TABLE "public"."workflows" ADD COLUMN "tenant_id" bigint DEFAULT ')
     assert "REFERENCES" not in wf.iloc[0]["statement"]
     kb = plan[(plan["table"] == "knowledge_bases") & (plan["phase"] == "backfill")]

@@ -1,5 +1,6 @@
 """Params: every env loads; every bad input gives one line naming the file, the key and the fix."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -29,7 +30,9 @@ def test_every_shipped_env_loads(env):
                                    "templates", "widgets", "endpoints"]
     assert p.shared_tables == ["node_types"]
     assert str(p.system_tenant.uuid) == "00000000-0000-4000-8000-000000000001"
-    assert p.rls.enabled is False
+    # issue 5: RLS and composite keys on where the demo database lives; real environments opt in
+    assert p.rls.enabled is (env in ("local", "ci"))
+    assert p.distribution.composite_keys is (env in ("local", "ci"))
 
 
 def test_real_envs_name_a_dsn_variable_and_embedded_envs_do_not():
@@ -169,9 +172,11 @@ def test_notebook_overrides_apply_to_one_session_and_are_shown(db):
     try:
         with pytest.raises(ParamsError, match="override backfill.batch_size"):
             open_phase("inspect", "ci", overrides={"backfill": {"batch_size": "many"}})
-        rb = open_phase("inspect", "ci", dry_run=True, overrides={"backfill": {"batch_size": 123}})
+        overrides = {"backfill": {"batch_size": 123}, "database": {"name": db.name}}
+        rb = open_phase("inspect", "ci", dry_run=True, overrides=overrides)
         assert rb.params.backfill.batch_size == 123
-        assert rb.summary().loc["params overridden", "value"] == '{"backfill": {"batch_size": 123}}'
+        assert rb.params.database.name == db.name
+        assert json.loads(rb.summary().loc["params overridden", "value"]) == overrides
     finally:
         if rb is not None:
             rb.close()

@@ -6,7 +6,6 @@ The whole suite can also run on them: RUNBOOK_PG_BIN=/usr/lib/postgresql/15/bin 
 """
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -147,3 +147,62 @@ def test_archive_scan_redacts_and_reports_a_planted_secret(tmp_path):
                         "log.txt: contained a URL with an inline password (redacted)"]
     assert "hunter2" not in (tmp_path / "01_inspect.ipynb").read_text()
     assert "pw123" not in (tmp_path / "log.txt").read_text()
+
+
+def test_sigterm_cancels_the_statement_on_the_server_and_a_rerun_resumes(server, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    assert runbook_cli("demo-db", "--env", "ci").returncode == 0
+    url = server.url("tenancy_demo")
+    marker = tmp_path / "paused"
+    env = dict(os.environ, RUNBOOK_FAULT="ddl.before_step=validate the NOT NULL check@pause",
+               RUNBOOK_FAULT_MARKER=str(marker))
+    runbook = Path(sys.executable).with_name("runbook")
+    before = existing_runs()
+    proc = subprocess.Popen([str(runbook), "run", "--env", "ci"], env=env, cwd=archive.paths.project_root(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "the run never reached VALIDATE"
+        time.sleep(0.1)
+    with psycopg.connect(url) as blocker:
+        blocker.execute("LOCK TABLE workflows IN SHARE MODE")  # VALIDATE will wait behind this
+        marker.unlink()
+
+        def validating():
+            with psycopg.connect(url, autocommit=True) as c:
+                return c.execute("SELECT pid FROM pg_stat_activity WHERE query LIKE 'ALTER TABLE%VALIDATE CONSTRAINT%' "
+                                 "AND application_name LIKE 'tenancy-runbook/ci/constrain/%'").fetchall()
+        while not validating():
+            assert time.monotonic() < deadline, "VALIDATE never started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, out + err
+        assert "interrupted" in out
+        # the runner cancels the statement, unless the server already ended it when the kernel died
+        assert ("cancelled 1 statement(s)" in out or "no statement of this run is still running" in out), out
+        assert validating() == []  # no orphaned VALIDATE keeps running (or waiting) for nobody
+        blocker.rollback()
+    manifest = json.loads((latest_run(before) / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted"
+    assert [p["status"] for p in manifest["phases"]][-1] == "interrupted"
+    again = runbook_cli("run", "--env", "ci")
+    assert again.returncode == 0, again.stdout + again.stderr
+
+
+def test_rollback_cli_restores_the_legacy_schema(server):
+    assert runbook_cli("demo-db", "--env", "ci").returncode == 0
+    url = server.url("tenancy_demo")
+    legacy = app_schema(url, server)
+    assert runbook_cli("run", "--env", "ci").returncode == 0
+    before = existing_runs()
+    result = runbook_cli("rollback", "--env", "ci")
+    assert result.returncode == 0, result.stdout + result.stderr
+    manifest = json.loads((latest_run(before) / "manifest.json").read_text())
+    assert [p["name"] for p in manifest["phases"]] == ["rollback"]
+    assert app_schema(url, server) == legacy
+    assert runbook_cli("audit", "verify", manifest["run_id"], "--env", "ci").returncode == 0

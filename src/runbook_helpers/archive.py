@@ -110,3 +110,59 @@ def list_runs(archive_dir: str, env: str) -> list[dict[str, Any]]:
                      "phases": ",".join(p["name"] for p in data.get("phases", [])),
                      "operator": data.get("operator"), "folder": str(manifest.parent)})
     return runs
+
+
+def _base(archive_dir: str) -> Path:
+    base = Path(archive_dir)
+    return base if base.is_absolute() else paths.project_root() / base
+
+
+def find_run(archive_dir: str, env: str, run: str) -> Path:
+    """A run folder by path, folder name or run id."""
+    from .errors import RunbookError
+
+    candidate = Path(run)
+    if candidate.is_dir() and (candidate / MANIFEST).is_file():
+        return candidate
+    folder = _base(archive_dir) / env
+    matches = [p for p in folder.glob("*") if p.is_dir() and (p.name == run or p.name.endswith(f"-{run}"))]
+    if len(matches) != 1:
+        raise RunbookError(f"no single run {run!r} under {folder} ({len(matches)} found); see `runbook audit list "
+                           f"--env {env}`")
+    return matches[0]
+
+
+def verify(folder: Path) -> list[str]:
+    """Every way the run folder differs from its manifest, and the manifest from the chain."""
+    import json as _json
+
+    problems: list[str] = []
+    manifest_path = folder / MANIFEST
+    try:
+        manifest = _json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return [f"{MANIFEST}: unreadable ({exc})"]
+    recorded: dict[str, str] = manifest.get("files", {})
+    actual = file_hashes(folder)
+    for name, digest in sorted(recorded.items()):
+        if name not in actual:
+            problems.append(f"{name}: listed in the manifest but missing")
+        elif actual[name] != digest:
+            problems.append(f"{name}: sha256 {actual[name]} differs from the manifest's {digest}")
+    for name in sorted(set(actual) - set(recorded)):
+        problems.append(f"{name}: present but not in the manifest")
+    previous = manifest.get("previous_manifest")
+    expected_previous = previous_manifest(folder)
+    if previous is None and expected_previous is not None:
+        problems.append(f"chain: the manifest names no predecessor, but {expected_previous.parent.name} precedes it")
+    elif previous is not None:
+        prev_path = folder.parent / previous["run"] / MANIFEST
+        if not prev_path.is_file():
+            problems.append(f"chain: predecessor {previous['run']} is missing")
+        elif sha256_file(prev_path) != previous["sha256"]:
+            problems.append(f"chain: predecessor {previous['run']}/manifest.json has sha256 {sha256_file(prev_path)}, "
+                            f"not the {previous['sha256']} recorded here (it was changed after this run)")
+        if expected_previous is not None and expected_previous.parent.name != previous["run"]:
+            problems.append(f"chain: the manifest names {previous['run']} as predecessor, but "
+                            f"{expected_previous.parent.name} precedes it (a run was removed or inserted)")
+    return problems

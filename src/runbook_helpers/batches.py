@@ -24,7 +24,7 @@ from psycopg import sql
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
-from . import catalog
+from . import catalog, faults
 from .catalog import TableState
 from .errors import LockNotAcquired, RunbookError
 from .names import TENANT_COLUMN
@@ -408,6 +408,7 @@ class BatchedBackfill:
             try:
                 while not self._stop.is_set():
                     throttle.wait(self.label)
+                    faults.point("backfill.before_batch", self.st.name)
                     upper, last = self.space.next_upper(conn, cursor, limit, size)
                     conn.commit()
                     statement, args = self.space.update(conn, cursor, upper)
@@ -436,7 +437,9 @@ class BatchedBackfill:
             try:
                 with conn.begin():
                     rows = conn.exec_driver_sql(statement, tuple(args)).rowcount
+                    faults.point("backfill.mid_batch", self.st.name)
                     rb.ledger.advance_checkpoint(conn, self.st.name, part, new_last, rows)
+                faults.point("backfill.after_batch", self.st.name)
                 break
             except DBAPIError as exc:
                 if not isinstance(exc.orig, pg_errors.LockNotAvailable):

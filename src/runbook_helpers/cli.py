@@ -30,6 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--yes", action="store_true", help="confirm a run on an env that requires it (prod)")
     run.add_argument("--cell-timeout", type=int, default=None, help="seconds a notebook cell may run")
 
+    rollback = sub.add_parser("rollback", help="undo constrain, backfill and seed (99_rollback), archived like a run")
+    _env_arg(rollback)
+    rollback.add_argument("--dry-run", action="store_true", help="show the rollback plan, change nothing")
+    rollback.add_argument("--force", action="store_true",
+                          help="roll back even though rows belong to tenants other than the System Tenant")
+    rollback.add_argument("--yes", action="store_true", help="confirm on an env that requires it (prod)")
+
     demo = sub.add_parser("demo", help="fresh demo database, then the whole runbook on it")
     _env_arg(demo, "local")
     demo.add_argument("--rows", type=int, default=None, help="rows in workflows (default from params)")
@@ -48,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     notebooks = sub.add_parser("notebooks", help="re-execute the committed notebooks on a fresh demo database")
     _env_arg(notebooks, "ci")
 
-    audit = sub.add_parser("audit", help="list archived runs")
-    audit.add_argument("action", choices=["list"])
+    audit = sub.add_parser("audit", help="list archived runs, or verify one against its manifest and the chain")
+    audit.add_argument("action", choices=["list", "verify"])
+    audit.add_argument("run", nargs="?", help="verify: the run folder's name, its run id, or its path")
     _env_arg(audit)
     return parser
 
@@ -114,10 +122,22 @@ def _notebooks(env: str) -> int:
     return 0
 
 
-def _audit(action: str, env: str) -> int:
+def _audit(action: str, env: str, run: str | None) -> int:
     from . import archive
 
     params = params_mod.load(env)
+    if action == "verify":
+        if not run:
+            raise RunbookError("audit verify needs a run: its folder name or run id (see `runbook audit list`)")
+        folder = archive.find_run(params.archive.dir, env, run)
+        problems = archive.verify(folder)
+        if problems:
+            print(f"{folder.name}: TAMPERED OR INCOMPLETE")
+            for p in problems:
+                print(f"  - {p}")
+            return 1
+        print(f"{folder.name}: every file matches its manifest, and the manifest its predecessor in the chain")
+        return 0
     runs = archive.list_runs(params.archive.dir, env)
     if not runs:
         print(f"no archived runs for env {env}")
@@ -133,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
             from . import runner
             result = runner.run(args.env, args.phases, dry_run=args.dry_run, yes=args.yes,
                                 cell_timeout_s=args.cell_timeout)
-            return 0 if result.ok else 1
+            return 0 if result.ok else (130 if result.status == "interrupted" else 1)
+        if args.command == "rollback":
+            from . import runner
+            result = runner.run(args.env, "rollback", dry_run=args.dry_run, yes=args.yes, force=args.force)
+            return 0 if result.ok else (130 if result.status == "interrupted" else 1)
         if args.command == "demo":
             from . import runner
             _demo_db(args.env, args.rows)
@@ -149,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "notebooks":
             return _notebooks(args.env)
         if args.command == "audit":
-            return _audit(args.action, args.env)
+            return _audit(args.action, args.env, args.run)
     except RunbookError as exc:
         print(f"runbook: error: {exc}", file=sys.stderr)
         return 2

@@ -94,7 +94,7 @@ def connect_raw(params: Params, database: str | None = None, phase: str | None =
     info = conninfo(params, database)
     existing = conninfo_to_dict(info).get("options")
     try:
-        return psycopg.connect(
+        conn = psycopg.connect(
             make_conninfo(info, application_name=application_name(params, phase, run_id),
                           options=session_options(params, existing), connect_timeout="10"),
             autocommit=autocommit,
@@ -108,6 +108,13 @@ def connect_raw(params: Params, database: str | None = None, phase: str | None =
             ) from None
         source = "the embedded server" if params.database.embedded else f"${params.database.dsn_env}"
         raise RunbookError(f"cannot connect to the {params.env} database named by {source}: {reason}") from None
+    if conn.info.server_version >= 140000:
+        # a killed runner must not leave a backend finishing a long UPDATE or VALIDATE for nobody: the server
+        # checks every second that the client is still there, and cancels the statement if it is not
+        conn.execute("SET client_connection_check_interval = 1000")
+        if not autocommit:
+            conn.commit()
+    return conn
 
 
 def make_engine(params: Params, database: str | None = None, phase: str | None = None,
@@ -131,16 +138,34 @@ class Identity:
     user: str
 
 
+def check_expected_identity(params: Params, ident: "Identity") -> None:
+    """Refuse, before anything is read or written, when the DSN points at another database than the env pins."""
+    expect = params.database.expect
+    if expect is None:
+        return
+    wrong = []
+    if expect.name is not None and ident.database != expect.name:
+        wrong.append(f"database name {ident.database!r} (expected {expect.name!r})")
+    if expect.system_identifier is not None and ident.system_identifier != str(expect.system_identifier):
+        wrong.append(f"server system identifier {ident.system_identifier or 'unreadable'} "
+                     f"(expected {expect.system_identifier})")
+    if wrong:
+        source = f"${params.database.dsn_env}" if params.database.dsn_env else "the embedded server"
+        raise RunbookError(
+            f"refusing to touch this database: env {params.env} pins its identity, but {source} leads to "
+            f"{' and '.join(wrong)}. Point {source} at the right database, or fix database.expect in "
+            f"params/{params.env}.yaml. Nothing was changed.")
+
+
 def identity(conn: Connection) -> Identity:
     row = conn.execute(text(
         "SELECT current_database(), current_setting('server_version'), "
         "current_setting('server_version_num')::int, current_user"
     )).one()
-    try:
-        with conn.begin_nested():
-            sysid = conn.execute(text("SELECT system_identifier::text FROM pg_control_system()")).scalar()
-    except Exception:  # pg_control_system() needs privileges a migration role may lack
-        sysid = None
+    # pg_control_system() needs a privilege a migration role may lack: then the identifier is unknown
+    sysid = conn.execute(text(
+        "SELECT CASE WHEN has_function_privilege('pg_control_system()', 'EXECUTE') "
+        "THEN (SELECT system_identifier::text FROM pg_control_system()) END")).scalar()
     return Identity(row[0], sysid, row[1], row[2], row[3])
 
 

@@ -13,18 +13,16 @@ from __future__ import annotations
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import pandas as pd
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
-from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError
 
-from . import catalog
+from . import catalog, faults
 from .errors import LockNotAcquired, RunbookError
 from .params import LockParams
 from .sqltext import render
@@ -147,6 +145,7 @@ class Executor:
                 if pending_cleanup:
                     self._try(cleanup, self._render(cleanup), blockers)
                     pending_cleanup = False
+                faults.point("ddl.before_step", step.action)
                 self._try(step, statement, blockers)
             except pg_errors.LockNotAvailable:
                 pending_cleanup = cleanup is not None
@@ -167,6 +166,7 @@ class Executor:
                                    f"fix the cause and re-run this notebook (it resumes)") from None
             if self._journal_end and entry is not None:
                 self._journal_end(entry, "applied", attempt, None)
+            faults.point("ddl.after_step", step.action)
             return StepResult(step, "applied", attempt, time.monotonic() - started)
         leftover = (" The interrupted build left an INVALID index that the lock timeout also kept from being "
                     "dropped; the re-run drops and rebuilds it." if pending_cleanup else " Nothing of this step was applied.")

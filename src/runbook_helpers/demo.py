@@ -4,8 +4,9 @@ Quirks reproduced on purpose: `"user"` (a reserved word) with array columns of o
 `org_id` columns without foreign keys, some pointing at orgs that no longer exist; a composite primary
 key (widgets); an updated_at trigger and a dependent view on workflows; a unique constraint that will
 not include tenant_id; and knowledge_bases carrying a nullable tenant_id from an earlier hand-applied
-attempt (a third of its rows filled, the rest NULL), so both backfill strategies run. The Drizzle state
-is the application's: 0000 (users/tenants/user_tenants) applied and recorded, 0001 pending.
+attempt (a third of its rows filled, the rest NULL), so both backfill strategies run. The tables belong
+to a non-superuser owner role (app_owner), as in a real deployment. The Drizzle state is the
+application's: 0000 (users/tenants/user_tenants) applied and recorded, 0001 pending.
 
 All data is generated server-side with generate_series and arithmetic on the row number, so the same
 arguments give the same rows on every run and every server version.
@@ -18,7 +19,6 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from uuid import UUID
 
 import psycopg
 from psycopg import sql
@@ -312,6 +312,24 @@ UPDATE knowledge_bases SET tenant_id = (SELECT id FROM tenants WHERE uuid = %(sy
 WHERE mod(id, 3) = 0;
 """
 
+# The application's tables belong to its own owner role, not to a superuser: the runbook (a superuser or a
+# BYPASSRLS role) migrates them, and FORCE ROW LEVEL SECURITY has an owner to hold to the policies.
+APP_OWNER = "app_owner"
+OWNERSHIP_SQL = """
+DO $$ BEGIN
+  CREATE ROLE app_owner NOLOGIN;
+EXCEPTION WHEN duplicate_object THEN NULL;
+END $$;
+DO $$ DECLARE r record; BEGIN
+  FOR r IN SELECT c.oid::regclass AS rel, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE n.nspname IN ('public', 'drizzle') AND c.relkind IN ('r', 'v') LOOP
+    EXECUTE format('ALTER %s %s OWNER TO app_owner', CASE r.relkind WHEN 'v' THEN 'VIEW' ELSE 'TABLE' END, r.rel);
+  END LOOP;
+END $$;
+ALTER FUNCTION set_updated_at() OWNER TO app_owner;
+ALTER SCHEMA drizzle OWNER TO app_owner
+"""
+
 DRIZZLE_TABLE_SQL = """
 CREATE SCHEMA drizzle;
 CREATE TABLE drizzle.__drizzle_migrations (id SERIAL PRIMARY KEY, hash text NOT NULL, created_at bigint);
@@ -380,6 +398,7 @@ def build(admin_conninfo: str, database: str, *, system_uuid: str, system_name: 
             "INSERT INTO drizzle.__drizzle_migrations (hash, created_at) VALUES (%s, %s)",
             (migrations[0].hash, migrations[0].when),
         )
+        conn.execute(OWNERSHIP_SQL)
         conn.commit()
         conn.autocommit = True
         conn.execute("VACUUM ANALYZE")

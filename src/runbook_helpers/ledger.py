@@ -12,7 +12,6 @@ from typing import Any
 
 import pandas as pd
 from psycopg import sql
-from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from .catalog import relation_oid

@@ -26,6 +26,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
 
+class ExpectedIdentity(_Strict):
+    """What the DSN must lead to: `SELECT current_database()` and `SELECT system_identifier FROM
+    pg_control_system()` on the right server."""
+    name: str | None = None
+    system_identifier: str | None = Field(default=None, pattern=r"^[0-9]+$")
+
+
 class DatabaseParams(_Strict):
     embedded: bool = False
     name: str = "tenancy_demo"
@@ -33,6 +40,7 @@ class DatabaseParams(_Strict):
     application_name: str = "tenancy-runbook"
     confirm_required: bool = False
     parallel_workers: int = Field(default=0, ge=0, le=16)  # per scan of the runbook's own sessions
+    expect: ExpectedIdentity | None = None                   # refuse to run against any other database
 
 
 class TableSpec(_Strict):

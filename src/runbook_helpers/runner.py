@@ -8,6 +8,7 @@ the environment variable itself), and writes the audit record whether the run su
 from __future__ import annotations
 
 import os
+import signal
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any, Callable
 from . import __version__, archive, database, params as params_mod, paths
 from .errors import RunbookError
 from .ledger import Ledger
-from .session import PHASES, operator
+from .session import PHASES, ROLLBACK, operator
 
 NOTEBOOKS = {
     "inspect": "01_inspect.ipynb",
@@ -26,6 +27,7 @@ NOTEBOOKS = {
     "backfill": "03_backfill.ipynb",
     "constrain": "04_constrain.ipynb",
     "validate": "05_validate.ipynb",
+    "rollback": "99_rollback.ipynb",
 }
 
 
@@ -47,6 +49,10 @@ def parse_phases(text: str | None) -> list[str]:
     if not text:
         return list(PHASES)
     wanted = [p.strip() for p in text.split(",") if p.strip()]
+    if ROLLBACK in wanted:
+        if wanted != [ROLLBACK]:
+            raise RunbookError("rollback runs alone: `runbook rollback --env ENV`")
+        return [ROLLBACK]
     unknown = [p for p in wanted if p not in PHASES]
     if unknown:
         raise RunbookError(f"unknown phase(s) {', '.join(unknown)}; phases are {', '.join(PHASES)}")
@@ -82,7 +88,7 @@ def _headline(engine, params) -> dict[str, Any]:
 
 
 def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool = False,
-        cell_timeout_s: int | None = None, log: Callable[[str], None] = print) -> RunResult:
+        cell_timeout_s: int | None = None, force: bool = False, log: Callable[[str], None] = print) -> RunResult:
     params = params_mod.load(env)
     wanted = parse_phases(phases)
     if params.database.confirm_required and not yes and not dry_run:
@@ -92,27 +98,53 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
     control = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
     try:
         ident = database.identity(control)
+        database.check_expected_identity(params, ident)
         database.try_advisory_lock(control, database.RUN_LOCK, "runbook run")
         run_id = uuid.uuid4().hex[:8]
         started = datetime.now(timezone.utc)
         folder = archive.run_folder(params.archive.dir, env, started, run_id)
         ledger = Ledger(params.ledger_schema)
         commit = archive.git_commit()
-        if not dry_run:
+        recorded = False
+
+        def record_run() -> None:
+            """The run's row in the ledger, once the ledger exists: a first run leaves creating it to
+            01_inspect, which does so only after its preflight passed (bad input changes nothing)."""
+            nonlocal recorded
+            if not dry_run and not recorded and ledger.exists(control):
+                ledger.start_run(control, run_id, env, operator(), wanted, dry_run, __version__, commit)
+                recorded = True
+
+        if not dry_run and "inspect" not in wanted:
             ledger.ensure(control)
-            ledger.start_run(control, run_id, env, operator(), wanted, dry_run, __version__, commit)
+        record_run()
         log(f"run {run_id} on env {env} ({ident.database}, PostgreSQL {ident.server_version})"
             f"{' DRY RUN' if dry_run else ''}: {', '.join(wanted)}")
         os.environ.update(_kernel_environment(env, run_id))
         result = RunResult(run_id, folder, "succeeded")
-        for phase in wanted:
-            record = _run_phase(phase, folder, env, dry_run, run_id, cell_timeout_s, log)
-            result.phases.append(record)
-            if record["status"] != "succeeded":
-                result.status = "failed"
-                break
-        if result.status != "succeeded" and not dry_run:
-            ledger.fail_open_phases(control, run_id)
+        previous = signal.signal(signal.SIGTERM, _terminate)
+        try:
+            for phase in wanted:
+                record = _run_phase(phase, folder, env, dry_run, run_id, cell_timeout_s, log, force)
+                record_run()
+                result.phases.append(record)
+                if record["status"] != "succeeded":
+                    result.status = "failed"
+                    break
+        except KeyboardInterrupt as exc:
+            result.status = "interrupted"
+            result.phases.append({"name": phase, "status": "interrupted", "error": str(exc) or "interrupted",
+                                  "notebook": NOTEBOOKS[phase]})
+            log(f"  {phase} interrupted ({exc or 'Ctrl-C'}); cancelling this run's statements on the server")
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        if result.status != "succeeded":
+            cancelled = cancel_run_backends(control, params, run_id)
+            log(f"  cancelled {cancelled} statement(s) this run still had running on the server" if cancelled
+                else "  no statement of this run is still running on the server")
+            if recorded:
+                ledger.fail_open_phases(control, run_id)
+        lint_note = _write_lint(folder, env, run_id)
         secrets = database.secrets_in(database.conninfo(params, start=False)) if not params.database.embedded else []
         result.problems = archive.scan_for_secrets(folder, secrets)
         if result.problems:
@@ -130,9 +162,10 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
             "phases": result.phases,
             "headline": _headline(engine, params),
             "secret_scan": result.problems or "clean",
+            "tenancy_lint": lint_note,
         }
         result.manifest_sha256 = archive.write_manifest(folder, manifest)
-        if not dry_run:
+        if recorded:
             ledger.finish_run(control, run_id, result.status, result.manifest_sha256)
         log(f"run {run_id} {result.status}; archive: {folder}")
         return result
@@ -141,8 +174,54 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
         engine.dispose()
 
 
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def cancel_run_backends(control, params, run_id: str) -> int:
+    """Cancel every statement still running under this run's application_name (a kernel killed mid-cell
+    leaves its backend working otherwise), and wait until they have stopped."""
+    from sqlalchemy import text
+
+    pattern = database.application_name(params, "%", run_id)
+    query = text("SELECT pid FROM pg_stat_activity WHERE application_name LIKE :p AND pid <> pg_backend_pid() "
+                 "AND state <> 'idle'")
+    pids = [r[0] for r in control.execute(query, {"p": pattern})]
+    for pid in pids:
+        control.execute(text("SELECT pg_cancel_backend(:pid)"), {"pid": pid})
+    deadline = time.monotonic() + 10
+    while pids and time.monotonic() < deadline:
+        if not control.execute(query, {"p": pattern}).first():
+            break
+        time.sleep(0.1)
+    return len(pids)
+
+
+def _write_lint(folder: Path, env: str, run_id: str) -> str:
+    """The tenancy lint as JSON in the archive (read-only; a failure is noted, it does not fail the run)."""
+    import json
+
+    from . import lint
+    from .phases import validate
+    from .session import PhaseSession
+    try:
+        rb = PhaseSession("validate", env, dry_run=True, run_id=run_id, log=lambda *_: None)
+        try:
+            frame = validate.lint(rb)
+        finally:
+            rb.close()
+    except Exception as exc:  # the database may be unreachable after a failed phase
+        return f"not written: {type(exc).__name__}: {exc}"
+    (folder / "tenancy_lint.json").write_text(json.dumps({
+        "clean": lint.clean(frame), "findings": frame.to_dict("records")}, indent=2) + "\n", encoding="utf-8")
+    failed = int((frame["status"] == lint.FAIL).sum())
+    advisory = int((frame["status"] == lint.ADVISORY).sum())
+    return f"tenancy_lint.json: {len(frame)} findings, {failed} failing" + (
+        f", {advisory} advisory (rls.enabled is false)" if advisory else "")
+
+
 def _run_phase(phase: str, folder: Path, env: str, dry_run: bool, run_id: str, timeout_s: int | None,
-               log: Callable[[str], None]) -> dict[str, Any]:
+               log: Callable[[str], None], force: bool = False) -> dict[str, Any]:
     from papermill.exceptions import PapermillExecutionError
 
     source = paths.notebooks_dir() / NOTEBOOKS[phase]
@@ -152,7 +231,10 @@ def _run_phase(phase: str, folder: Path, env: str, dry_run: bool, run_id: str, t
     t0 = time.monotonic()
     log(f"  {phase} ...")
     try:
-        execute_notebook(source, target, {"env": env, "dry_run": dry_run, "run_id": run_id}, timeout_s)
+        parameters = {"env": env, "dry_run": dry_run, "run_id": run_id}
+        if phase == ROLLBACK:
+            parameters["force"] = force
+        execute_notebook(source, target, parameters, timeout_s)
         record["status"] = "succeeded"
     except PapermillExecutionError as exc:
         record["status"] = "failed"

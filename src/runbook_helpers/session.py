@@ -23,6 +23,7 @@ from .ledger import Ledger
 from .params import Params
 
 PHASES = ["inspect", "seed", "backfill", "constrain", "validate"]
+ROLLBACK = "rollback"  # not part of a run's order: run alone, by `runbook rollback`
 
 
 def default_env() -> str:
@@ -41,8 +42,8 @@ def headless() -> bool:
 class PhaseSession:
     def __init__(self, phase: str, env: str | None = None, *, dry_run: bool = False, run_id: str | None = None,
                  database_name: str | None = None, params: Params | None = None, log=print):
-        if phase not in PHASES:
-            raise RunbookError(f"unknown phase {phase!r}; phases are {', '.join(PHASES)}")
+        if phase not in PHASES + [ROLLBACK]:
+            raise RunbookError(f"unknown phase {phase!r}; phases are {', '.join(PHASES)} (and {ROLLBACK})")
         self.phase = phase
         self.params = params or params_mod.load(env or default_env())
         self.env = self.params.env
@@ -58,6 +59,7 @@ class PhaseSession:
         self._closed = False
         try:
             self.identity = database.identity(self.control)
+            database.check_expected_identity(self.params, self.identity)
             if self.identity.server_version_num < database.MIN_SERVER_VERSION:
                 raise RunbookError(
                     f"the {self.env} server runs PostgreSQL {self.identity.server_version}; the runbook needs 13 or "

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import pandas as pd
 from psycopg import sql
 
-from .. import catalog
+from .. import catalog, faults
 from ..batches import BatchedBackfill
 from ..catalog import TableState
 from ..ddl import ACCESS_EXCLUSIVE_META, ROW_EXCLUSIVE_BATCH, Step, plan_frame, results_frame
@@ -153,6 +153,7 @@ def apply(rb) -> BackfillReport:
             updated, batches, paused = outcome.rows, outcome.batches, outcome.paused_s
             progress.append(job.progress.frame())
         by_default = int(baseline.get(tp.state.name, 0)) if tp.strategy == "fast default" and not rb.dry_run else 0
+        faults.point("backfill.after_table", tp.state.name)
         summary.append({"table": tp.state.name, "strategy": tp.strategy,
                         "rows by default": by_default, "rows updated": updated, "batches": batches,
                         "outcome": "dry run" if rb.dry_run else ("nothing to do" if tp.strategy == "done" else "done"),

@@ -12,6 +12,8 @@ does nothing):
   8. CREATE INDEX CONCURRENTLY on (tenant_id)  SHARE UPDATE EXCLUSIVE, outside any transaction
   9. DROP DEFAULT, when backfill.keep_default is false (the rollout window is over)
  10. ANALYZE, when anything above changed the table
+Then, across tables: composite primary and foreign keys (distribution.composite_keys; see
+distribution.py) and row level security (rls.enabled; see rls.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import pandas as pd
 from psycopg import sql
 
-from .. import names
+from .. import distribution, names, rls
 from ..catalog import TableState
 from ..ddl import (ACCESS_EXCLUSIVE_META, SHARE_ROW_EXCLUSIVE_META, SHARE_UPDATE_EXCLUSIVE, Step, plan_frame,
                    results_frame)
@@ -95,11 +97,23 @@ def _planned_state(rb, st: TableState) -> TableState:
     return st
 
 
+def extra_steps(rb) -> list[Step]:
+    """After every table has tenant_id constrained: composite keys (opt-in), then row level security."""
+    out: list[Step] = []
+    with rb.engine.connect() as conn:
+        if rb.params.distribution.composite_keys:
+            out += distribution.steps(conn, rb.schema, rb.params.tables)
+        if rb.params.rls.enabled:
+            out += rls.steps(rb, conn)
+    return out
+
+
 def _steps(rb) -> list[Step]:
     with rb.engine.connect() as conn:
         states = table_states.core_states(rb, conn)
-    return [s for st in states.values()
-            for s in plan_table(_planned_state(rb, st), rb.schema, rb.params.backfill.keep_default)]
+    per_table = [s for st in states.values()
+                 for s in plan_table(_planned_state(rb, st), rb.schema, rb.params.backfill.keep_default)]
+    return per_table + extra_steps(rb)
 
 
 def plan(rb) -> pd.DataFrame:
@@ -116,6 +130,7 @@ def apply(rb) -> pd.DataFrame:
         with rb.engine.connect() as conn:
             st = table_states.core_state(rb, conn, table)
         results += executor.run_all(plan_table(_planned_state(rb, st), rb.schema, rb.params.backfill.keep_default))
+    results += executor.run_all(extra_steps(rb))
     return results_frame(results)
 
 

@@ -17,7 +17,10 @@ def run_phase(rb) -> dict[str, Any]:
     try:
         if rb.phase == "inspect":
             out["preflight"] = inspect.preflight(rb)
+            inspect.assert_ready(out["preflight"])  # the notebook stops here too, before reading any rows
             out["inventory"] = inspect.inventory(rb)
+            out["lint"] = inspect.lint(rb)
+            out["readiness"] = inspect.distribution_readiness(rb)
             out["baseline"] = inspect.capture_baseline(rb, out["preflight"])
             out["plan"] = inspect.full_plan(rb)
             out["verdict"] = inspect.assert_ready(out["preflight"])
@@ -38,7 +41,9 @@ def run_phase(rb) -> dict[str, Any]:
             out["verdict"] = constrain.assert_constrained(rb)
         elif rb.phase == "validate":
             out["checks"] = validate.checks(rb)
-            out["verdict"] = validate.assert_all_passed(out["checks"], rb.dry_run)
+            out["lint"] = validate.lint(rb)
+            out["isolation"] = validate.isolation_suite(rb)
+            out["verdict"] = validate.assert_all_passed(out["checks"], rb.dry_run, out["lint"], out["isolation"])
         rb.finish(summary={"verdict": out.get("verdict")})
     except BaseException as exc:
         rb.fail(f"{type(exc).__name__}: {exc}")

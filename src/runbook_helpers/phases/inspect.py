@@ -7,6 +7,7 @@ the first run only and never overwritten: it is what 05_validate proves the migr
 from __future__ import annotations
 
 import pandas as pd
+from sqlalchemy import text
 
 from .. import catalog, fingerprint
 from ..ddl import plan_frame
@@ -89,9 +90,29 @@ def preflight(rb) -> pd.DataFrame:
             "BEFORE UPDATE triggers will fire for every backfilled row on: " + ", ".join(
                 f"{n} ({', '.join(core[n].row_update_triggers)})" for n in batched) if batched else "none",
             "check the triggers leave pre-existing columns unchanged, or the fingerprint check will fail" if batched else "")
-    add("row level security", FAIL if p.rls.enabled else OK,
-        "rls.enabled is true, but this version of the runbook does not build RLS yet" if p.rls.enabled else "off",
-        "set rls.enabled: false" if p.rls.enabled else "")
+    if p.rls.enabled:
+        with rb.engine.connect() as conn:
+            role = conn.execute(text("SELECT rolsuper, rolbypassrls, rolcreaterole FROM pg_roles "
+                                     "WHERE rolname = current_user")).mappings().one()
+            app = conn.execute(text("SELECT 1 FROM pg_roles WHERE rolname = :r"), {"r": p.rls.app_role}).first()
+        bypass = role["rolsuper"] or role["rolbypassrls"]
+        add("migration role bypasses row level security", OK if bypass else FAIL,
+            f"{ident.user} is {'superuser' if role['rolsuper'] else ('BYPASSRLS' if bypass else 'subject to RLS')}",
+            "" if bypass else f"ALTER ROLE {ident.user} BYPASSRLS (counts and fingerprints must see every row once "
+                              f"FORCE ROW LEVEL SECURITY is on)")
+        can_create = app is not None or role["rolsuper"] or role["rolcreaterole"]
+        add("application role exists or can be created", OK if can_create else FAIL,
+            f"role {p.rls.app_role} {'exists' if app else 'will be created'}",
+            "" if can_create else f"CREATE ROLE {p.rls.app_role} NOLOGIN, or grant CREATEROLE")
+        if app is not None and not role["rolsuper"]:
+            with rb.engine.connect() as conn:
+                member = conn.execute(text("SELECT pg_has_role(current_user, :r, 'MEMBER')"),
+                                      {"r": p.rls.app_role}).scalar()
+            add("isolation suite can act as the application role", OK if member else FAIL,
+                f"{ident.user} {'is' if member else 'is not'} a member of {p.rls.app_role}",
+                "" if member else f"GRANT {p.rls.app_role} TO {ident.user} (the suite uses SET ROLE)")
+    else:
+        add("row level security", OK, "off (rls.enabled: false)")
     return pd.DataFrame(rows, columns=["check", "status", "detail", "fix"])
 
 
@@ -179,6 +200,9 @@ def capture_baseline(rb, pre: pd.DataFrame | None = None) -> pd.DataFrame:
             captured = rb.ledger.record_baseline(rb.control, name, count, fp, columns, rb.run_id)
             status = "captured now" if captured else "kept (captured concurrently)"
         rows.append({"table": name, "rows": count, "fingerprint": fp, "columns": len(columns), "status": status})
+    if store:
+        from .. import legacy
+        legacy.capture(rb)  # the keys, columns and objects rollback restores
     return pd.DataFrame(rows, columns=["table", "rows", "fingerprint", "columns", "status"])
 
 
@@ -190,6 +214,7 @@ def full_plan(rb) -> pd.DataFrame:
         steps += tp.steps
         projected = tp.state if tp.strategy == "done" else backfill.project(tp.state, system_id)
         steps += constrain.plan_table(projected, rb.schema, rb.params.backfill.keep_default)
+    steps += constrain.extra_steps(rb)
     with rb.engine.connect() as conn:
         return plan_frame(steps, conn)
 
@@ -204,3 +229,20 @@ def plan_summary(plan: pd.DataFrame, inventory_frame: pd.DataFrame) -> pd.DataFr
                      "backfill": "; ".join(mine[mine["phase"] == "backfill"]["action"]) or "nothing",
                      "constrain statements": int((mine["phase"] == "constrain").sum())})
     return pd.DataFrame(rows, columns=["table", "backfill", "constrain statements"])
+
+
+def lint(rb) -> pd.DataFrame:
+    """The tenancy lint as things stand (05_validate enforces it; before constrain most rules are to do)."""
+    from .. import lint as lint_mod
+    return lint_mod.run(rb)
+
+
+def lint_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    from .. import lint as lint_mod
+    return lint_mod.summary(frame)
+
+
+def distribution_readiness(rb) -> pd.DataFrame:
+    """Ready for sharding by tenant_id? (distribution.composite_keys makes keys composite in constrain)"""
+    from .. import distribution
+    return distribution.readiness(rb)

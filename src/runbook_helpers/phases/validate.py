@@ -10,7 +10,8 @@ import pandas as pd
 from psycopg import sql
 from sqlalchemy.exc import DBAPIError
 
-from .. import catalog, fingerprint
+from .. import catalog, fingerprint, isolation, rls
+from .. import lint as lint_mod
 from ..errors import RunbookError
 from ..names import TENANT_COLUMN
 from ..sqltext import render
@@ -70,9 +71,41 @@ def checks(rb) -> pd.DataFrame:
         add("row count equals baseline", name, int(base["row_count"]), count)
         add("pre-existing columns unchanged (fingerprint)", name, base["fingerprint"], fp)
 
+    if rb.params.rls.enabled:
+        with rb.engine.connect() as conn:
+            problems = rls.role_problems(conn, rb.schema, rb.params.rls.app_role, rb.params.tables)
+        add("application role cannot bypass isolation", rb.params.rls.app_role, "no problems",
+            "; ".join(problems) or "no problems")
+
     for query in rb.params.validate_.smoke_queries:
         add("smoke query runs", query.name, "runs", _smoke(rb, query.sql))
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def lint(rb) -> pd.DataFrame:
+    """The tenancy lint, enforced here: every finding must pass or be accepted in params with a reason.
+
+    With row level security off in params the findings are advice (shown, archived, not failing): an
+    environment that has not opted into isolation is not failed for lacking it."""
+    frame = lint_mod.run(rb)
+    return frame if rb.params.rls.enabled else lint_mod.advisory(frame)
+
+
+def lint_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    return lint_mod.summary(frame)
+
+
+def isolation_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    return isolation.summary(frame)
+
+
+def isolation_suite(rb) -> pd.DataFrame:
+    """The isolation attacks, as the application role, in a transaction that is rolled back (empty when
+    row level security is off, or in a dry run: probe rows draw sequence values, which PostgreSQL never
+    rolls back)."""
+    if not rb.params.rls.enabled or rb.dry_run:
+        return pd.DataFrame(columns=isolation.COLUMNS)
+    return isolation.run(rb)
 
 
 def _smoke(rb, statement: str) -> str:
@@ -94,12 +127,20 @@ def summary(results: pd.DataFrame) -> pd.DataFrame:
     return grouped[["check", "passed", "failed"]]
 
 
-def assert_all_passed(results: pd.DataFrame, dry_run: bool = False) -> str:
-    failed = results[~results["passed"]]
+def assert_all_passed(results: pd.DataFrame, dry_run: bool = False, lint: pd.DataFrame | None = None,
+                      isolation_results: pd.DataFrame | None = None) -> str:
+    """The notebook's last cell: raise with every failed check, lint finding and isolation case."""
+    lines = [f"  - {r.check} [{r.table}]: expected {r.expected}, got {r.actual}"
+             for r in results[~results["passed"]].itertuples()]
+    if lint is not None and len(lint):
+        lines += [f"  - lint {r.rule} [{r.object}]: {r.finding}" for r in lint[lint["status"] == lint_mod.FAIL].itertuples()]
+    if isolation_results is not None and len(isolation_results):
+        lines += [f"  - isolation {r.case} [{r.table}]: expected {r.expected}, got {r.actual}"
+                  for r in isolation_results[~isolation_results["passed"]].itertuples()]
+    total = len(results) + (len(lint) if lint is not None else 0) + (
+        len(isolation_results) if isolation_results is not None else 0)
     if dry_run:
-        return f"dry run: {len(failed)} of {len(results)} checks would fail at this point"
-    if len(failed):
-        lines = "\n".join(f"  - {r.check} [{r.table}]: expected {r.expected}, got {r.actual}"
-                          for r in failed.itertuples())
-        raise RunbookError(f"{len(failed)} of {len(results)} checks failed:\n{lines}")
-    return f"all {len(results)} checks passed"
+        return f"dry run: {len(lines)} of {total} checks would fail at this point"
+    if lines:
+        raise RunbookError(f"{len(lines)} of {total} checks failed:\n" + "\n".join(lines))
+    return f"all {total} checks passed"
