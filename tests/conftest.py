@@ -25,7 +25,8 @@ from runbook_helpers.session import PHASES, PhaseSession
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_ENV = "ci"
-TEMPLATE = "runbook_test_template"
+# one template per pytest-xdist worker: workers build theirs at the same time on the one server
+TEMPLATE = f"runbook_test_template_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
 TEMPLATE_ROWS = 3000     # workflows in the per-test databases
 TEMPLATE_SCALE = 0.1     # the other tables at a tenth of the demo size
 # The ci params turn on row level security and composite keys (issue 5). Tests of the core steps

@@ -143,6 +143,7 @@ def test_killed_while_a_statement_runs_on_the_server(db, tmp_path, step, lock):
     assert_complete_and_intact(db)
 
 
+@pytest.mark.serial  # restarts the server every test uses
 @pytest.mark.parametrize("fault", ["backfill.after_batch=knowledge_bases#2", "ddl.after_step=set tenant_id NOT NULL#3"])
 def test_server_restarted_mid_phase_then_rerun_completes(db, server, tmp_path, fault):
     marker = tmp_path / "paused"

@@ -19,8 +19,10 @@ OTHER = [b for b in server.system_bin_dirs() if server.major_version(b) != serve
 
 @pytest.mark.skipif(not OTHER, reason="no second PostgreSQL major version installed under /usr/lib/postgresql")
 @pytest.mark.parametrize("bin_dir", OTHER, ids=lambda b: f"pg{server.major_version(b)}")
-def test_the_whole_runbook_on_another_major_version(bin_dir):
-    env = {"RUNBOOK_PG_BIN": str(bin_dir)}
+def test_the_whole_runbook_on_another_major_version(bin_dir, home):
+    # a checkout copy with its own runs/ (so it runs beside the runner tests); the servers stay in .runbook/
+    (home / ".runbook").symlink_to(ROOT / ".runbook")
+    env = {"RUNBOOK_PG_BIN": str(bin_dir), "RUNBOOK_HOME": str(home)}
     major = server.major_version(bin_dir)
     try:
         started = runbook_cli("db", "start", "--env", "ci", env=env)
@@ -30,10 +32,9 @@ def test_the_whole_runbook_on_another_major_version(bin_dir):
         again = runbook_cli("db", "start", "--env", "ci", env=env)
         assert "(reused)" in again.stdout
         assert runbook_cli("demo-db", "--env", "ci", env=env).returncode == 0
-        before = set((ROOT / "runs" / "ci").glob("*"))
         result = runbook_cli("run", "--env", "ci", env=env)
         assert result.returncode == 0, result.stdout + result.stderr
-        folder = sorted(set((ROOT / "runs" / "ci").glob("*")) - before)[-1]
+        folder = next((home / "runs" / "ci").iterdir())
         manifest = json.loads((folder / "manifest.json").read_text())
         assert manifest["status"] == "succeeded"
         assert manifest["server"]["version"].startswith(f"{major}.")

@@ -123,6 +123,7 @@ def test_cli_db_on_a_real_env_says_it_has_no_embedded_server():
     assert "uses a DSN from $RUNBOOK_STAGING_DSN; it has no embedded server" in result.stderr
 
 
+@pytest.mark.serial  # the ci demo database
 def test_cli_reset_rebuilds_the_demo_database(server):
     with psycopg.connect(server.url("tenancy_demo"), autocommit=True) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS leftover (x int)")

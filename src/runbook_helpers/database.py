@@ -181,6 +181,7 @@ SELECT a.pid, a.usename AS "user", a.application_name, a.client_addr::text AS cl
        date_trunc('second', now() - a.backend_start) AS connected_for
 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.locktype = 'advisory' AND l.classid = :cls AND l.objid = :obj AND l.granted
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
 """)
 
 

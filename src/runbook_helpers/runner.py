@@ -11,6 +11,7 @@ import os
 import signal
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -123,9 +124,17 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
         os.environ.update(_kernel_environment(env, run_id))
         result = RunResult(run_id, folder, "succeeded")
         previous = signal.signal(signal.SIGTERM, _terminate)
+        # HTML renderings are made in the background while the next notebook runs (nbconvert's first
+        # export costs seconds); all are finished before the secret scan and the manifest.
+        html = ThreadPoolExecutor(max_workers=1, thread_name_prefix="html")
+        html.submit(archive.warm_up_html)
+        renderings: list[tuple[dict[str, Any], Future]] = []
         try:
             for phase in wanted:
                 record = _run_phase(phase, folder, env, dry_run, run_id, cell_timeout_s, log, force)
+                target = folder / record["notebook"]
+                if target.exists():
+                    renderings.append((record, html.submit(archive.export_html, target)))
                 record_run()
                 result.phases.append(record)
                 if record["status"] != "succeeded":
@@ -138,6 +147,12 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
             log(f"  {phase} interrupted ({exc or 'Ctrl-C'}); cancelling this run's statements on the server")
         finally:
             signal.signal(signal.SIGTERM, previous)
+            for record, rendering in renderings:
+                try:
+                    rendering.result()
+                except Exception as exc:  # an HTML failure must not hide the phase's own outcome
+                    record["html_error"] = f"{type(exc).__name__}: {exc}"
+            html.shutdown()
         if result.status != "succeeded":
             cancelled = cancel_run_backends(control, params, run_id)
             log(f"  cancelled {cancelled} statement(s) this run still had running on the server" if cancelled
@@ -245,11 +260,6 @@ def _run_phase(phase: str, folder: Path, env: str, dry_run: bool, run_id: str, t
         record["error"] = f"{type(exc).__name__}: {exc}"
     record["finished_at"] = datetime.now(timezone.utc).isoformat()
     record["seconds"] = round(time.monotonic() - t0, 2)
-    if target.exists():
-        try:
-            archive.export_html(target)
-        except Exception as exc:  # an HTML failure must not hide the phase's own outcome
-            record["html_error"] = f"{type(exc).__name__}: {exc}"
     line = f"  {phase} {record['status']} in {record['seconds']:.1f} s"
     if record["status"] != "succeeded":
         line += f"\n    {record.get('error')}\n    see {target}"

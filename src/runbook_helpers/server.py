@@ -11,6 +11,7 @@ with useradd on first use), and the folders above the data and binaries get the 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import os
@@ -21,6 +22,7 @@ import stat
 import subprocess
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -224,8 +226,21 @@ class EmbeddedServer:
         if account is not None:
             os.chown(settings, account.pw_uid, account.pw_gid)
 
+    @contextmanager
+    def _exclusive(self):
+        """One start at a time per env: two processes starting the same server (parallel test workers, two
+        terminals) must not both run initdb or pg_ctl start on one data folder."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".start.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
     def start(self) -> tuple[Status, str]:
         """Start the server, or reuse the one already running. Returns the status and what was done."""
+        with self._exclusive():
+            return self._start()
+
+    def _start(self) -> tuple[Status, str]:
         current = self.status()
         if current.running:
             return current, "reused"
