@@ -14,16 +14,14 @@ arguments give the same rows on every run and every server version.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 from psycopg import sql
 
 from . import paths
+from .drizzle import Migration, journal
 
 # Default table sizes; `rows` sets workflows, `scale` multiplies the rest (about 100k rows in total).
 BASE_SIZES = {
@@ -340,29 +338,8 @@ def drizzle_dir() -> Path:
     return paths.project_root() / "demo" / "drizzle"
 
 
-@dataclass(frozen=True)
-class DrizzleMigration:
-    tag: str
-    when: int
-    path: Path
-
-    @property
-    def sql_text(self) -> str:
-        return self.path.read_text(encoding="utf-8")
-
-    @property
-    def hash(self) -> str:
-        """Drizzle's own hash: sha256 of the migration file's text."""
-        return hashlib.sha256(self.sql_text.encode("utf-8")).hexdigest()
-
-    def statements(self) -> list[str]:
-        return [s.strip() for s in self.sql_text.split("--> statement-breakpoint") if s.strip()]
-
-
-def drizzle_migrations(folder: Path | None = None) -> list[DrizzleMigration]:
-    folder = folder or drizzle_dir()
-    journal = json.loads((folder / "meta" / "_journal.json").read_text(encoding="utf-8"))
-    return [DrizzleMigration(e["tag"], int(e["when"]), folder / f"{e['tag']}.sql") for e in journal["entries"]]
+def drizzle_migrations(folder: Path | None = None) -> list[Migration]:
+    return journal(folder or drizzle_dir())
 
 
 def sizes(rows: int = DEFAULT_ROWS, scale: float = 1.0) -> dict[str, int]:

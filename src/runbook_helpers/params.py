@@ -115,6 +115,13 @@ class DistributionParams(_Strict):
     composite_keys: bool = False  # primary keys and foreign keys between tenant tables become (tenant_id, …)
 
 
+class DrizzleParams(_Strict):
+    folder: str | None = None                # the application's migrations folder (meta/_journal.json + .sql)
+    schema_: str = Field(default="drizzle", alias="schema")
+    table: str = "__drizzle_migrations"
+    record_after_validate: list[str] = []    # tags whose end state the runbook produces, recorded after validate
+
+
 class SmokeQuery(_Strict):
     name: str
     sql: str
@@ -147,6 +154,7 @@ class Params(_Strict):
     inspect: InspectParams = InspectParams()
     rls: RlsParams = RlsParams()
     distribution: DistributionParams = DistributionParams()
+    drizzle: DrizzleParams = DrizzleParams()
     validate_: ValidateParams = Field(default=ValidateParams(), alias="validate")
     archive: ArchiveParams = ArchiveParams()
     demo: DemoParams = DemoParams()

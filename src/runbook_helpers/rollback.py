@@ -14,7 +14,7 @@ import pandas as pd
 from psycopg import sql
 from sqlalchemy import text
 
-from . import catalog, distribution, legacy, names, rls
+from . import catalog, distribution, drizzle, legacy, names, rls
 from .ddl import (ACCESS_EXCLUSIVE_META, ROW_EXCLUSIVE_BATCH, SHARE_ROW_EXCLUSIVE_META, SHARE_UPDATE_EXCLUSIVE, Step,
                   plan_frame, results_frame)
 from .errors import RunbookError
@@ -77,6 +77,11 @@ def steps(rb) -> list[Step]:
         tenants_oid = catalog.relation_oid(conn, schema, "tenants")
         states = {t: catalog.table_state(conn, schema, t, tenants_oid) for t in p.tables}
 
+        # 0. Drizzle: forget what the hand-over recorded, so `drizzle-kit migrate` sees those as pending again
+        for m in drizzle.recorded_by_runbook(conn, p):
+            out.append(Step(PHASE, None, f"forget Drizzle's record of {m.tag}", drizzle.forget_statement(p, m),
+                            "ROW EXCLUSIVE on the Drizzle migrations table (one row)",
+                            "the schema goes back to before this migration, so Drizzle must see it as pending"))
         # 1. row level security, its roles' grants, views back to their options
         for name, st in states.items():
             for pol in rls.policies(conn, st.oid) if st.oid else []:

@@ -21,6 +21,7 @@ def run_phase(rb) -> dict[str, Any]:
             out["inventory"] = inspect.inventory(rb)
             out["lint"] = inspect.lint(rb)
             out["readiness"] = inspect.distribution_readiness(rb)
+            out["drizzle"] = inspect.drizzle_status(rb)
             out["baseline"] = inspect.capture_baseline(rb, out["preflight"])
             out["plan"] = inspect.full_plan(rb)
             out["verdict"] = inspect.assert_ready(out["preflight"])
@@ -44,6 +45,7 @@ def run_phase(rb) -> dict[str, Any]:
             out["lint"] = validate.lint(rb)
             out["isolation"] = validate.isolation_suite(rb)
             out["verdict"] = validate.assert_all_passed(out["checks"], rb.dry_run, out["lint"], out["isolation"])
+            out["drizzle"] = validate.hand_over_to_drizzle(rb)
         rb.finish(summary={"verdict": out.get("verdict")})
     except BaseException as exc:
         rb.fail(f"{type(exc).__name__}: {exc}")

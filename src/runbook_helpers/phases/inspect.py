@@ -9,7 +9,7 @@ from __future__ import annotations
 import pandas as pd
 from sqlalchemy import text
 
-from .. import catalog, fingerprint
+from .. import catalog, drizzle, fingerprint
 from ..ddl import plan_frame
 from ..errors import RunbookError
 from ..names import TENANT_COLUMN
@@ -114,6 +114,12 @@ def preflight(rb) -> pd.DataFrame:
     else:
         add("row level security", OK, "off (rls.enabled: false)")
     return pd.DataFrame(rows, columns=["check", "status", "detail", "fix"])
+
+
+def drizzle_status(rb) -> pd.DataFrame:
+    """The application's Drizzle migrations: applied, pending or DRIFTED, and which of them its next
+    `drizzle-kit migrate` would run (empty when params name no drizzle folder)."""
+    return drizzle.status(rb)
 
 
 def assert_ready(pre: pd.DataFrame) -> str:

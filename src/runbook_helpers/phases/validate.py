@@ -10,7 +10,7 @@ import pandas as pd
 from psycopg import sql
 from sqlalchemy.exc import DBAPIError
 
-from .. import catalog, fingerprint, isolation, rls
+from .. import catalog, drizzle, fingerprint, isolation, rls
 from .. import lint as lint_mod
 from ..errors import RunbookError
 from ..names import TENANT_COLUMN
@@ -80,6 +80,12 @@ def checks(rb) -> pd.DataFrame:
     for query in rb.params.validate_.smoke_queries:
         add("smoke query runs", query.name, "runs", _smoke(rb, query.sql))
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def hand_over_to_drizzle(rb) -> pd.DataFrame:
+    """After the verdict: record the Drizzle migrations whose end state the runbook produced
+    (drizzle.record_after_validate) with created_at = the journal's `when`; empty when params name none."""
+    return drizzle.hand_over(rb)
 
 
 def lint(rb) -> pd.DataFrame:

@@ -1,0 +1,129 @@
+"""The Drizzle hand-over: inspect reports each migration as applied, pending or drifted; after validate the
+runbook records 0001 with created_at = the journal's `when`, so Drizzle's own rule runs a later 0002 and
+never 0001."""
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+
+from runbook_helpers import drizzle, params as params_mod
+from runbook_helpers.errors import RunbookError
+
+
+def folder_with_0002(tmp_path, source):
+    """A copy of the application's drizzle folder with a later migration 0002 added to the journal."""
+    folder = tmp_path / "drizzle"
+    shutil.copytree(source, folder)
+    journal = json.loads((folder / "meta" / "_journal.json").read_text())
+    last = journal["entries"][-1]
+    journal["entries"].append(dict(last, idx=last["idx"] + 1, when=last["when"] + 86_400_000, tag="0002_workflow_notes"))
+    (folder / "meta" / "_journal.json").write_text(json.dumps(journal, indent=2))
+    (folder / "0002_workflow_notes.sql").write_text('ALTER TABLE "workflows" ADD COLUMN "notes" text;')
+    return folder
+
+
+def status_of(db, params=None):
+    rb = db.session("inspect", params=params)
+    try:
+        return drizzle.status(rb).set_index("tag")
+    finally:
+        rb.close()
+
+
+def recorded_rows(db):
+    with db.connect() as conn:
+        return conn.execute("SELECT hash, created_at FROM drizzle.__drizzle_migrations ORDER BY id").fetchall()
+
+
+def test_before_the_migration_0000_is_applied_and_0001_pending(db):
+    status = status_of(db)
+    assert status.loc["0000_tenancy_tables", "state"] == "applied"
+    assert status.loc["0001_tenant_columns", "state"] == "pending"
+    assert status.loc["0001_tenant_columns", "next migrate"] == "runs"  # and it would fail on tables with rows
+    assert status.loc["0000_tenancy_tables", "next migrate"] == "skipped"
+
+
+def test_after_validate_0001_is_recorded_at_its_when_and_drizzle_would_run_only_0002(db, tmp_path):
+    out = db.run()  # every phase; validate hands over after its verdict
+    handed = out["validate"]["drizzle"]
+    assert list(handed["tag"]) == ["0001_tenant_columns"] and list(handed["outcome"]) == ["recorded"]
+    migrations = drizzle.journal(drizzle.folder_of(db.params))
+    assert recorded_rows(db) == [(m.hash, m.when) for m in migrations]  # created_at = when, exactly
+    assert set(status_of(db)["state"]) == {"applied"}
+
+    # Drizzle's own rule, on the application's folder with a later migration added
+    later = folder_with_0002(tmp_path, drizzle.folder_of(db.params))
+    rows = _recorded_frame(db)
+    assert drizzle.would_apply(drizzle.journal(later), rows) == ["0002_workflow_notes"]
+    params = params_mod.override(db.params, {"drizzle": {"folder": str(later)}})
+    status = status_of(db, params)
+    assert status.loc["0001_tenant_columns", "next migrate"] == "skipped"
+    assert status.loc["0002_workflow_notes", ["state", "next migrate"]].tolist() == ["pending", "runs"]
+
+    # a second validate records nothing more
+    again = db.run("validate")["validate"]["drizzle"]
+    assert again.empty
+    assert len(recorded_rows(db)) == 2
+
+
+def test_recording_at_the_wrong_time_would_break_the_rule_both_ways(db, tmp_path):
+    """Why created_at must be the journal's when: 'now' would make Drizzle skip a later 0002 (whose when is
+    older than now); nothing recorded would make it re-run 0001 on tables that already have tenant_id."""
+    later = drizzle.journal(folder_with_0002(tmp_path, drizzle.folder_of(db.params)))
+    base = _recorded_frame(db)
+    as_now = pd.concat([base, pd.DataFrame([{"id": 9, "hash": later[1].hash, "created_at": 4_102_444_800_000}])])
+    assert drizzle.would_apply(later, as_now) == []
+    assert drizzle.would_apply(later, base) == ["0001_tenant_columns", "0002_workflow_notes"]
+
+
+def test_a_changed_file_shows_as_drifted_and_blocks_the_hand_over(db, tmp_path):
+    folder = tmp_path / "drizzle"
+    shutil.copytree(drizzle.folder_of(db.params), folder)
+    (folder / "0000_tenancy_tables.sql").write_text((folder / "0000_tenancy_tables.sql").read_text() + "\n-- edited\n")
+    params = params_mod.override(db.params, {"drizzle": {"folder": str(folder),
+                                                         "record_after_validate": ["0000_tenancy_tables"]}})
+    status = status_of(db, params)
+    assert status.loc["0000_tenancy_tables", "state"] == "DRIFTED"
+    assert "the file changed since" in status.loc["0000_tenancy_tables", "note"]
+    rb = db.session("validate", params=params)
+    try:
+        with pytest.raises(RunbookError, match="0000_tenancy_tables: a row is recorded at its `when` with another hash"):
+            drizzle.hand_over(rb)
+    finally:
+        rb.close()
+    assert len(recorded_rows(db)) == 1
+
+
+def test_a_tag_the_journal_does_not_have_is_one_clear_message(db):
+    params = params_mod.override(db.params, {"drizzle": {"record_after_validate": ["0001_tenant_colums"]}})
+    rb = db.session("validate", params=params)
+    try:
+        with pytest.raises(RunbookError, match="names 0001_tenant_colums, which the journal .* does not have"):
+            drizzle.hand_over(rb)
+    finally:
+        rb.close()
+    assert len(recorded_rows(db)) == 1
+
+
+def _recorded_frame(db):
+    with db.connect() as conn:
+        rows = conn.execute("SELECT id, hash, created_at FROM drizzle.__drizzle_migrations ORDER BY id").fetchall()
+    return pd.DataFrame(rows, columns=["id", "hash", "created_at"])
+
+
+def test_rollback_forgets_the_record_so_drizzle_sees_0001_pending_again(db):
+    from runbook_helpers import rollback
+    before = recorded_rows(db)
+    db.run()
+    assert len(recorded_rows(db)) == 2
+    rb = db.session("rollback")
+    try:
+        applied = rollback.apply(rb)
+        assert rollback.assert_rolled_back(rb).startswith("the database is back")
+    finally:
+        rb.close()
+    assert "forget Drizzle's record of 0001_tenant_columns" in set(applied["action"])
+    assert recorded_rows(db) == before
+    assert status_of(db).loc["0001_tenant_columns", "state"] == "pending"
