@@ -37,13 +37,15 @@ def server() -> EmbeddedServer:
 
 
 def base_params() -> params_mod.Params:
-    """The local env (embedded server) with base.yaml's backfill settings: local.yaml shrinks batches for
-    the demo's sake, and a benchmark measures the defaults a real environment gets."""
+    """The local env (embedded server) with base.yaml's settings for what is measured: local.yaml shrinks
+    batches and turns on RLS, composite keys and the Drizzle hand-over for the demo's sake; a benchmark
+    measures the defaults a real environment gets (one core table, no other table to rewrite keys of)."""
     import yaml
 
     from runbook_helpers import paths
     base = yaml.safe_load((paths.params_dir() / "base.yaml").read_text())
-    return params_mod.override(params_mod.load(ENV), {"backfill": base["backfill"]})
+    return params_mod.override(params_mod.load(ENV), {k: base[k] for k in ("backfill", "rls", "distribution",
+                                                                          "drizzle")})
 
 
 def admin() -> psycopg.Connection:

@@ -66,3 +66,25 @@ def test_composite_keys_resume_from_an_interrupted_run(db):
                                       "foreign keys between tenant tables include tenant_id"])]["ready"].all()
     assert db.scalar("SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n "
                      "ON n.oid = c.relnamespace WHERE n.nspname = 'public' AND NOT i.indisvalid") == 0
+
+
+def test_a_primary_key_referenced_from_outside_the_spec_is_kept_and_said_so(db):
+    """A table the spec leaves out references workflows(id): swapping the primary key would mean dropping
+    that foreign key, so the key stays (id), the composite keys reference the (tenant_id, id) unique index,
+    and readiness names what holds it. Constrain and validate still pass."""
+    db.execute("CREATE TABLE workflow_runs (id bigserial PRIMARY KEY, workflow_id bigint REFERENCES workflows (id))")
+    db.execute("INSERT INTO workflow_runs (workflow_id) SELECT id FROM workflows ORDER BY id LIMIT 50")
+    out = db.run("inspect", "seed", "backfill", "constrain", "validate")
+    assert out["validate"]["checks"]["passed"].all()
+    with db.connect() as conn:
+        assert conn.execute("SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = "
+                            "'workflows'::regclass AND contype = 'p'").fetchone()[0] == "PRIMARY KEY (id)"
+        assert conn.execute("SELECT pg_get_constraintdef(oid), convalidated FROM pg_constraint WHERE conname = "
+                            "'rules_tenant_id_workflow_id_workflows_fk'").fetchone() == (
+            "FOREIGN KEY (tenant_id, workflow_id) REFERENCES workflows(tenant_id, id) ON DELETE CASCADE", True)
+        assert conn.execute("SELECT count(*) FROM workflow_runs").fetchone()[0] == 50
+    row = readiness(db).set_index(["check", "object"]).loc[("primary key includes tenant_id", "workflows")]
+    assert not row["ready"]
+    assert "referenced from outside the spec by workflow_runs.workflow_runs_workflow_id_fkey" in row["finding"]
+    # the other tables' keys did become composite
+    assert readiness(db).set_index(["check", "object"])["ready"][("primary key includes tenant_id", "models")]

@@ -94,6 +94,21 @@ def index_valid(conn: Connection, schema: str, name: str) -> bool | None:
                         {"s": schema, "n": name}).scalar()
 
 
+EXTERNAL_REFS_SQL = text("""
+SELECT ch.relname AS child, con.conname
+FROM pg_constraint con JOIN pg_class ch ON ch.oid = con.conrelid JOIN pg_namespace n ON n.oid = ch.relnamespace
+WHERE con.contype = 'f' AND con.confrelid = :oid AND NOT (n.nspname = :schema AND ch.relname = ANY(:tables))
+ORDER BY 1, 2
+""")
+
+
+def external_references(conn: Connection, schema: str, oid: int, tables: list[str]) -> list[str]:
+    """Foreign keys from tables outside the spec that reference this table: they depend on its primary key,
+    which therefore cannot be swapped for (tenant_id, ...) without dropping them."""
+    return [f"{r.child}.{r.conname}" for r in conn.execute(
+        EXTERNAL_REFS_SQL, {"oid": oid, "schema": schema, "tables": tables})]
+
+
 def steps(conn: Connection, schema: str, tables: list[str]) -> list[Step]:
     """What remains to make every primary key and tenant-table foreign key composite, from the catalog."""
     tenants_oid = catalog.relation_oid(conn, schema, "tenants")
@@ -154,6 +169,9 @@ def steps(conn: Connection, schema: str, tables: list[str]) -> list[Step]:
                             SHARE_UPDATE_EXCLUSIVE, "scans without blocking reads or writes", long_scan=True))
     for name, pk_cols in pending_pk.items():
         st = states[name]
+        if external_references(conn, schema, st.oid, tables):
+            continue  # the primary key stays; (tenant_id, ...) is a unique index the composite keys reference.
+            # distribution_readiness names the references that hold it.
         current = pk_name(conn, st.oid)
         out.append(Step(PHASE, name, f"make the primary key ({TENANT_COLUMN}, {', '.join(pk_cols)})",
                         sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}, ADD CONSTRAINT {} PRIMARY KEY USING INDEX {}").format(
@@ -190,7 +208,10 @@ def readiness(rb) -> pd.DataFrame:
                 continue
             add("tenant_id is bigint", name, st.column_type or "absent (backfill adds it as bigint)",
                 st.column_type in (None, "bigint"))
-            add("primary key includes tenant_id", name, f"({', '.join(st.pk_columns) or 'none'})",
+            held = [] if TENANT_COLUMN in st.pk_columns or not st.pk_columns else \
+                external_references(conn, rb.schema, st.oid, p.tables)
+            add("primary key includes tenant_id", name, f"({', '.join(st.pk_columns) or 'none'})" + (
+                f"; kept by composite_keys: referenced from outside the spec by {', '.join(held)}" if held else ""),
                 TENANT_COLUMN in st.pk_columns)
         for u in catalog.unique_without_tenant(conn, rb.schema, p.tables).itertuples():
             if u.kind == "primary key":
