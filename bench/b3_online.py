@@ -123,7 +123,8 @@ def main() -> dict:
     rows = b2_batched.rows()
     rate = int(os.environ.get("BENCH_B3_RATE", "200"))
     tpl = b2_batched.template()
-    report = common.Report("B3 online", "python -m bench b3")
+    sized = "" if rows == 5_000_000 else f"BENCH_B2_ROWS={rows} "
+    report = common.Report("B3 online", f"{sized}python -m bench b3")
     sides = (("runbook", runbook_side), ("naive", naive_side))
     if os.environ.get("BENCH_B3_ONLY"):
         sides = tuple(s for s in sides if s[0] == os.environ["BENCH_B3_ONLY"])
