@@ -5,11 +5,8 @@ from runbook_helpers import distribution, params as params_mod
 
 
 def readiness(db, params=None):
-    rb = db.session("inspect", params=params)
-    try:
+    with db.session("inspect", params=params) as rb:
         return distribution.readiness(rb)
-    finally:
-        rb.close()
 
 
 def test_readiness_before_and_after_composite_keys(db):

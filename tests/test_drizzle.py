@@ -25,16 +25,18 @@ def folder_with_0002(tmp_path, source):
 
 
 def status_of(db, params=None):
-    rb = db.session("inspect", params=params)
-    try:
+    with db.session("inspect", params=params) as rb:
         return drizzle.status(rb).set_index("tag")
-    finally:
-        rb.close()
 
 
-def recorded_rows(db):
-    with db.connect() as conn:
-        return conn.execute("SELECT hash, created_at FROM drizzle.__drizzle_migrations ORDER BY id").fetchall()
+def recorded_frame(db) -> pd.DataFrame:
+    """drizzle.__drizzle_migrations as the runbook reads it: id, hash, created_at."""
+    with db.session("inspect") as rb, rb.engine.connect() as conn:
+        return drizzle.recorded(conn, db.params)
+
+
+def recorded_rows(db) -> list[tuple[str, int]]:
+    return [(r.hash, int(r.created_at)) for r in recorded_frame(db).itertuples()]
 
 
 def test_before_the_migration_0000_is_applied_and_0001_pending(db):
@@ -55,7 +57,7 @@ def test_after_validate_0001_is_recorded_at_its_when_and_drizzle_would_run_only_
 
     # Drizzle's own rule, on the application's folder with a later migration added
     later = folder_with_0002(tmp_path, drizzle.folder_of(db.params))
-    rows = _recorded_frame(db)
+    rows = recorded_frame(db)
     assert drizzle.would_apply(drizzle.journal(later), rows) == ["0002_workflow_notes"]
     params = params_mod.override(db.params, {"drizzle": {"folder": str(later)}})
     status = status_of(db, params)
@@ -72,7 +74,7 @@ def test_recording_at_the_wrong_time_would_break_the_rule_both_ways(db, tmp_path
     """Why created_at must be the journal's when: 'now' would make Drizzle skip a later 0002 (whose when is
     older than now); nothing recorded would make it re-run 0001 on tables that already have tenant_id."""
     later = drizzle.journal(folder_with_0002(tmp_path, drizzle.folder_of(db.params)))
-    base = _recorded_frame(db)
+    base = recorded_frame(db)
     as_now = pd.concat([base, pd.DataFrame([{"id": 9, "hash": later[1].hash, "created_at": 4_102_444_800_000}])])
     assert drizzle.would_apply(later, as_now) == []
     assert drizzle.would_apply(later, base) == ["0001_tenant_columns", "0002_workflow_notes"]
@@ -87,30 +89,19 @@ def test_a_changed_file_shows_as_drifted_and_blocks_the_hand_over(db, tmp_path):
     status = status_of(db, params)
     assert status.loc["0000_tenancy_tables", "state"] == "DRIFTED"
     assert "the file changed since" in status.loc["0000_tenancy_tables", "note"]
-    rb = db.session("validate", params=params)
-    try:
+    with db.session("validate", params=params) as rb:
         with pytest.raises(RunbookError, match="0000_tenancy_tables: a row is recorded at its `when` with another hash"):
             drizzle.hand_over(rb)
-    finally:
-        rb.close()
     assert len(recorded_rows(db)) == 1
 
 
 def test_a_tag_the_journal_does_not_have_is_one_clear_message(db):
     params = params_mod.override(db.params, {"drizzle": {"record_after_validate": ["0001_tenant_colums"]}})
-    rb = db.session("validate", params=params)
-    try:
+    with db.session("validate", params=params) as rb:
         with pytest.raises(RunbookError, match="names 0001_tenant_colums, which the journal .* does not have"):
             drizzle.hand_over(rb)
-    finally:
-        rb.close()
     assert len(recorded_rows(db)) == 1
 
-
-def _recorded_frame(db):
-    with db.connect() as conn:
-        rows = conn.execute("SELECT id, hash, created_at FROM drizzle.__drizzle_migrations ORDER BY id").fetchall()
-    return pd.DataFrame(rows, columns=["id", "hash", "created_at"])
 
 
 def test_rollback_forgets_the_record_so_drizzle_sees_0001_pending_again(db):
@@ -118,12 +109,9 @@ def test_rollback_forgets_the_record_so_drizzle_sees_0001_pending_again(db):
     before = recorded_rows(db)
     db.run()
     assert len(recorded_rows(db)) == 2
-    rb = db.session("rollback")
-    try:
+    with db.session("rollback") as rb:
         applied = rollback.apply(rb)
         assert rollback.assert_rolled_back(rb).startswith("the database is back")
-    finally:
-        rb.close()
     assert "forget Drizzle's record of 0001_tenant_columns" in set(applied["action"])
     assert recorded_rows(db) == before
     assert status_of(db).loc["0001_tenant_columns", "state"] == "pending"

@@ -16,11 +16,8 @@ def migrated(db):
 
 
 def suite(db):
-    rb = db.session("validate")
-    try:
+    with db.session("validate") as rb:
         return validate.isolation_suite(rb)
-    finally:
-        rb.close()
 
 
 def failing(frame):

@@ -13,11 +13,8 @@ def migrated(db):
 
 
 def run(db, params=None):
-    rb = db.session("validate", params=params)
-    try:
+    with db.session("validate", params=params) as rb:
         return lint.run(rb)
-    finally:
-        rb.close()
 
 
 def failing(frame):
@@ -91,12 +88,9 @@ def test_with_rls_off_validate_reports_the_lint_as_advice_and_does_not_fail_on_i
 
     params = params_mod.override(db.params, {"rls": {"enabled": False}, "distribution": {"composite_keys": False}})
     db.run("inspect", "seed", "backfill", "constrain", params=params)
-    rb = db.session("validate", params=params)
-    try:
+    with db.session("validate", params=params) as rb:
         frame = validate.lint(rb)
         results = validate.checks(rb)
-    finally:
-        rb.close()
     assert not (frame["status"] == lint.FAIL).any()
     advice = frame[frame["status"] == lint.ADVISORY]
     assert ("RLS enabled and forced", "workflows") in {(r.rule, r.object) for r in advice.itertuples()}

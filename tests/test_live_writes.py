@@ -8,6 +8,7 @@ import psycopg
 import pytest
 
 from runbook_helpers import params as params_mod
+from runbook_helpers.phases import validate
 
 pytestmark = pytest.mark.slow
 
@@ -59,13 +60,9 @@ def test_the_legacy_application_writes_through_every_phase(db):
         results = {}
         for phase in ("inspect", "seed", "backfill", "constrain"):
             results[phase] = db.run(phase, params=params)[phase]
-        rb = db.session("validate", params=params)
-        from runbook_helpers.phases import validate
-        try:
+        with db.session("validate", params=params) as rb:
             checks = validate.checks(rb)
             isolation = validate.isolation_suite(rb)
-        finally:
-            rb.close()
         time.sleep(0.3)
     finally:
         app.stop.set()

@@ -9,11 +9,8 @@ from runbook_helpers.phases import validate
 
 
 def checks_of(db):
-    rb = db.session("validate")
-    try:
+    with db.session("validate") as rb:
         return validate.checks(rb)
-    finally:
-        rb.close()
 
 
 def failing(frame):

@@ -139,6 +139,12 @@ class PhaseSession:
             finally:
                 self._phase_run = None
 
+    def __enter__(self) -> "PhaseSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         if self._closed:
             return
