@@ -3,6 +3,7 @@ red when the protection it relies on is removed."""
 
 import pytest
 
+from runbook_helpers import params as params_mod
 from runbook_helpers.phases import validate
 
 PROBE_SETTING = "app.current_tenant_id"
@@ -15,8 +16,8 @@ def migrated(db):
     return db
 
 
-def suite(db):
-    with db.session("validate") as rb:
+def suite(db, params=None):
+    with db.session("validate", params=params) as rb:
         return validate.isolation_suite(rb)
 
 
@@ -70,14 +71,18 @@ def test_a_missing_with_check_goes_red(migrated):
     assert failing(suite(migrated)) == {("UPDATE moving a row to another tenant", "models")}
 
 
-def test_bypassrls_on_the_app_role_goes_red(migrated):
-    role = migrated.params.rls.app_role
-    migrated.execute(f"ALTER ROLE {role} BYPASSRLS")
+def test_bypassrls_on_the_app_role_goes_red(db):
+    # A role is cluster-wide: this test gives BYPASSRLS to an app role of its own, never to the one that the
+    # tests running beside it (other databases, same server) use.
+    role = "app_user_bypass_probe"
+    params = params_mod.override(db.params, {"rls": {"app_role": role}})
+    db.run("inspect", "seed", "backfill", "constrain", params=params)
+    db.execute(f"ALTER ROLE {role} BYPASSRLS")
     try:
-        red = failing(suite(migrated))
+        red = failing(suite(db, params))
     finally:
-        migrated.execute(f"ALTER ROLE {role} NOBYPASSRLS")
-    for table in migrated.params.tables:
+        db.execute(f"ALTER ROLE {role} NOBYPASSRLS")
+    for table in db.params.tables:
         assert ("tenant sees exactly its own rows", table) in red
         assert ("cross-tenant SELECT by key", table) in red
     assert ("setting never set in this session", "workflows") in red
