@@ -1,7 +1,9 @@
 """The legacy demo database: the application's single-tenant schema before migration, with its quirks.
 
 Quirks reproduced on purpose: `"user"` (a reserved word) with array columns of org ids and role ids;
-`org_id` columns without foreign keys, some pointing at orgs that no longer exist; a composite primary
+`org_id` columns without foreign keys, some pointing at orgs that no longer exist; the legacy mapping's
+ambiguities (emails equal but for case, a user whose org_user role disagrees with role_ids, org_ids
+naming orgs that are gone, endpoints whose denormalised org_id differs from their workflow's); a composite primary
 key (widgets); an updated_at trigger and a dependent view on workflows; a unique constraint that will
 not include tenant_id; and knowledge_bases carrying a nullable tenant_id from an earlier hand-applied
 attempt (a third of its rows filled, the rest NULL), so both backfill strategies run. The tables belong
@@ -162,6 +164,7 @@ CREATE TABLE endpoints (
   id bigserial NOT NULL,
   uuid uuid NOT NULL,
   workflow_id bigint,
+  org_id bigint,
   method text NOT NULL,
   path text NOT NULL,
   auth text NOT NULL DEFAULT 'token',
@@ -214,7 +217,8 @@ SELECT md5('user-' || %(s)s || '-' || i)::uuid,
        'User ' || i,
        CASE WHEN mod(i, 5) = 0
             THEN ARRAY[1 + mod(i * 7 + %(s)s, %(org)s::int), 1 + mod(i * 13 + %(s)s, %(org)s::int)]::bigint[]
-            ELSE ARRAY[1 + mod(i * 7 + %(s)s, %(org)s::int)]::bigint[] END,
+            ELSE ARRAY[1 + mod(i * 7 + %(s)s, %(org)s::int)]::bigint[] END
+         || CASE WHEN mod(i, 50) = 0 THEN ARRAY[9100 + mod(i, 3)]::bigint[] ELSE '{}'::bigint[] END,
        ARRAY[1 + mod(i, 4)]::bigint[],
        timestamptz '2022-01-01 00:00+00' + i * interval '1 hour',
        timestamptz '2023-01-01 00:00+00' + i * interval '1 hour'
@@ -222,10 +226,12 @@ FROM generate_series(1, %(user)s::int) AS i;
 
 INSERT INTO org_user (org_id, user_id, role, created_at)
 SELECT DISTINCT ON (o.org_id, u.id) o.org_id, u.id,
-       (ARRAY['owner','admin','editor','viewer'])[1 + mod(u.id::int, 4)],
+       CASE WHEN mod(u.id, 40) = 0 AND o.k = 2 THEN 'viewer'
+            ELSE (ARRAY['owner','admin','editor','viewer'])[1 + mod(u.id::int, 4)] END,
        u.created_at
-FROM "user" u CROSS JOIN LATERAL unnest(u.org_ids) AS o(org_id)
-ORDER BY o.org_id, u.id;
+FROM "user" u CROSS JOIN LATERAL unnest(u.org_ids) WITH ORDINALITY AS o(org_id, k)
+WHERE o.org_id IN (SELECT id FROM org)
+ORDER BY o.org_id, u.id, o.k DESC;
 
 INSERT INTO node_types (key, label, schema)
 SELECT 'node.' || i, 'Node type ' || i, jsonb_build_object('inputs', mod(i, 4) + 1, 'outputs', mod(i, 3) + 1)
@@ -291,13 +297,16 @@ SELECT t, p, (ARRAY['chart','table','form','text'])[1 + mod(t + p, 4)],
        timestamptz '2024-06-01 00:00+00' + t * interval '2 hours' + p * interval '1 minute'
 FROM generate_series(1, %(templates)s::int) AS t, generate_series(0, %(widgets_per_template)s::int - 1) AS p;
 
-INSERT INTO endpoints (uuid, workflow_id, method, path, auth, created_at, updated_at)
-SELECT md5('endpoint-' || %(s)s || '-' || i)::uuid, 1 + mod(i * 3571 + %(s)s, %(workflows)s::bigint),
+INSERT INTO endpoints (uuid, workflow_id, org_id, method, path, auth, created_at, updated_at)
+SELECT md5('endpoint-' || %(s)s || '-' || i)::uuid, w.id,
+       CASE WHEN mod(i, 101) = 0 THEN 1 + mod(coalesce(w.org_id, 0), %(org)s::int) ELSE w.org_id END,
        (ARRAY['GET','POST','PUT','DELETE'])[1 + mod(i, 4)], '/api/v1/hooks/' || i,
        (ARRAY['token','oauth','none'])[1 + mod(i, 3)],
        timestamptz '2023-07-01 00:00+00' + i * interval '83 seconds',
        timestamptz '2024-07-01 00:00+00' + i * interval '89 seconds'
-FROM generate_series(1, %(endpoints)s::int) AS i;
+FROM generate_series(1, %(endpoints)s::int) AS i
+JOIN workflows w ON w.id = 1 + mod(i * 3571 + %(s)s, %(workflows)s::bigint)
+ORDER BY i;
 """
 
 # The earlier hand-applied attempt: a nullable tenant_id on knowledge_bases, the System Tenant inserted
