@@ -155,7 +155,8 @@ def test_killed_mid_backfill_resumes_from_the_checkpoint_and_fills_every_row(db)
     db.execute("INSERT INTO knowledge_bases (uuid, org_id, name) SELECT gen_random_uuid(), 1, 'kb ' || i "
                "FROM generate_series(1, 60000) i")
     nulls = db.scalar("SELECT count(*) FROM knowledge_bases WHERE tenant_id IS NULL")
-    overrides = json.dumps({"backfill": {"batch_size": 1000, "pause_ms": 30}})
+    # the test's own params: ci.yaml with the legacy mapping off, as db.run used them for inspect and seed
+    overrides = json.dumps({"backfill": {"batch_size": 1000, "pause_ms": 30}, "legacy": {"enabled": False}})
     env = dict(os.environ, RUNBOOK_HEADLESS="1")
     proc = subprocess.Popen([sys.executable, "-c", WORKER, db.name, overrides], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)

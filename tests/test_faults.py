@@ -146,6 +146,11 @@ def test_killed_while_a_statement_runs_on_the_server(db, tmp_path, step, lock):
 @pytest.mark.serial  # restarts the server every test uses
 @pytest.mark.parametrize("fault", ["backfill.after_batch=knowledge_bases#2", "ddl.after_step=set tenant_id NOT NULL#3"])
 def test_server_restarted_mid_phase_then_rerun_completes(db, server, tmp_path, fault):
+    # The test database was cloned from the template (CREATE DATABASE ... STRATEGY WAL_LOG) a moment ago: until
+    # the next checkpoint its sequences hand out values without WAL-logging them, and crash recovery restores
+    # the copied page, so tenants_id_seq would go back under the tenants seed inserted. A real database has
+    # been checkpointed since it was created; so is this one before the crash.
+    db.execute("CHECKPOINT")
     marker = tmp_path / "paused"
     proc = run_worker(db, FORWARD, f"{fault}@hang", marker, wait=False)
     wait_for(marker)

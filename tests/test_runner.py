@@ -1,5 +1,6 @@
 """`runbook run` end to end: papermill executes the five notebooks, the run is archived and verifiable."""
 
+import csv
 import hashlib
 import json
 import time
@@ -9,7 +10,7 @@ import psycopg
 import pytest
 
 from conftest import ROOT, runbook_cli
-from runbook_helpers import archive, database
+from runbook_helpers import archive, database, legacy_checks
 from runbook_helpers.phases.headless import run_phase
 from runbook_helpers.server import EmbeddedServer
 from runbook_helpers.session import PHASES, PhaseSession
@@ -70,6 +71,11 @@ def test_run_dry_run_then_for_real_then_again(server):
                          "05_validate.ipynb"]
     assert htmls == [n.replace(".ipynb", ".html") for n in notebooks]
     assert manifest["files"] == {p.name: sha256(p) for p in folder.iterdir() if p.name != "manifest.json"}
+    # ci.yaml opts into the legacy mapping: every planted ambiguity kind is in the archive's CSV
+    with open(folder / "legacy_ambiguities.csv", newline="") as f:
+        kinds = {row["kind"] for row in csv.DictReader(f)}
+    assert kinds == set(legacy_checks.KINDS) - {legacy_checks.NO_ROLE}
+    assert manifest["legacy_ambiguities"].startswith("legacy_ambiguities.csv: ")
     assert manifest["server"]["database"] == "tenancy_demo" and manifest["server"]["version"]
     assert manifest["params"]["system_tenant"]["uuid"] == "00000000-0000-4000-8000-000000000001"
     assert manifest["headline"]["baseline_rows"] > 90_000

@@ -27,6 +27,7 @@ from sqlalchemy.exc import DBAPIError
 from . import catalog, faults
 from .catalog import TableState
 from .errors import LockNotAcquired, RunbookError
+from .legacy_mapping import Assignment, system_assignment
 from .names import TENANT_COLUMN
 from .progress import Progress
 from .sqltext import render
@@ -86,7 +87,7 @@ class KeysetSpace:
             return limit, True
         return list(row), False
 
-    def update(self, conn: Connection, lower: Key, upper: Key) -> tuple[str, list]:
+    def update(self, conn: Connection, lower: Key, upper: Key, assign: Assignment) -> tuple[str, list]:
         conds, args = [], []
         if lower is not None:
             conds.append(sql.SQL("{} > {}").format(self._row(), self._bound()))
@@ -94,9 +95,7 @@ class KeysetSpace:
         if upper is not None:
             conds.append(sql.SQL("{} <= {}").format(self._row(), self._bound()))
             args += upper
-        conds.append(sql.SQL("{} IS NULL").format(COL))
-        query = sql.SQL("UPDATE {} SET {} = %s WHERE {}").format(self.st.qualified, COL, sql.SQL(" AND ").join(conds))
-        return render(conn, query), args
+        return _update(conn, self.st, conds, assign), args
 
 
 class CtidSpace:
@@ -146,7 +145,7 @@ class CtidSpace:
             return None, True
         return [str(end)], False
 
-    def update(self, conn: Connection, lower: Key, upper: Key) -> tuple[str, list]:
+    def update(self, conn: Connection, lower: Key, upper: Key, assign: Assignment) -> tuple[str, list]:
         conds, args = [], []
         if lower is not None:
             conds.append(sql.SQL("ctid >= %s::tid"))
@@ -154,9 +153,14 @@ class CtidSpace:
         if upper is not None:
             conds.append(sql.SQL("ctid < %s::tid"))
             args.append(f"({int(upper[0])},0)")
-        conds.append(sql.SQL("{} IS NULL").format(COL))
-        query = sql.SQL("UPDATE {} SET {} = %s WHERE {}").format(self.st.qualified, COL, sql.SQL(" AND ").join(conds))
-        return render(conn, query), args
+        return _update(conn, self.st, conds, assign), args
+
+
+def _update(conn: Connection, st: TableState, conds: list[sql.Composable], assign: Assignment) -> str:
+    """One batch's UPDATE: the key range, then the rows still pending, set to the assignment's value."""
+    query = sql.SQL("UPDATE {} SET {} = {} WHERE {}").format(
+        st.qualified, COL, assign.value, sql.SQL(" AND ").join([*conds, assign.pending]))
+    return render(conn, query)
 
 
 # --- throttling -------------------------------------------------------------------------------------
@@ -267,10 +271,12 @@ class Outcome:
 
 
 class BatchedBackfill:
-    """Fills NULL tenant_id of one table with the System Tenant, resumably, in parallel if asked."""
+    """Fills NULL tenant_id of one table with the System Tenant (or, with an assignment from the legacy
+    mapping, each row with its org's tenant), resumably, in parallel if asked."""
 
-    def __init__(self, rb, st: TableState, system_id: int):
+    def __init__(self, rb, st: TableState, system_id: int, assignment: Assignment | None = None):
         self.rb, self.st, self.system_id = rb, st, system_id
+        self.assign = assignment or system_assignment(system_id)
         self.params = rb.params.backfill
         self.label = f"backfill {st.name}"
         keys = list(rb.params.core_tables[st.name].key or st.pk_columns)
@@ -322,7 +328,7 @@ class BatchedBackfill:
     def run(self) -> Outcome:
         rb = self.rb
         with rb.engine.connect() as conn:
-            remaining = catalog.null_tenant_count(conn, rb.schema, self.st.name)
+            remaining = self.assign.count(conn, self.st)
         parts = self._parts(remaining)
         before = rb.ledger.checkpoint(rb.control, self.st.name)
         from .session import headless
@@ -334,16 +340,16 @@ class BatchedBackfill:
                 self._run_parts([p for p in parts if p["finished_at"] is None], throttle)
                 passes += 1
                 with rb.engine.connect() as conn:
-                    remaining = catalog.null_tenant_count(conn, rb.schema, self.st.name)
+                    remaining = self.assign.count(conn, self.st)
                 if not remaining:
                     break
                 current_pass = max(p["pass"] for p in rb.ledger.parts(rb.control, self.st.name))
                 if current_pass >= self.params.max_passes:
                     raise RunbookError(
-                        f"{self.st.name}: {remaining:,} rows still have NULL tenant_id after {self.params.max_passes} "
-                        f"passes; something writes NULL explicitly. Find it (the DEFAULT covers inserts that omit "
+                        f"{self.st.name}: {remaining:,} rows still have no tenant after {self.params.max_passes} "
+                        f"passes; something writes NULL (or the System Tenant) explicitly. Find it (the DEFAULT covers inserts that omit "
                         f"tenant_id), then re-run this notebook.")
-                rb.log(f"{self.label}: {remaining:,} NULL rows appeared meanwhile; sweeping again")
+                rb.log(f"{self.label}: {remaining:,} rows without their tenant appeared meanwhile; sweeping again")
                 rb.ledger.next_pass(rb.control, self.st.name, remaining)
                 parts = rb.ledger.parts(rb.control, self.st.name)
                 self.progress.total += remaining
@@ -403,6 +409,13 @@ class BatchedBackfill:
                 # and the re-run redoes them. Meanwhile the batches stop queueing fsyncs ahead of the application's.
                 driver.execute("SET synchronous_commit = off")
                 driver.commit()
+            skip_triggers = bool(self.st.triggers) and catalog.can_skip_triggers(conn)
+            conn.commit()
+            if skip_triggers:
+                # the application's triggers (updated_at, audit rows) must not fire for the backfill's own
+                # updates: they would change pre-existing columns. Its own sessions are unaffected.
+                driver.execute("SET session_replication_role = replica")
+                driver.commit()
             self._workers.append(driver)
             throttle.pids.add(driver.info.backend_pid)
             try:
@@ -411,8 +424,8 @@ class BatchedBackfill:
                     faults.point("backfill.before_batch", self.st.name)
                     upper, last = self.space.next_upper(conn, cursor, limit, size)
                     conn.commit()
-                    statement, args = self.space.update(conn, cursor, upper)
-                    seconds = self._batch(conn, statement, [self.system_id] + args, part["part"],
+                    statement, args = self.space.update(conn, cursor, upper, self.assign)
+                    seconds = self._batch(conn, statement, args, part["part"],
                                           upper if upper is not None else cursor)
                     if last:
                         with conn.begin():  # the worker's own connection: rb.control is not shared across threads
@@ -427,6 +440,10 @@ class BatchedBackfill:
             finally:
                 throttle.pids.discard(driver.info.backend_pid)
                 self._workers.remove(driver)
+                if skip_triggers and not driver.closed:
+                    driver.rollback()
+                    driver.execute("RESET session_replication_role")
+                    driver.commit()
 
     def _batch(self, conn: Connection, statement: str, args: list, part: int, new_last: Key) -> float:
         """One batch and its checkpoint in one transaction; lock timeouts climb the retry ladder."""

@@ -177,6 +177,15 @@ def table_state(conn: Connection, schema: str, name: str, tenants_oid: int | Non
     return state
 
 
+def can_skip_triggers(conn: Connection) -> bool:
+    """Whether this role may SET session_replication_role = replica (superuser, or granted SET on it in 15+),
+    which keeps the application's row triggers from firing on the backfill's own updates."""
+    return bool(conn.exec_driver_sql(
+        "SELECT rolsuper OR (current_setting('server_version_num')::int >= 150000 "
+        "AND has_parameter_privilege('session_replication_role', 'SET')) FROM pg_roles WHERE rolname = current_user"
+    ).scalar())
+
+
 def _is_not_null_check(definition: str) -> bool:
     normalized = " ".join(definition.replace("(", " ").replace(")", " ").split()).lower()
     return normalized.startswith(f"check {TENANT_COLUMN} is not null")

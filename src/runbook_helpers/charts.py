@@ -122,3 +122,29 @@ def before_after(checks: pd.DataFrame) -> Image:
     ax.set_title("Rows per core table: baseline vs now (red: differs)")
     fig.tight_layout()
     return png(fig)
+
+
+def rows_per_tenant(counts: pd.DataFrame, top: int = 15) -> Image:
+    """Rows per tenant across the core tables, stacked by table: the biggest tenants (the total of all of them is
+    proven by validate's per-tenant sums)."""
+    fig, ax = _figure()
+    if counts.empty:
+        ax.text(0.5, 0.5, "no tenant_id yet", ha="center", va="center")
+        ax.set_axis_off()
+        return png(fig)
+    data = counts.assign(label=counts["tenant"].str.slice(0, 24) + " (" + counts["tenant_id"].astype(str) + ")")
+    totals = data.groupby("label")["rows"].sum().sort_values(ascending=False)
+    keep = list(totals.index[:top])
+    data = data[data["label"].isin(keep)]
+    pivot = data.pivot_table(index="label", columns="table", values="rows", aggfunc="sum", fill_value=0)
+    pivot = pivot.loc[pivot.sum(axis=1).sort_values().index]
+    left = pd.Series(0.0, index=pivot.index)
+    for table in sorted(pivot.columns):
+        ax.barh(pivot.index, pivot[table].astype(float), left=left, label=table)
+        left += pivot[table]
+    ax.set_xlabel("rows")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(f"Rows per tenant after the migration: the {len(keep)} largest of {len(totals)} tenants")
+    fig.tight_layout()
+    return png(fig)

@@ -43,9 +43,18 @@ class DatabaseParams(_Strict):
     expect: ExpectedIdentity | None = None                   # refuse to run against any other database
 
 
+class ParentSpec(_Strict):
+    table: str                                # a core table whose rows carry the tenant
+    column: str                               # this table's column referencing the parent's primary key
+
+
 class TableSpec(_Strict):
     key: list[str] | None = None
     batch_size: int | None = Field(default=None, gt=0)
+    # legacy mapping (legacy.enabled): where a row's org comes from. `parent` wins where both are given
+    # (a child must share its parent's tenant); rows with neither get the System Tenant.
+    org_column: str | None = None             # a column holding the legacy org id
+    parent: ParentSpec | None = None          # the tenant of the parent row (e.g. rules -> workflows)
 
 
 class SystemTenantParams(_Strict):
@@ -122,6 +131,31 @@ class DrizzleParams(_Strict):
     record_after_validate: list[str] = []    # tags whose end state the runbook produces, recorded after validate
 
 
+class LegacyRoles(_Strict):
+    """How legacy roles become user_tenants.role. Keys are legacy values (org_user.role; the ids in
+    "user".role_ids); values are application roles, all listed in `order` from least to most privileged.
+    A (user, org) pair whose sources disagree gets the least privileged of them, and is listed."""
+    org_user: dict[str, str] = {}
+    role_ids: dict[int, str] = {}
+    order: list[str] = []
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "LegacyRoles":
+        unknown = sorted((set(self.org_user.values()) | set(self.role_ids.values())) - set(self.order))
+        if unknown:
+            raise ValueError(f"legacy.roles.order: {', '.join(unknown)} mapped but not ranked; list every "
+                             f"application role in order, least privileged first")
+        if len(set(self.order)) != len(self.order):
+            raise ValueError("legacy.roles.order: a role is listed twice")
+        return self
+
+
+class LegacyParams(_Strict):
+    enabled: bool = False                    # true: orgs become tenants, users and memberships are migrated
+    tenant_uuid_namespace: UUID = UUID("6f1d3a4e-2b7c-4e0a-9c55-1d2e3f405162")  # uuid3(namespace, org.uuid)
+    roles: LegacyRoles = LegacyRoles()
+
+
 class SmokeQuery(_Strict):
     name: str
     sql: str
@@ -155,6 +189,7 @@ class Params(_Strict):
     rls: RlsParams = RlsParams()
     distribution: DistributionParams = DistributionParams()
     drizzle: DrizzleParams = DrizzleParams()
+    legacy: LegacyParams = LegacyParams()
     validate_: ValidateParams = Field(default=ValidateParams(), alias="validate")
     archive: ArchiveParams = ArchiveParams()
     demo: DemoParams = DemoParams()
@@ -181,6 +216,12 @@ class Params(_Strict):
                 "database.dsn_env: a real environment names the environment variable holding its DSN "
                 "(e.g. dsn_env: RUNBOOK_STAGING_DSN), or sets embedded: true"
             )
+        for name, spec in self.core_tables.items():
+            if spec.parent is not None and (spec.parent.table not in self.core_tables or spec.parent.table == name):
+                raise ValueError(f"core_tables.{name}.parent: {spec.parent.table!r} is not another core table; a row "
+                                 f"takes its tenant from a parent that gets tenant_id too")
+        if self.legacy.enabled and not self.legacy.roles.order:
+            raise ValueError("legacy.roles: legacy.enabled needs the role map (org_user, role_ids, order)")
         return self
 
     @property

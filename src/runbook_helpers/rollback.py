@@ -3,7 +3,8 @@
 It works from what inspect recorded before the first change (legacy.py): the original keys and indexes,
 whether tenant_id existed and which rows already had a value, whether the tenancy tables and the System
 Tenant existed, each view's options. It refuses, naming tables and counts, while any row belongs to a
-tenant other than the System Tenant (those rows would lose their tenant), unless forced. Every statement
+tenant other than the System Tenant and the legacy mapping's tenants (those rows would lose their tenant),
+unless forced; what the legacy mapping inserted is deleted, as the ledger records it. Every statement
 is a Step with its lock, like the forward phases: policies and constraints go with brief metadata locks,
 indexes CONCURRENTLY, and the original keys come back NOT VALID, then VALIDATE, then swap.
 """
@@ -15,6 +16,7 @@ from psycopg import sql
 from sqlalchemy import text
 
 from . import catalog, distribution, drizzle, legacy, names, rls
+from . import legacy_mapping as mapping
 from .ddl import (ACCESS_EXCLUSIVE_META, ROW_EXCLUSIVE_BATCH, SHARE_ROW_EXCLUSIVE_META, SHARE_UPDATE_EXCLUSIVE, Step,
                   plan_frame, results_frame)
 from .errors import RunbookError
@@ -26,24 +28,34 @@ from .sqltext import render
 PHASE = "rollback"
 
 
+def _created_tenants(conn, p) -> sql.Composable:
+    """The ids of the tenants the legacy mapping created (none when it never ran)."""
+    if not mapping.map_tables_exist(conn, p):
+        return sql.SQL("SELECT NULL::bigint WHERE false")
+    return sql.SQL("SELECT tenant_id FROM {} WHERE created").format(mapping.ledger_table(p, "org_tenants"))
+
+
 def foreign_rows(rb) -> pd.DataFrame:
-    """Rows per table that belong to a tenant other than the System Tenant (rollback would orphan them)."""
+    """Rows per table that belong to a tenant other than the System Tenant and the tenants the legacy
+    mapping created (rollback would orphan them: the application put them there)."""
     system = table_states.system_tenant_id(rb)
     rows = []
     with rb.engine.connect() as conn:
+        ours = _created_tenants(conn, rb.params)
         for name in rb.params.tables:
             st = catalog.table_state(conn, rb.schema, name)
             if not st.has_column:
                 continue
-            where = sql.SQL("{} IS DISTINCT FROM %s AND {} IS NOT NULL").format(
-                sql.Identifier(TENANT_COLUMN), sql.Identifier(TENANT_COLUMN))
+            where = sql.SQL("{c} IS DISTINCT FROM %s AND {c} IS NOT NULL AND {c} NOT IN ({ours})").format(
+                c=sql.Identifier(TENANT_COLUMN), ours=ours)
             query = sql.SQL("SELECT count(*) FROM {} WHERE ").format(st.qualified) + where
             count = conn.exec_driver_sql(render(conn, query), (system,)).scalar()
             if count:
                 rows.append({"table": name, "rows of other tenants": int(count)})
         if catalog.relation_oid(conn, rb.schema, "tenants") is not None:
-            others = conn.exec_driver_sql(render(conn, sql.SQL("SELECT count(*) FROM {} WHERE uuid <> %s::uuid").format(
-                sql.Identifier(rb.schema, "tenants"))), (str(rb.params.system_tenant.uuid),)).scalar()
+            others = conn.exec_driver_sql(render(conn, sql.SQL(
+                "SELECT count(*) FROM {} WHERE uuid <> %s::uuid AND id NOT IN ({})").format(
+                sql.Identifier(rb.schema, "tenants"), ours)), (str(rb.params.system_tenant.uuid),)).scalar()
             if others:
                 rows.append({"table": "tenants", "rows of other tenants": int(others)})
     return pd.DataFrame(rows, columns=["table", "rows of other tenants"])
@@ -182,9 +194,12 @@ def steps(rb) -> list[Step]:
                                 ROW_EXCLUSIVE_BATCH, "one UPDATE of the rows the backfill filled (no table lock)",
                                 long_scan=True))
 
-        # 4. seed: the System Tenant and the tables, where they did not exist before
+        # 4. seed: the legacy mapping's users, tenants and memberships, the System Tenant, and the tables,
+        # where they did not exist before
         system = table_states.system_tenant_id(rb)
         existed = {name: objects.get(("table", name), {}).get("existed", True) for name in seed.CONVENTIONS}
+        if existed["tenants"] and existed["users"] and existed["user_tenants"]:
+            out += _mapping_steps(conn, p)
         if system is not None and not objects.get(("system tenant", str(p.system_tenant.uuid)), {}).get("existed", True) \
                 and existed["tenants"]:
             out.append(Step(PHASE, "tenants", "delete the System Tenant", sql.SQL("DELETE FROM {} WHERE uuid = {}").format(
@@ -261,6 +276,28 @@ def plan(rb) -> pd.DataFrame:
         return plan_frame(steps(rb), conn)
 
 
+def _mapping_steps(conn, p) -> list[Step]:
+    """Delete what the legacy mapping inserted (the ledger says which rows it created), memberships first."""
+    if not mapping.map_tables_exist(conn, p):
+        return []
+    s = p.schema_
+    created_users = sql.SQL("SELECT user_id FROM {} WHERE created").format(mapping.ledger_table(p, "user_map"))
+    created_tenants = _created_tenants(conn, p)
+    out = []
+    for table, action, where in (
+            ("user_tenants", "delete the memberships the legacy mapping created",
+             sql.SQL("tenant_id IN ({}) OR user_id IN ({})").format(created_tenants, created_users)),
+            ("users", "delete the users the legacy mapping created", sql.SQL("id IN ({})").format(created_users)),
+            ("tenants", "delete the tenants the legacy mapping created", sql.SQL("id IN ({})").format(created_tenants))):
+        target = sql.Identifier(s, table)
+        n = conn.exec_driver_sql(render(conn, sql.SQL("SELECT count(*) FROM {} WHERE ").format(target) + where)).scalar()
+        if n:
+            out.append(Step(PHASE, table, f"{action} ({n:,} rows)", sql.SQL("DELETE FROM {} WHERE ").format(target) + where,
+                            f"ROW EXCLUSIVE on {table} ({n:,} rows)",
+                            "only rows the ledger records as created by this runbook; no core row refers to them any more"))
+    return out
+
+
 def apply(rb, force: bool = False) -> pd.DataFrame:
     """Refuses while other tenants own rows, unless forced; then runs the plan and forgets the checkpoints."""
     others = foreign_rows(rb)
@@ -273,6 +310,10 @@ def apply(rb, force: bool = False) -> pd.DataFrame:
     if not rb.dry_run and rb.ledger.exists(rb.control):
         rb.control.exec_driver_sql(render(rb.control, sql.SQL("DELETE FROM {}").format(
             sql.Identifier(rb.params.ledger_schema, "backfill_checkpoints"))))
+        if mapping.map_tables_exist(rb.control, rb.params):  # the mapped rows are gone: so is their record
+            for table in ("org_tenants", "user_map"):
+                rb.control.exec_driver_sql(render(rb.control, sql.SQL("DELETE FROM {}").format(
+                    mapping.ledger_table(rb.params, table))))
     return results_frame(results)
 
 

@@ -160,6 +160,7 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
             if recorded:
                 ledger.fail_open_phases(control, run_id)
         lint_note = _write_lint(folder, env, run_id)
+        ambiguities_note = _write_ambiguities(folder, params, env, run_id)
         secrets = database.secrets_in(database.conninfo(params, start=False)) if not params.database.embedded else []
         result.problems = archive.scan_for_secrets(folder, secrets)
         if result.problems:
@@ -178,6 +179,7 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
             "headline": _headline(engine, params),
             "secret_scan": result.problems or "clean",
             "tenancy_lint": lint_note,
+            "legacy_ambiguities": ambiguities_note,
         }
         result.manifest_sha256 = archive.write_manifest(folder, manifest)
         if recorded:
@@ -233,6 +235,24 @@ def _write_lint(folder: Path, env: str, run_id: str) -> str:
     advisory = int((frame["status"] == lint.ADVISORY).sum())
     return f"tenancy_lint.json: {len(frame)} findings, {failed} failing" + (
         f", {advisory} advisory (rls.enabled is false)" if advisory else "")
+
+
+def _write_ambiguities(folder: Path, params, env: str, run_id: str) -> str | None:
+    """legacy_ambiguities.csv in the archive: what the legacy mapping did not guess (read-only; None when the
+    mapping is off; a failure is noted, it does not fail the run)."""
+    from . import legacy_checks
+    from .session import PhaseSession
+    if not params.legacy.enabled:
+        return None
+    try:
+        with PhaseSession("seed", env, dry_run=True, run_id=run_id, log=lambda *_: None) as rb:
+            frame = legacy_checks.ambiguities(rb)
+    except Exception as exc:  # the database may be unreachable after a failed phase
+        return f"not written: {type(exc).__name__}: {exc}"
+    folder.mkdir(parents=True, exist_ok=True)
+    legacy_checks.write_csv(frame, folder / "legacy_ambiguities.csv")
+    kinds = legacy_checks.ambiguity_summary(frame).groupby("kind", sort=False)["cases"].sum()
+    return f"legacy_ambiguities.csv: {len(frame)} cases ({', '.join(f'{k}: {n}' for k, n in kinds.items())})"
 
 
 def _run_phase(phase: str, folder: Path, env: str, dry_run: bool, run_id: str, timeout_s: int | None,

@@ -12,6 +12,11 @@
   Keyset columns: the params' `key`, else the primary key (composite keys compare as rows). A table with
   neither is walked in ctid page ranges (PostgreSQL 14+ scans those ranges directly; 13 scans per batch).
 - default only: the column exists and is filled, but new rows would get NULL: SET DEFAULT.
+- mapped (legacy.enabled, a table with org_column or parent): the fast default first where the column is
+  absent (so no row is ever without a tenant, and new rows get the System Tenant), then the batch engine
+  moves each row whose org maps to a real tenant from NULL or the System Tenant to that tenant. Parents
+  are filled before their children, and a child takes its parent's tenant_id. Same checkpoints, progress
+  and throttling as above.
 The DEFAULT stays for the rollout window; backfill.keep_default: false removes it in constrain.
 """
 
@@ -24,6 +29,7 @@ import pandas as pd
 from psycopg import sql
 
 from .. import catalog, faults
+from .. import legacy_mapping as mapping
 from ..batches import BatchedBackfill
 from ..catalog import TableState
 from ..ddl import ACCESS_EXCLUSIVE_META, ROW_EXCLUSIVE_BATCH, Step, plan_frame, results_frame
@@ -51,21 +57,34 @@ def strategy_for(st: TableState, system_id: int | None, null_count: int | None =
     return "done" if has_default else "default only"
 
 
-def plan_table(st: TableState, system_id: int | None, strategy: str, batch_size: int) -> list[Step]:
+def plan_table(st: TableState, system_id: int | None, strategy: str, batch_size: int,
+               assignment: mapping.Assignment | None = None) -> list[Step]:
     """The statements for one table. The batched UPDATE loop is listed as one step with its lock."""
     tenant = _tenant_literal(system_id)
+    if strategy == "mapped" and not st.has_column:
+        return plan_table(st, system_id, "fast default", batch_size) + plan_table(
+            replace(st, has_column=True, default=str(system_id)), system_id, strategy, batch_size, assignment)
     if strategy == "fast default":
         return [Step(PHASE, st.name, "add tenant_id with the System Tenant as default",
                      sql.SQL("ALTER TABLE {} ADD COLUMN {} bigint DEFAULT {}").format(st.qualified, COL, tenant),
                      ACCESS_EXCLUSIVE_META,
                      "a constant default is stored in the catalog: no row is rewritten or scanned")]
     steps: list[Step] = []
-    if strategy in ("batched", "default only") and (
+    if strategy in ("batched", "default only", "mapped") and (
             system_id is None or table_states.default_value(st.default) != system_id):
         steps.append(Step(PHASE, st.name, "default new rows to the System Tenant",
                           sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT {}").format(st.qualified, COL, tenant),
                           ACCESS_EXCLUSIVE_META,
                           "changes only the catalog; rows the application inserts meanwhile get a tenant"))
+    if strategy == "mapped":
+        keys = key_columns(st, None)
+        how = f"keyset on ({', '.join(keys)})" if keys else "ctid page ranges (no primary key)"
+        value = assignment.value if assignment is not None else sql.SQL("<the tenant of the row's org>")
+        steps.append(Step(PHASE, st.name, f"give each row its org's tenant in batches of {batch_size:,} ({how})",
+                          sql.SQL("UPDATE {} SET {} = {} WHERE <key range of one batch> AND <no tenant or the System "
+                                  "Tenant while the org maps elsewhere>").format(st.qualified, COL, value),
+                          ROW_EXCLUSIVE_BATCH,
+                          "one short transaction per batch with its checkpoint; resumable; no table lock"))
     if strategy == "batched":
         keys = key_columns(st, None)
         how = f"keyset on ({', '.join(keys)})" if keys else "ctid page ranges (no primary key)"
@@ -95,16 +114,39 @@ class TablePlan:
     strategy: str
     null_count: int | None
     steps: list[Step]
+    assignment: mapping.Assignment | None = None
+    to_map: int | None = None  # mapped tables: rows still to move to their org's tenant
+
+
+def _mapped_plan(rb, conn, st: TableState, system_id: int | None) -> TablePlan:
+    """A table the legacy mapping covers: 'mapped' while rows are left to move to their org's tenant."""
+    ready = system_id is not None and mapping.map_tables_exist(conn, rb.params)
+    assignment = mapping.mapped_assignment(conn, rb.params, st.name, system_id) if ready else None
+    if assignment is not None and st.has_column:
+        pending = assignment.count(conn, st)
+    else:  # before seed (a dry run): the rows whose org is a real tenant, and any NULLs
+        pending = mapping.rows_to_map(conn, rb.params, st.name) + (
+            catalog.null_tenant_count(conn, rb.schema, st.name) if st.has_column and not st.not_null else 0)
+    nulls = catalog.null_tenant_count(conn, rb.schema, st.name) if st.has_column and not st.not_null else None
+    strategy = "mapped" if pending else strategy_for(st, system_id, nulls)
+    steps = plan_table(st, system_id, strategy, rb.params.batch_size_for(st.name), assignment)
+    return TablePlan(st, strategy, nulls, steps, assignment, pending)
 
 
 def plans(rb) -> list[TablePlan]:
     system_id = table_states.system_tenant_id(rb)
+    mapped = mapping.mapped_tables(rb.params) if mapping.enabled(rb.params) else {}
     out = []
     with rb.engine.connect() as conn:
-        for name, st in table_states.core_states(rb, conn).items():
+        states = table_states.core_states(rb, conn)
+        for name in mapping.ordered(rb.params, list(states)):
+            st = states[name]
             if not st.exists:
                 raise RunbookError(f"core table {name!r} does not exist in schema {rb.schema!r}; fix the spec "
                                    f"(params core_tables) or create the table. Nothing was changed.")
+            if name in mapped:
+                out.append(_mapped_plan(rb, conn, st, system_id))
+                continue
             nulls = None
             if st.has_column and not st.not_null:
                 nulls = catalog.null_tenant_count(conn, rb.schema, name)
@@ -122,8 +164,11 @@ def plan(rb) -> pd.DataFrame:
 def strategies(rb) -> pd.DataFrame:
     rows = [{"table": p.state.name, "strategy": p.strategy,
              "rows with NULL tenant_id": "n/a (column absent)" if p.null_count is None and not p.state.has_column
-             else (p.null_count if p.null_count is not None else 0)} for p in plans(rb)]
-    return pd.DataFrame(rows, columns=["table", "strategy", "rows with NULL tenant_id"])
+             else (p.null_count if p.null_count is not None else 0),
+             "rows to map to their org's tenant": p.to_map if p.to_map is not None else "n/a (not mapped)"}
+            for p in plans(rb)]
+    return pd.DataFrame(rows, columns=["table", "strategy", "rows with NULL tenant_id",
+                                       "rows to map to their org's tenant"])
 
 
 # --- applying ------------------------------------------------------------------------------------
@@ -147,12 +192,17 @@ def apply(rb) -> BackfillReport:
         ddl_steps = [s for s in tp.steps if s.lock != ROW_EXCLUSIVE_BATCH]
         step_results += executor.run_all(ddl_steps)
         updated, batches, paused = 0, 0, 0.0
-        if tp.strategy == "batched" and not rb.dry_run:
-            job = BatchedBackfill(rb, tp.state, system_id)
+        if tp.strategy in ("batched", "mapped") and not rb.dry_run:
+            assignment = tp.assignment
+            if tp.strategy == "mapped" and assignment is None:
+                raise RunbookError(f"{tp.state.name}: the legacy mapping is not in the ledger yet: run 02_seed "
+                                   f"first. Nothing more was changed.")
+            job = BatchedBackfill(rb, tp.state, system_id, assignment)
             outcome = job.run()
             updated, batches, paused = outcome.rows, outcome.batches, outcome.paused_s
             progress.append(job.progress.frame())
-        by_default = int(baseline.get(tp.state.name, 0)) if tp.strategy == "fast default" and not rb.dry_run else 0
+        added = tp.strategy == "fast default" or (tp.strategy == "mapped" and not tp.state.has_column)
+        by_default = int(baseline.get(tp.state.name, 0)) if added and not rb.dry_run else 0
         faults.point("backfill.after_table", tp.state.name)
         summary.append({"table": tp.state.name, "strategy": tp.strategy,
                         "rows by default": by_default, "rows updated": updated, "batches": batches,

@@ -29,6 +29,7 @@ def run_phase(rb) -> dict[str, Any]:
             out["shape"] = seed.shape_report(rb)
             out["plan"] = seed.plan(rb)
             out["applied"] = seed.apply(rb)
+            out["ambiguities"] = seed.legacy_ambiguities(rb)
             out["verdict"] = seed.assert_seeded(rb)
         elif rb.phase == "backfill":
             out["strategies"] = backfill.strategies(rb)
@@ -42,6 +43,7 @@ def run_phase(rb) -> dict[str, Any]:
             out["verdict"] = constrain.assert_constrained(rb)
         elif rb.phase == "validate":
             out["checks"] = validate.checks(rb)
+            out["tenants"] = validate.rows_per_tenant(rb)
             out["lint"] = validate.lint(rb)
             out["isolation"] = validate.isolation_suite(rb)
             out["verdict"] = validate.assert_all_passed(out["checks"], rb.dry_run, out["lint"], out["isolation"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pandas as pd
 from sqlalchemy import text
 
+from .. import legacy_mapping as mapping
 from .. import catalog, drizzle, fingerprint
 from ..ddl import plan_frame
 from ..errors import RunbookError
@@ -85,11 +86,17 @@ def preflight(rb) -> pd.DataFrame:
         add("no INVALID indexes", WARN if len(invalid) else OK,
             ", ".join(f"{r.table}.{r.index}" for r in invalid.itertuples()) if len(invalid) else "none",
             "tenant_id leftovers are rebuilt by constrain; drop or REINDEX the others" if len(invalid) else "")
-        batched = [n for n, s in core.items() if s.has_column and not s.not_null and s.row_update_triggers]
-        add("no row triggers on batched tables", WARN if batched else OK,
-            "BEFORE UPDATE triggers will fire for every backfilled row on: " + ", ".join(
-                f"{n} ({', '.join(core[n].row_update_triggers)})" for n in batched) if batched else "none",
-            "check the triggers leave pre-existing columns unchanged, or the fingerprint check will fail" if batched else "")
+        mapped = mapping.mapped_tables(p) if mapping.enabled(p) else {}
+        batched = [n for n, s in core.items() if ((s.has_column and not s.not_null) or n in mapped)
+                   and s.row_update_triggers]
+        skip = catalog.can_skip_triggers(conn)
+        listing = ", ".join(f"{n} ({', '.join(core[n].row_update_triggers)})" for n in batched)
+        add("no row triggers on batched tables", WARN if batched and not skip else OK,
+            "none" if not batched else (f"skipped for the backfill's own updates (session_replication_role = "
+                                        f"replica): {listing}" if skip else
+                                        f"BEFORE UPDATE triggers will fire for every backfilled row on: {listing}"),
+            "check the triggers leave pre-existing columns unchanged, or the fingerprint check will fail; or run as "
+            "a role that may SET session_replication_role" if batched and not skip else "")
     if p.rls.enabled:
         with rb.engine.connect() as conn:
             role = conn.execute(text("SELECT rolsuper, rolbypassrls, rolcreaterole FROM pg_roles "
@@ -113,7 +120,26 @@ def preflight(rb) -> pd.DataFrame:
                 "" if member else f"GRANT {p.rls.app_role} TO {ident.user} (the suite uses SET ROLE)")
     else:
         add("row level security", OK, "off (rls.enabled: false)")
+    if mapping.enabled(p) and not missing:
+        add("legacy mapping can run", *_legacy_readiness(rb))
     return pd.DataFrame(rows, columns=["check", "status", "detail", "fix"])
+
+
+def _legacy_readiness(rb) -> tuple[str, str, str]:
+    """The legacy tables exist, every legacy role is in the role map, no child of a mapped table is left
+    unmapped: checked here, so a bad mapping stops inspect before anything is written."""
+    p = rb.params
+    try:
+        with rb.engine.connect() as conn:
+            mapping.check_legacy_tables(conn, p)
+            mapping.check_children(conn, p)
+            unknown = mapping.unknown_roles(conn, p)
+    except RunbookError as exc:
+        return FAIL, str(exc).removesuffix(" Nothing was changed."), "fix legacy or core_tables in params"
+    if unknown:
+        return FAIL, f"legacy roles without a mapping: {'; '.join(unknown)}", "add them to legacy.roles in params"
+    mapped = mapping.mapped_tables(p)
+    return OK, f"{len(mapped)} core tables map to their org's tenant: {', '.join(mapped)}", ""
 
 
 def drizzle_status(rb) -> pd.DataFrame:

@@ -4,6 +4,7 @@ Missing tables are created exactly as the application's Drizzle migration 0000 w
 columns, constraint names and foreign keys), so the hand-over to Drizzle finds the schema it expects.
 Existing tables are never altered: their shape is compared with the convention and differences are
 reported. The System Tenant is inserted by its fixed UUID with ON CONFLICT DO NOTHING: re-runs are no-ops.
+With legacy.enabled, the orgs, users and memberships of the legacy data follow (legacy_seed.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pandas as pd
 from psycopg import sql
 from sqlalchemy import text
 
-from .. import catalog
+from .. import catalog, legacy_checks, legacy_mapping, legacy_seed
 from ..errors import RunbookError
 from ..ddl import NEW_OBJECT, Step, plan_frame, results_frame
 from . import state as table_states
@@ -169,6 +170,9 @@ def steps(rb) -> list[Step]:
         steps.append(Step(PHASE, "tenants", "insert the System Tenant", statement,
                           "ROW EXCLUSIVE on tenants (one row)",
                           "one idempotent insert keyed by the fixed UUID; nothing else is touched"))
+    if legacy_mapping.enabled(rb.params):
+        with rb.engine.connect() as conn:
+            steps += legacy_seed.steps(rb, conn, tables_ready=not missing)
     return steps
 
 
@@ -208,6 +212,20 @@ def counts(rb) -> pd.DataFrame:
     return pd.DataFrame(out, columns=["table", "rows"])
 
 
+def legacy_ambiguities(rb) -> pd.DataFrame:
+    """What the legacy mapping did not guess, one row per case (empty when legacy.enabled is false); the
+    archive keeps all of it as legacy_ambiguities.csv."""
+    return legacy_checks.ambiguities(rb)
+
+
+def legacy_ambiguity_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    return legacy_checks.ambiguity_summary(frame)
+
+
+def legacy_examples(frame: pd.DataFrame) -> pd.DataFrame:
+    return legacy_checks.examples(frame)
+
+
 def assert_seeded(rb) -> str:
     """The notebook's last cell: the tenancy tables and the System Tenant exist (skipped in a dry run)."""
     if rb.dry_run:
@@ -217,6 +235,9 @@ def assert_seeded(rb) -> str:
     if len(missing) or table_states.system_tenant_id(rb) is None:
         raise RunbookError("seed did not finish: " + (", ".join(missing["table"]) + " missing; " if len(missing) else "")
                            + "re-run 02_seed and read the error of the failing cell")
+    left = [s.action for s in steps(rb)]
+    if left:
+        raise RunbookError("seed did not finish: still to do: " + "; ".join(left) + ". Re-run 02_seed.")
     differences = int((~report["ok"]).sum())
     return (f"tenancy tables present, System Tenant id {table_states.system_tenant_id(rb)}"
             + (f"; {differences} convention differences reported above (validate will fail on them)" if differences else ""))

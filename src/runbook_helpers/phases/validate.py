@@ -1,6 +1,6 @@
 """Phase 5: prove it. A table of checks, each with expected and actual; the last cell raises on any failure.
 
-Changes nothing: every query is a read, and the smoke queries run in a READ ONLY transaction that is
+With legacy.enabled it adds the mapping's conservation checks (legacy_checks.py). Changes nothing: every query is a read, and the smoke queries run in a READ ONLY transaction that is
 rolled back.
 """
 
@@ -10,7 +10,7 @@ import pandas as pd
 from psycopg import sql
 from sqlalchemy.exc import DBAPIError
 
-from .. import catalog, drizzle, fingerprint, isolation, rls
+from .. import catalog, drizzle, fingerprint, isolation, legacy_checks, rls
 from .. import lint as lint_mod
 from ..errors import RunbookError
 from ..names import TENANT_COLUMN
@@ -71,6 +71,9 @@ def checks(rb) -> pd.DataFrame:
         add("row count equals baseline", name, int(base["row_count"]), count)
         add("pre-existing columns unchanged (fingerprint)", name, base["fingerprint"], fp)
 
+    for check, table, expected, actual in legacy_checks.conservation(rb, baseline, system_id):
+        add(check, table, expected, actual)
+
     if rb.params.rls.enabled:
         with rb.engine.connect() as conn:
             problems = rls.role_problems(conn, rb.schema, rb.params.rls.app_role, rb.params.tables)
@@ -80,6 +83,11 @@ def checks(rb) -> pd.DataFrame:
     for query in rb.params.validate_.smoke_queries:
         add("smoke query runs", query.name, "runs", _smoke(rb, query.sql))
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def rows_per_tenant(rb) -> pd.DataFrame:
+    """Rows per core table and tenant (for the chart; the checks above prove they add up)."""
+    return legacy_checks.tenant_counts(rb)
 
 
 def hand_over_to_drizzle(rb) -> pd.DataFrame:

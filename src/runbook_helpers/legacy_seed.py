@@ -1,0 +1,128 @@
+"""Seed's part of the legacy mapping: a tenant per org, a user per legacy user, a membership per (user, org).
+
+Each is one set-based INSERT … ON CONFLICT DO NOTHING that also records what it mapped in the ledger
+(org_tenants, user_map), and each is planned only while something is left to insert, so a re-run plans
+nothing. The tenancy tables only grow: no existing row is updated or deleted.
+"""
+
+from __future__ import annotations
+
+from psycopg import sql
+from sqlalchemy.engine import Connection
+
+from . import catalog
+from . import legacy_mapping as mapping
+from .ddl import NEW_OBJECT, Step
+from .errors import RunbookError
+from .sqltext import render
+
+PHASE = "seed"
+
+
+def _count(conn: Connection, query: sql.Composable) -> int:
+    return int(conn.exec_driver_sql(render(conn, query)).scalar())
+
+
+def _tenants(p) -> tuple[sql.Composable, sql.Composable]:
+    s, ot = p.schema_, mapping.ledger_table(p, "org_tenants")
+    wanted = sql.SQL("SELECT o.id AS org_id, {uuid} AS uuid, o.name, o.created_at, o.updated_at FROM {org} o "
+                     "WHERE NOT EXISTS (SELECT 1 FROM {ot} m WHERE m.org_id = o.id)").format(
+        uuid=mapping.org_tenant_uuid(p), org=mapping.org_table(p), ot=ot)
+    insert = sql.SQL(
+        "WITH wanted AS ({wanted}), "
+        "ins AS (INSERT INTO {tenants} (uuid, name, created_at, updated_at) "
+        "  SELECT uuid, name, created_at, updated_at FROM wanted ON CONFLICT (uuid) DO NOTHING RETURNING id, uuid) "
+        "INSERT INTO {ot} (org_id, tenant_uuid, tenant_id, created) "
+        "SELECT w.org_id, w.uuid, coalesce(ins.id, t.id), ins.id IS NOT NULL FROM wanted w "
+        "LEFT JOIN ins ON ins.uuid = w.uuid LEFT JOIN {tenants} t ON t.uuid = w.uuid "
+        "WHERE ins.id IS NOT NULL OR t.id IS NOT NULL").format(
+        wanted=wanted, tenants=sql.Identifier(s, "tenants"), ot=ot)
+    return insert, sql.SQL("SELECT count(*) FROM ({}) x").format(wanted)
+
+
+def _user_candidates(p) -> sql.Composable:
+    """Legacy users with their normalised email; n = 1 for the first (lowest id) of each email."""
+    return sql.SQL(
+        "SELECT u.id, u.uuid, lower(btrim(u.email)) AS email, u.display_name, u.created_at, u.updated_at, "
+        "row_number() OVER (PARTITION BY lower(btrim(u.email)) ORDER BY u.id) AS n, "
+        "min(u.id) OVER (PARTITION BY lower(btrim(u.email))) AS first_id FROM {user} u").format(
+        user=sql.Identifier(p.schema_, mapping.USER))
+
+
+def _users(p) -> tuple[sql.Composable, sql.Composable]:
+    s, um = p.schema_, mapping.ledger_table(p, "user_map")
+    users = sql.Identifier(s, "users")
+    wanted = sql.SQL(
+        "SELECT c.* FROM ({cand}) c WHERE c.n = 1 "
+        "AND NOT EXISTS (SELECT 1 FROM {um} m WHERE m.legacy_user_id = c.id) "
+        "AND NOT EXISTS (SELECT 1 FROM {users} us WHERE us.email = c.email AND us.uuid <> c.uuid)").format(
+        cand=_user_candidates(p), um=um, users=users)
+    insert = sql.SQL(
+        "WITH wanted AS ({wanted}), "
+        "ins AS (INSERT INTO {users} (uuid, email, name, created_at, updated_at) "
+        "  SELECT uuid, email, display_name, created_at, updated_at FROM wanted ON CONFLICT DO NOTHING "
+        "  RETURNING id, uuid) "
+        "INSERT INTO {um} (legacy_user_id, user_id, created) "
+        "SELECT w.id, coalesce(ins.id, us.id), ins.id IS NOT NULL FROM wanted w "
+        "LEFT JOIN ins ON ins.uuid = w.uuid LEFT JOIN {users} us ON us.uuid = w.uuid "
+        "WHERE ins.id IS NOT NULL OR us.id IS NOT NULL").format(wanted=wanted, users=users, um=um)
+    return insert, sql.SQL("SELECT count(*) FROM ({}) x").format(wanted)
+
+
+def _memberships(p) -> tuple[sql.Composable, sql.Composable]:
+    ut = sql.Identifier(p.schema_, "user_tenants")
+    rows = sql.SQL(
+        "SELECT um.user_id, ot.tenant_id, coalesce(pr.role, {least}) AS role FROM pairs pr "
+        "JOIN {um} um ON um.legacy_user_id = pr.user_id JOIN {ot} ot ON ot.org_id = pr.org_id "
+        "WHERE NOT EXISTS (SELECT 1 FROM {ut} x WHERE x.user_id = um.user_id AND x.tenant_id = ot.tenant_id)").format(
+        least=sql.Literal(mapping.least_role(p)), um=mapping.ledger_table(p, "user_map"),
+        ot=mapping.ledger_table(p, "org_tenants"), ut=ut)
+    cte = mapping.pairs_cte(p)
+    insert = sql.SQL("WITH {cte} INSERT INTO {ut} (user_id, tenant_id, role) {rows} "
+                     "ON CONFLICT (user_id, tenant_id) DO NOTHING").format(cte=cte, ut=ut, rows=rows)
+    return insert, sql.SQL("WITH {} SELECT count(*) FROM ({}) x").format(cte, rows)
+
+
+def steps(rb, conn: Connection, tables_ready: bool) -> list[Step]:
+    """The mapping's statements, after the tenancy tables and the System Tenant. Raises, changing nothing,
+    when the legacy tables are missing or a legacy role is not in the role map."""
+    p = rb.params
+    mapping.check_legacy_tables(conn, p)
+    mapping.check_children(conn, p)  # the parent chains are sound, and no child is left behind
+    unknown = mapping.unknown_roles(conn, p)
+    if unknown:
+        raise RunbookError(f"legacy roles without a mapping: {'; '.join(unknown)}. Add them to legacy.roles in "
+                           f"params (org_user or role_ids, and order). Nothing was changed.")
+    out: list[Step] = []
+    maps_exist = mapping.map_tables_exist(conn, p)
+    if not maps_exist:
+        out.append(Step(PHASE, None, "create the mapping tables in the ledger (org_tenants, user_map)",
+                        sql.SQL(mapping.MAP_TABLES_SQL).format(l=sql.Identifier(p.ledger_schema)), NEW_OBJECT,
+                        "new tables in the runbook's own schema"))
+    ready = maps_exist and tables_ready
+    legacy_orgs = _count(conn, sql.SQL("SELECT count(*) FROM {}").format(mapping.org_table(p)))
+    tenants, pending_tenants = _tenants(p)
+    n = _count(conn, pending_tenants) if ready else legacy_orgs
+    if n:
+        out.append(Step(PHASE, "tenants", f"a tenant for each of {n:,} legacy orgs (uuid3 of the org's uuid)",
+                        tenants, "ROW EXCLUSIVE on tenants (inserts only)",
+                        "inserts keyed by a derived uuid with ON CONFLICT DO NOTHING; re-runs insert nothing"))
+    users, pending_users = _users(p)
+    n = _count(conn, pending_users) if ready else _count(conn, sql.SQL(
+        "SELECT count(*) FROM ({}) c WHERE c.n = 1").format(_user_candidates(p)))
+    if n:
+        out.append(Step(PHASE, "users", f"a user for each of {n:,} legacy users (email lower-cased and trimmed; "
+                        f"a duplicate email is listed, never merged)", users, "ROW EXCLUSIVE on users (inserts only)",
+                        "inserts keyed by the legacy uuid with ON CONFLICT DO NOTHING; re-runs insert nothing"))
+    memberships, pending_memberships = _memberships(p)
+    n = _count(conn, pending_memberships) if ready else _count(conn, sql.SQL(
+        "WITH {} SELECT count(*) FROM pairs WHERE org_exists").format(mapping.pairs_cte(p)))
+    if n:
+        out.append(Step(PHASE, "user_tenants", f"{n:,} memberships from org_user and the users' org_ids/role_ids "
+                        f"(roles through legacy.roles)", memberships, "ROW EXCLUSIVE on user_tenants (inserts only)",
+                        "inserts with ON CONFLICT (user_id, tenant_id) DO NOTHING; re-runs insert nothing"))
+    return out
+
+
+def tenants_ready(conn: Connection, schema: str) -> bool:
+    return all(catalog.relation_oid(conn, schema, t) is not None for t in ("tenants", "users", "user_tenants"))
