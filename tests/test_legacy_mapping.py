@@ -233,3 +233,21 @@ def test_rollback_still_refuses_for_rows_of_a_tenant_the_application_created(map
         with pytest.raises(RunbookError, match=r"knowledge_bases: 1, tenants: 1\b.*Nothing was changed"):
             rollback.apply(rb)
     assert rows(db, "SELECT count(*) FROM users")[0][0] > 0
+
+
+def test_after_constrain_a_remap_that_would_split_parent_and_child_fails_loudly(mapped):
+    """Rows the legacy application writes after the migration get the System Tenant (the column default). A later
+    backfill re-run would move such a workflow to its org's tenant; with composite keys its rules still point at
+    (System Tenant, id), so the move must fail on the foreign key, never slip past it (the backfill skips the
+    application's triggers only while no foreign key includes tenant_id)."""
+    db = mapped
+    db.run()
+    system = db.scalar("SELECT id FROM tenants WHERE uuid = '00000000-0000-4000-8000-000000000001'")
+    wid = db.scalar("INSERT INTO workflows (uuid, org_id, name) VALUES (gen_random_uuid(), 1, 'written later') "
+                    "RETURNING id")
+    db.execute("INSERT INTO rules (uuid, workflow_id, name, expression) VALUES (gen_random_uuid(), %s, 'r', 'true')",
+               (wid,))
+    with pytest.raises(RunbookError, match=r"workflows: backfill batch failed: .*foreign key"):
+        db.run("backfill")
+    assert rows(db, "SELECT w.tenant_id, r.tenant_id FROM workflows w JOIN rules r ON r.workflow_id = w.id "
+                    "WHERE w.id = %s", (wid,)) == [(system, system)]

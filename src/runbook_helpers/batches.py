@@ -409,11 +409,13 @@ class BatchedBackfill:
                 # and the re-run redoes them. Meanwhile the batches stop queueing fsyncs ahead of the application's.
                 driver.execute("SET synchronous_commit = off")
                 driver.commit()
-            skip_triggers = bool(self.st.triggers) and catalog.can_skip_triggers(conn)
+            # the application's triggers (updated_at, audit rows) must not fire for the backfill's own updates:
+            # they would change pre-existing columns. Replica mode also skips foreign key checks, which is safe
+            # only while no foreign key includes tenant_id (before constrain); after it, the triggers fire.
+            skip_triggers = bool(self.st.triggers) and catalog.can_skip_triggers(conn) and \
+                not catalog.tenant_foreign_keys(conn, self.st.oid)
             conn.commit()
             if skip_triggers:
-                # the application's triggers (updated_at, audit rows) must not fire for the backfill's own
-                # updates: they would change pre-existing columns. Its own sessions are unaffected.
                 driver.execute("SET session_replication_role = replica")
                 driver.commit()
             self._workers.append(driver)

@@ -186,6 +186,17 @@ def can_skip_triggers(conn: Connection) -> bool:
     ).scalar())
 
 
+def tenant_foreign_keys(conn: Connection, oid: int) -> list[str]:
+    """Foreign keys on or to this table that include tenant_id: the backfill must not skip their checks."""
+    return [r[0] for r in conn.exec_driver_sql(
+        "SELECT con.conname FROM pg_constraint con WHERE con.contype = 'f' AND ("
+        " (con.conrelid = %(oid)s AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = con.conrelid"
+        "   AND a.attnum = ANY(con.conkey) AND a.attname = %(col)s))"
+        " OR (con.confrelid = %(oid)s AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = con.confrelid"
+        "   AND a.attnum = ANY(con.confkey) AND a.attname = %(col)s))) ORDER BY 1",
+        {"oid": oid, "col": TENANT_COLUMN}).all()]
+
+
 def _is_not_null_check(definition: str) -> bool:
     normalized = " ".join(definition.replace("(", " ").replace(")", " ").split()).lower()
     return normalized.startswith(f"check {TENANT_COLUMN} is not null")
