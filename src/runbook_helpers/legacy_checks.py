@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection
 from . import catalog
 from . import legacy_mapping as mapping
 from .distribution import foreign_keys
+from .legacy_seed import user_candidates
 from .names import TENANT_COLUMN
 from .sqltext import render
 
@@ -65,11 +66,10 @@ def ambiguities(rb) -> pd.DataFrame:
         users_exist = catalog.relation_oid(conn, s, "users") is not None
         taken = sql.SQL(" OR EXISTS (SELECT 1 FROM {} us WHERE us.email = c.email AND us.uuid <> c.uuid)").format(
             sql.Identifier(s, "users")) if users_exist else sql.SQL("")
-        from .legacy_seed import _user_candidates
         add(DUPLICATE_EMAIL, mapping.USER, _rows(conn, sql.SQL(
             "SELECT c.id, NULL::bigint, CASE WHEN c.n > 1 THEN 'same normalised email as legacy user ' || c.first_id "
             "|| ', which is migrated; not merged' ELSE 'normalised email already used by another users row' END "
-            "FROM ({cand}) c WHERE c.n > 1{taken} ORDER BY c.id").format(cand=_user_candidates(p), taken=taken)))
+            "FROM ({cand}) c WHERE c.n > 1{taken} ORDER BY c.id").format(cand=user_candidates(p), taken=taken)))
 
         pairs = mapping.pairs_cte(p)
         add(CONFLICTING_ROLES, mapping.MEMBERSHIP, _rows(conn, sql.SQL(
@@ -94,7 +94,7 @@ def ambiguities(rb) -> pd.DataFrame:
             t, oc = sql.Identifier(s, table), sql.Identifier("x", spec.org_column)
             no_parent = sql.SQL("")
             if spec.parent is not None:
-                parent_pk = mapping._pk(conn, p, spec.parent.table)
+                parent_pk = mapping.parent_key(conn, p, spec.parent.table)
                 no_parent = sql.SQL(" AND NOT EXISTS (SELECT 1 FROM {pt} pr WHERE pr.{pk} = x.{col})").format(
                     pt=sql.Identifier(s, spec.parent.table), pk=sql.Identifier(parent_pk),
                     col=sql.Identifier(spec.parent.column))
@@ -104,7 +104,7 @@ def ambiguities(rb) -> pd.DataFrame:
                 key=key, oc=oc, t=t, org=mapping.org_table(p), no_parent=no_parent, order=order)))
             if spec.parent is None:
                 continue
-            parent_pk = mapping._pk(conn, p, spec.parent.table)
+            parent_pk = mapping.parent_key(conn, p, spec.parent.table)
             parent_row = sql.Identifier("pr")
             parent_org = mapping.effective_org(conn, p, spec.parent.table, parent_row)
             own_org = sql.SQL("COALESCE((SELECT o.id FROM {org} o WHERE o.id = {oc}), {none})").format(
@@ -213,12 +213,11 @@ def conservation(rb, baseline: pd.DataFrame, system_id: int | None) -> list[tupl
             "WHERE NOT EXISTS (SELECT 1 FROM pairs pr JOIN {um} um ON um.legacy_user_id = pr.user_id "
             "  WHERE um.user_id = x.user_id AND pr.org_id = ot.org_id)").format(pairs=pairs, ut=ut, ot=ot, um=um))).scalar()
         out.append(("memberships of org tenants without a legacy pair", "user_tenants", 0, int(extra)))
-        from .legacy_seed import _user_candidates
         legacy_users, accounted = conn.exec_driver_sql(render(conn, sql.SQL(
             "SELECT count(*), count(*) FILTER (WHERE EXISTS (SELECT 1 FROM {um} m JOIN {users} us ON us.id = m.user_id "
             "  AND us.uuid = c.uuid WHERE m.legacy_user_id = c.id) OR (c.n > 1 AND NOT EXISTS "
             "  (SELECT 1 FROM {um} m WHERE m.legacy_user_id = c.id))) FROM ({cand}) c").format(
-            um=um, users=sql.Identifier(s, "users"), cand=_user_candidates(p)))).one()
+            um=um, users=sql.Identifier(s, "users"), cand=user_candidates(p)))).one()
         out.append(("each legacy user is migrated or listed as a duplicate", mapping.USER, int(legacy_users),
                     int(accounted)))
         seen: set[tuple] = set()

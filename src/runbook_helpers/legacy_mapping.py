@@ -193,7 +193,7 @@ def unknown_roles(conn: Connection, p) -> list[str]:
 
 # --- what a row's tenant is -------------------------------------------------------------------------
 
-def _pk(conn: Connection, p, table: str) -> str:
+def parent_key(conn: Connection, p, table: str) -> str:
     """The parent's key column (with composite keys on, the primary key is (tenant_id, id): id is the key)."""
     st = catalog.table_state(conn, p.schema_, table)
     cols = [c for c in st.pk_columns if c != TENANT_COLUMN]
@@ -212,7 +212,7 @@ def effective_org(conn: Connection, p, table: str, row: sql.Composable) -> sql.C
         parent_row = sql.Identifier(f"p_{table}")
         parts.append(sql.SQL("(SELECT {eff} FROM {pt} AS {pr} WHERE {pr}.{pk} = {row}.{col})").format(
             eff=effective_org(conn, p, spec.parent.table, parent_row), pt=sql.Identifier(p.schema_, spec.parent.table),
-            pr=parent_row, pk=sql.Identifier(_pk(conn, p, spec.parent.table)), row=row,
+            pr=parent_row, pk=sql.Identifier(parent_key(conn, p, spec.parent.table)), row=row,
             col=sql.Identifier(spec.parent.column)))
     if spec.org_column:
         parts.append(sql.SQL("(SELECT o.id FROM {org} o WHERE o.id = {row}.{col})").format(
@@ -250,7 +250,7 @@ def mapped_assignment(conn: Connection, p, table: str, system_id: int) -> Assign
     if spec.parent is not None:
         parts.append(sql.SQL("(SELECT pr.{c} FROM {pt} AS pr WHERE pr.{pk} = {me}.{col})").format(
             c=sql.Identifier(TENANT_COLUMN), pt=sql.Identifier(p.schema_, spec.parent.table),
-            pk=sql.Identifier(_pk(conn, p, spec.parent.table)), me=me, col=sql.Identifier(spec.parent.column)))
+            pk=sql.Identifier(parent_key(conn, p, spec.parent.table)), me=me, col=sql.Identifier(spec.parent.column)))
     if spec.org_column:
         parts.append(sql.SQL("(SELECT m.tenant_id FROM {ot} m WHERE m.org_id = {me}.{col})").format(
             ot=ledger_table(p, "org_tenants"), me=me, col=sql.Identifier(spec.org_column)))

@@ -40,7 +40,7 @@ def _tenants(p) -> tuple[sql.Composable, sql.Composable]:
     return insert, sql.SQL("SELECT count(*) FROM ({}) x").format(wanted)
 
 
-def _user_candidates(p) -> sql.Composable:
+def user_candidates(p) -> sql.Composable:
     """Legacy users with their normalised email; n = 1 for the first (lowest id) of each email."""
     return sql.SQL(
         "SELECT u.id, u.uuid, lower(btrim(u.email)) AS email, u.display_name, u.created_at, u.updated_at, "
@@ -56,7 +56,7 @@ def _users(p) -> tuple[sql.Composable, sql.Composable]:
         "SELECT c.* FROM ({cand}) c WHERE c.n = 1 "
         "AND NOT EXISTS (SELECT 1 FROM {um} m WHERE m.legacy_user_id = c.id) "
         "AND NOT EXISTS (SELECT 1 FROM {users} us WHERE us.email = c.email AND us.uuid <> c.uuid)").format(
-        cand=_user_candidates(p), um=um, users=users)
+        cand=user_candidates(p), um=um, users=users)
     insert = sql.SQL(
         "WITH wanted AS ({wanted}), "
         "ins AS (INSERT INTO {users} (uuid, email, name, created_at, updated_at) "
@@ -109,7 +109,7 @@ def steps(rb, conn: Connection, tables_ready: bool) -> list[Step]:
                         "inserts keyed by a derived uuid with ON CONFLICT DO NOTHING; re-runs insert nothing"))
     users, pending_users = _users(p)
     n = _count(conn, pending_users) if ready else _count(conn, sql.SQL(
-        "SELECT count(*) FROM ({}) c WHERE c.n = 1").format(_user_candidates(p)))
+        "SELECT count(*) FROM ({}) c WHERE c.n = 1").format(user_candidates(p)))
     if n:
         out.append(Step(PHASE, "users", f"a user for each of {n:,} legacy users (email lower-cased and trimmed; "
                         f"a duplicate email is listed, never merged)", users, "ROW EXCLUSIVE on users (inserts only)",
