@@ -325,10 +325,14 @@ class BatchedBackfill:
         return parts
 
     # -- the run
-    def run(self) -> Outcome:
+    def run(self, counted: int | None = None) -> Outcome:
+        """`counted`: the rows still to fill, if the caller counted them a moment ago (a full scan saved; a
+        wrong count only changes the progress total, since every pass ends with a recount)."""
         rb = self.rb
-        with rb.engine.connect() as conn:
-            remaining = self.assign.count(conn, self.st)
+        remaining = counted
+        if not remaining:
+            with rb.engine.connect() as conn:
+                remaining = self.assign.count(conn, self.st)
         parts = self._parts(remaining)
         before = rb.ledger.checkpoint(rb.control, self.st.name)
         from .session import headless
@@ -347,8 +351,8 @@ class BatchedBackfill:
                 if current_pass >= self.params.max_passes:
                     raise RunbookError(
                         f"{self.st.name}: {remaining:,} rows still have no tenant after {self.params.max_passes} "
-                        f"passes; something writes NULL (or the System Tenant) explicitly. Find it (the DEFAULT covers inserts that omit "
-                        f"tenant_id), then re-run this notebook.")
+                        f"passes; something writes NULL (or the System Tenant) explicitly. Find it (the DEFAULT "
+                        f"covers inserts that omit tenant_id), then re-run this notebook.")
                 rb.log(f"{self.label}: {remaining:,} rows without their tenant appeared meanwhile; sweeping again")
                 rb.ledger.next_pass(rb.control, self.st.name, remaining)
                 parts = rb.ledger.parts(rb.control, self.st.name)

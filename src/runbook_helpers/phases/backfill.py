@@ -198,7 +198,7 @@ def apply(rb) -> BackfillReport:
                 raise RunbookError(f"{tp.state.name}: the legacy mapping is not in the ledger yet: run 02_seed "
                                    f"first. Nothing more was changed.")
             job = BatchedBackfill(rb, tp.state, system_id, assignment)
-            outcome = job.run()
+            outcome = job.run(tp.to_map)
             updated, batches, paused = outcome.rows, outcome.batches, outcome.paused_s
             progress.append(job.progress.frame())
         added = tp.strategy == "fast default" or (tp.strategy == "mapped" and not tp.state.has_column)
