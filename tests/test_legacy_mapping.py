@@ -251,3 +251,13 @@ def test_after_constrain_a_remap_that_would_split_parent_and_child_fails_loudly(
         db.run("backfill")
     assert rows(db, "SELECT w.tenant_id, r.tenant_id FROM workflows w JOIN rules r ON r.workflow_id = w.id "
                     "WHERE w.id = %s", (wid,)) == [(system, system)]
+
+
+def test_backfill_before_the_mapping_is_seeded_refuses_and_changes_nothing(mapped):
+    db = mapped
+    db.run("inspect")
+    before = db.schema_dump(exclude_ledger=True)
+    with pytest.raises(RunbookError, match=r"legacy mapping is not in the ledger yet \(workflows, models, .*run "
+                                           r"02_seed first. Nothing was changed"):
+        db.run("backfill")
+    assert db.schema_dump(exclude_ledger=True) == before

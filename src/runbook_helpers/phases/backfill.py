@@ -187,17 +187,18 @@ def apply(rb) -> BackfillReport:
         raise RunbookError("the System Tenant does not exist yet: run 02_seed first. Nothing was changed.")
     executor = rb.executor()
     summary, progress, step_results = [], [], []
-    for tp in plans(rb):
+    table_plans = plans(rb)
+    unmapped = [tp.state.name for tp in table_plans if tp.strategy == "mapped" and tp.assignment is None]
+    if unmapped and not rb.dry_run:
+        raise RunbookError(f"the legacy mapping is not in the ledger yet ({', '.join(unmapped)} map to their org's "
+                           f"tenant): run 02_seed first. Nothing was changed.")
+    for tp in table_plans:
         started = time.monotonic()
         ddl_steps = [s for s in tp.steps if s.lock != ROW_EXCLUSIVE_BATCH]
         step_results += executor.run_all(ddl_steps)
         updated, batches, paused = 0, 0, 0.0
         if tp.strategy in ("batched", "mapped") and not rb.dry_run:
-            assignment = tp.assignment
-            if tp.strategy == "mapped" and assignment is None:
-                raise RunbookError(f"{tp.state.name}: the legacy mapping is not in the ledger yet: run 02_seed "
-                                   f"first. Nothing more was changed.")
-            job = BatchedBackfill(rb, tp.state, system_id, assignment)
+            job = BatchedBackfill(rb, tp.state, system_id, tp.assignment)
             outcome = job.run(tp.to_map)
             updated, batches, paused = outcome.rows, outcome.batches, outcome.paused_s
             progress.append(job.progress.frame())
