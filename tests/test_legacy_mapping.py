@@ -261,3 +261,21 @@ def test_backfill_before_the_mapping_is_seeded_refuses_and_changes_nothing(mappe
                                            r"02_seed first. Nothing was changed"):
         db.run("backfill")
     assert db.schema_dump(exclude_ledger=True) == before
+
+
+def test_a_legacy_user_whose_email_the_application_already_has_is_listed_not_merged(mapped):
+    """A users row of another uuid already holds the normalised email: that legacy user is not migrated (no
+    merge), is listed, and validate still proves every legacy user migrated or listed."""
+    db = mapped
+    email = db.scalar("""SELECT lower(btrim(email)) FROM "user" WHERE id = 5""")
+    db.execute("INSERT INTO users (email, name) VALUES (%s, 'signed up in the new application')", (email,))
+    checks = db.run()["validate"]["checks"].set_index("check")
+    assert checks["passed"].all(), checks[~checks["passed"]].to_string()
+    assert checks.loc["each legacy user is migrated or listed as a duplicate", "actual"] == \
+        str(db.scalar('SELECT count(*) FROM "user"'))
+    assert db.scalar("SELECT count(*) FROM tenancy_runbook.user_map WHERE legacy_user_id = 5") == 0
+    assert db.scalar("SELECT name FROM users WHERE email = %s", (email,)) == "signed up in the new application"
+    with db.session("seed", dry_run=True) as rb:
+        frame = legacy_checks.ambiguities(rb)
+    listed = frame[(frame["kind"] == legacy_checks.DUPLICATE_EMAIL) & (frame["key"] == "5")]
+    assert list(listed["detail"]) == ["normalised email already used by another users row"]

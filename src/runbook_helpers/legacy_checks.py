@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection
 from . import catalog
 from . import legacy_mapping as mapping
 from .distribution import foreign_keys
-from .legacy_seed import user_candidates
+from .legacy_seed import email_taken, user_candidates
 from .names import TENANT_COLUMN
 from .sqltext import render
 
@@ -64,8 +64,7 @@ def ambiguities(rb) -> pd.DataFrame:
         mapping.check_legacy_tables(conn, p)
         user = sql.Identifier(s, mapping.USER)
         users_exist = catalog.relation_oid(conn, s, "users") is not None
-        taken = sql.SQL(" OR EXISTS (SELECT 1 FROM {} us WHERE us.email = c.email AND us.uuid <> c.uuid)").format(
-            sql.Identifier(s, "users")) if users_exist else sql.SQL("")
+        taken = sql.SQL(" OR ") + email_taken(p, "c") if users_exist else sql.SQL("")
         add(DUPLICATE_EMAIL, mapping.USER, _rows(conn, sql.SQL(
             "SELECT c.id, NULL::bigint, CASE WHEN c.n > 1 THEN 'same normalised email as legacy user ' || c.first_id "
             "|| ', which is migrated; not merged' ELSE 'normalised email already used by another users row' END "
@@ -79,7 +78,7 @@ def ambiguities(rb) -> pd.DataFrame:
         add(NO_ROLE, mapping.MEMBERSHIP, _rows(conn, sql.SQL(
             "WITH {pairs} SELECT 'user ' || user_id || ' in org ' || org_id, org_id, "
             "'neither org_user nor role_ids names a role -> ' || {least} FROM pairs "
-            "WHERE org_exists AND role IS NULL ORDER BY user_id, org_id").format(
+            "WHERE org_exists AND roles IS NULL ORDER BY user_id, org_id").format(
             pairs=pairs, least=sql.Literal(mapping.least_role(p)))))
         add(ARRAY_NO_ORG, mapping.USER, _rows(conn, sql.SQL(
             "SELECT 'user ' || u.id, a.org_id, 'no membership is created for it' "
@@ -104,7 +103,6 @@ def ambiguities(rb) -> pd.DataFrame:
                 key=key, oc=oc, t=t, org=mapping.org_table(p), no_parent=no_parent, order=order)))
             if spec.parent is None:
                 continue
-            parent_pk = mapping.parent_key(conn, p, spec.parent.table)
             parent_row = sql.Identifier("pr")
             parent_org = mapping.effective_org(conn, p, spec.parent.table, parent_row)
             own_org = sql.SQL("COALESCE((SELECT o.id FROM {org} o WHERE o.id = {oc}), {none})").format(
@@ -203,9 +201,9 @@ def conservation(rb, baseline: pd.DataFrame, system_id: int | None) -> list[tupl
         ut = sql.Identifier(s, "user_tenants")
         expected, exact = conn.exec_driver_sql(render(conn, sql.SQL(
             "WITH {pairs} SELECT count(*), count(*) FILTER (WHERE (SELECT count(*) FROM {ut} x "
-            "  WHERE x.user_id = um.user_id AND x.tenant_id = ot.tenant_id AND x.role = coalesce(pr.role, {least})) = 1) "
+            "  WHERE x.user_id = um.user_id AND x.tenant_id = ot.tenant_id AND x.role = pr.role) = 1) "
             "FROM pairs pr JOIN {um} um ON um.legacy_user_id = pr.user_id JOIN {ot} ot ON ot.org_id = pr.org_id").format(
-            pairs=pairs, ut=ut, least=sql.Literal(mapping.least_role(p)), um=um, ot=ot))).one()
+            pairs=pairs, ut=ut, um=um, ot=ot))).one()
         out.append(("each legacy (user, org) pair has exactly one membership, with its mapped role", "user_tenants",
                     int(expected), int(exact)))
         extra = conn.exec_driver_sql(render(conn, sql.SQL(
@@ -215,9 +213,9 @@ def conservation(rb, baseline: pd.DataFrame, system_id: int | None) -> list[tupl
         out.append(("memberships of org tenants without a legacy pair", "user_tenants", 0, int(extra)))
         legacy_users, accounted = conn.exec_driver_sql(render(conn, sql.SQL(
             "SELECT count(*), count(*) FILTER (WHERE EXISTS (SELECT 1 FROM {um} m JOIN {users} us ON us.id = m.user_id "
-            "  AND us.uuid = c.uuid WHERE m.legacy_user_id = c.id) OR (c.n > 1 AND NOT EXISTS "
+            "  AND us.uuid = c.uuid WHERE m.legacy_user_id = c.id) OR ((c.n > 1 OR {taken}) AND NOT EXISTS "
             "  (SELECT 1 FROM {um} m WHERE m.legacy_user_id = c.id))) FROM ({cand}) c").format(
-            um=um, users=sql.Identifier(s, "users"), cand=user_candidates(p)))).one()
+            um=um, users=sql.Identifier(s, "users"), cand=user_candidates(p), taken=email_taken(p, "c")))).one()
         out.append(("each legacy user is migrated or listed as a duplicate", mapping.USER, int(legacy_users),
                     int(accounted)))
         seen: set[tuple] = set()

@@ -150,7 +150,8 @@ def _values(rows: list[tuple], names: str) -> sql.Composable:
 
 def pairs_cte(p) -> sql.Composable:
     """CTEs `candidates` (one row per source of a (user, org) pair, with its mapped role) and `pairs`
-    (one row per pair: the roles named, the resolved role, whether the org exists)."""
+    (one row per pair: the roles named (NULL when none is), the role its membership gets — the least
+    privileged named, or the least privileged of all when none is — and whether the org exists)."""
     roles = p.legacy.roles
     s = p.schema_
     org_user_map = _values([(k, v) for k, v in roles.org_user.items()], "r(legacy, role)")
@@ -170,12 +171,12 @@ def pairs_cte(p) -> sql.Composable:
   SELECT c.user_id, c.org_id,
          array_agg(DISTINCT c.role) FILTER (WHERE c.role IS NOT NULL) AS roles,
          string_agg(DISTINCT c.source || ': ' || c.role, '; ') AS sources,
-         (array_agg(c.role ORDER BY k.rank) FILTER (WHERE c.role IS NOT NULL))[1] AS role,
+         coalesce((array_agg(c.role ORDER BY k.rank) FILTER (WHERE c.role IS NOT NULL))[1], {least}) AS role,
          EXISTS (SELECT 1 FROM {org} o WHERE o.id = c.org_id) AS org_exists
   FROM candidates c LEFT JOIN {ranks} ON k.role = c.role
   GROUP BY c.user_id, c.org_id
 )""").format(org_user=sql.Identifier(s, MEMBERSHIP), user=sql.Identifier(s, USER), org=sql.Identifier(s, ORG),
-             org_user_map=org_user_map, role_id_map=role_id_map, ranks=ranks)
+             org_user_map=org_user_map, role_id_map=role_id_map, ranks=ranks, least=sql.Literal(least_role(p)))
 
 
 def least_role(p) -> str:

@@ -49,14 +49,19 @@ def user_candidates(p) -> sql.Composable:
         user=sql.Identifier(p.schema_, mapping.USER))
 
 
+def email_taken(p, alias: str) -> sql.Composable:
+    """A legacy user (a row of user_candidates) whose normalised email a users row of another uuid holds."""
+    return sql.SQL("EXISTS (SELECT 1 FROM {users} us WHERE us.email = {a}.email AND us.uuid <> {a}.uuid)").format(
+        users=sql.Identifier(p.schema_, "users"), a=sql.Identifier(alias))
+
+
 def _users(p) -> tuple[sql.Composable, sql.Composable]:
     s, um = p.schema_, mapping.ledger_table(p, "user_map")
     users = sql.Identifier(s, "users")
     wanted = sql.SQL(
         "SELECT c.* FROM ({cand}) c WHERE c.n = 1 "
         "AND NOT EXISTS (SELECT 1 FROM {um} m WHERE m.legacy_user_id = c.id) "
-        "AND NOT EXISTS (SELECT 1 FROM {users} us WHERE us.email = c.email AND us.uuid <> c.uuid)").format(
-        cand=user_candidates(p), um=um, users=users)
+        "AND NOT {taken}").format(cand=user_candidates(p), um=um, taken=email_taken(p, "c"))
     insert = sql.SQL(
         "WITH wanted AS ({wanted}), "
         "ins AS (INSERT INTO {users} (uuid, email, name, created_at, updated_at) "
@@ -72,10 +77,10 @@ def _users(p) -> tuple[sql.Composable, sql.Composable]:
 def _memberships(p) -> tuple[sql.Composable, sql.Composable]:
     ut = sql.Identifier(p.schema_, "user_tenants")
     rows = sql.SQL(
-        "SELECT um.user_id, ot.tenant_id, coalesce(pr.role, {least}) AS role FROM pairs pr "
+        "SELECT um.user_id, ot.tenant_id, pr.role FROM pairs pr "
         "JOIN {um} um ON um.legacy_user_id = pr.user_id JOIN {ot} ot ON ot.org_id = pr.org_id "
         "WHERE NOT EXISTS (SELECT 1 FROM {ut} x WHERE x.user_id = um.user_id AND x.tenant_id = ot.tenant_id)").format(
-        least=sql.Literal(mapping.least_role(p)), um=mapping.ledger_table(p, "user_map"),
+        um=mapping.ledger_table(p, "user_map"),
         ot=mapping.ledger_table(p, "org_tenants"), ut=ut)
     cte = mapping.pairs_cte(p)
     insert = sql.SQL("WITH {cte} INSERT INTO {ut} (user_id, tenant_id, role) {rows} "

@@ -122,12 +122,11 @@ def _mapped_plan(rb, conn, st: TableState, system_id: int | None) -> TablePlan:
     """A table the legacy mapping covers: 'mapped' while rows are left to move to their org's tenant."""
     ready = system_id is not None and mapping.map_tables_exist(conn, rb.params)
     assignment = mapping.mapped_assignment(conn, rb.params, st.name, system_id) if ready else None
+    nulls = catalog.null_tenant_count(conn, rb.schema, st.name) if st.has_column and not st.not_null else None
     if assignment is not None and st.has_column:
         pending = assignment.count(conn, st)
     else:  # before seed (a dry run): the rows whose org is a real tenant, and any NULLs
-        pending = mapping.rows_to_map(conn, rb.params, st.name) + (
-            catalog.null_tenant_count(conn, rb.schema, st.name) if st.has_column and not st.not_null else 0)
-    nulls = catalog.null_tenant_count(conn, rb.schema, st.name) if st.has_column and not st.not_null else None
+        pending = mapping.rows_to_map(conn, rb.params, st.name) + (nulls or 0)
     strategy = "mapped" if pending else strategy_for(st, system_id, nulls)
     steps = plan_table(st, system_id, strategy, rb.params.batch_size_for(st.name), assignment)
     return TablePlan(st, strategy, nulls, steps, assignment, pending)

@@ -1,6 +1,7 @@
 """Phase 5: prove it. A table of checks, each with expected and actual; the last cell raises on any failure.
 
-With legacy.enabled it adds the mapping's conservation checks (legacy_checks.py). Changes nothing: every query is a read, and the smoke queries run in a READ ONLY transaction that is
+With legacy.enabled it adds the mapping's conservation checks (legacy_checks.py). Changes nothing: every
+query is a read, and the smoke queries run in a READ ONLY transaction that is
 rolled back.
 """
 
