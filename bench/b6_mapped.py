@@ -21,7 +21,7 @@ import time
 import psycopg
 from psycopg import sql
 
-from runbook_helpers import legacy_mapping
+from runbook_helpers.legacy import mapping as legacy_mapping
 
 from . import common
 

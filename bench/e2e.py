@@ -16,7 +16,7 @@ from pathlib import Path
 
 import nbformat
 
-from runbook_helpers import runner
+from runbook_helpers.run import runner
 from runbook_helpers.cli import _demo_db
 
 RESULTS = Path(__file__).resolve().parent / "results"

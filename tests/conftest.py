@@ -20,8 +20,8 @@ from psycopg import sql
 
 from runbook_helpers import demo, params as params_mod
 from runbook_helpers.phases.headless import run_phase
-from runbook_helpers.server import EmbeddedServer
-from runbook_helpers.session import PHASES, PhaseSession
+from runbook_helpers.db.server import EmbeddedServer
+from runbook_helpers.run.session import PHASES, PhaseSession
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_ENV = "ci"

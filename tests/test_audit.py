@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import runbook_cli, staging_dsn
-from runbook_helpers import archive
+from runbook_helpers.run import archive
 
 pytestmark = pytest.mark.slow
 PASSWORD = "Sup3r-Secret-pw-4711"

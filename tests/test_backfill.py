@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT
 from runbook_helpers import params as params_mod
 from runbook_helpers.errors import RunbookError
-from runbook_helpers.batches import BatchedBackfill
+from runbook_helpers.backfill.engine import BatchedBackfill
 from runbook_helpers.phases import backfill
 
 SYSTEM = "00000000-0000-4000-8000-000000000001"
@@ -141,7 +141,7 @@ def test_nulls_written_during_the_backfill_are_swept(db):
 WORKER = """
 import json, sys
 from runbook_helpers import params as params_mod
-from runbook_helpers.session import PhaseSession
+from runbook_helpers.run.session import PhaseSession
 from runbook_helpers.phases.headless import run_phase
 p = params_mod.override(params_mod.load("ci"), json.loads(sys.argv[2]))
 run_phase(PhaseSession("backfill", params=p, database_name=sys.argv[1], log=lambda *_: None))
@@ -255,7 +255,7 @@ def test_parallel_workers_split_the_key_space_and_fill_every_row(db):
 
 
 def test_throttle_sees_sessions_waiting_on_the_backfill_and_pauses(db):
-    from runbook_helpers.batches import Throttle
+    from runbook_helpers.backfill.throttle import Throttle
     from runbook_helpers.params import ThrottleParams
     logged = []
     with db.connect() as backfill_like, db.connect() as application:

@@ -2,7 +2,7 @@
 
 from psycopg import sql
 
-from runbook_helpers.ddl import Step
+from runbook_helpers.db.ddl import Step
 
 
 def test_connections_return_to_the_pool_out_of_autocommit(db):

@@ -1,7 +1,8 @@
 """Distribution readiness and the composite-key step: online, resumable, and keeping each foreign key's
 ON DELETE behaviour."""
 
-from runbook_helpers import distribution, params as params_mod
+from runbook_helpers.tenancy import distribution
+from runbook_helpers import params as params_mod
 
 
 def readiness(db, params=None):

@@ -105,7 +105,7 @@ def test_a_tag_the_journal_does_not_have_is_one_clear_message(db):
 
 
 def test_rollback_forgets_the_record_so_drizzle_sees_0001_pending_again(db):
-    from runbook_helpers import rollback
+    from runbook_helpers.phases import rollback
     before = recorded_rows(db)
     db.run()
     assert len(recorded_rows(db)) == 2

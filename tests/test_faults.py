@@ -19,7 +19,7 @@ WORKER = """
 import sys
 from runbook_helpers import params as params_mod
 from runbook_helpers.phases.headless import run_phase
-from runbook_helpers.session import PhaseSession
+from runbook_helpers.run.session import PhaseSession
 p = params_mod.override(params_mod.load("ci"), {"backfill": {"batch_size": 300, "target_batch_ms": None}})
 for phase in sys.argv[2].split(","):
     run_phase(PhaseSession(phase, params=p, database_name=sys.argv[1], run_id="faultrun",

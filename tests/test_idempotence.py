@@ -1,6 +1,6 @@
 """Dry runs change nothing; re-running any phase after success changes nothing."""
 
-from runbook_helpers.session import PHASES
+from runbook_helpers.run.session import PHASES
 
 
 def app_state(db):

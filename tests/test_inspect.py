@@ -126,7 +126,7 @@ def test_baseline_is_captured_once_and_never_overwritten(db):
 
 
 def test_fingerprint_changes_when_one_value_changes_and_not_with_row_order(db):
-    from runbook_helpers import fingerprint
+    from runbook_helpers.db import fingerprint
     rb = db.session("inspect")
     try:
         cols = ["id", "uuid", "name", "category", "body", "created_at", "updated_at"]

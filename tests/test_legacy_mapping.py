@@ -12,7 +12,9 @@ import pytest
 from psycopg import sql
 
 from conftest import LEGACY_ON
-from runbook_helpers import drizzle, legacy_checks, legacy_mapping, params as params_mod, rollback
+from runbook_helpers import drizzle, params as params_mod
+from runbook_helpers.legacy import checks as legacy_checks, mapping as legacy_mapping
+from runbook_helpers.phases import rollback
 from test_drizzle import folder_with_0002, recorded_frame
 from runbook_helpers.errors import RunbookError
 from runbook_helpers.phases import inspect, seed

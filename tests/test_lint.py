@@ -3,7 +3,8 @@ fires on the shape it exists to catch."""
 
 import pytest
 
-from runbook_helpers import lint, params as params_mod
+from runbook_helpers.tenancy import lint
+from runbook_helpers import params as params_mod
 
 
 @pytest.fixture

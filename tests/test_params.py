@@ -167,7 +167,7 @@ def test_cli_server_down_names_the_variable_not_the_password():
 
 
 def test_notebook_overrides_apply_to_one_session_and_are_shown(db):
-    from runbook_helpers.session import open_phase
+    from runbook_helpers.run.session import open_phase
     rb = None
     try:
         with pytest.raises(ParamsError, match="override backfill.batch_size"):

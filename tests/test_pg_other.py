@@ -10,7 +10,7 @@ import json
 import pytest
 
 from conftest import ROOT, runbook_cli
-from runbook_helpers import server
+from runbook_helpers.db import server
 
 pytestmark = [pytest.mark.slow, pytest.mark.pg_other]
 

@@ -4,7 +4,7 @@ application role, and the legacy application still working by setting (or defaul
 import psycopg
 import pytest
 
-from runbook_helpers import rls
+from runbook_helpers.tenancy import rls
 
 SYSTEM = "00000000-0000-4000-8000-000000000001"
 

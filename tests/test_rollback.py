@@ -3,7 +3,7 @@ other tenants own rows; after success it does nothing."""
 
 import pytest
 
-from runbook_helpers import rollback
+from runbook_helpers.phases import rollback
 from runbook_helpers.errors import RunbookError
 
 

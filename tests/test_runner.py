@@ -10,10 +10,12 @@ import psycopg
 import pytest
 
 from conftest import ROOT, runbook_cli
-from runbook_helpers import archive, database, legacy_checks
+from runbook_helpers.run import archive
+from runbook_helpers.db import database
+from runbook_helpers.legacy import checks as legacy_checks
 from runbook_helpers.phases.headless import run_phase
-from runbook_helpers.server import EmbeddedServer
-from runbook_helpers.session import PHASES, PhaseSession
+from runbook_helpers.db.server import EmbeddedServer
+from runbook_helpers.run.session import PHASES, PhaseSession
 
 pytestmark = [pytest.mark.slow, pytest.mark.serial]  # the ci demo database and runs/ci
 

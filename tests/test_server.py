@@ -12,7 +12,7 @@ import pytest
 
 from conftest import runbook_cli
 from runbook_helpers import paths
-from runbook_helpers.server import EmbeddedServer
+from runbook_helpers.db.server import EmbeddedServer
 
 ENV = "lifecycle-test"
 

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _demo_db(env: str, rows: int | None) -> None:
     from . import demo
-    from .database import server_for
+    from .db.database import server_for
 
     params = params_mod.load(env)
     server = server_for(params)
@@ -74,7 +74,7 @@ def _demo_db(env: str, rows: int | None) -> None:
 
 
 def _db(action: str, env: str) -> int:
-    from .database import server_for
+    from .db.database import server_for
 
     params = params_mod.load(env)
     server = server_for(params)
@@ -102,7 +102,7 @@ def _plan(env: str) -> int:
     import pandas as pd
 
     from .phases import inspect
-    from .session import PhaseSession
+    from .run.session import PhaseSession
 
     rb = PhaseSession("inspect", env, dry_run=True)
     try:
@@ -115,7 +115,7 @@ def _plan(env: str) -> int:
 
 
 def _notebooks(env: str) -> int:
-    from . import notebook_outputs
+    from .run import notebook_outputs
 
     _demo_db(env, None)
     notebook_outputs.refresh(env)
@@ -123,7 +123,7 @@ def _notebooks(env: str) -> int:
 
 
 def _audit(action: str, env: str, run: str | None) -> int:
-    from . import archive
+    from .run import archive
 
     params = params_mod.load(env)
     if action == "verify":
@@ -150,16 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
-            from . import runner
+            from .run import runner
             result = runner.run(args.env, args.phases, dry_run=args.dry_run, yes=args.yes,
                                 cell_timeout_s=args.cell_timeout)
             return 0 if result.ok else (130 if result.status == "interrupted" else 1)
         if args.command == "rollback":
-            from . import runner
+            from .run import runner
             result = runner.run(args.env, "rollback", dry_run=args.dry_run, yes=args.yes, force=args.force)
             return 0 if result.ok else (130 if result.status == "interrupted" else 1)
         if args.command == "demo":
-            from . import runner
+            from .run import runner
             _demo_db(args.env, args.rows)
             return 0 if runner.run(args.env).ok else 1
         if args.command == "demo-db":

@@ -21,9 +21,9 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from . import paths
-from .catalog import relation_oid
+from .db.catalog import relation_oid
+from .db.sqltext import render
 from .errors import RunbookError
-from .sqltext import render
 
 COLUMNS = ["tag", "when", "hash", "state", "next migrate", "note"]
 APPLIED, PENDING, DRIFTED = "applied", "pending", "DRIFTED"

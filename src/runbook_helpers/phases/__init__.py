@@ -1,3 +1,6 @@
-"""One module per phase notebook: plan(...) -> steps, apply(...), and DataFrames for the notebook to show."""
+"""One module per notebook: plan(...) -> steps, apply(...), DataFrames for the notebook to show, and the
+steps that undo what the phase did (composed by rollback).
 
-from . import backfill, constrain, inspect, seed, validate  # noqa: F401
+Imports db, backfill, tenancy, legacy, drizzle and the foundation modules; never run or cli."""
+
+from . import backfill, constrain, inspect, rollback, seed, validate  # noqa: F401

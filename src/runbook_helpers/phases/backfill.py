@@ -5,7 +5,7 @@
   catalog, nothing is rewritten, ACCESS EXCLUSIVE is held for milliseconds. Never with REFERENCES in the
   same statement (that would scan the table under ACCESS EXCLUSIVE); the FK comes in constrain, NOT VALID.
 - batched: the column exists with NULLs (a partly applied 0001). First SET DEFAULT, so rows the
-  application inserts meanwhile get the System Tenant; then the batch engine (batches.py): keyset batches
+  application inserts meanwhile get the System Tenant; then the batch engine (backfill/): keyset batches
   in key order, one transaction each, the checkpoint committed in the same transaction, batch size
   adapted to a target duration, optional parallel workers on disjoint key ranges, throttled when the
   application starts waiting on the backfill. Kill it anywhere: the re-run resumes from the checkpoints.
@@ -28,13 +28,16 @@ from dataclasses import dataclass, replace
 import pandas as pd
 from psycopg import sql
 
-from .. import catalog, faults
-from .. import legacy_mapping as mapping
-from ..batches import BatchedBackfill
-from ..catalog import TableState
-from ..ddl import ACCESS_EXCLUSIVE_META, ROW_EXCLUSIVE_BATCH, Step, plan_frame, results_frame
+from .. import faults
+from ..backfill.assignment import Assignment
+from ..backfill.engine import BatchedBackfill
+from ..db import catalog
+from ..db.catalog import TableState
+from ..db.ddl import ACCESS_EXCLUSIVE_META, ROW_EXCLUSIVE_BATCH, UNDO_PHASE, Step, plan_frame, results_frame
+from ..db.names import TENANT_COLUMN
+from ..db.sqltext import render
 from ..errors import RunbookError
-from ..names import TENANT_COLUMN
+from ..legacy import mapping
 from . import state as table_states
 
 PHASE = "backfill"
@@ -58,7 +61,7 @@ def strategy_for(st: TableState, system_id: int | None, null_count: int | None =
 
 
 def plan_table(st: TableState, system_id: int | None, strategy: str, batch_size: int,
-               assignment: mapping.Assignment | None = None) -> list[Step]:
+               assignment: Assignment | None = None) -> list[Step]:
     """The statements for one table. The batched UPDATE loop is listed as one step with its lock."""
     tenant = _tenant_literal(system_id)
     if strategy == "mapped" and not st.has_column:
@@ -114,7 +117,7 @@ class TablePlan:
     strategy: str
     null_count: int | None
     steps: list[Step]
-    assignment: mapping.Assignment | None = None
+    assignment: Assignment | None = None
     to_map: int | None = None  # mapped tables: rows still to move to their org's tenant
 
 
@@ -229,3 +232,48 @@ def assert_filled(rb) -> str:
     if problems:
         raise RunbookError("backfill incomplete: " + "; ".join(problems) + ". Re-run 03_backfill: it resumes.")
     return f"every row of {len(rb.params.tables)} core tables has a tenant"
+
+
+# --- undo (run by 99_rollback) ---------------------------------------------------------------------
+
+def undo_steps(rb, conn, before) -> list[Step]:
+    """What reverses backfill, from the pre-change snapshot: tenant_id dropped where it did not exist before;
+    where it did (a partly applied 0001), its default and every row's value of before put back."""
+    out: list[Step] = []
+    for name, st in table_states.core_states(rb, conn).items():
+        was = before.tables[name]
+        if not was["had_tenant_column"]:
+            if st.has_column:
+                out.append(Step(UNDO_PHASE, name, "drop tenant_id", sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(
+                    st.qualified, COL), ACCESS_EXCLUSIVE_META,
+                    "dropping a column is a catalog change; the space is reclaimed by later rewrites"))
+            continue
+        if (st.default or None) != (was["tenant_column_default"] or None):
+            statement = (sql.SQL("ALTER TABLE {} ALTER COLUMN {} DROP DEFAULT").format(st.qualified, COL)
+                         if not was["tenant_column_default"] else
+                         sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT {}").format(
+                             st.qualified, COL, sql.SQL(was["tenant_column_default"])))
+            out.append(Step(UNDO_PHASE, name, "restore the column default", statement, ACCESS_EXCLUSIVE_META,
+                            "catalog change only"))
+        keys = sql.SQL(", ").join(sql.SQL("t2.{}::text").format(sql.Identifier(k)) for k in was["key_columns"])
+        values_before = sql.SQL(
+            "SELECT t2.ctid AS row_id, t2.{c} AS now, lv.tenant_id AS was FROM {t} AS t2 LEFT JOIN {v} AS lv "
+            "ON lv.table_name = {name} AND lv.key = json_build_array({keys})::jsonb").format(
+                c=COL, t=st.qualified, v=sql.Identifier(rb.params.ledger_schema, "legacy_tenant_values"),
+                name=sql.Literal(name), keys=keys)
+        differing = conn.exec_driver_sql(render(conn, sql.SQL(
+            "SELECT count(*) FROM ({}) AS x WHERE x.now IS DISTINCT FROM x.was").format(values_before))).scalar()
+        if differing:
+            out.append(Step(UNDO_PHASE, name, f"put back the tenant_id of before the migration ({differing:,} rows)",
+                            sql.SQL("UPDATE {t} AS t SET {c} = x.was FROM ({lv}) AS x WHERE t.ctid = x.row_id "
+                                    "AND x.now IS DISTINCT FROM x.was").format(t=st.qualified, c=COL, lv=values_before),
+                            ROW_EXCLUSIVE_BATCH, "one UPDATE of the rows the backfill filled (no table lock)",
+                            long_scan=True))
+    return out
+
+
+def forget(rb) -> None:
+    """After the undo: the checkpoints describe rows that no longer carry a tenant."""
+    if rb.ledger.exists(rb.control):
+        rb.control.exec_driver_sql(render(rb.control, sql.SQL("DELETE FROM {}").format(
+            sql.Identifier(rb.params.ledger_schema, "backfill_checkpoints"))))

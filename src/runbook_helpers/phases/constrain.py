@@ -13,20 +13,29 @@ does nothing):
   9. DROP DEFAULT, when backfill.keep_default is false (the rollout window is over)
  10. ANALYZE, when anything above changed the table
 Then, across tables: composite primary and foreign keys (distribution.composite_keys; see
-distribution.py) and row level security (rls.enabled; see rls.py).
+tenancy/distribution.py) and row level security (rls.enabled; see tenancy/rls.py).
 """
 
 from __future__ import annotations
 
 import pandas as pd
 from psycopg import sql
+from sqlalchemy import text
 
-from .. import distribution, names, rls
-from ..catalog import TableState
-from ..ddl import (ACCESS_EXCLUSIVE_META, SHARE_ROW_EXCLUSIVE_META, SHARE_UPDATE_EXCLUSIVE, Step, plan_frame,
-                   results_frame)
+from ..db import names
+from ..db.catalog import TableState
+from ..db.ddl import (
+    ACCESS_EXCLUSIVE_META,
+    SHARE_ROW_EXCLUSIVE_META,
+    SHARE_UPDATE_EXCLUSIVE,
+    UNDO_PHASE,
+    Step,
+    plan_frame,
+    results_frame,
+)
+from ..db.names import TENANT_COLUMN
 from ..errors import RunbookError
-from ..names import TENANT_COLUMN
+from ..tenancy import distribution, rls
 from . import state as table_states
 
 PHASE = "constrain"
@@ -158,3 +167,65 @@ def assert_constrained(rb) -> str:
     if len(bad):
         raise RunbookError("constrain incomplete for " + ", ".join(bad["table"]) + "; re-run 04_constrain: it resumes")
     return f"{len(frame)} core tables: tenant_id NOT NULL, foreign key validated, index valid"
+
+
+# --- undo (run by 99_rollback) ---------------------------------------------------------------------
+
+def granted_roles(rb, before: dict) -> list[str]:
+    """Roles constrain granted privileges to (from the statement journal) that held none on the spec
+    tables before the migration: their grants are revoked; anyone else's are left alone."""
+    if not rb.ledger.exists(rb.control):
+        return []
+    journal = rb.ledger.journal(rb.control)
+    if journal.empty:
+        return []
+    grants = journal[(journal["outcome"] == "applied") & journal["action"].str.startswith("grant ")]
+    roles = {a.split()[1] for a in grants["action"]}
+    acls_before = " ".join(t.get("acl") or "" for t in before.values())
+    return sorted(r for r in roles if f"{r}=" not in acls_before)
+
+
+def _tenant_indexes(conn, oid: int | None) -> list[str]:
+    if oid is None:
+        return []
+    return [r[0] for r in conn.execute(text(
+        "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_attribute a ON "
+        "a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) WHERE i.indrelid = :oid AND a.attname = :col "
+        "AND NOT i.indisprimary ORDER BY 1"), {"oid": oid, "col": TENANT_COLUMN})]
+
+
+def _undo_table(conn, schema: str, st: TableState, was: dict) -> list[Step]:
+    """One table's tenant_id index, foreign key to tenants, NOT NULL check and NOT NULL, where they were not
+    there before (a column backfill added is dropped by backfill's undo, which takes these with it)."""
+    out: list[Step] = []
+    for index in _tenant_indexes(conn, st.oid):
+        if index not in was["indexes"]:
+            out.append(Step(UNDO_PHASE, st.name, f"drop index {index}",
+                            sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(schema, index)),
+                            SHARE_UPDATE_EXCLUSIVE, "CONCURRENTLY: reads and writes continue", transactional=False))
+    if st.fk_name and st.fk_name not in {c["conname"] for c in was["constraints"]}:
+        out.append(Step(UNDO_PHASE, st.name, "drop the foreign key to tenants",
+                        sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(st.qualified, sql.Identifier(st.fk_name)),
+                        SHARE_ROW_EXCLUSIVE_META, "catalog change only"))
+    if st.check_name:
+        out.append(Step(UNDO_PHASE, st.name, "drop the NOT NULL check", sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+            st.qualified, sql.Identifier(st.check_name)), ACCESS_EXCLUSIVE_META, "catalog change only"))
+    if was["had_tenant_column"] and st.not_null and not was["tenant_column_not_null"]:
+        out.append(Step(UNDO_PHASE, st.name, "drop NOT NULL on tenant_id",
+                        sql.SQL("ALTER TABLE {} ALTER COLUMN {} DROP NOT NULL").format(st.qualified, COL),
+                        ACCESS_EXCLUSIVE_META, "catalog change only"))
+    return out
+
+
+def undo_steps(rb, conn, before) -> list[Step]:
+    """What reverses constrain, from the pre-change snapshot: row level security, its grants and the views'
+    options first, then the composite keys back to the original ones, then per table the tenant_id index,
+    foreign key and NOT NULL."""
+    p = rb.params
+    states = table_states.core_states(rb, conn)
+    out = rls.undo_steps(conn, rb.schema, states, before.views(), granted_roles(rb, before.tables),
+                         p.tables + p.shared_tables)
+    out += distribution.undo_steps(conn, rb.schema, states, before.tables)
+    for name, st in states.items():
+        out += _undo_table(conn, rb.schema, st, before.tables[name])
+    return out

@@ -9,12 +9,13 @@ from __future__ import annotations
 import pandas as pd
 from sqlalchemy import text
 
-from .. import legacy_mapping as mapping
-from .. import catalog, drizzle, fingerprint
-from ..ddl import plan_frame
+from .. import drizzle
+from ..db import catalog, fingerprint
+from ..db.ddl import plan_frame
+from ..db.names import TENANT_COLUMN
 from ..errors import RunbookError
-from ..names import TENANT_COLUMN
-from . import backfill, constrain, seed
+from ..legacy import mapping
+from . import backfill, constrain, original_schema, seed
 from . import state as table_states
 
 PHASE = "inspect"
@@ -233,8 +234,7 @@ def capture_baseline(rb, pre: pd.DataFrame | None = None) -> pd.DataFrame:
             status = "captured now" if captured else "kept (captured concurrently)"
         rows.append({"table": name, "rows": count, "fingerprint": fp, "columns": len(columns), "status": status})
     if store:
-        from .. import legacy
-        legacy.capture(rb)  # the keys, columns and objects rollback restores
+        original_schema.capture(rb)  # the keys, columns and objects rollback restores
     return pd.DataFrame(rows, columns=["table", "rows", "fingerprint", "columns", "status"])
 
 
@@ -265,16 +265,16 @@ def plan_summary(plan: pd.DataFrame, inventory_frame: pd.DataFrame) -> pd.DataFr
 
 def lint(rb) -> pd.DataFrame:
     """The tenancy lint as things stand (05_validate enforces it; before constrain most rules are to do)."""
-    from .. import lint as lint_mod
+    from ..tenancy import lint as lint_mod
     return lint_mod.run(rb)
 
 
 def lint_summary(frame: pd.DataFrame) -> pd.DataFrame:
-    from .. import lint as lint_mod
+    from ..tenancy import lint as lint_mod
     return lint_mod.summary(frame)
 
 
 def distribution_readiness(rb) -> pd.DataFrame:
     """Ready for sharding by tenant_id? (distribution.composite_keys makes keys composite in constrain)"""
-    from .. import distribution
+    from ..tenancy import distribution
     return distribution.readiness(rb)

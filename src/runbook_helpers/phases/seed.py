@@ -4,7 +4,7 @@ Missing tables are created exactly as the application's Drizzle migration 0000 w
 columns, constraint names and foreign keys), so the hand-over to Drizzle finds the schema it expects.
 Existing tables are never altered: their shape is compared with the convention and differences are
 reported. The System Tenant is inserted by its fixed UUID with ON CONFLICT DO NOTHING: re-runs are no-ops.
-With legacy.enabled, the orgs, users and memberships of the legacy data follow (legacy_seed.py).
+With legacy.enabled, the orgs, users and memberships of the legacy data follow (legacy/seed.py).
 """
 
 from __future__ import annotations
@@ -15,9 +15,12 @@ import pandas as pd
 from psycopg import sql
 from sqlalchemy import text
 
-from .. import catalog, legacy_checks, legacy_mapping, legacy_seed
+from ..db import catalog
+from ..db.ddl import NEW_OBJECT, UNDO_PHASE, Step, plan_frame, results_frame
 from ..errors import RunbookError
-from ..ddl import NEW_OBJECT, Step, plan_frame, results_frame
+from ..legacy import checks as legacy_checks
+from ..legacy import mapping as legacy_mapping
+from ..legacy import seed as legacy_seed
 from . import state as table_states
 
 PHASE = "seed"
@@ -195,7 +198,7 @@ def system_tenant(rb) -> pd.DataFrame:
             return pd.DataFrame(columns=cols)
         query = sql.SQL("SELECT id, uuid::text, name FROM {} WHERE uuid = %s::uuid").format(
             sql.Identifier(rb.schema, "tenants"))
-        from ..sqltext import render
+        from ..db.sqltext import render
         rows = conn.exec_driver_sql(render(conn, query), (str(rb.params.system_tenant.uuid),)).all()
     return pd.DataFrame(rows, columns=cols)
 
@@ -241,3 +244,32 @@ def assert_seeded(rb) -> str:
     differences = int((~report["ok"]).sum())
     return (f"tenancy tables present, System Tenant id {table_states.system_tenant_id(rb)}"
             + (f"; {differences} convention differences reported above (validate will fail on them)" if differences else ""))
+
+
+# --- undo (run by 99_rollback) ---------------------------------------------------------------------
+
+def undo_steps(rb, conn, before) -> list[Step]:
+    """What reverses seed, from the pre-change snapshot: the legacy mapping's users, tenants and memberships
+    (where the tables stay), the System Tenant, and the tenancy tables where they did not exist before."""
+    p = rb.params
+    out: list[Step] = []
+    existed = {name: before.existed("table", name) for name in CONVENTIONS}
+    if all(existed.values()):
+        out += legacy_seed.undo_steps(conn, p)
+    if table_states.system_tenant_id(rb) is not None and existed["tenants"] \
+            and not before.existed("system tenant", str(p.system_tenant.uuid)):
+        out.append(Step(UNDO_PHASE, "tenants", "delete the System Tenant", sql.SQL("DELETE FROM {} WHERE uuid = {}").format(
+            sql.Identifier(rb.schema, "tenants"), sql.Literal(str(p.system_tenant.uuid))),
+            "ROW EXCLUSIVE on tenants (one row)", "nothing refers to it any more"))
+    for name in ("user_tenants", "users", "tenants"):
+        if not existed[name] and catalog.relation_oid(conn, rb.schema, name) is not None:
+            out.append(Step(UNDO_PHASE, name, f"drop {name}", sql.SQL("DROP TABLE {}").format(
+                sql.Identifier(rb.schema, name)), "ACCESS EXCLUSIVE on a table the runbook created",
+                "the application did not have this table before the migration"))
+    return out
+
+
+def forget(rb) -> None:
+    """After the undo: what the legacy mapping recorded in the ledger is gone with the rows it describes."""
+    if rb.ledger.exists(rb.control):
+        legacy_seed.forget(rb.control, rb.params)

@@ -6,8 +6,8 @@ import re
 
 from sqlalchemy.engine import Connection
 
-from .. import catalog
-from ..catalog import TableState
+from ..db import catalog
+from ..db.catalog import TableState
 
 
 def tenants_oid(conn: Connection, schema: str) -> int | None:
@@ -29,18 +29,8 @@ def shared_states(rb, conn: Connection) -> dict[str, TableState]:
 
 def system_tenant_id(rb) -> int | None:
     """The id of the System Tenant (by its fixed UUID), or None before seed has created it."""
-    from psycopg import sql
-    from sqlalchemy.exc import DBAPIError
-
-    from ..sqltext import render
     with rb.engine.connect() as conn:
-        if tenants_oid(conn, rb.schema) is None:
-            return None
-        query = sql.SQL("SELECT id FROM {} WHERE uuid = %s::uuid").format(sql.Identifier(rb.schema, "tenants"))
-        try:
-            return conn.exec_driver_sql(render(conn, query), (str(rb.params.system_tenant.uuid),)).scalar()
-        except DBAPIError:  # a tenants table of another shape: seed reports it
-            return None
+        return catalog.system_tenant_id(conn, rb.schema, rb.params.system_tenant.uuid)
 
 
 def default_value(default_expr: str | None) -> int | None:

@@ -1,6 +1,6 @@
 """Phase 5: prove it. A table of checks, each with expected and actual; the last cell raises on any failure.
 
-With legacy.enabled it adds the mapping's conservation checks (legacy_checks.py). Changes nothing: every
+With legacy.enabled it adds the mapping's conservation checks (legacy/checks.py). Changes nothing: every
 query is a read, and the smoke queries run in a READ ONLY transaction that is
 rolled back.
 """
@@ -11,11 +11,15 @@ import pandas as pd
 from psycopg import sql
 from sqlalchemy.exc import DBAPIError
 
-from .. import catalog, drizzle, fingerprint, isolation, legacy_checks, rls
-from .. import lint as lint_mod
+from .. import drizzle
+from ..db import catalog, fingerprint
+from ..db.ddl import UNDO_PHASE, Step
+from ..db.names import TENANT_COLUMN
+from ..db.sqltext import render
 from ..errors import RunbookError
-from ..names import TENANT_COLUMN
-from ..sqltext import render
+from ..legacy import checks as legacy_checks
+from ..tenancy import isolation, rls
+from ..tenancy import lint as lint_mod
 from . import seed
 from . import state as table_states
 
@@ -159,3 +163,14 @@ def assert_all_passed(results: pd.DataFrame, dry_run: bool = False, lint: pd.Dat
     if lines:
         raise RunbookError(f"{len(lines)} of {total} checks failed:\n" + "\n".join(lines))
     return f"all {total} checks passed"
+
+
+# --- undo (run by 99_rollback) ---------------------------------------------------------------------
+
+def undo_steps(rb, conn, before) -> list[Step]:
+    """What reverses validate: the Drizzle hand-over's records, so `drizzle-kit migrate` sees those
+    migrations as pending again once the schema is back to before them."""
+    return [Step(UNDO_PHASE, None, f"forget Drizzle's record of {m.tag}", drizzle.forget_statement(rb.params, m),
+                 "ROW EXCLUSIVE on the Drizzle migrations table (one row)",
+                 "the schema goes back to before this migration, so Drizzle must see it as pending")
+            for m in drizzle.recorded_by_runbook(conn, rb.params)]

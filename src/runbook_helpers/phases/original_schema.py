@@ -1,23 +1,27 @@
-"""What the database looked like before the runbook touched it, recorded once with the baseline.
+"""The schema before the first change: what the database looked like before the runbook touched it,
+recorded once with the baseline.
 
 Rollback needs more than counts and fingerprints: the definitions of the keys the composite-key step
 replaces, whether tenant_id existed (and which rows already had a value in a partly applied 0001),
 whether the tenancy tables and the System Tenant existed, and which views had which options. All of it
-goes into the ledger on inspect's first stored run and is never overwritten, like the baseline.
+goes into the ledger on inspect's first stored run and is never overwritten, like the baseline. Each
+phase's undo_steps() reads it as a Snapshot.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from psycopg import sql
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from . import catalog
-from .names import TENANT_COLUMN
-from .sqltext import render
+from ..db import catalog
+from ..db.names import TENANT_COLUMN
+from ..db.sqltext import render
+from ..errors import RunbookError
 
 TABLES_SQL = """
 CREATE TABLE IF NOT EXISTS {schema}.legacy_tables (
@@ -107,7 +111,8 @@ def capture(rb) -> list[str]:
 
 
 def _capture_objects(rb, conn: Connection, control: Connection) -> None:
-    from .phases import seed, state as table_states
+    from . import seed
+    from . import state as table_states
 
     schema, ledger_schema = rb.schema, rb.params.ledger_schema
     objects: list[tuple[str, str, bool, Any]] = []
@@ -142,3 +147,29 @@ def objects(conn: Connection, ledger_schema: str) -> dict[tuple[str, str], dict[
     rows = conn.exec_driver_sql(render(conn, sql.SQL("SELECT * FROM {}").format(
         _t(ledger_schema, "legacy_objects")))).mappings().all()
     return {(r["kind"], r["name"]): dict(r) for r in rows}
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The recorded pre-change schema, as every phase's undo reads it."""
+    tables: dict[str, dict[str, Any]]            # per core table: keys, constraints, indexes, tenant_id, acl
+    objects: dict[tuple[str, str], dict[str, Any]]  # (kind, name) -> existed, detail: tables, System Tenant, views
+
+    def existed(self, kind: str, name: str) -> bool:
+        """Whether an object was there before the migration (True when nothing was recorded about it)."""
+        return self.objects.get((kind, name), {}).get("existed", True)
+
+    def views(self) -> dict[str, list[str]]:
+        """Each recorded view with the options it had."""
+        return {name: list((record["detail"] or {}).get("reloptions", []))
+                for (kind, name), record in self.objects.items() if kind == "view"}
+
+
+def snapshot(conn: Connection, ledger_schema: str, core_tables: list[str]) -> Snapshot:
+    """The snapshot, or an error that changes nothing when a core table was never recorded."""
+    before = tables(conn, ledger_schema)
+    missing = [t for t in core_tables if t not in before]
+    if missing:
+        raise RunbookError(f"no record of how {', '.join(missing)} looked before the migration (inspect records it "
+                           f"with the baseline); rollback cannot restore them safely. Nothing was changed.")
+    return Snapshot(before, objects(conn, ledger_schema))

@@ -10,11 +10,11 @@ from __future__ import annotations
 from psycopg import sql
 from sqlalchemy.engine import Connection
 
-from . import catalog
-from . import legacy_mapping as mapping
-from .ddl import NEW_OBJECT, Step
-from .errors import RunbookError
-from .sqltext import render
+from ..db import catalog
+from ..db.ddl import NEW_OBJECT, UNDO_PHASE, Step
+from ..db.sqltext import render
+from ..errors import RunbookError
+from . import mapping
 
 PHASE = "seed"
 
@@ -131,3 +131,35 @@ def steps(rb, conn: Connection, tables_ready: bool) -> list[Step]:
 
 def tenants_ready(conn: Connection, schema: str) -> bool:
     return all(catalog.relation_oid(conn, schema, t) is not None for t in ("tenants", "users", "user_tenants"))
+
+
+# --- undo ------------------------------------------------------------------------------------------
+
+def undo_steps(conn: Connection, p) -> list[Step]:
+    """Delete what the legacy mapping inserted (the ledger says which rows it created), memberships first."""
+    if not mapping.map_tables_exist(conn, p):
+        return []
+    s = p.schema_
+    created_users = sql.SQL("SELECT user_id FROM {} WHERE created").format(mapping.ledger_table(p, "user_map"))
+    created_tenants = mapping.created_tenants(conn, p)
+    out = []
+    for table, action, where in (
+            ("user_tenants", "delete the memberships the legacy mapping created",
+             sql.SQL("tenant_id IN ({}) OR user_id IN ({})").format(created_tenants, created_users)),
+            ("users", "delete the users the legacy mapping created", sql.SQL("id IN ({})").format(created_users)),
+            ("tenants", "delete the tenants the legacy mapping created", sql.SQL("id IN ({})").format(created_tenants))):
+        target = sql.Identifier(s, table)
+        n = _count(conn, sql.SQL("SELECT count(*) FROM {} WHERE ").format(target) + where)
+        if n:
+            out.append(Step(UNDO_PHASE, table, f"{action} ({n:,} rows)",
+                            sql.SQL("DELETE FROM {} WHERE ").format(target) + where,
+                            f"ROW EXCLUSIVE on {table} ({n:,} rows)",
+                            "only rows the ledger records as created by this runbook; no core row refers to them any more"))
+    return out
+
+
+def forget(control: Connection, p) -> None:
+    """After the undo: the mapped rows are gone, so is their record in the ledger."""
+    if mapping.map_tables_exist(control, p):
+        for table in ("org_tenants", "user_map"):
+            control.exec_driver_sql(render(control, sql.SQL("DELETE FROM {}").format(mapping.ledger_table(p, table))))

@@ -17,8 +17,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Connection, Engine
 
-from .errors import RunbookError
-from .params import Params, dsn_from_environment
+from ..errors import RunbookError
+from ..params import Params, dsn_from_environment
 from .server import EmbeddedServer
 
 MIN_SERVER_VERSION = 130000
@@ -187,7 +187,7 @@ WHERE l.locktype = 'advisory' AND l.classid = :cls AND l.objid = :obj AND l.gran
 
 def try_advisory_lock(conn: Connection, which: int, what: str) -> None:
     """Take a session-level advisory lock or fail at once, saying who holds it."""
-    from .errors import RunnerBusy
+    from ..errors import RunnerBusy
 
     got = conn.execute(text("SELECT pg_try_advisory_lock(:cls, :obj)"), {"cls": LOCK_CLASS, "obj": which}).scalar()
     if got:

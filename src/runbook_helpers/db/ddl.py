@@ -22,9 +22,10 @@ from psycopg import errors as pg_errors
 from psycopg import sql
 from sqlalchemy.engine import Connection, Engine
 
-from . import catalog, faults
-from .errors import LockNotAcquired, RunbookError
-from .params import LockParams
+from .. import faults
+from ..errors import LockNotAcquired, RunbookError
+from ..params import LockParams
+from . import catalog
 from .sqltext import render
 
 # Lock levels, spelled the way the PostgreSQL docs spell them, with what they mean for the application.
@@ -33,6 +34,10 @@ SHARE_UPDATE_EXCLUSIVE = "SHARE UPDATE EXCLUSIVE (reads and writes continue)"
 SHARE_ROW_EXCLUSIVE_META = "SHARE ROW EXCLUSIVE on table and tenants (metadata only, milliseconds)"
 ROW_EXCLUSIVE_BATCH = "ROW EXCLUSIVE, row locks per batch (reads and writes continue)"
 NEW_OBJECT = "none on existing tables (creates a new object)"
+
+# The phase that runs every undo step: each phase module offers the steps that reverse it (undo_steps),
+# and 99_rollback runs them under this name.
+UNDO_PHASE = "rollback"
 
 
 @dataclass(frozen=True)

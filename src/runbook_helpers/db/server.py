@@ -28,8 +28,8 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import quote
 
-from . import paths
-from .errors import RunbookError
+from .. import paths
+from ..errors import RunbookError
 
 PG_BIN_ENV = "RUNBOOK_PG_BIN"
 SERVER_USER = "runbook_pg"

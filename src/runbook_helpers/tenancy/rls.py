@@ -22,8 +22,9 @@ from psycopg import sql
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from .ddl import ACCESS_EXCLUSIVE_META, NEW_OBJECT, Step
-from .names import TENANT_COLUMN, truncate
+from ..db import catalog
+from ..db.ddl import ACCESS_EXCLUSIVE_META, NEW_OBJECT, UNDO_PHASE, Step
+from ..db.names import TENANT_COLUMN, truncate
 
 PHASE = "constrain"
 COMMANDS = ("select", "insert", "update", "delete")
@@ -190,17 +191,65 @@ def views_to_invoke(conn: Connection, schema: str, tables: list[str]) -> dict[st
 
 def steps(rb, conn: Connection) -> list[Step]:
     """Everything row level security needs that the catalog does not show yet."""
-    from . import catalog
-    from .phases import state as table_states
-
     p = rb.params
     out = role_steps(conn, rb.schema, p.rls.app_role, p.tables, p.shared_tables, p.rls.legacy_role,
-                     p.rls.setting, table_states.system_tenant_id(rb))
+                     p.rls.setting, catalog.system_tenant_id(conn, rb.schema, p.system_tenant.uuid))
     views = views_to_invoke(conn, rb.schema, p.tables)
     tenants_oid = catalog.relation_oid(conn, rb.schema, "tenants")
     for name in p.tables:
         st = catalog.table_state(conn, rb.schema, name, tenants_oid)
         out += table_steps(st, p.rls.setting, policies(conn, st.oid) if st.oid else [], views.get(name, []))
+    return out
+
+
+def undo_steps(conn: Connection, schema: str, states: dict, views_before: dict[str, list[str]],
+               granted_roles: list[str], tables: list[str]) -> list[Step]:
+    """Back to before: the runbook's policies dropped, FORCE and RLS off, views back to their recorded options,
+    and what the runbook granted to roles that held nothing before revoked (the roles themselves stay:
+    roles belong to the whole server). `tables`: the spec's core and shared tables."""
+    out: list[Step] = []
+    for name, st in states.items():
+        for pol in policies(conn, st.oid) if st.oid else []:
+            if pol["polname"].startswith("tenant_isolation_"):
+                out.append(Step(UNDO_PHASE, name, f"drop policy {pol['polname']}", sql.SQL("DROP POLICY {} ON {}").format(
+                    sql.Identifier(pol["polname"]), st.qualified), ACCESS_EXCLUSIVE_META, "catalog change only"))
+        if st.rls_forced:
+            out.append(Step(UNDO_PHASE, name, "stop forcing row level security",
+                            sql.SQL("ALTER TABLE {} NO FORCE ROW LEVEL SECURITY").format(st.qualified),
+                            ACCESS_EXCLUSIVE_META, "catalog change only"))
+        if st.rls_enabled:
+            out.append(Step(UNDO_PHASE, name, "disable row level security",
+                            sql.SQL("ALTER TABLE {} DISABLE ROW LEVEL SECURITY").format(st.qualified),
+                            ACCESS_EXCLUSIVE_META, "catalog change only"))
+    for view, options_before in views_before.items():
+        options = conn.execute(text("SELECT reloptions FROM pg_class WHERE oid = to_regclass(:v)"), {"v": view}).scalar()
+        had = [o for o in options_before if o.startswith("security_invoker")]
+        has = [o for o in (options or []) if o.startswith("security_invoker")]
+        if has and not had:
+            out.append(Step(UNDO_PHASE, None, f"reset security_invoker on view {view}",
+                            sql.SQL("ALTER VIEW {} RESET (security_invoker)").format(sql.SQL(view)),
+                            ACCESS_EXCLUSIVE_META, "catalog change only"))
+    for role in granted_roles:
+        targets = [t for t in tables if catalog.relation_oid(conn, schema, t) is not None]
+        if conn.execute(text("SELECT 1 FROM pg_roles WHERE rolname = :r"), {"r": role}).first() is None:
+            continue
+        holds = conn.execute(text(
+            "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "  CROSS JOIN LATERAL aclexplode(c.relacl) a WHERE n.nspname = :s AND (c.relname = ANY(:t) "
+            "  OR c.relkind = 'S') AND a.grantee = (SELECT oid FROM pg_roles WHERE rolname = :r)) "
+            "OR EXISTS (SELECT 1 FROM pg_namespace n CROSS JOIN LATERAL aclexplode(n.nspacl) a "
+            "  WHERE n.nspname = :s AND a.grantee = (SELECT oid FROM pg_roles WHERE rolname = :r))"),
+            {"r": role, "s": schema, "t": targets}).scalar()
+        if not holds:
+            continue
+        out.append(Step(UNDO_PHASE, None, f"revoke what {role} was granted",
+                        sql.SQL("REVOKE ALL ON {} FROM {}").format(sql.SQL(", ").join(
+                            sql.Identifier(schema, t) for t in targets), sql.Identifier(role)),
+                        "none (privileges only)", "the role itself stays: roles belong to the whole server"))
+        out.append(Step(UNDO_PHASE, None, f"revoke {role}'s usage of the schema and its sequences",
+                        sql.SQL("REVOKE ALL ON ALL SEQUENCES IN SCHEMA {s} FROM {r}; REVOKE USAGE ON SCHEMA {s} "
+                                "FROM {r}").format(s=sql.Identifier(schema), r=sql.Identifier(role)),
+                        "none (privileges only)", "locks no table"))
     return out
 
 

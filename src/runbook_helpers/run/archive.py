@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import paths
+from .. import paths
 
 MANIFEST = "manifest.json"
 # The lookbehind starts a match only where a URL scheme can start: without it, every long base64 run in
@@ -65,7 +65,6 @@ def write_manifest(folder: Path, data: dict[str, Any]) -> str:
 def warm_up_html() -> None:
     """Import nbconvert and compile its template once, so the first real export is as fast as the rest."""
     import nbformat
-
     from nbconvert import HTMLExporter
 
     HTMLExporter().from_notebook_node(nbformat.v4.new_notebook())
@@ -130,7 +129,7 @@ def _base(archive_dir: str) -> Path:
 
 def find_run(archive_dir: str, env: str, run: str) -> Path:
     """A run folder by path, folder name or run id."""
-    from .errors import RunbookError
+    from ..errors import RunbookError
 
     candidate = Path(run)
     if candidate.is_dir() and (candidate / MANIFEST).is_file():

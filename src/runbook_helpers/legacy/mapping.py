@@ -10,21 +10,21 @@ whether the runbook created the row), which the backfill reads and rollback undo
 Nothing is guessed: a user whose normalised email another legacy user already has is not migrated
 (never merged); a (user, org) pair whose sources name different roles gets the least privileged of them;
 a row whose org is gone gets the System Tenant; a child follows its parent's tenant even where its own
-org says otherwise. Each of these is listed by legacy_checks.ambiguities().
+org says otherwise. Each of these is listed by checks.ambiguities().
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from uuid import UUID
 
 from psycopg import sql
 from sqlalchemy.engine import Connection
 
-from . import catalog
-from .errors import RunbookError
-from .names import TENANT_COLUMN
-from .sqltext import render
+from ..backfill.assignment import Assignment
+from ..db import catalog
+from ..db.names import TENANT_COLUMN
+from ..db.sqltext import render
+from ..errors import RunbookError
 
 ORG, USER, MEMBERSHIP = "org", "user", "org_user"
 NO_ORG = -1  # the effective org of a row that goes to the System Tenant
@@ -102,13 +102,18 @@ def map_tables_exist(conn: Connection, p) -> bool:
         catalog.relation_oid(conn, p.ledger_schema, "org_tenants") is not None
 
 
+def created_tenants(conn: Connection, p) -> sql.Composable:
+    """A query for the ids of the tenants the legacy mapping created (none when it never ran)."""
+    if not map_tables_exist(conn, p):
+        return sql.SQL("SELECT NULL::bigint WHERE false")
+    return sql.SQL("SELECT tenant_id FROM {} WHERE created").format(ledger_table(p, "org_tenants"))
+
+
 def check_children(conn: Connection, p) -> None:
     """A table that references a mapped table must follow it: otherwise child and parent rows end in
     different tenants (and a (tenant_id, …) foreign key could never be valid)."""
-    from .distribution import foreign_keys
-
     mapped = mapped_tables(p)
-    for fk in foreign_keys(conn, p.schema_, list(p.core_tables)):
+    for fk in catalog.foreign_keys(conn, p.schema_, list(p.core_tables)):
         if fk.parent in mapped and fk.child not in mapped and fk.child != fk.parent:
             raise RunbookError(
                 f"core_tables.{fk.child}: it references {fk.parent} ({', '.join(fk.cols)}), whose rows go to their "
@@ -225,21 +230,6 @@ def effective_org(conn: Connection, p, table: str, row: sql.Composable) -> sql.C
 def tenant_of_org(p, org: sql.Composable, system_id: int) -> sql.Composable:
     return sql.SQL("COALESCE((SELECT m.tenant_id FROM {ot} m WHERE m.org_id = {org}), {system})").format(
         ot=ledger_table(p, "org_tenants"), org=org, system=sql.Literal(int(system_id)))
-
-
-@dataclass
-class Assignment:
-    """What the batched backfill writes into tenant_id and which rows still need it."""
-    value: sql.Composable    # the tenant of a row of the table being updated (referenced by its name)
-    pending: sql.Composable  # rows still to fill
-
-    def count(self, conn: Connection, st) -> int:
-        query = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(st.qualified, self.pending)
-        return int(conn.exec_driver_sql(render(conn, query)).scalar())
-
-
-def system_assignment(system_id: int) -> Assignment:
-    return Assignment(sql.Literal(int(system_id)), sql.SQL("{} IS NULL").format(sql.Identifier(TENANT_COLUMN)))
 
 
 def mapped_assignment(conn: Connection, p, table: str, system_id: int) -> Assignment:

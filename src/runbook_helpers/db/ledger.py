@@ -103,7 +103,7 @@ class Ledger:
         """Create the ledger schema and tables if missing (idempotent)."""
         from sqlalchemy.exc import DBAPIError
 
-        from .errors import RunbookError
+        from ..errors import RunbookError
 
         script = sql.SQL(TABLES_SQL).format(schema=sql.Identifier(self.schema))
         try:

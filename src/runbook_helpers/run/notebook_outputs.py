@@ -11,7 +11,7 @@ import os
 
 import nbformat
 
-from . import paths
+from .. import paths
 from .runner import NOTEBOOKS, execute_notebook
 
 

@@ -21,9 +21,8 @@ import pandas as pd
 import psycopg
 from psycopg import sql
 
-from . import distribution
-from .names import TENANT_COLUMN
-from .phases import state as table_states
+from ..db import catalog
+from ..db.names import TENANT_COLUMN
 
 COLUMNS = ["case", "table", "expected", "actual", "passed"]
 
@@ -173,7 +172,8 @@ class Suite:
     # -- the cases
     def run(self) -> pd.DataFrame:
         with self.rb.engine.connect() as catalog_conn:
-            self.fks = distribution.foreign_keys(catalog_conn, self.rb.schema, self.p.tables)
+            self.fks = catalog.foreign_keys(catalog_conn, self.rb.schema, self.p.tables)
+            system = catalog.system_tenant_id(catalog_conn, self.rb.schema, self.p.system_tenant.uuid)
         tables: list[Table] = []
         tenants: dict[str, int] = {}
         raw = self.rb.engine.raw_connection()
@@ -181,7 +181,6 @@ class Suite:
         try:
             conn.autocommit = False
             conn.execute("SET LOCAL lock_timeout = %s" % int(self.p.locks.lock_timeout_ms))
-            system = table_states.system_tenant_id(self.rb)
             a = conn.execute("INSERT INTO {} (uuid, name) VALUES (gen_random_uuid(), 'isolation probe A') "
                              "RETURNING id".format(sql.Identifier(self.rb.schema, "tenants").as_string(conn))).fetchone()[0]
             b = conn.execute("INSERT INTO {} (uuid, name) VALUES (gen_random_uuid(), 'isolation probe B') "

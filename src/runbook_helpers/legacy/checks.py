@@ -17,12 +17,11 @@ import pandas as pd
 from psycopg import sql
 from sqlalchemy.engine import Connection
 
-from . import catalog
-from . import legacy_mapping as mapping
-from .distribution import foreign_keys
-from .legacy_seed import email_taken, user_candidates
-from .names import TENANT_COLUMN
-from .sqltext import render
+from ..db import catalog
+from ..db.names import TENANT_COLUMN
+from ..db.sqltext import render
+from . import mapping
+from .seed import email_taken, user_candidates
 
 COLUMNS = ["kind", "table", "key", "org_id", "detail"]
 DUPLICATE_EMAIL = "duplicate email (not migrated)"
@@ -219,7 +218,7 @@ def conservation(rb, baseline: pd.DataFrame, system_id: int | None) -> list[tupl
         out.append(("each legacy user is migrated or listed as a duplicate", mapping.USER, int(legacy_users),
                     int(accounted)))
         seen: set[tuple] = set()
-        for fk in foreign_keys(conn, s, p.tables):
+        for fk in catalog.foreign_keys(conn, s, p.tables):
             cols = [(c, r) for c, r in zip(fk.cols, fk.ref_cols) if c != TENANT_COLUMN]
             if not cols or fk.child == fk.parent or (fk.child, fk.parent, tuple(cols)) in seen:
                 continue

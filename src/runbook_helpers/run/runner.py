@@ -17,9 +17,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__, archive, database, params as params_mod, paths
-from .errors import RunbookError
-from .ledger import Ledger
+from .. import __version__, paths
+from .. import params as params_mod
+from ..db import database
+from ..db.ledger import Ledger
+from ..errors import RunbookError
+from . import archive
 from .session import PHASES, ROLLBACK, operator
 
 NOTEBOOKS = {
@@ -218,8 +221,8 @@ def _write_lint(folder: Path, env: str, run_id: str) -> str:
     """The tenancy lint as JSON in the archive (read-only; a failure is noted, it does not fail the run)."""
     import json
 
-    from . import lint
-    from .phases import validate
+    from ..phases import validate
+    from ..tenancy import lint
     from .session import PhaseSession
     try:
         rb = PhaseSession("validate", env, dry_run=True, run_id=run_id, log=lambda *_: None)
@@ -240,7 +243,7 @@ def _write_lint(folder: Path, env: str, run_id: str) -> str:
 def _write_ambiguities(folder: Path, params, env: str, run_id: str) -> str | None:
     """legacy_ambiguities.csv in the archive: what the legacy mapping did not guess (read-only; None when the
     mapping is off; a failure is noted, it does not fail the run)."""
-    from . import legacy_checks
+    from ..legacy import checks as legacy_checks
     from .session import PhaseSession
     if not params.legacy.enabled:
         return None

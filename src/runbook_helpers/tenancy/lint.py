@@ -16,8 +16,9 @@ import pandas as pd
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from . import catalog, rls
-from .names import TENANT_COLUMN
+from ..db import catalog
+from ..db.names import TENANT_COLUMN
+from . import rls
 
 COLUMNS = ["rule", "object", "finding", "status", "reason"]
 PASS, FAIL, ACCEPTED, ADVISORY = "pass", "FAIL", "accepted", "advisory"

@@ -16,66 +16,19 @@ RLS, so with a plain FK a tenant can point a child row at another tenant's paren
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pandas as pd
 from psycopg import sql
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from . import catalog
-from .ddl import ACCESS_EXCLUSIVE_META, SHARE_ROW_EXCLUSIVE_META, SHARE_UPDATE_EXCLUSIVE, Step
-from .names import TENANT_COLUMN, truncate
+from ..db import catalog
+from ..db.ddl import ACCESS_EXCLUSIVE_META, SHARE_ROW_EXCLUSIVE_META, SHARE_UPDATE_EXCLUSIVE, UNDO_PHASE, Step
+from ..db.names import TENANT_COLUMN, truncate
 
 PHASE = "constrain"
 
 
-@dataclass
-class ForeignKey:
-    name: str
-    child: str
-    parent: str
-    cols: list[str]
-    ref_cols: list[str]
-    validated: bool
-    on_delete: str = "a"
-    on_update: str = "a"
-    deferrable: bool = False
-    deferred: bool = False
-
-    def actions(self) -> sql.Composable:
-        """The same ON DELETE / ON UPDATE / DEFERRABLE as the key it replaces; SET NULL and SET DEFAULT
-        name their columns, so tenant_id itself is never nulled."""
-        words = {"a": "NO ACTION", "r": "RESTRICT", "c": "CASCADE", "n": "SET NULL", "d": "SET DEFAULT"}
-        cols = sql.SQL(" ({})").format(sql.SQL(", ").join(map(sql.Identifier, self.cols)))
-        delete = sql.SQL(" ON DELETE " + words[self.on_delete]) + (cols if self.on_delete in "nd" else sql.SQL(""))
-        update = sql.SQL(" ON UPDATE " + words[self.on_update])
-        defer = sql.SQL(" DEFERRABLE INITIALLY " + ("DEFERRED" if self.deferred else "IMMEDIATE")) if self.deferrable \
-            else sql.SQL("")
-        return delete + update + defer
-
-
-FKS_SQL = text("""
-SELECT con.conname, c.relname AS child, p.relname AS parent, con.convalidated, con.confdeltype, con.confupdtype,
-       con.condeferrable, con.condeferred,
-       (SELECT array_agg(a.attname ORDER BY k.ord) FROM unnest(con.conkey) WITH ORDINALITY k(attnum, ord)
-          JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum) AS cols,
-       (SELECT array_agg(a.attname ORDER BY k.ord) FROM unnest(con.confkey) WITH ORDINALITY k(attnum, ord)
-          JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum) AS ref_cols
-FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid JOIN pg_class p ON p.oid = con.confrelid
-JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE con.contype = 'f' AND n.nspname = :schema AND c.relname = ANY(:tables) AND p.relname = ANY(:tables)
-ORDER BY c.relname, con.conname
-""")
-
-
-def foreign_keys(conn: Connection, schema: str, tables: list[str]) -> list[ForeignKey]:
-    return [ForeignKey(r["conname"], r["child"], r["parent"], list(r["cols"]), list(r["ref_cols"]), r["convalidated"],
-                       r["confdeltype"], r["confupdtype"], r["condeferrable"], r["condeferred"])
-            for r in conn.execute(FKS_SQL, {"schema": schema, "tables": tables}).mappings()]
-
-
-def composite_fk_name(fk: ForeignKey) -> str:
+def composite_fk_name(fk: catalog.ForeignKey) -> str:
     return truncate(f"{fk.child}_{TENANT_COLUMN}_{'_'.join(fk.cols)}_{fk.parent}_fk")
 
 
@@ -109,6 +62,24 @@ def external_references(conn: Connection, schema: str, oid: int, tables: list[st
         EXTERNAL_REFS_SQL, {"oid": oid, "schema": schema, "tables": tables})]
 
 
+def unique_index_steps(phase: str, conn: Connection, st, index: str, cols: list[str]) -> list[Step]:
+    """A unique index on `cols` built CONCURRENTLY, unless a valid one of that name exists; an INVALID leftover
+    of an interrupted build is dropped first, and a failed build drops what it left."""
+    drop = sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(st.schema, index))
+    valid = index_valid(conn, st.schema, index)
+    out: list[Step] = []
+    if valid is False:
+        out.append(Step(phase, st.name, f"drop INVALID index {index} left by an interrupted build", drop,
+                        SHARE_UPDATE_EXCLUSIVE, "CONCURRENTLY: reads and writes continue", transactional=False))
+    if not valid:
+        out.append(Step(phase, st.name, f"build the unique index on ({', '.join(cols)})",
+                        sql.SQL("CREATE UNIQUE INDEX CONCURRENTLY {} ON {} ({})").format(
+                            sql.Identifier(index), st.qualified, sql.SQL(", ").join(map(sql.Identifier, cols))),
+                        SHARE_UPDATE_EXCLUSIVE, "CONCURRENTLY: reads and writes continue during the build",
+                        transactional=False, long_scan=True, on_failure=drop))
+    return out
+
+
 def steps(conn: Connection, schema: str, tables: list[str]) -> list[Step]:
     """What remains to make every primary key and tenant-table foreign key composite, from the catalog."""
     tenants_oid = catalog.relation_oid(conn, schema, "tenants")
@@ -120,21 +91,8 @@ def steps(conn: Connection, schema: str, tables: list[str]) -> list[Step]:
             continue
         cols = [TENANT_COLUMN] + st.pk_columns
         pending_pk[name] = st.pk_columns
-        index = composite_index_name(name)
-        valid = index_valid(conn, schema, index)
-        if valid is False:
-            out.append(Step(PHASE, name, f"drop INVALID index {index} left by an interrupted build",
-                            sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(schema, index)),
-                            SHARE_UPDATE_EXCLUSIVE, "CONCURRENTLY: reads and writes continue", transactional=False))
-        if not valid:
-            out.append(Step(PHASE, name, f"build the unique index on ({', '.join(cols)})",
-                            sql.SQL("CREATE UNIQUE INDEX CONCURRENTLY {} ON {} ({})").format(
-                                sql.Identifier(index), st.qualified, sql.SQL(", ").join(map(sql.Identifier, cols))),
-                            SHARE_UPDATE_EXCLUSIVE, "CONCURRENTLY: reads and writes continue during the build",
-                            transactional=False, long_scan=True,
-                            on_failure=sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
-                                sql.Identifier(schema, index))))
-    fks = foreign_keys(conn, schema, tables)
+        out += unique_index_steps(PHASE, conn, st, composite_index_name(name), cols)
+    fks = catalog.foreign_keys(conn, schema, tables)
     names = {f.name: f for f in fks}
     planned_validation: set[str] = set()
     for fk in fks:
@@ -182,6 +140,46 @@ def steps(conn: Connection, schema: str, tables: list[str]) -> list[Step]:
     return out
 
 
+def undo_steps(conn: Connection, schema: str, states: dict, before: dict[str, dict]) -> list[Step]:
+    """The original primary keys and foreign keys between tenant tables, where the composite-key step
+    replaced them (`before`: each table's recorded constraints and key columns). The primary key comes back
+    through a unique index built CONCURRENTLY and one swap; each foreign key NOT VALID, then VALIDATE."""
+    out: list[Step] = []
+    current_fks = {fk.name: fk for fk in catalog.foreign_keys(conn, schema, list(states))}
+    swaps = []
+    for name, st in states.items():
+        legacy_pk = next((c for c in before[name]["constraints"] if c["contype"] == "p"), None)
+        if legacy_pk is None or not st.pk_columns or st.pk_columns == before[name]["key_columns"]:
+            continue
+        index = truncate(f"{legacy_pk['conname']}_restore")
+        out += unique_index_steps(UNDO_PHASE, conn, st, index, before[name]["key_columns"])
+        current_pk = pk_name(conn, st.oid)
+        swaps.append(Step(UNDO_PHASE, name, f"restore the primary key {legacy_pk['conname']}",
+                          sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}, ADD CONSTRAINT {} PRIMARY KEY USING INDEX {}").format(
+                              st.qualified, sql.Identifier(current_pk), sql.Identifier(legacy_pk["conname"]),
+                              sql.Identifier(index)), ACCESS_EXCLUSIVE_META, "one statement, no scan"))
+    for name, st in states.items():
+        for con in before[name]["constraints"]:
+            if con["contype"] != "f" or con["conname"] in current_fks:
+                continue
+            if not any(f" REFERENCES {t}(" in con["definition"] for t in states):
+                continue
+            out.append(Step(UNDO_PHASE, name, f"restore {con['conname']} NOT VALID",
+                            sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {} NOT VALID").format(
+                                st.qualified, sql.Identifier(con["conname"]), sql.SQL(con["definition"])),
+                            SHARE_ROW_EXCLUSIVE_META, "NOT VALID skips the scan"))
+            out.append(Step(UNDO_PHASE, name, f"validate {con['conname']}",
+                            sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(st.qualified,
+                                                                                   sql.Identifier(con["conname"])),
+                            SHARE_UPDATE_EXCLUSIVE, "scans without blocking reads or writes", long_scan=True))
+    recorded = {c["conname"] for t in states for c in before[t]["constraints"]}
+    for fk in current_fks.values():
+        if TENANT_COLUMN in fk.cols and fk.name not in recorded:
+            out.append(Step(UNDO_PHASE, fk.child, f"drop {fk.name}", sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+                sql.Identifier(schema, fk.child), sql.Identifier(fk.name)), ACCESS_EXCLUSIVE_META, "catalog change only"))
+    return out + swaps
+
+
 SEQUENCES_SQL = text("""
 SELECT c.relname AS table, s.relname AS sequence, format_type(q.seqtypid, NULL) AS type
 FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
@@ -217,7 +215,7 @@ def readiness(rb) -> pd.DataFrame:
             if u.kind == "primary key":
                 continue
             add("unique keys include tenant_id", f"{u.table}.{u.name}", f"({u.columns})", False)
-        for fk in foreign_keys(conn, rb.schema, p.tables):
+        for fk in catalog.foreign_keys(conn, rb.schema, p.tables):
             if fk.parent == "tenants":
                 continue
             add("foreign keys between tenant tables include tenant_id", f"{fk.child}.{fk.name}",

@@ -208,6 +208,20 @@ def relation_oid(conn: Connection, schema: str, name: str) -> int | None:
         "WHERE n.nspname = :schema AND c.relname = :name"), {"schema": schema, "name": name}).scalar()
 
 
+def system_tenant_id(conn: Connection, schema: str, uuid: str) -> int | None:
+    """The id of the tenant with this uuid (the System Tenant's fixed one), or None before seed created it
+    (or when tenants has another shape, which seed reports)."""
+    from sqlalchemy.exc import DBAPIError
+
+    if relation_oid(conn, schema, "tenants") is None:
+        return None
+    query = sql.SQL("SELECT id FROM {} WHERE uuid = %s::uuid").format(sql.Identifier(schema, "tenants"))
+    try:
+        return conn.exec_driver_sql(render(conn, query), (str(uuid),)).scalar()
+    except DBAPIError:
+        return None
+
+
 def schema_exists(conn: Connection, schema: str) -> bool:
     return bool(conn.execute(text("SELECT 1 FROM pg_namespace WHERE nspname = :s"), {"s": schema}).scalar())
 
@@ -324,3 +338,50 @@ def has_schema_create(conn: Connection, schema: str) -> bool:
 
 def has_database_create(conn: Connection) -> bool:
     return bool(conn.execute(text("SELECT has_database_privilege(current_database(), 'CREATE')")).scalar())
+
+
+# --- foreign keys between spec tables ---------------------------------------------------------------
+
+@dataclass
+class ForeignKey:
+    name: str
+    child: str
+    parent: str
+    cols: list[str]
+    ref_cols: list[str]
+    validated: bool
+    on_delete: str = "a"
+    on_update: str = "a"
+    deferrable: bool = False
+    deferred: bool = False
+
+    def actions(self) -> sql.Composable:
+        """The same ON DELETE / ON UPDATE / DEFERRABLE as the key it replaces; SET NULL and SET DEFAULT
+        name their columns, so tenant_id itself is never nulled."""
+        words = {"a": "NO ACTION", "r": "RESTRICT", "c": "CASCADE", "n": "SET NULL", "d": "SET DEFAULT"}
+        cols = sql.SQL(" ({})").format(sql.SQL(", ").join(map(sql.Identifier, self.cols)))
+        delete = sql.SQL(" ON DELETE " + words[self.on_delete]) + (cols if self.on_delete in "nd" else sql.SQL(""))
+        update = sql.SQL(" ON UPDATE " + words[self.on_update])
+        defer = sql.SQL(" DEFERRABLE INITIALLY " + ("DEFERRED" if self.deferred else "IMMEDIATE")) if self.deferrable \
+            else sql.SQL("")
+        return delete + update + defer
+
+
+FKS_SQL = text("""
+SELECT con.conname, c.relname AS child, p.relname AS parent, con.convalidated, con.confdeltype, con.confupdtype,
+       con.condeferrable, con.condeferred,
+       (SELECT array_agg(a.attname ORDER BY k.ord) FROM unnest(con.conkey) WITH ORDINALITY k(attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum) AS cols,
+       (SELECT array_agg(a.attname ORDER BY k.ord) FROM unnest(con.confkey) WITH ORDINALITY k(attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum) AS ref_cols
+FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid JOIN pg_class p ON p.oid = con.confrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE con.contype = 'f' AND n.nspname = :schema AND c.relname = ANY(:tables) AND p.relname = ANY(:tables)
+ORDER BY c.relname, con.conname
+""")
+
+
+def foreign_keys(conn: Connection, schema: str, tables: list[str]) -> list[ForeignKey]:
+    return [ForeignKey(r["conname"], r["child"], r["parent"], list(r["cols"]), list(r["ref_cols"]), r["convalidated"],
+                       r["confdeltype"], r["confupdtype"], r["condeferrable"], r["condeferred"])
+            for r in conn.execute(FKS_SQL, {"schema": schema, "tables": tables}).mappings()]

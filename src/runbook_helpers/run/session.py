@@ -2,7 +2,7 @@
 
 It loads the env's params, connects (starting the embedded server if that is the env's database),
 takes the single-runner advisory locks, and records the phase in the ledger. It holds no secret: the DSN
-is read from the environment variable by database.py and never stored here.
+is read from the environment variable by db/database.py and never stored here.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ from typing import Any
 import pandas as pd
 from sqlalchemy.engine import Connection, Engine
 
-from . import database, params as params_mod
-from .ddl import Executor
-from .errors import RunbookError
-from .ledger import Ledger
-from .params import Params
+from .. import params as params_mod
+from ..db import database
+from ..db.ddl import Executor
+from ..db.ledger import Ledger
+from ..errors import RunbookError
+from ..params import Params
+from .progress import Progress
 
 PHASES = ["inspect", "seed", "backfill", "constrain", "validate"]
 ROLLBACK = "rollback"  # not part of a run's order: run alone, by `runbook rollback`
@@ -103,6 +105,11 @@ class PhaseSession:
                 self.ledger.journal_end(self.control, entry, outcome, attempts, error)
         return Executor(self.engine, self.params.locks, dry_run=self.dry_run, journal=journal,
                         journal_end=journal_end, log=self.log)
+
+    def progress(self, label: str, total: int, every_s: float = 5.0) -> Progress:
+        """Progress for long work in this phase: a live bar when someone watches the notebook, milestone
+        lines in the log either way (they survive in headless archives)."""
+        return Progress(label, total, every_s=every_s, live=not headless(), log=self.log)
 
     def ensure_ledger(self) -> None:
         """Create the ledger (inspect's only write) and record this phase in it, if not done yet."""
