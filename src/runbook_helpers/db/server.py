@@ -140,7 +140,9 @@ class EmbeddedServer:
         self.bin = bin_folder or bin_dir()
         self.version = _version_of(self.bin)
         self.major = int(self.version.split(".")[0])
-        self.root = paths.state_dir(env)
+        # the real path: the server may run as another user, who must traverse every folder above it, and a
+        # symlinked .runbook/ would make it depend on folders it never needed (e.g. pytest's private tmp root)
+        self.root = paths.state_dir(env).resolve()
         self.data_dir = self.root / f"pg{self.major}"
         self.log_file = self.data_dir / "server.log"
 
