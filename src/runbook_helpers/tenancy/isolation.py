@@ -366,8 +366,11 @@ class Suite:
 
     def pooled_case(self, table: Table, t: dict[str, int]) -> None:
         """Real transactions on a fresh connection (reads only): a tenant's setting must not outlive its
-        transaction, and a session that never set the tenant sees nothing."""
-        raw = self.rb.engine.raw_connection()
+        transaction, and a session that never set the tenant sees nothing. The connection comes from a pool of
+        its own: one from the session's pool may have set the tenant before (a reverted setting reads '', not
+        NULL), and the case would no longer see what a brand-new session sees."""
+        pool = self.rb.engine.pool.recreate()
+        raw = pool.connect()
         conn: psycopg.Connection = raw.driver_connection
         try:
             conn.autocommit = False
@@ -394,6 +397,7 @@ class Suite:
                 conn.rollback()
             finally:
                 raw.close()
+                pool.dispose()
 
 
 def _parents_first(tables: list[str], fks) -> list[str]:
