@@ -81,7 +81,14 @@ class Db:
             return conn.execute(query, args).fetchone()[0]
 
     def execute(self, query, args=None) -> None:
+        """As the application would: the rollout triggers see it (and record it, once backfill installed them)."""
         with self.connect(autocommit=True) as conn:
+            conn.execute(query, args)
+
+    def execute_unrecorded(self, query, args=None) -> None:
+        """As one of the runbook's own sessions, which the rollout triggers skip: a change made this way is one
+        the runbook made, and validate must catch it."""
+        with psycopg.connect(self.url, autocommit=True, options="-c tenancy_runbook.session=runbook") as conn:
             conn.execute(query, args)
 
     def session(self, phase: str, *, dry_run: bool = False, params=None, run_id=None) -> PhaseSession:

@@ -127,8 +127,11 @@ def test_nulls_written_during_the_backfill_are_swept(db):
         def batch_then_write(*args, **kw):
             seconds = original(*args, **kw)
             calls["n"] += 1
-            if calls["n"] == 2:  # behind the cursor now: id 1 was in the first batch
-                db.execute("UPDATE knowledge_bases SET tenant_id = NULL WHERE id IN (1, 2, 3)")
+            if calls["n"] == 2:  # behind the cursor now: id 1 was in the first batch; written behind the rollout
+                # trigger (a replication subscriber would), which would otherwise give the rows their tenant
+                with db.connect(autocommit=True) as conn:
+                    conn.execute("SET session_replication_role = replica")
+                    conn.execute("UPDATE knowledge_bases SET tenant_id = NULL WHERE id IN (1, 2, 3)")
             return seconds
         job._batch = batch_then_write
         job.run()
@@ -282,3 +285,39 @@ def test_throttle_sees_sessions_waiting_on_the_backfill_and_pauses(db):
             application.rollback()
     assert logged[0] == "backfill knowledge_bases: pausing: 1 sessions wait on the backfill's locks (limit 0)"
     assert logged[1].startswith("backfill knowledge_bases: still over the limit after")
+
+
+def test_the_pass_budget_is_per_run_not_for_ever(db):
+    """NULLs written behind the rollout trigger outrun a two-pass budget; the message says where to look. The
+    re-run, which meets such a write only once, gets a fresh budget: it used to count the passes recorded in
+    the ledger and fail at once."""
+    db.run("inspect", "seed")
+    two_passes = params_mod.override(db.params, {"backfill": {"batch_size": 200, "max_passes": 2}})
+
+    def run_with_writes(times: int | None) -> None:
+        rb = db.session("backfill", params=two_passes)
+        try:
+            plans = {p.state.name: p for p in backfill.plans(rb)}
+            rb.executor().run_all(plans["knowledge_bases"].steps[:1])
+            job = BatchedBackfill(rb, plans["knowledge_bases"].state, system_id(db))
+            original, left = job._batch, {"n": times}
+
+            def batch_then_write(*args, **kw):
+                seconds = original(*args, **kw)
+                if left["n"] is None or left["n"] > 0:
+                    with db.connect(autocommit=True) as conn:
+                        conn.execute("SET session_replication_role = replica")
+                        conn.execute("UPDATE knowledge_bases SET tenant_id = NULL WHERE id = 1")
+                    left["n"] = None if left["n"] is None else left["n"] - 1
+                return seconds
+            job._batch = batch_then_write
+            job.run()
+        finally:
+            rb.close()
+
+    with pytest.raises(RunbookError, match="after 2 passes in this run; something writes them behind the "
+                                           "rollout trigger"):
+        run_with_writes(None)  # a writer that never stops
+    assert db.scalar("SELECT pass FROM tenancy_runbook.backfill_checkpoints WHERE table_name = 'knowledge_bases'") == 2
+    run_with_writes(1)
+    assert db.scalar("SELECT count(*) FROM knowledge_bases WHERE tenant_id IS NULL") == 0

@@ -129,15 +129,18 @@ def test_resumes_from_any_leftover_state(db):
     assert constraint_names(db, "endpoints").count("endpoints_tenant_id_nn_check") == 0
 
 
-def test_keep_default_false_drops_the_rollout_default(db):
-    params = params_mod.override(db.params, {"backfill": {"keep_default": False}})
-    db.run("inspect", "seed", "backfill", "constrain", params=params)
+def test_no_default_is_left_the_rollout_trigger_gives_new_rows_their_tenant(db):
+    db.run("inspect", "seed", "backfill", "constrain")
     assert db.scalar("SELECT count(*) FROM pg_attrdef d JOIN pg_attribute a ON a.attrelid = d.adrelid "
                      "AND a.attnum = d.adnum WHERE a.attname = 'tenant_id'") == 0
     # existing rows keep their tenant (the fast default lives on in the catalog)
     assert db.scalar("SELECT count(*) FROM workflows WHERE tenant_id IS NULL") == 0
+    db.execute("INSERT INTO templates (uuid, name, category) VALUES (gen_random_uuid(), 'n', 'x')")
+    assert db.scalar("SELECT t.tenant_id = s.id FROM templates t, tenants s WHERE t.name = 'n' AND s.uuid = %s",
+                     (str(db.params.system_tenant.uuid),))
+    # behind the trigger (as the runbook's own sessions are), NOT NULL holds
     with pytest.raises(psycopg.errors.NotNullViolation):
-        db.execute("INSERT INTO templates (uuid, name, category) VALUES (gen_random_uuid(), 'n', 'x')")
+        db.execute_unrecorded("INSERT INTO templates (uuid, name, category) VALUES (gen_random_uuid(), 'n2', 'x')")
 
 
 def test_constrain_refuses_before_backfill(db):

@@ -109,7 +109,8 @@ def test_unique_constraints_without_tenant_id_are_listed_and_assessed(db):
     assert names["workflows_org_id_name_key"].startswith("business key")
     assert names["endpoints_method_path_key"].startswith("business key")
     assert names["workflows_uuid_key"].startswith("global identifier")
-    assert names["widgets_pkey"].startswith("business key")  # composite: (template_id, position)
+    # composite (template_id, position), but led by the key of its parent template, which has one tenant
+    assert names["widgets_pkey"].startswith("scoped by its parent (widgets_template_id_fkey)")
 
 
 def test_baseline_is_captured_once_and_never_overwritten(db):
@@ -144,15 +145,23 @@ def test_fingerprint_changes_when_one_value_changes_and_not_with_row_order(db):
 def test_plan_lists_every_statement_with_its_lock(db):
     plan = run_phase(db.session("inspect"))["plan"]
     wf = plan[plan["table"] == "workflows"]
-    # the core steps first (1 backfill + 8 constrain), then composite keys and row level security
+    # the core steps first (3 backfill + 8 constrain), then composite keys and row level security
     core = run_phase(db.session("inspect", dry_run=True, params=params_mod.override(db.params, CORE_ONLY)))["plan"]
-    assert list(core[core["table"] == "workflows"]["phase"]) == ["backfill"] + ["constrain"] * 8
-    assert list(wf["action"])[:9] == list(core[core["table"] == "workflows"]["action"])
+    assert list(core[core["table"] == "workflows"]["phase"]) == ["backfill"] * 3 + ["constrain"] * 8
+    assert list(wf["action"])[:11] == list(core[core["table"] == "workflows"]["action"])
+    assert list(wf["action"])[:3] == ["add tenant_id with the System Tenant for every existing row",
+                                      "install the rollout triggers (and drop the DEFAULT)",
+                                      "open the record of the application's writes (one read of every row)"]
+    # every column before any trigger (a parent's trigger reads its children's tenant_id), then the fills
+    backfill = list(plan[plan["phase"] == "backfill"]["action"])
+    assert max(i for i, a in enumerate(backfill) if a.startswith("add tenant_id")) < \
+        min(i for i, a in enumerate(backfill) if a.startswith("install the rollout triggers"))
     assert "enable row level security" in set(wf["action"])
     assert wf.iloc[0]["statement"].startswith('ALTER TABLE "public"."workflows" ADD COLUMN "tenant_id" bigint DEFAULT ')
     assert "REFERENCES" not in wf.iloc[0]["statement"]
     kb = plan[(plan["table"] == "knowledge_bases") & (plan["phase"] == "backfill")]
-    assert list(kb["action"]) == ["default new rows to the System Tenant",
+    assert list(kb["action"]) == ["install the rollout triggers",
+                                  "open the record of the application's writes (one read of every row)",
                                   "fill NULL tenant_id in batches of 2,000 (keyset on (id))"]
     # ACCESS EXCLUSIVE only ever for metadata-only statements
     exclusive = plan[plan["lock"].str.startswith("ACCESS EXCLUSIVE")]

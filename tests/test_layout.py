@@ -24,7 +24,8 @@ ALLOWED = {
     "phases": {"db", "backfill", "tenancy", "legacy", "drizzle"},
     "run": {"db", "backfill", "tenancy", "legacy", "drizzle", "phases"},
     "demo": {"db", "drizzle"},
-    "cli": {"db", "backfill", "tenancy", "legacy", "drizzle", "phases", "run", "demo"},
+    "workload": set(),
+    "cli": {"db", "backfill", "tenancy", "legacy", "drizzle", "phases", "run", "demo", "workload"},
 }
 SUBPACKAGES = {"db", "backfill", "tenancy", "legacy", "phases", "run"}
 

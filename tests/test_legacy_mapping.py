@@ -84,7 +84,7 @@ def test_mapped_run_validates_clean_and_every_row_is_where_its_org_says(mapped, 
     checks = results["validate"]["checks"]
     assert checks["passed"].all(), checks[~checks["passed"]].to_string()
     conservation = set(checks["check"])
-    for name in ("rows per tenant add up to the baseline", "each legacy org has its tenant",
+    for name in ("rows per tenant add up to the table's rows", "each legacy org has its tenant",
                  "rows carry the tenant of their org (recomputed from legacy data)",
                  "each legacy (user, org) pair has exactly one membership, with its mapped role",
                  "memberships of org tenants without a legacy pair",
@@ -237,22 +237,25 @@ def test_rollback_still_refuses_for_rows_of_a_tenant_the_application_created(map
     assert rows(db, "SELECT count(*) FROM users")[0][0] > 0
 
 
-def test_after_constrain_a_remap_that_would_split_parent_and_child_fails_loudly(mapped):
-    """Rows the legacy application writes after the migration get the System Tenant (the column default). A later
-    backfill re-run would move such a workflow to its org's tenant; with composite keys its rules still point at
-    (System Tenant, id), so the move must fail on the foreign key, never slip past it (the backfill skips the
-    application's triggers only while no foreign key includes tenant_id)."""
+def test_after_constrain_a_remap_moves_parent_and_child_together(mapped):
+    """A workflow and its rule written on the System Tenant behind the rollout trigger (as a replication
+    subscriber would) after the migration: a backfill re-run moves the workflow to its org's tenant, and the
+    rule follows through the composite key's ON UPDATE CASCADE. That needs the foreign keys to act: the
+    backfill skips the application's triggers (session_replication_role = replica, which also silences
+    foreign keys) only while no foreign key includes tenant_id."""
     db = mapped
     db.run()
     system = db.scalar("SELECT id FROM tenants WHERE uuid = '00000000-0000-4000-8000-000000000001'")
-    wid = db.scalar("INSERT INTO workflows (uuid, org_id, name) VALUES (gen_random_uuid(), 1, 'written later') "
-                    "RETURNING id")
-    db.execute("INSERT INTO rules (uuid, workflow_id, name, expression) VALUES (gen_random_uuid(), %s, 'r', 'true')",
-               (wid,))
-    with pytest.raises(RunbookError, match=r"workflows: backfill batch failed: .*foreign key"):
-        db.run("backfill")
+    with db.connect(autocommit=True) as conn:
+        conn.execute("SET session_replication_role = replica")
+        wid = conn.execute("INSERT INTO workflows (uuid, org_id, name, tenant_id) VALUES (gen_random_uuid(), 1, "
+                           "'written later', %s) RETURNING id", (system,)).fetchone()[0]
+        conn.execute("INSERT INTO rules (uuid, workflow_id, name, expression, tenant_id) VALUES (gen_random_uuid(), "
+                     "%s, 'r', 'true', %s)", (wid, system))
+    db.run("backfill")
+    tenant = db.scalar("SELECT tenant_id FROM tenancy_runbook.org_tenants WHERE org_id = 1")
     assert rows(db, "SELECT w.tenant_id, r.tenant_id FROM workflows w JOIN rules r ON r.workflow_id = w.id "
-                    "WHERE w.id = %s", (wid,)) == [(system, system)]
+                    "WHERE w.id = %s", (wid,)) == [(tenant, tenant)]
 
 
 def test_backfill_before_the_mapping_is_seeded_refuses_and_changes_nothing(mapped):

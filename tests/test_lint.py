@@ -26,8 +26,13 @@ def test_clean_after_the_migration_with_reasons_for_what_is_accepted(migrated):
     frame = run(migrated)
     assert lint.clean(frame), frame[frame["status"] == lint.FAIL].to_dict("records")
     accepted = frame[frame["status"] == lint.ACCEPTED]
-    assert set(accepted["object"]) == {"workflows.workflows_org_id_name_key", "endpoints.endpoints_method_path_key"}
+    legacy = {f"{t}.tenant_legacy_access" for t in migrated.params.tables}
+    assert set(accepted["object"]) == {"workflows.workflows_org_id_name_key", "endpoints.endpoints_method_path_key"} | legacy
     assert accepted["reason"].str.len().min() >= 10
+    # the legacy role's contract is accepted with the reason params give, and reaches that role alone
+    assert set(accepted[accepted["object"].isin(legacy)]["reason"]) == {migrated.params.rls.legacy_reason}
+    pkey = frame.set_index("object").loc["widgets.widgets_pkey"]
+    assert pkey["status"] == lint.PASS and "scoped by its parent (widgets_template_id_fkey)" in pkey["finding"]
     rules = set(frame["rule"])
     for rule in ("RLS enabled and forced", "a policy per command", "policy fails closed",
                  "views over tenant tables are security_invoker", "unique keys include tenant_id",
@@ -67,6 +72,8 @@ def test_each_rule_fires_on_its_shape(migrated):
     migrated.execute("CREATE UNIQUE INDEX models_name_key ON models (name)")
     migrated.execute("DO $$ BEGIN CREATE ROLE lint_bypass BYPASSRLS; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
     migrated.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON rules TO lint_bypass")
+    migrated.execute("DROP POLICY tenant_legacy_access ON knowledge_bases")  # the legacy contract, to PUBLIC
+    migrated.execute("CREATE POLICY tenant_legacy_access ON knowledge_bases USING (true) WITH CHECK (true)")
     try:
         red = failing(run(migrated))
     finally:
@@ -80,6 +87,7 @@ def test_each_rule_fires_on_its_shape(migrated):
         ("views over tenant tables are security_invoker", "kb_names"),
         ("SECURITY DEFINER functions pin search_path", "count_rules()"),
         ("unique keys include tenant_id", "models.models_name_key"),
+        ("policy fails closed", "knowledge_bases.tenant_legacy_access"),
         ("no role bypasses RLS on tenant tables", "lint_bypass"),
     }
 

@@ -1,9 +1,11 @@
 """Row level security as constrain leaves it: fail-closed policies per command, ENABLE + FORCE, a safe
-application role, and the legacy application still working by setting (or defaulting to) the System Tenant."""
+application role, and the legacy role kept to the contract params declare (every tenant, or the System
+Tenant's rows)."""
 
 import psycopg
 import pytest
 
+from runbook_helpers import params as params_mod
 from runbook_helpers.tenancy import rls
 
 SYSTEM = "00000000-0000-4000-8000-000000000001"
@@ -24,10 +26,14 @@ def test_every_tenant_table_has_rls_forced_and_a_fail_closed_policy_per_command(
             policies = {r[0]: r[1:] for r in conn.execute(
                 "SELECT polcmd, pg_get_expr(polqual, polrelid), pg_get_expr(polwithcheck, polrelid) FROM pg_policy "
                 "WHERE polrelid = %s::regclass", (table,))}
-            assert set(policies) == {"r", "a", "w", "d"}, table
+            assert set(policies) == {"r", "a", "w", "d", "*"}, table
             expr = "(tenant_id = (NULLIF(current_setting('app.current_tenant_id'::text, true), ''::text))::bigint)"
             assert policies["r"] == (expr, None) and policies["d"] == (expr, None)
             assert policies["a"] == (None, expr) and policies["w"] == (expr, expr)
+            assert policies["*"] == ("true", "true")  # the legacy role's contract: every tenant
+            roles = conn.execute("SELECT polroles::regrole[]::text[] FROM pg_policy WHERE polrelid = %s::regclass "
+                                 "AND polname = 'tenant_legacy_access'", (table,)).fetchone()[0]
+            assert roles == ["legacy_app"], table
         invoker = conn.execute("SELECT reloptions FROM pg_class WHERE relname = 'active_workflows'").fetchone()[0]
         assert "security_invoker=true" in invoker
 
@@ -64,7 +70,7 @@ def test_the_application_works_once_it_sets_the_tenant(migrated):
         conn.execute("SET ROLE app_user")
         rls.set_tenant(conn, system)
         assert conn.execute("SELECT count(*) FROM templates").fetchone()[0] == total
-        # the legacy insert that omits tenant_id: the DEFAULT gives the System Tenant, the policy accepts it
+        # an insert that omits tenant_id: the rollout trigger gives the System Tenant, the policy accepts it
         conn.execute("INSERT INTO templates (uuid, name, category) VALUES (gen_random_uuid(), 'legacy', 'x')")
         conn.execute("UPDATE templates SET name = 'legacy!' WHERE name = 'legacy'")
         conn.commit()
@@ -81,18 +87,29 @@ def test_set_tenant_binds_the_value(migrated):
         assert conn.execute("SELECT current_setting('app.current_tenant_id', true)").fetchone()[0] == ""
 
 
-def test_the_legacy_role_defaults_to_the_system_tenant(migrated):
-    role = migrated.params.rls.legacy_role
+def legacy_counts(db, role: str) -> tuple[int, int]:
+    """What the legacy role, logged in, sees of knowledge_bases, and the tenant its insert without tenant_id gets."""
+    with psycopg.connect(db.url.replace("postgresql://postgres@", f"postgresql://{role}@"), autocommit=True) as conn:
+        assert conn.execute("SELECT current_user, current_setting('app.current_tenant_id', true)").fetchone() == (
+            role, None)  # no role setting: the contract is a policy
+        seen = conn.execute("SELECT count(*) FROM knowledge_bases").fetchone()[0]
+        conn.execute("INSERT INTO templates (uuid, name, category) VALUES (gen_random_uuid(), 'old app', 'x')")
+    return seen, db.scalar("SELECT tenant_id FROM templates WHERE name = 'old app'")
+
+
+def test_the_legacy_role_sees_every_tenant_by_its_contract(migrated):
     system = migrated.scalar("SELECT id FROM tenants WHERE uuid = %s", (SYSTEM,))
-    migrated.execute(f"ALTER ROLE {role} LOGIN")
-    try:
-        with psycopg.connect(migrated.url.replace("postgresql://postgres@", f"postgresql://{role}@")) as conn:
-            assert conn.execute("SELECT current_user, current_setting('app.current_tenant_id')").fetchone() == (
-                role, str(system))
-            assert conn.execute("SELECT count(*) FROM workflows").fetchone()[0] == migrated.scalar(
-                "SELECT count(*) FROM workflows")
-            conn.execute("INSERT INTO templates (uuid, name, category) VALUES (gen_random_uuid(), 'old app', 'x')")
-            conn.commit()
-    finally:
-        migrated.execute(f"ALTER ROLE {role} NOLOGIN")
-    assert migrated.scalar("SELECT tenant_id FROM templates WHERE name = 'old app'") == system
+    other = migrated.scalar("INSERT INTO tenants (uuid, name) VALUES (gen_random_uuid(), 'another') RETURNING id")
+    migrated.execute("UPDATE knowledge_bases SET tenant_id = %s WHERE id <= 10", (other,))
+    assert legacy_counts(migrated, "legacy_app") == (migrated.scalar("SELECT count(*) FROM knowledge_bases"), system)
+
+
+def test_a_legacy_role_limited_to_the_system_tenant_sees_only_its_rows(db):
+    params = params_mod.override(db.params, {"rls": {"legacy_access": "system_tenant"}})
+    db.run("inspect", "seed", "backfill", params=params)
+    other = db.scalar("INSERT INTO tenants (uuid, name) VALUES (gen_random_uuid(), 'another') RETURNING id")
+    db.execute("UPDATE knowledge_bases SET tenant_id = %s WHERE id <= 10", (other,))
+    db.run("constrain", params=params)
+    system = db.scalar("SELECT id FROM tenants WHERE uuid = %s", (SYSTEM,))
+    total = db.scalar("SELECT count(*) FROM knowledge_bases")
+    assert legacy_counts(db, "legacy_app") == (total - 10, system)

@@ -204,13 +204,24 @@ def test_sigterm_cancels_the_statement_on_the_server_and_a_rerun_resumes(server,
     assert again.returncode == 0, again.stdout + again.stderr
 
 
-def test_rollback_cli_restores_the_legacy_schema(server):
+def test_finalize_then_rollback_cli_restores_the_legacy_schema(server):
     assert runbook_cli("demo-db", "--env", "ci").returncode == 0
     url = server.url("tenancy_demo")
     legacy = app_schema(url, server)
-    for phase in PHASES:  # migrated without notebooks (the runs above prove those); the rollback is the subject
+    for phase in PHASES:  # migrated without notebooks (the runs above prove those); finalize and rollback are the subject
         run_phase(PhaseSession(phase, "ci", log=lambda *_: None))
     assert app_schema(url, server) != legacy
+    bad = runbook_cli("finalize", "--env", "ci", "--since", "last tuesday")
+    assert bad.returncode == 2 and "is not a time" in bad.stderr
+    before = existing_runs()
+    closed = runbook_cli("finalize", "--env", "ci", "--since", "2026-01-01T00:00:00+00:00")
+    assert closed.returncode == 0, closed.stdout + closed.stderr
+    folder = latest_run(before)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert [p["name"] for p in manifest["phases"]] == ["finalize"] and manifest["status"] == "succeeded"
+    assert (folder / "06_finalize.ipynb").exists() and (folder / "06_finalize.html").exists()
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'tenancy_rollout_%'").fetchone()[0] == 0
     before = existing_runs()
     result = runbook_cli("rollback", "--env", "ci")
     assert result.returncode == 0, result.stdout + result.stderr

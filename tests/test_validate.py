@@ -8,6 +8,10 @@ from runbook_helpers.errors import RunbookError
 from runbook_helpers.phases import validate
 
 
+COUNT = "rows the application did not write: count unchanged"
+FINGERPRINT = "rows the application did not write: pre-existing columns unchanged (fingerprint)"
+
+
 def checks_of(db):
     with db.session("validate") as rb:
         return validate.checks(rb)
@@ -41,20 +45,51 @@ def test_all_checks_pass_after_the_migration(migrated):
     assert out["verdict"] == f"all {total} checks passed"
     per_table = out["checks"][out["checks"]["table"] == "workflows"]["check"].tolist()
     for check in ("tenant_id NOT NULL", "foreign key to tenants validated", "index led by tenant_id valid",
-                  "rows without tenant", "rows whose tenant does not exist", "row count equals baseline",
-                  "pre-existing columns unchanged (fingerprint)"):
+                  "rows without tenant", "rows whose tenant does not exist", COUNT, FINGERPRINT):
         assert check in per_table
+    kept = out["checks"][out["checks"]["check"] == "every uniqueness of before is kept"]
+    assert "workflows.workflows_pkey" in set(kept["table"]) and kept["passed"].all()
 
 
 def test_a_changed_value_fails_the_fingerprint_check(migrated):
-    migrated.execute("UPDATE rules SET expression = expression || ' ' WHERE id = 3")
-    assert failing(checks_of(migrated)) == {("pre-existing columns unchanged (fingerprint)", "rules")}
+    migrated.execute_unrecorded("UPDATE rules SET expression = expression || ' ' WHERE id = 3")
+    assert failing(checks_of(migrated)) == {(FINGERPRINT, "rules")}
 
 
 def test_a_lost_row_fails_count_and_fingerprint(migrated):
+    migrated.execute_unrecorded("DELETE FROM widgets WHERE template_id = 1 AND position = 0")
+    assert failing(checks_of(migrated)) == {(COUNT, "widgets"), (FINGERPRINT, "widgets")}
+
+
+def test_the_applications_own_writes_pass_and_are_counted(migrated):
+    """Written as the application writes (the rollout triggers record it): nothing fails, and each write is
+    attributed to the application, with its key in application_write_keys."""
+    migrated.execute("UPDATE rules SET expression = expression || ' ' WHERE id = 3")
     migrated.execute("DELETE FROM widgets WHERE template_id = 1 AND position = 0")
-    assert failing(checks_of(migrated)) == {("row count equals baseline", "widgets"),
-                                             ("pre-existing columns unchanged (fingerprint)", "widgets")}
+    migrated.execute("INSERT INTO templates (uuid, name, category) VALUES (gen_random_uuid(), 'new', 'x')")
+    assert failing(checks_of(migrated)) == set()
+    with migrated.session("validate") as rb:
+        writes = validate.application_writes(rb).set_index("table")
+        keys = validate.application_write_keys(rb)
+    assert writes.loc["rules", "updated"] == 1 and writes.loc["widgets", "deleted"] == 1
+    assert writes.loc["templates", "inserted"] == 1 and writes.loc["models"].iloc[1:].sum() == 0
+    assert set(zip(keys["table"], keys["change"])) == {("rules", "updated"), ("widgets", "deleted"),
+                                                        ("templates", "inserted")}
+    assert list(keys[keys["table"] == "rules"]["key"]) == ['["3"]']
+
+
+def test_a_change_the_runbook_makes_during_the_backfill_fails_validate(db, monkeypatch):
+    """The failpoint corrupts one row inside a batch's own transaction, as a runbook bug would: validate
+    finds it although the application wrote meanwhile."""
+    db.run("inspect", "seed")
+    monkeypatch.setenv("RUNBOOK_FAULT", "backfill.mid_batch=knowledge_bases@sql")
+    monkeypatch.setenv("RUNBOOK_FAULT_SQL", "UPDATE knowledge_bases SET name = name || ' (changed)' WHERE id = "
+                                            "(SELECT min(id) FROM knowledge_bases WHERE tenant_id IS NOT NULL)")
+    db.execute("UPDATE knowledge_bases SET name = 'the application' WHERE id = 2")
+    db.run("backfill", "constrain")
+    monkeypatch.delenv("RUNBOOK_FAULT")
+    db.execute("UPDATE knowledge_bases SET name = 'the application again' WHERE id = 5")
+    assert failing(checks_of(db)) == {(FINGERPRINT, "knowledge_bases")}
 
 
 def test_unvalidated_fk_and_invalid_index_fail(core_migrated):
@@ -72,7 +107,7 @@ def test_orphans_and_nulls_fail(core_migrated):
     migrated.execute("ALTER TABLE endpoints DROP CONSTRAINT endpoints_tenant_id_tenants_id_fk")
     migrated.execute("ALTER TABLE endpoints ALTER COLUMN tenant_id DROP NOT NULL")
     migrated.execute("UPDATE endpoints SET tenant_id = 999999 WHERE id = 1")
-    migrated.execute("UPDATE endpoints SET tenant_id = NULL WHERE id = 2")
+    migrated.execute_unrecorded("UPDATE endpoints SET tenant_id = NULL WHERE id = 2")  # behind the rollout trigger
     assert failing(checks_of(migrated)) == {
         ("tenant_id NOT NULL", "endpoints"), ("foreign key to tenants validated", "endpoints"),
         ("rows without tenant", "endpoints"), ("rows whose tenant does not exist", "endpoints")}
@@ -105,9 +140,9 @@ def test_smoke_queries_cannot_change_anything(migrated):
 
 
 def test_the_verdict_raises_with_every_failed_check(migrated):
-    migrated.execute("DELETE FROM decision_tables WHERE id = 5")
+    migrated.execute_unrecorded("DELETE FROM decision_tables WHERE id = 5")
     with pytest.raises(RunbookError) as err:
         migrated.run("validate")
     assert "2 of" in str(err.value)
-    assert "row count equals baseline [decision_tables]" in str(err.value)
+    assert f"{COUNT} [decision_tables]" in str(err.value)
     assert migrated.scalar("SELECT status FROM tenancy_runbook.phase_runs WHERE phase = 'validate'") == "failed"

@@ -1,4 +1,4 @@
-"""`runbook run|demo|demo-db|db|plan|notebooks|audit`: the command line of the runbook.
+"""`runbook run|finalize|rollback|demo|demo-db|db|plan|notebooks|audit`: the command line of the runbook.
 
 Every RunbookError is printed as `runbook: error: …` on stderr with exit status 2, never a traceback:
 those errors say what was wrong and what to do. A failed phase exits with status 1.
@@ -36,6 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--force", action="store_true",
                           help="roll back even though rows belong to tenants other than the System Tenant")
     rollback.add_argument("--yes", action="store_true", help="confirm on an env that requires it (prod)")
+
+    finalize = sub.add_parser("finalize", help="close the rollout window (06_finalize) once the application writes "
+                              "tenant_id itself, archived like a run")
+    _env_arg(finalize)
+    finalize.add_argument("--since", help="count the writes that still needed the rollout trigger from this time on "
+                          "(ISO 8601 with a time zone: when the tenant-aware release went out); default: the whole window")
+    finalize.add_argument("--dry-run", action="store_true", help="show the counts and the plan, change nothing")
+    finalize.add_argument("--force", action="store_true",
+                          help="close the window although recent writes still needed the trigger")
+    finalize.add_argument("--yes", action="store_true", help="confirm on an env that requires it (prod)")
 
     demo = sub.add_parser("demo", help="fresh demo database, then the whole runbook on it")
     _env_arg(demo, "local")
@@ -157,6 +167,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "rollback":
             from .run import runner
             result = runner.run(args.env, "rollback", dry_run=args.dry_run, yes=args.yes, force=args.force)
+            return 0 if result.ok else (130 if result.status == "interrupted" else 1)
+        if args.command == "finalize":
+            from .phases.finalize import parse_since
+            from .run import runner
+            parse_since(args.since)  # a bad time fails here, before anything runs
+            result = runner.run(args.env, "finalize", dry_run=args.dry_run, yes=args.yes, force=args.force,
+                                since=args.since)
             return 0 if result.ok else (130 if result.status == "interrupted" else 1)
         if args.command == "demo":
             from .run import runner

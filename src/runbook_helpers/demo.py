@@ -7,7 +7,8 @@ naming orgs that are gone, endpoints whose denormalised org_id differs from thei
 key (widgets); an updated_at trigger and a dependent view on workflows; a unique constraint that will
 not include tenant_id; and knowledge_bases carrying a nullable tenant_id from an earlier hand-applied
 attempt (a third of its rows filled, the rest NULL), so both backfill strategies run. The tables belong
-to a non-superuser owner role (app_owner), as in a real deployment. The Drizzle state is the
+to a non-superuser owner role (app_owner), as in a real deployment, and the legacy application connects
+as its own login role (legacy_app) with read and write on every table. The Drizzle state is the
 application's: 0000 (users/tenants/user_tenants) applied and recorded, 0001 pending.
 
 All data is generated server-side with generate_series and arithmetic on the row number, so the same
@@ -334,7 +335,23 @@ DO $$ DECLARE r record; BEGIN
   END LOOP;
 END $$;
 ALTER FUNCTION set_updated_at() OWNER TO app_owner;
-ALTER SCHEMA drizzle OWNER TO app_owner
+ALTER SCHEMA drizzle OWNER TO app_owner;
+GRANT USAGE, CREATE ON SCHEMA public TO app_owner
+"""
+
+# The legacy application connects as its own login role, which may read and write every table: the role
+# rls.legacy_role names in local and ci, whose contract row level security then keeps (tenancy/rls.py).
+LEGACY_ROLE = "legacy_app"
+LEGACY_ROLE_SQL = """
+DO $$ BEGIN
+  CREATE ROLE legacy_app LOGIN;
+EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+END $$;
+ALTER ROLE legacy_app LOGIN;
+ALTER ROLE legacy_app RESET ALL;
+GRANT USAGE ON SCHEMA public TO legacy_app;
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO legacy_app;
+GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO legacy_app
 """
 
 DRIZZLE_TABLE_SQL = """
@@ -385,6 +402,7 @@ def build(admin_conninfo: str, database: str, *, system_uuid: str, system_name: 
             (migrations[0].hash, migrations[0].when),
         )
         conn.execute(OWNERSHIP_SQL)
+        conn.execute(LEGACY_ROLE_SQL)
         conn.commit()
         conn.autocommit = True
         conn.execute("VACUUM ANALYZE")

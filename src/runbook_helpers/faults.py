@@ -7,6 +7,8 @@ the process passes <point> with a detail matching the glob. Actions:
   hang          write $RUNBOOK_FAULT_MARKER (if set) and sleep, so the test can act (restart the server)
   pause         write $RUNBOOK_FAULT_MARKER and wait until the test deletes it, then carry on (so the test can
                 set up a blocker for the statement that follows, and kill the process while it waits)
+  sql           run $RUNBOOK_FAULT_SQL on the connection the point passes (backfill.mid_batch: inside the
+                batch's own transaction), e.g. to corrupt a row as a runbook bug would
 Unset, a failpoint costs one dictionary lookup. Points: backfill.before_batch, backfill.mid_batch (inside
 the batch's transaction, after its UPDATE), backfill.after_batch, backfill.after_table,
 ddl.before_step and ddl.after_step (detail: the step's action).
@@ -24,7 +26,7 @@ from pathlib import Path
 _hits: dict[str, int] = {}
 
 
-def point(name: str, detail: str = "") -> None:
+def point(name: str, detail: str = "", conn=None) -> None:
     spec = os.environ.get("RUNBOOK_FAULT")
     if not spec:
         return
@@ -42,6 +44,9 @@ def point(name: str, detail: str = "") -> None:
     elif action.startswith("kill-after:"):
         delay = float(action.split(":", 1)[1])
         threading.Timer(delay, os.kill, args=(os.getpid(), signal.SIGKILL)).start()
+    elif action == "sql":
+        statement = os.environ["RUNBOOK_FAULT_SQL"]
+        (conn.exec_driver_sql if hasattr(conn, "exec_driver_sql") else conn.execute)(statement)
     elif action in ("hang", "pause"):
         marker = os.environ.get("RUNBOOK_FAULT_MARKER")
         if marker:

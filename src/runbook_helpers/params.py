@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 import yaml
@@ -79,7 +79,6 @@ class BackfillParams(_Strict):
     workers: int = Field(default=1, ge=1, le=16)             # parallel workers on disjoint key ranges
     synchronous_commit: bool = True                          # false: batches do not wait for their WAL flush
     pause_ms: int = Field(default=0, ge=0)
-    keep_default: bool = True
     progress_every_s: float = Field(default=5.0, gt=0)
     max_passes: int = Field(default=3, gt=0)
     throttle: ThrottleParams = ThrottleParams()
@@ -115,9 +114,21 @@ class RlsParams(_Strict):
     # a custom setting name: two lowercase identifiers joined by a dot (it is written into policies)
     setting: str = Field(default="app.current_tenant_id", pattern=r"^[a-z_][a-z0-9_]*\.[a-z_][a-z0-9_]*$")
     app_role: str = "app_user"
-    legacy_role: str | None = None       # defaults to the System Tenant, so the legacy application keeps working
+    legacy_role: str | None = None       # the pre-tenant application's role: what it may see is legacy_access
+    legacy_access: Literal["all_tenants", "system_tenant"] = "all_tenants"
+    legacy_reason: str | None = Field(default=None, min_length=10)  # why all_tenants is accepted (the lint)
     bypass_roles: list[str] = []         # roles allowed to bypass RLS besides the migration role itself
     lint_accept: list[LintAcceptance] = []
+
+    @model_validator(mode="after")
+    def _legacy_contract(self) -> "RlsParams":
+        if self.legacy_role and self.legacy_access == "all_tenants" and not self.legacy_reason:
+            raise ValueError("rls.legacy_reason: legacy_access all_tenants lets the legacy role read and write every "
+                             "tenant's rows; say why that is accepted (the lint records it), or use system_tenant")
+        if self.legacy_role and self.legacy_role == self.app_role:
+            raise ValueError("rls.legacy_role: the legacy role must not be the application role, which stays "
+                             "isolated per tenant")
+        return self
 
 
 class DistributionParams(_Strict):

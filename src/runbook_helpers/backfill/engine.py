@@ -25,6 +25,7 @@ from sqlalchemy.exc import DBAPIError
 from .. import faults
 from ..db import catalog
 from ..db.catalog import TableState
+from ..db.database import RUNBOOK_SESSION_SETTING
 from ..errors import LockNotAcquired, RunbookError
 from .assignment import Assignment, system_assignment
 from .keyspace import CtidSpace, Key, KeysetSpace
@@ -114,12 +115,12 @@ class BatchedBackfill:
                     remaining = self.assign.count(conn, self.st)
                 if not remaining:
                     break
-                current_pass = max(p["pass"] for p in rb.ledger.parts(rb.control, self.st.name))
-                if current_pass >= self.params.max_passes:
+                if passes >= self.params.max_passes:  # this run's budget: a re-run gets a fresh one
                     raise RunbookError(
                         f"{self.st.name}: {remaining:,} rows still have no tenant after {self.params.max_passes} "
-                        f"passes; something writes NULL (or the System Tenant) explicitly. Find it (the DEFAULT "
-                        f"covers inserts that omit tenant_id), then re-run this notebook.")
+                        f"passes in this run; something writes them behind the rollout trigger (a session with "
+                        f"session_replication_role = replica, or one that sets {RUNBOOK_SESSION_SETTING}). Find it, "
+                        f"then re-run this notebook: it resumes.")
                 rb.log(f"{self.label}: {remaining:,} rows without their tenant appeared meanwhile; sweeping again")
                 rb.ledger.next_pass(rb.control, self.st.name, remaining)
                 parts = rb.ledger.parts(rb.control, self.st.name)
@@ -227,7 +228,7 @@ class BatchedBackfill:
             try:
                 with conn.begin():
                     rows = conn.exec_driver_sql(statement, tuple(args)).rowcount
-                    faults.point("backfill.mid_batch", self.st.name)
+                    faults.point("backfill.mid_batch", self.st.name, conn)
                     rb.ledger.advance_checkpoint(conn, self.st.name, part, new_last, rows)
                 faults.point("backfill.after_batch", self.st.name)
                 break

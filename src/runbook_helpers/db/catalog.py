@@ -254,6 +254,9 @@ SELECT c.relname AS table, ic.relname AS name,
             ELSE 'unique index' END AS kind,
        i.indnatts = 1 AND (con.contype = 'p' OR (SELECT format_type(a.atttypid, a.atttypmod) = 'uuid'
           FROM pg_attribute a WHERE a.attrelid = i.indrelid AND a.attnum = i.indkey[0])) AS global_id,
+       (SELECT string_agg(fk.conname, ', ') FROM pg_constraint fk JOIN pg_class pc ON pc.oid = fk.confrelid
+          WHERE fk.conrelid = i.indrelid AND fk.contype = 'f' AND pc.relname = ANY(:tables)
+            AND pc.relnamespace = n.oid AND fk.conkey <@ i.indkey::int2[]) AS scoped_by,
        (SELECT string_agg(coalesce(a.attname, '(expression)'), ', ' ORDER BY k.ord)
           FROM unnest(i.indkey) WITH ORDINALITY k(attnum, ord)
           LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum) AS columns
@@ -271,11 +274,14 @@ ORDER BY c.relname, ic.relname
 def unique_without_tenant(conn: Connection, schema: str, tables: list[str]) -> pd.DataFrame:
     """Unique constraints and indexes that do not include tenant_id: uniqueness stays global."""
     rows = conn.execute(UNIQUE_SQL, {"schema": schema, "tables": tables, "col": TENANT_COLUMN}).mappings().all()
-    frame = pd.DataFrame(rows, columns=["table", "name", "kind", "columns", "global_id"])
-    frame["assessment"] = frame["global_id"].map(
-        lambda g: "global identifier: stays unique across tenants, as it should" if g
-        else "business key: unique across ALL tenants; the application team decides whether to add tenant_id")
-    return frame.drop(columns=["global_id"])
+    frame = pd.DataFrame(rows, columns=["table", "name", "kind", "columns", "global_id", "scoped_by"])
+    frame["assessment"] = [
+        "global identifier: stays unique across tenants, as it should" if g else
+        (f"scoped by its parent ({by}): a parent row belongs to one tenant, so this is unique within it"
+         if isinstance(by, str) and by else
+         "business key: unique across ALL tenants; the application team decides whether to add tenant_id")
+        for g, by in zip(frame["global_id"], frame["scoped_by"])]
+    return frame.drop(columns=["global_id", "scoped_by"])
 
 
 INVALID_INDEXES_SQL = text("""
@@ -355,13 +361,13 @@ class ForeignKey:
     deferrable: bool = False
     deferred: bool = False
 
-    def actions(self) -> sql.Composable:
-        """The same ON DELETE / ON UPDATE / DEFERRABLE as the key it replaces; SET NULL and SET DEFAULT
-        name their columns, so tenant_id itself is never nulled."""
+    def actions(self, on_update: str | None = None) -> sql.Composable:
+        """The same ON DELETE / ON UPDATE / DEFERRABLE as this key (ON UPDATE as given, if given); SET NULL and
+        SET DEFAULT name their columns, so tenant_id itself is never nulled."""
         words = {"a": "NO ACTION", "r": "RESTRICT", "c": "CASCADE", "n": "SET NULL", "d": "SET DEFAULT"}
         cols = sql.SQL(" ({})").format(sql.SQL(", ").join(map(sql.Identifier, self.cols)))
         delete = sql.SQL(" ON DELETE " + words[self.on_delete]) + (cols if self.on_delete in "nd" else sql.SQL(""))
-        update = sql.SQL(" ON UPDATE " + words[self.on_update])
+        update = sql.SQL(" ON UPDATE " + words[on_update or self.on_update])
         defer = sql.SQL(" DEFERRABLE INITIALLY " + ("DEFERRED" if self.deferred else "IMMEDIATE")) if self.deferrable \
             else sql.SQL("")
         return delete + update + defer

@@ -1,7 +1,7 @@
 """Connections from params: the embedded server or a DSN read from an environment variable.
 
 Every connection carries the runbook's session settings (application_name, lock_timeout,
-statement_timeout, idle_in_transaction_session_timeout), so a forgotten SET can never leave a DDL
+statement_timeout, idle_in_transaction_session_timeout, and the mark the rollout triggers recognise), so a forgotten SET can never leave a DDL
 statement waiting behind a long transaction while the application queues behind it. The DSN itself is
 only ever held in memory: the engine's URL is the bare dialect name.
 """
@@ -22,6 +22,7 @@ from ..params import Params, dsn_from_environment
 from .server import EmbeddedServer
 
 MIN_SERVER_VERSION = 130000
+RUNBOOK_SESSION_SETTING = "tenancy_runbook.session"  # set on every runbook connection
 
 
 def server_for(params: Params) -> EmbeddedServer:
@@ -75,6 +76,8 @@ def session_options(params: Params, existing: str | None = None) -> str:
         # cannot starve the application of CPU; raise these for a faster run in a maintenance window
         f"-c max_parallel_workers_per_gather={params.database.parallel_workers}",
         f"-c max_parallel_maintenance_workers={params.database.parallel_workers}",
+        # the rollout triggers leave the runbook's own writes alone (tenancy/rollout.py)
+        f"-c {RUNBOOK_SESSION_SETTING}=runbook",
     ]
     return " ".join(([existing] if existing else []) + opts)
 

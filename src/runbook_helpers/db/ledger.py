@@ -1,4 +1,6 @@
-"""The runbook's own schema inside the target database: runs, phase runs, baseline, checkpoints, journal.
+"""The runbook's own schema inside the target database: runs, phase runs, baseline, checkpoints, journal,
+and the rollout window's record of the application's writes (capture_start, app_writes, rollout_assists,
+capture_end; written by the rollout triggers, see tenancy/rollout.py).
 
 It lives next to the data it describes, so a resumed run on another machine finds the same checkpoints,
 and the audit trail survives the laptop that ran it. Every table is created with IF NOT EXISTS;
@@ -80,6 +82,42 @@ CREATE TABLE IF NOT EXISTS {schema}.statement_journal (
   attempts integer NOT NULL DEFAULT 0,
   outcome text NOT NULL DEFAULT 'running',
   error text
+);
+CREATE TABLE IF NOT EXISTS {schema}.capture_start (
+  table_name text PRIMARY KEY,
+  started_at timestamptz NOT NULL DEFAULT now(),
+  snapshot pg_snapshot NOT NULL,
+  columns text[] NOT NULL,
+  key_columns text[] NOT NULL,
+  rows_all bigint NOT NULL,
+  digest_all numeric NOT NULL,
+  rows_untouched bigint NOT NULL,
+  digest_untouched numeric NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {schema}.capture_end (
+  table_name text PRIMARY KEY,
+  ended_at timestamptz NOT NULL DEFAULT now(),
+  reconciled jsonb NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {schema}.app_writes (
+  table_name text NOT NULL,
+  key jsonb NOT NULL,
+  first_op text NOT NULL,
+  old_hash bigint,
+  first_xid xid8 NOT NULL,
+  first_at timestamptz NOT NULL DEFAULT now(),
+  last_op text NOT NULL,
+  last_at timestamptz NOT NULL DEFAULT now(),
+  writes bigint NOT NULL DEFAULT 1,
+  PRIMARY KEY (table_name, key)
+);
+CREATE TABLE IF NOT EXISTS {schema}.rollout_assists (
+  table_name text NOT NULL,
+  key jsonb NOT NULL,
+  first_at timestamptz NOT NULL DEFAULT now(),
+  last_at timestamptz NOT NULL DEFAULT now(),
+  times bigint NOT NULL DEFAULT 1,
+  PRIMARY KEY (table_name, key)
 )
 """
 

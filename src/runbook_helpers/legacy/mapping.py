@@ -22,6 +22,7 @@ from sqlalchemy.engine import Connection
 
 from ..backfill.assignment import Assignment
 from ..db import catalog
+from ..db.fingerprint import row_key
 from ..db.names import TENANT_COLUMN
 from ..db.sqltext import render
 from ..errors import RunbookError
@@ -234,22 +235,36 @@ def tenant_of_org(p, org: sql.Composable, system_id: int) -> sql.Composable:
 
 def mapped_assignment(conn: Connection, p, table: str, system_id: int) -> Assignment:
     """The tenant of the parent row (filled before its children), else of the row's own org, else the
-    System Tenant. Pending: NULL, or still the System Tenant (the fast default) where the org maps elsewhere."""
+    System Tenant. Pending: NULL; a child whose parent has another tenant (whoever wrote it: a child
+    follows its parent); a row still on the System Tenant (the fast default) whose org maps elsewhere,
+    unless the application inserted it since the record opened (its writer, or the rollout trigger, chose
+    its tenant then; an update that left tenant_id alone chose nothing)."""
     spec = p.core_tables[table]
     me = sql.Identifier(p.schema_, table)
+    col = sql.Identifier(TENANT_COLUMN)
+    system = sql.Literal(int(system_id))
     parts: list[sql.Composable] = []
+    parent_tenant = None
     if spec.parent is not None:
-        parts.append(sql.SQL("(SELECT pr.{c} FROM {pt} AS pr WHERE pr.{pk} = {me}.{col})").format(
-            c=sql.Identifier(TENANT_COLUMN), pt=sql.Identifier(p.schema_, spec.parent.table),
-            pk=sql.Identifier(parent_key(conn, p, spec.parent.table)), me=me, col=sql.Identifier(spec.parent.column)))
+        parent_tenant = sql.SQL("(SELECT pr.{c} FROM {pt} AS pr WHERE pr.{pk} = {me}.{col})").format(
+            c=col, pt=sql.Identifier(p.schema_, spec.parent.table),
+            pk=sql.Identifier(parent_key(conn, p, spec.parent.table)), me=me, col=sql.Identifier(spec.parent.column))
+        parts.append(parent_tenant)
     if spec.org_column:
         parts.append(sql.SQL("(SELECT m.tenant_id FROM {ot} m WHERE m.org_id = {me}.{col})").format(
             ot=ledger_table(p, "org_tenants"), me=me, col=sql.Identifier(spec.org_column)))
-    system = sql.Literal(int(system_id))
     value = sql.SQL("COALESCE({}, {})").format(sql.SQL(", ").join(parts), system)
-    col = sql.Identifier(TENANT_COLUMN)
-    pending = sql.SQL("({col} IS NULL OR ({col} = {system} AND {value} <> {system}))").format(
-        col=col, system=system, value=value)
+    moved = sql.SQL("{col} = {system} AND {value} <> {system}").format(col=col, system=system, value=value)
+    key = catalog.table_state(conn, p.schema_, table).pk_columns
+    if key and catalog.relation_oid(conn, p.ledger_schema, "app_writes") is not None:
+        moved = moved + sql.SQL(" AND NOT EXISTS (SELECT 1 FROM {log} AS w WHERE w.table_name = {name} "
+                                "AND w.key = {key} AND w.first_op = 'INSERT')").format(
+            log=ledger_table(p, "app_writes"), name=sql.Literal(table), key=row_key(me, key))
+    if parent_tenant is None:
+        pending = sql.SQL("({col} IS NULL OR ({moved}))").format(col=col, moved=moved)
+    else:
+        pending = sql.SQL("({col} IS NULL OR {col} IS DISTINCT FROM coalesce({pt}, {col}) OR ({pt} IS NULL AND "
+                          "{moved}))").format(col=col, pt=parent_tenant, moved=moved)
     return Assignment(value, pending)
 
 
@@ -258,4 +273,14 @@ def rows_to_map(conn: Connection, p, table: str) -> int:
     row = sql.Identifier(p.schema_, table)
     query = sql.SQL("SELECT count(*) FROM {t} WHERE {eff} <> {none}").format(
         t=row, eff=effective_org(conn, p, table, row), none=sql.Literal(NO_ORG))
+    return int(conn.exec_driver_sql(render(conn, query)).scalar())
+
+
+def rows_not_where_their_org_says(conn: Connection, p, table: str, system_id: int) -> int:
+    """Rows whose tenant_id is not (yet) the one the legacy data implies, their parents' included: what a
+    backfill still has to move, before any of this run's batches."""
+    row = sql.Identifier(p.schema_, table)
+    target = tenant_of_org(p, effective_org(conn, p, table, row), system_id)
+    query = sql.SQL("SELECT count(*) FROM {t} WHERE {c} IS DISTINCT FROM {target}").format(
+        t=row, c=sql.Identifier(TENANT_COLUMN), target=target)
     return int(conn.exec_driver_sql(render(conn, query)).scalar())

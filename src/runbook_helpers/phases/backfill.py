@@ -1,29 +1,34 @@
-"""Phase 3: tenant_id on every core table, and a tenant for every row, by the cheapest correct strategy.
+"""Phase 3: tenant_id on every core table, the rollout triggers, and a tenant for every row, by the
+cheapest correct strategy.
 
-- fast default: the column is absent and every row goes to the System Tenant, so
-  `ADD COLUMN tenant_id bigint DEFAULT <id>` is metadata-only: existing rows read the default from the
-  catalog, nothing is rewritten, ACCESS EXCLUSIVE is held for milliseconds. Never with REFERENCES in the
-  same statement (that would scan the table under ACCESS EXCLUSIVE); the FK comes in constrain, NOT VALID.
-- batched: the column exists with NULLs (a partly applied 0001). First SET DEFAULT, so rows the
-  application inserts meanwhile get the System Tenant; then the batch engine (backfill/): keyset batches
-  in key order, one transaction each, the checkpoint committed in the same transaction, batch size
-  adapted to a target duration, optional parallel workers on disjoint key ranges, throttled when the
-  application starts waiting on the backfill. Kill it anywhere: the re-run resumes from the checkpoints.
-  Keyset columns: the params' `key`, else the primary key (composite keys compare as rows). A table with
-  neither is walked in ctid page ranges (PostgreSQL 14+ scans those ranges directly; 13 scans per batch).
-- default only: the column exists and is filled, but new rows would get NULL: SET DEFAULT.
-- mapped (legacy.enabled, a table with org_column or parent): the fast default first where the column is
-  absent (so no row is ever without a tenant, and new rows get the System Tenant), then the batch engine
-  moves each row whose org maps to a real tenant from NULL or the System Tenant to that tenant. Parents
-  are filled before their children, and a child takes its parent's tenant_id. Same checkpoints, progress
-  and throttling as above.
-The DEFAULT stays for the rollout window; backfill.keep_default: false removes it in constrain.
+In three passes, so that every trigger finds the columns it reads:
+1. the column, where it is missing: `ADD COLUMN tenant_id bigint DEFAULT <System Tenant>` is metadata-only
+   (existing rows read the value from the catalog, nothing is rewritten, ACCESS EXCLUSIVE is held for
+   milliseconds). Never with REFERENCES in the same statement (that would scan the table under ACCESS
+   EXCLUSIVE); the FK comes in constrain, NOT VALID.
+2. the rollout triggers on every core table (tenancy/rollout.py), which give each row the application
+   writes the tenant its own data implies, record what it writes, and replace the DEFAULT.
+3. per table, the record of the application's writes is opened (one read that hashes every row), then
+   the rows get their tenant:
+   - fast default: nothing more (the default gave every row the System Tenant).
+   - batched: the column existed with NULLs (a partly applied 0001): the batch engine (backfill/) fills
+     them in keyset batches in key order, one transaction each, the checkpoint committed in the same
+     transaction, batch size adapted to a target duration, optional parallel workers on disjoint key
+     ranges, throttled when the application starts waiting on the backfill. Kill it anywhere: the re-run
+     resumes from the checkpoints. Keyset columns: the params' `key`, else the primary key (composite keys
+     compare as rows). A table with neither is walked in ctid page ranges.
+   - mapped (legacy.enabled, a table with org_column or parent): the batch engine moves each row whose
+     org maps to a real tenant from NULL or the System Tenant to that tenant, parents before children, a
+     child taking its parent's tenant_id. Rows the application wrote since the record opened keep the
+     tenant the trigger (or the writer) gave them.
+   - done: the column is filled already.
+The triggers stay for the rollout window: 06_finalize removes them once the application writes tenant_id.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 from psycopg import sql
@@ -31,13 +36,15 @@ from psycopg import sql
 from .. import faults
 from ..backfill.assignment import Assignment
 from ..backfill.engine import BatchedBackfill
-from ..db import catalog
+from ..db import catalog, reconcile
 from ..db.catalog import TableState
 from ..db.ddl import ACCESS_EXCLUSIVE_META, ROW_EXCLUSIVE_BATCH, UNDO_PHASE, Step, plan_frame, results_frame
 from ..db.names import TENANT_COLUMN
 from ..db.sqltext import render
 from ..errors import RunbookError
 from ..legacy import mapping
+from ..tenancy import rollout
+from . import original_schema
 from . import state as table_states
 
 PHASE = "backfill"
@@ -54,59 +61,93 @@ def strategy_for(st: TableState, system_id: int | None, null_count: int | None =
         return "fast default"
     if st.not_null:
         return "done"
-    has_default = system_id is not None and table_states.default_value(st.default) == system_id
     if null_count is None or null_count > 0:
         return "batched"
-    return "done" if has_default else "default only"
+    return "done"
 
 
-def plan_table(st: TableState, system_id: int | None, strategy: str, batch_size: int,
-               assignment: Assignment | None = None) -> list[Step]:
-    """The statements for one table. The batched UPDATE loop is listed as one step with its lock."""
-    tenant = _tenant_literal(system_id)
-    if strategy == "mapped" and not st.has_column:
-        return plan_table(st, system_id, "fast default", batch_size) + plan_table(
-            replace(st, has_column=True, default=str(system_id)), system_id, strategy, batch_size, assignment)
-    if strategy == "fast default":
-        return [Step(PHASE, st.name, "add tenant_id with the System Tenant as default",
-                     sql.SQL("ALTER TABLE {} ADD COLUMN {} bigint DEFAULT {}").format(st.qualified, COL, tenant),
-                     ACCESS_EXCLUSIVE_META,
-                     "a constant default is stored in the catalog: no row is rewritten or scanned")]
-    steps: list[Step] = []
-    if strategy in ("batched", "default only", "mapped") and (
-            system_id is None or table_states.default_value(st.default) != system_id):
-        steps.append(Step(PHASE, st.name, "default new rows to the System Tenant",
-                          sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT {}").format(st.qualified, COL, tenant),
-                          ACCESS_EXCLUSIVE_META,
-                          "changes only the catalog; rows the application inserts meanwhile get a tenant"))
+def column_steps(st: TableState, system_id: int | None) -> list[Step]:
+    """Pass 1: the column, where it is missing."""
+    if st.has_column:
+        return []
+    return [Step(PHASE, st.name, "add tenant_id with the System Tenant for every existing row",
+                 sql.SQL("ALTER TABLE {} ADD COLUMN {} bigint DEFAULT {}").format(
+                     st.qualified, COL, _tenant_literal(system_id)),
+                 ACCESS_EXCLUSIVE_META, "a constant default is stored in the catalog: no row is rewritten or scanned")]
+
+
+def fill_step(st: TableState, system_id: int | None, strategy: str, batch_size: int,
+              assignment: Assignment | None = None) -> list[Step]:
+    """Pass 3's batches, listed as one step with its lock."""
+    keys = key_columns(st, None)
+    how = f"keyset on ({', '.join(keys)})" if keys else "ctid page ranges (no primary key)"
     if strategy == "mapped":
-        keys = key_columns(st, None)
-        how = f"keyset on ({', '.join(keys)})" if keys else "ctid page ranges (no primary key)"
         value = assignment.value if assignment is not None else sql.SQL("<the tenant of the row's org>")
-        steps.append(Step(PHASE, st.name, f"give each row its org's tenant in batches of {batch_size:,} ({how})",
-                          sql.SQL("UPDATE {} SET {} = {} WHERE <key range of one batch> AND <no tenant or the System "
-                                  "Tenant while the org maps elsewhere>").format(st.qualified, COL, value),
-                          ROW_EXCLUSIVE_BATCH,
-                          "one short transaction per batch with its checkpoint; resumable; no table lock"))
+        return [Step(PHASE, st.name, f"give each row its org's tenant in batches of {batch_size:,} ({how})",
+                     sql.SQL("UPDATE {} SET {} = {} WHERE <key range of one batch> AND <no tenant or the System "
+                             "Tenant while the org maps elsewhere> AND <not written by the application since the "
+                             "record opened>").format(st.qualified, COL, value),
+                     ROW_EXCLUSIVE_BATCH, "one short transaction per batch with its checkpoint; resumable; no table lock")]
     if strategy == "batched":
-        keys = key_columns(st, None)
-        how = f"keyset on ({', '.join(keys)})" if keys else "ctid page ranges (no primary key)"
-        steps.append(Step(PHASE, st.name, f"fill NULL tenant_id in batches of {batch_size:,} ({how})",
-                          sql.SQL("UPDATE {} SET {} = {} WHERE <key range of one batch> AND {} IS NULL").format(
-                              st.qualified, COL, tenant, COL),
-                          ROW_EXCLUSIVE_BATCH,
-                          "one short transaction per batch with its checkpoint; resumable; no table lock"))
-    return steps
+        return [Step(PHASE, st.name, f"fill NULL tenant_id in batches of {batch_size:,} ({how})",
+                     sql.SQL("UPDATE {} SET {} = {} WHERE <key range of one batch> AND {} IS NULL").format(
+                         st.qualified, COL, _tenant_literal(system_id), COL),
+                     ROW_EXCLUSIVE_BATCH, "one short transaction per batch with its checkpoint; resumable; no table lock")]
+    return []
 
 
 def project(st: TableState, system_id: int | None) -> TableState:
-    """The table as backfill leaves it (for planning constrain before backfill has run)."""
-    default = str(system_id) if system_id is not None else "<System Tenant id>"
-    return replace(st, has_column=True, column_type=st.column_type or "bigint", default=default)
+    """The table as backfill leaves it (for planning constrain before backfill has run): the column there,
+    no DEFAULT (the rollout trigger gives new rows their tenant)."""
+    return replace(st, has_column=True, column_type=st.column_type or "bigint", default=None)
 
 
 def key_columns(st: TableState, override: list[str] | None) -> list[str]:
     return list(override) if override else list(st.pk_columns)
+
+
+# --- the rollout triggers -----------------------------------------------------------------------
+
+def rollout_table(rb, conn, st: TableState, system_id: int | None) -> rollout.RolloutTable:
+    """What the rollout triggers of one table need: its key and pre-existing columns, and, with the legacy
+    mapping, where its tenant comes from and which tables follow it."""
+    p = rb.params
+    spec = p.core_tables[st.name]
+    legacy_on = mapping.enabled(p)
+    parent = None
+    if legacy_on and spec.parent is not None:
+        parent = rollout.Parent(spec.parent.table, spec.parent.column, mapping.parent_key(conn, p, spec.parent.table))
+    children = [(name, other.parent.column) for name, other in p.core_tables.items()
+                if legacy_on and other.parent is not None and other.parent.table == st.name]
+    return rollout.RolloutTable(
+        schema=rb.schema, name=st.name, key=list(st.pk_columns), system_tenant=_tenant_literal(system_id),
+        columns=[c for c in st.columns if c != TENANT_COLUMN], ledger=p.ledger_schema,
+        org_column=spec.org_column if legacy_on else None, org_tenants="org_tenants" if legacy_on else None,
+        parent=parent, children=children)
+
+
+def _runbook_default(st: TableState, before: dict | None) -> bool:
+    """Whether the column's DEFAULT is the runbook's (the fast default), not one the application had."""
+    if not st.has_column:
+        return True  # pass 1 adds it
+    had = (before or {}).get("tenant_column_default")
+    return st.default is not None and st.default != had
+
+
+def rollout_steps(rb, conn, st: TableState, system_id: int | None, before: dict | None) -> list[Step]:
+    """Pass 2: the triggers, where they are not there yet (and the window was not closed by 06_finalize)."""
+    if st.has_column and (rollout.installed(conn, rb.schema, st.name)
+                          or reconcile.closed(conn, rb.params.ledger_schema, st.name) is not None):
+        return []
+    table = rollout_table(rb, conn, st, system_id)
+    return [rollout.install_step(PHASE, table, _runbook_default(st, before))]
+
+
+def capture_steps(rb, conn, st: TableState, system_id: int | None) -> list[Step]:
+    """Pass 3's first step: the record of the application's writes opens (tables with a primary key)."""
+    if not st.pk_columns or rollout.capture_started(conn, rb.params.ledger_schema, st.name):
+        return []
+    return [rollout.capture_step(PHASE, rollout_table(rb, conn, st, system_id))]
 
 
 # --- planning ------------------------------------------------------------------------------------
@@ -116,23 +157,28 @@ class TablePlan:
     state: TableState
     strategy: str
     null_count: int | None
-    steps: list[Step]
+    columns: list[Step] = field(default_factory=list)   # pass 1
+    triggers: list[Step] = field(default_factory=list)  # pass 2
+    fill: list[Step] = field(default_factory=list)      # pass 3: the record opens, then the batches
     assignment: Assignment | None = None
     to_map: int | None = None  # mapped tables: rows still to move to their org's tenant
 
+    @property
+    def steps(self) -> list[Step]:
+        return self.columns + self.triggers + self.fill
 
-def _mapped_plan(rb, conn, st: TableState, system_id: int | None) -> TablePlan:
+
+def _mapped(rb, conn, st: TableState, system_id: int | None) -> tuple[str, int | None, Assignment | None, int]:
     """A table the legacy mapping covers: 'mapped' while rows are left to move to their org's tenant."""
     ready = system_id is not None and mapping.map_tables_exist(conn, rb.params)
     assignment = mapping.mapped_assignment(conn, rb.params, st.name, system_id) if ready else None
     nulls = catalog.null_tenant_count(conn, rb.schema, st.name) if st.has_column and not st.not_null else None
     if assignment is not None and st.has_column:
-        pending = assignment.count(conn, st)
+        # not the assignment's pending rows: a child's depend on parents this same run moves first
+        pending = mapping.rows_not_where_their_org_says(conn, rb.params, st.name, system_id)
     else:  # before seed (a dry run): the rows whose org is a real tenant, and any NULLs
         pending = mapping.rows_to_map(conn, rb.params, st.name) + (nulls or 0)
-    strategy = "mapped" if pending else strategy_for(st, system_id, nulls)
-    steps = plan_table(st, system_id, strategy, rb.params.batch_size_for(st.name), assignment)
-    return TablePlan(st, strategy, nulls, steps, assignment, pending)
+    return ("mapped" if pending else strategy_for(st, system_id, nulls)), nulls, assignment, pending
 
 
 def plans(rb) -> list[TablePlan]:
@@ -141,36 +187,48 @@ def plans(rb) -> list[TablePlan]:
     out = []
     with rb.engine.connect() as conn:
         states = table_states.core_states(rb, conn)
+        before = original_schema.tables(conn, rb.params.ledger_schema)
         for name in mapping.ordered(rb.params, list(states)):
             st = states[name]
             if not st.exists:
                 raise RunbookError(f"core table {name!r} does not exist in schema {rb.schema!r}; fix the spec "
                                    f"(params core_tables) or create the table. Nothing was changed.")
+            assignment, to_map = None, None
             if name in mapped:
-                out.append(_mapped_plan(rb, conn, st, system_id))
-                continue
-            nulls = None
-            if st.has_column and not st.not_null:
-                nulls = catalog.null_tenant_count(conn, rb.schema, name)
-            strategy = strategy_for(st, system_id, nulls)
-            out.append(TablePlan(st, strategy, nulls, plan_table(st, system_id, strategy, rb.params.batch_size_for(name))))
+                strategy, nulls, assignment, to_map = _mapped(rb, conn, st, system_id)
+            else:
+                nulls = catalog.null_tenant_count(conn, rb.schema, name) if st.has_column and not st.not_null else None
+                strategy = strategy_for(st, system_id, nulls)
+            after = project(st, system_id) if not st.has_column else st
+            fill = capture_steps(rb, conn, after, system_id) + fill_step(
+                after, system_id, strategy, rb.params.batch_size_for(name), assignment)
+            out.append(TablePlan(st, strategy, nulls, column_steps(st, system_id),
+                                 rollout_steps(rb, conn, st, system_id, before.get(name)), fill, assignment, to_map))
     return out
 
 
+def execution_order(table_plans: list[TablePlan]) -> list[Step]:
+    """Every column first, then every trigger (a parent's trigger reads its children's column), then per
+    table the record and the batches."""
+    return ([s for tp in table_plans for s in tp.columns] + [s for tp in table_plans for s in tp.triggers]
+            + [s for tp in table_plans for s in tp.fill])
+
+
 def plan(rb) -> pd.DataFrame:
-    """Per table: the strategy, then each statement with its lock."""
+    """Every statement in the order it runs, with its lock."""
     with rb.engine.connect() as conn:
-        return plan_frame([s for p in plans(rb) for s in p.steps], conn)
+        return plan_frame(execution_order(plans(rb)), conn)
 
 
 def strategies(rb) -> pd.DataFrame:
     rows = [{"table": p.state.name, "strategy": p.strategy,
              "rows with NULL tenant_id": "n/a (column absent)" if p.null_count is None and not p.state.has_column
              else (p.null_count if p.null_count is not None else 0),
-             "rows to map to their org's tenant": p.to_map if p.to_map is not None else "n/a (not mapped)"}
+             "rows to map to their org's tenant": p.to_map if p.to_map is not None else "n/a (not mapped)",
+             "rollout trigger": "to install" if p.triggers else "installed"}
             for p in plans(rb)]
     return pd.DataFrame(rows, columns=["table", "strategy", "rows with NULL tenant_id",
-                                       "rows to map to their org's tenant"])
+                                       "rows to map to their org's tenant", "rollout trigger"])
 
 
 # --- applying ------------------------------------------------------------------------------------
@@ -194,23 +252,32 @@ def apply(rb) -> BackfillReport:
     if unmapped and not rb.dry_run:
         raise RunbookError(f"the legacy mapping is not in the ledger yet ({', '.join(unmapped)} map to their org's "
                            f"tenant): run 02_seed first. Nothing was changed.")
+    if not rb.dry_run:
+        rb.ledger.ensure(rb.control)  # a ledger from an older runbook gains the rollout window's tables
+    started = {tp.state.name: time.monotonic() for tp in table_plans}
+    step_results += executor.run_all([s for tp in table_plans for s in tp.columns])
+    step_results += executor.run_all([s for tp in table_plans for s in tp.triggers])
     for tp in table_plans:
-        started = time.monotonic()
-        ddl_steps = [s for s in tp.steps if s.lock != ROW_EXCLUSIVE_BATCH]
-        step_results += executor.run_all(ddl_steps)
+        step_results += executor.run_all([s for s in tp.fill if s.lock != ROW_EXCLUSIVE_BATCH])
         updated, batches, paused = 0, 0, 0.0
         if tp.strategy in ("batched", "mapped") and not rb.dry_run:
-            job = BatchedBackfill(rb, tp.state, system_id, tp.assignment)
+            assignment = tp.assignment
+            if tp.strategy == "mapped" and not tp.state.has_column:
+                with rb.engine.connect() as conn:  # the column exists now: count what the mapping moves
+                    assignment = mapping.mapped_assignment(conn, rb.params, tp.state.name, system_id)
+            with rb.engine.connect() as conn:
+                state = table_states.core_state(rb, conn, tp.state.name)
+            job = BatchedBackfill(rb, state, system_id, assignment)
             outcome = job.run(tp.to_map)
             updated, batches, paused = outcome.rows, outcome.batches, outcome.paused_s
             progress.append(job.progress.frame())
-        added = tp.strategy == "fast default" or (tp.strategy == "mapped" and not tp.state.has_column)
+        added = not tp.state.has_column
         by_default = int(baseline.get(tp.state.name, 0)) if added and not rb.dry_run else 0
         faults.point("backfill.after_table", tp.state.name)
         summary.append({"table": tp.state.name, "strategy": tp.strategy,
                         "rows by default": by_default, "rows updated": updated, "batches": batches,
-                        "outcome": "dry run" if rb.dry_run else ("nothing to do" if tp.strategy == "done" else "done"),
-                        "seconds": round(time.monotonic() - started, 2), "throttled s": round(paused, 2)})
+                        "outcome": "dry run" if rb.dry_run else ("nothing to do" if not tp.steps else "done"),
+                        "seconds": round(time.monotonic() - started[tp.state.name], 2), "throttled s": round(paused, 2)})
     frame = pd.DataFrame(summary, columns=["table", "strategy", "rows by default", "rows updated", "batches",
                                            "outcome", "seconds", "throttled s"])
     prog = pd.concat(progress, ignore_index=True) if progress else pd.DataFrame(
@@ -219,7 +286,8 @@ def apply(rb) -> BackfillReport:
 
 
 def assert_filled(rb) -> str:
-    """The notebook's last cell: every core table has tenant_id and no row is without a tenant."""
+    """The notebook's last cell: every core table has tenant_id and its rollout triggers, and no row is
+    without a tenant."""
     if rb.dry_run:
         return "dry run: nothing was changed"
     problems = []
@@ -227,11 +295,15 @@ def assert_filled(rb) -> str:
         for name, st in table_states.core_states(rb, conn).items():
             if not st.has_column:
                 problems.append(f"{name}: tenant_id absent")
-            elif not st.not_null and (n := catalog.null_tenant_count(conn, rb.schema, name)):
+                continue
+            if not st.not_null and (n := catalog.null_tenant_count(conn, rb.schema, name)):
                 problems.append(f"{name}: {n:,} rows with NULL tenant_id")
+            if not rollout.installed(conn, rb.schema, name) and \
+                    reconcile.closed(conn, rb.params.ledger_schema, name) is None:  # (06_finalize removes them)
+                problems.append(f"{name}: no rollout trigger")
     if problems:
         raise RunbookError("backfill incomplete: " + "; ".join(problems) + ". Re-run 03_backfill: it resumes.")
-    return f"every row of {len(rb.params.tables)} core tables has a tenant"
+    return f"every row of {len(rb.params.tables)} core tables has a tenant, and the rollout triggers give new rows theirs"
 
 
 # --- undo (run by 99_rollback) ---------------------------------------------------------------------
@@ -240,7 +312,10 @@ def undo_steps(rb, conn, before) -> list[Step]:
     """What reverses backfill, from the pre-change snapshot: tenant_id dropped where it did not exist before;
     where it did (a partly applied 0001), its default and every row's value of before put back."""
     out: list[Step] = []
-    for name, st in table_states.core_states(rb, conn).items():
+    states = table_states.core_states(rb, conn)
+    for name, st in states.items():  # the triggers first: nothing may assign or record while the rest is undone
+        out += rollout.undo_steps(rollout_table(rb, conn, st, None), rollout.installed(conn, rb.schema, name))
+    for name, st in states.items():
         was = before.tables[name]
         if not was["had_tenant_column"]:
             if st.has_column:
@@ -273,7 +348,10 @@ def undo_steps(rb, conn, before) -> list[Step]:
 
 
 def forget(rb) -> None:
-    """After the undo: the checkpoints describe rows that no longer carry a tenant."""
+    """After the undo: the checkpoints describe rows that no longer carry a tenant, and the rollout window's
+    record of the application's writes describes a window that is closed."""
     if rb.ledger.exists(rb.control):
-        rb.control.exec_driver_sql(render(rb.control, sql.SQL("DELETE FROM {}").format(
-            sql.Identifier(rb.params.ledger_schema, "backfill_checkpoints"))))
+        for table in ("backfill_checkpoints", "capture_start", "capture_end", "app_writes", "rollout_assists"):
+            if catalog.relation_oid(rb.control, rb.params.ledger_schema, table) is not None:
+                rb.control.exec_driver_sql(render(rb.control, sql.SQL("DELETE FROM {}").format(
+                    sql.Identifier(rb.params.ledger_schema, table))))

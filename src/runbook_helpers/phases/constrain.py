@@ -10,8 +10,7 @@ does nothing):
   6. VALIDATE the FOREIGN KEY                  SHARE UPDATE EXCLUSIVE (+ ROW SHARE on tenants)
   7. DROP INDEX CONCURRENTLY an INVALID leftover of an interrupted build
   8. CREATE INDEX CONCURRENTLY on (tenant_id)  SHARE UPDATE EXCLUSIVE, outside any transaction
-  9. DROP DEFAULT, when backfill.keep_default is false (the rollout window is over)
- 10. ANALYZE, when anything above changed the table
+  9. ANALYZE, when anything above changed the table
 Then, across tables: composite primary and foreign keys (distribution.composite_keys; see
 tenancy/distribution.py) and row level security (rls.enabled; see tenancy/rls.py).
 """
@@ -42,7 +41,7 @@ PHASE = "constrain"
 COL = sql.Identifier(TENANT_COLUMN)
 
 
-def plan_table(st: TableState, schema: str, keep_default: bool) -> list[Step]:
+def plan_table(st: TableState, schema: str) -> list[Step]:
     if not st.has_column:
         raise RunbookError(f"{st.name} has no tenant_id yet: run 03_backfill first. Nothing was changed.")
     t = st.qualified
@@ -88,10 +87,6 @@ def plan_table(st: TableState, schema: str, keep_default: bool) -> list[Step]:
                           transactional=False, long_scan=True,
                           on_failure=sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
                               sql.Identifier(schema, names.index_name(st.name)))))
-    if not keep_default and st.default is not None:
-        steps.append(Step(PHASE, st.name, "drop the rollout DEFAULT",
-                          sql.SQL("ALTER TABLE {} ALTER COLUMN {} DROP DEFAULT").format(t, COL),
-                          ACCESS_EXCLUSIVE_META, "catalog change only; existing rows keep their tenant"))
     if steps:
         steps.append(Step(PHASE, st.name, "refresh planner statistics", sql.SQL("ANALYZE {}").format(t),
                           SHARE_UPDATE_EXCLUSIVE, "samples the table; reads and writes continue", long_scan=True))
@@ -121,7 +116,7 @@ def _steps(rb) -> list[Step]:
     with rb.engine.connect() as conn:
         states = table_states.core_states(rb, conn)
     per_table = [s for st in states.values()
-                 for s in plan_table(_planned_state(rb, st), rb.schema, rb.params.backfill.keep_default)]
+                 for s in plan_table(_planned_state(rb, st), rb.schema)]
     return per_table + extra_steps(rb)
 
 
@@ -131,16 +126,44 @@ def plan(rb) -> pd.DataFrame:
 
 
 def apply(rb) -> pd.DataFrame:
-    """Table by table, re-reading the catalog before each, so an interrupted run resumes cleanly."""
+    """Table by table, re-reading the catalog before each, so an interrupted run resumes cleanly. A failure
+    says what is already in force on the application's writes."""
     rb.require_baseline()
     executor = rb.executor()
     results = []
-    for table in rb.params.tables:
-        with rb.engine.connect() as conn:
-            st = table_states.core_state(rb, conn, table)
-        results += executor.run_all(plan_table(_planned_state(rb, st), rb.schema, rb.params.backfill.keep_default))
-    results += executor.run_all(extra_steps(rb))
+    try:
+        for table in rb.params.tables:
+            with rb.engine.connect() as conn:
+                st = table_states.core_state(rb, conn, table)
+            results += executor.run_all(plan_table(_planned_state(rb, st), rb.schema))
+        results += executor.run_all(extra_steps(rb))
+    except RunbookError as exc:
+        raise type(exc)(f"{exc}\n{in_force(rb)}") from None
     return results_frame(results)
+
+
+def in_force(rb) -> str:
+    """Every constraint and policy constrain has put on core tables so far: NOT VALID ones are enforced on new
+    writes already, which is what the application meets while the phase is stopped."""
+    parts = []
+    with rb.engine.connect() as conn:
+        for name, st in table_states.core_states(rb, conn).items():
+            found = [f"{r['conname']} ({'valid' if r['convalidated'] else 'NOT VALID'})" for r in conn.execute(text(
+                "SELECT con.conname, con.convalidated FROM pg_constraint con WHERE con.conrelid = :oid AND "
+                "con.contype IN ('c', 'f', 'u') AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = "
+                "con.conrelid AND a.attnum = ANY(con.conkey) AND a.attname = :col) ORDER BY 1"),
+                {"oid": st.oid, "col": TENANT_COLUMN}).mappings()] if st.oid else []
+            if st.not_null:
+                found.insert(0, "tenant_id NOT NULL")
+            if st.rls_enabled:
+                found.append("row level security" + (", forced" if st.rls_forced else ""))
+            if found:
+                parts.append(f"{name}: {', '.join(found)}")
+    if not parts:
+        return "Nothing of constrain is in force yet."
+    return ("In force on the application's writes now: " + "; ".join(parts) + ". Every row the application "
+            "writes meanwhile gets its tenant from the rollout trigger, so it keeps working in this state; "
+            "re-run 04_constrain to finish, or 99_rollback to remove them.")
 
 
 def status(rb) -> pd.DataFrame:

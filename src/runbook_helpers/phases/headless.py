@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import backfill, constrain, inspect, seed, validate
+from . import backfill, constrain, finalize, inspect, seed, validate
 
 
-def run_phase(rb) -> dict[str, Any]:
-    """Run rb.phase to its verdict; raises like the notebook's last cell would. Closes the session."""
+def run_phase(rb, since=None, force: bool = False) -> dict[str, Any]:
+    """Run rb.phase to its verdict; raises like the notebook's last cell would. Closes the session.
+    `since` and `force` are 06_finalize's parameters."""
     out: dict[str, Any] = {}
     try:
         if rb.phase == "inspect":
@@ -47,7 +48,14 @@ def run_phase(rb) -> dict[str, Any]:
             out["lint"] = validate.lint(rb)
             out["isolation"] = validate.isolation_suite(rb)
             out["verdict"] = validate.assert_all_passed(out["checks"], rb.dry_run, out["lint"], out["isolation"])
+            out["writes"] = validate.application_writes(rb)
             out["drizzle"] = validate.hand_over_to_drizzle(rb)
+        elif rb.phase == "finalize":
+            out["assists"] = finalize.assists(rb, since)
+            out["plan"] = finalize.plan(rb)
+            out["applied"] = finalize.apply(rb, since=since, force=force)
+            out["status"] = finalize.status(rb)
+            out["verdict"] = finalize.assert_finalized(rb)
         rb.finish(summary={"verdict": out.get("verdict")})
     except BaseException as exc:
         rb.fail(f"{type(exc).__name__}: {exc}")

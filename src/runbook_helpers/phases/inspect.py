@@ -242,10 +242,10 @@ def full_plan(rb) -> pd.DataFrame:
     """What seed, backfill and constrain will do, table by table, with the lock each statement takes."""
     steps = seed.steps(rb)
     system_id = table_states.system_tenant_id(rb)
-    for tp in backfill.plans(rb):
-        steps += tp.steps
-        projected = tp.state if tp.strategy == "done" else backfill.project(tp.state, system_id)
-        steps += constrain.plan_table(projected, rb.schema, rb.params.backfill.keep_default)
+    table_plans = backfill.plans(rb)
+    steps += backfill.execution_order(table_plans)
+    for tp in table_plans:
+        steps += constrain.plan_table(backfill.project(tp.state, system_id), rb.schema)
     steps += constrain.extra_steps(rb)
     with rb.engine.connect() as conn:
         return plan_frame(steps, conn)

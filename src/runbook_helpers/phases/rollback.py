@@ -21,11 +21,11 @@ from ..db.names import TENANT_COLUMN
 from ..db.sqltext import render
 from ..errors import RunbookError
 from ..legacy import mapping
-from . import backfill, constrain, original_schema, seed, validate
+from . import backfill, constrain, finalize, original_schema, seed, validate
 from . import state as table_states
 
 PHASE = "rollback"
-UNDO_ORDER = (validate, constrain, backfill, seed)  # the forward phases in reverse; inspect writes only the ledger
+UNDO_ORDER = (finalize, validate, constrain, backfill, seed)  # the phases in reverse; inspect writes only the ledger
 
 
 def foreign_rows(rb) -> pd.DataFrame:

@@ -12,7 +12,7 @@ from psycopg import sql
 from sqlalchemy.exc import DBAPIError
 
 from .. import drizzle
-from ..db import catalog, fingerprint
+from ..db import catalog, fingerprint, reconcile
 from ..db.ddl import UNDO_PHASE, Step
 from ..db.names import TENANT_COLUMN
 from ..db.sqltext import render
@@ -20,7 +20,7 @@ from ..errors import RunbookError
 from ..legacy import checks as legacy_checks
 from ..tenancy import isolation, rls
 from ..tenancy import lint as lint_mod
-from . import seed
+from . import original_schema, seed
 from . import state as table_states
 
 PHASE = "validate"
@@ -62,13 +62,26 @@ def checks(rb) -> pd.DataFrame:
             add("rows whose tenant does not exist", name, 0, orphans)
         for name, st in table_states.shared_states(rb, conn).items():
             add("shared table left alone", name, "no tenant_id", "tenant_id present" if st.has_column else "no tenant_id")
+        before = original_schema.tables(conn, rb.params.ledger_schema)
+        for name, st in states.items():
+            for con in (c for c in before.get(name, {}).get("constraints", []) if c["contype"] in ("p", "u")):
+                now = conn.exec_driver_sql(
+                    "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = %s AND conname = %s",
+                    (st.oid, con["conname"])).scalar() if st.oid else None
+                add("every uniqueness of before is kept", f"{name}.{con['conname']}", con["definition"],
+                    now or "missing")
         for conv in seed.CONVENTIONS.values():
             diffs = [d for d in seed.shape_differences(conn, rb.schema, conv) if not d["ok"]]
             add("follows the house convention", conv.name, "yes",
                 "yes" if not diffs else "; ".join(f"{d['check']}: {d['actual']}" for d in diffs))
 
-    for name in rb.params.tables:
-        if name not in baseline.index:
+    for name, proof in reconciliation(rb).items():
+        if isinstance(proof, reconcile.Reconciled):
+            add("rows the application did not write: count unchanged", name, proof.expected_rows, proof.actual_rows)
+            add("rows the application did not write: pre-existing columns unchanged (fingerprint)", name,
+                proof.expected_digest, proof.actual_digest)
+            continue
+        if name not in baseline.index:  # no record of the application's writes: a quiet window is assumed
             add("row count equals baseline", name, "a baseline", "none captured")
             continue
         base = baseline.loc[name]
@@ -88,6 +101,43 @@ def checks(rb) -> pd.DataFrame:
     for query in rb.params.validate_.smoke_queries:
         add("smoke query runs", query.name, "runs", _smoke(rb, query.sql))
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def reconciliation(rb) -> dict[str, object]:
+    """Per core table, the live proof (db/reconcile.py) where the rollout window's record is open, else None
+    (no primary key, or validate before backfill): those tables are compared with the baseline instead."""
+    out: dict[str, object] = {}
+    with rb.engine.connect() as conn:
+        states = table_states.core_states(rb, conn)
+    for name, st in states.items():
+        out[name] = reconcile.reconcile(rb.engine, rb.params.ledger_schema, st) if st.exists else None
+    return out
+
+
+def application_writes(rb) -> pd.DataFrame:
+    """What the application wrote, per core table: since inspect's baseline up to the record's start (a net
+    change of rows, by count and fingerprint), and since then (rows inserted, updated, deleted; their keys
+    are in the archive as application_writes.csv). Deterministic on a quiet database: for nbval."""
+    baseline = rb.ledger.baseline(rb.control).set_index("table_name")
+    rows = []
+    for name, proof in reconciliation(rb).items():
+        if not isinstance(proof, reconcile.Reconciled):
+            rows.append({"table": name, "before the record opened": "not recorded", **dict.fromkeys(reconcile.CHANGES, 0)})
+            continue
+        before = "none"
+        if name in baseline.index and baseline.loc[name, "fingerprint"] != proof.digest_at_start:
+            delta = proof.rows_at_start - int(baseline.loc[name, "row_count"])
+            before = f"{delta:+,} rows, content changed" if delta else "content changed"
+        rows.append({"table": name, "before the record opened": before, **proof.changes})
+    return pd.DataFrame(rows, columns=["table", "before the record opened", *reconcile.CHANGES])
+
+
+def application_write_keys(rb) -> pd.DataFrame:
+    """The keys of every row the application wrote since the record opened (the archive's CSV)."""
+    with rb.engine.connect() as conn:
+        states = table_states.core_states(rb, conn)
+    frames = [reconcile.writes(rb.engine, rb.params.ledger_schema, st) for st in states.values() if st.exists]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=reconcile.WRITE_COLUMNS)
 
 
 def rows_per_tenant(rb) -> pd.DataFrame:

@@ -78,7 +78,7 @@ def backfill_progress(progress: pd.DataFrame, summary: pd.DataFrame) -> Image:
     else:
         left.text(0.5, 0.5, "no batched backfill in this run", ha="center", va="center")
         left.set_axis_off()
-    colors = {"fast default": "tab:blue", "batched": "tab:orange", "default only": "tab:purple", "done": "tab:gray"}
+    colors = {"fast default": "tab:blue", "batched": "tab:orange", "done": "tab:gray"}
     covered = summary["rows by default"].astype(float) if "rows by default" in summary else 0
     right.barh(summary["table"], covered, color=colors["fast default"], label="given by the catalog default (no write)")
     right.barh(summary["table"], summary["rows updated"].astype(float), left=covered, color=colors["batched"],
@@ -106,20 +106,59 @@ def step_durations(results: pd.DataFrame) -> Image:
     return png(fig)
 
 
-def before_after(checks: pd.DataFrame) -> Image:
-    """Baseline vs current row counts per core table: the bars must match."""
+UNTOUCHED_COUNT = "rows the application did not write: count unchanged"
+
+
+def before_after(checks: pd.DataFrame, writes: pd.DataFrame | None = None) -> Image:
+    """Per core table, the rows the application did not write: expected (from the record opened in backfill,
+    or the baseline where there is none) vs now; the bars must match. The application's own writes during the
+    rollout window are stacked on top of 'now', in their own colour."""
     fig, ax = _figure()
-    counts = checks[checks["check"] == "row count equals baseline"]
-    counts = counts[counts["expected"].str.isdigit()]
-    x = range(len(counts))
-    ax.bar([i - 0.2 for i in x], counts["expected"].astype(float), width=0.4, label="baseline", color="tab:gray")
+    counts = checks[checks["check"].isin([UNTOUCHED_COUNT, "row count equals baseline"])]
+    counts = counts[counts["expected"].str.lstrip("-").str.isdigit()]
+    x = list(range(len(counts)))
+    ax.bar([i - 0.2 for i in x], counts["expected"].astype(float), width=0.4, label="expected", color="tab:gray")
     ax.bar([i + 0.2 for i in x], counts["actual"].astype(float), width=0.4, label="now",
            color=["tab:green" if p else "tab:red" for p in counts["passed"]])
-    ax.set_xticks(list(x))
+    if writes is not None and len(writes):
+        mine = writes.set_index("table")
+        added = [float(mine.loc[t, "inserted"] + mine.loc[t, "updated"]) if t in mine.index else 0.0
+                 for t in counts["table"]]
+        if any(added):
+            ax.bar([i + 0.2 for i in x], added, width=0.4, bottom=counts["actual"].astype(float),
+                   label="written by the application", color="tab:orange")
+    ax.set_xticks(x)
     ax.set_xticklabels(counts["table"], rotation=30, ha="right")
     ax.set_ylabel("rows")
     ax.legend()
-    ax.set_title("Rows per core table: baseline vs now (red: differs)")
+    ax.set_title("Rows the application did not write: expected vs now (red: differs)")
+    fig.tight_layout()
+    return png(fig)
+
+
+def rollout_window(writes: pd.DataFrame, assists: pd.DataFrame) -> Image:
+    """What the application wrote during the rollout window, per table, and how many of those rows still
+    needed the rollout trigger to get their tenant (what 06_finalize waits for to be zero)."""
+    fig, ax = _figure()
+    tables = list(assists["table"])
+    w = writes.set_index("table") if len(writes) else pd.DataFrame()
+    written = [float(w.loc[t, ["inserted", "updated", "deleted"]].sum()) if t in w.index else 0.0 for t in tables]
+    needed = assists["writes that needed the trigger"].astype(float).tolist()
+    y = list(range(len(tables)))
+    if not any(written) and not any(needed):
+        ax.text(0.5, 0.5, "no write of the application was recorded while the window was open", ha="center",
+                va="center")
+        ax.set_axis_off()
+        fig.tight_layout()
+        return png(fig)
+    ax.barh([i + 0.2 for i in y], written, height=0.4, color="tab:blue", label="rows the application wrote")
+    ax.barh([i - 0.2 for i in y], needed, height=0.4, color="tab:red",
+            label="rows whose writes still needed the trigger (since the given time)")
+    ax.set_yticks(y)
+    ax.set_yticklabels(tables)
+    ax.set_xlabel("rows")
+    ax.set_title("The rollout window: the application's writes")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return png(fig)
 

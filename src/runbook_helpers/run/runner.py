@@ -23,7 +23,7 @@ from ..db import database
 from ..db.ledger import Ledger
 from ..errors import RunbookError
 from . import archive
-from .session import PHASES, ROLLBACK, operator
+from .session import FINALIZE, PHASES, ROLLBACK, operator
 
 NOTEBOOKS = {
     "inspect": "01_inspect.ipynb",
@@ -31,6 +31,7 @@ NOTEBOOKS = {
     "backfill": "03_backfill.ipynb",
     "constrain": "04_constrain.ipynb",
     "validate": "05_validate.ipynb",
+    "finalize": "06_finalize.ipynb",
     "rollback": "99_rollback.ipynb",
 }
 
@@ -53,10 +54,11 @@ def parse_phases(text: str | None) -> list[str]:
     if not text:
         return list(PHASES)
     wanted = [p.strip() for p in text.split(",") if p.strip()]
-    if ROLLBACK in wanted:
-        if wanted != [ROLLBACK]:
-            raise RunbookError("rollback runs alone: `runbook rollback --env ENV`")
-        return [ROLLBACK]
+    for alone in (ROLLBACK, FINALIZE):
+        if alone in wanted:
+            if wanted != [alone]:
+                raise RunbookError(f"{alone} runs alone: `runbook {alone} --env ENV`")
+            return [alone]
     unknown = [p for p in wanted if p not in PHASES]
     if unknown:
         raise RunbookError(f"unknown phase(s) {', '.join(unknown)}; phases are {', '.join(PHASES)}")
@@ -92,7 +94,8 @@ def _headline(engine, params) -> dict[str, Any]:
 
 
 def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool = False,
-        cell_timeout_s: int | None = None, force: bool = False, log: Callable[[str], None] = print) -> RunResult:
+        cell_timeout_s: int | None = None, force: bool = False, since: str | None = None,
+        log: Callable[[str], None] = print) -> RunResult:
     params = params_mod.load(env)
     wanted = parse_phases(phases)
     if params.database.confirm_required and not yes and not dry_run:
@@ -134,7 +137,7 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
         renderings: list[tuple[dict[str, Any], Future]] = []
         try:
             for phase in wanted:
-                record = _run_phase(phase, folder, env, dry_run, run_id, cell_timeout_s, log, force)
+                record = _run_phase(phase, folder, env, dry_run, run_id, cell_timeout_s, log, force, since)
                 target = folder / record["notebook"]
                 if target.exists():
                     renderings.append((record, html.submit(archive.export_html, target)))
@@ -164,6 +167,7 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
                 ledger.fail_open_phases(control, run_id)
         lint_note = _write_lint(folder, env, run_id)
         ambiguities_note = _write_ambiguities(folder, params, env, run_id)
+        writes_note = _write_app_writes(folder, env, run_id)
         secrets = database.secrets_in(database.conninfo(params, start=False)) if not params.database.embedded else []
         result.problems = archive.scan_for_secrets(folder, secrets)
         if result.problems:
@@ -183,6 +187,7 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
             "secret_scan": result.problems or "clean",
             "tenancy_lint": lint_note,
             "legacy_ambiguities": ambiguities_note,
+            "application_writes": writes_note,
         }
         result.manifest_sha256 = archive.write_manifest(folder, manifest)
         if recorded:
@@ -258,8 +263,26 @@ def _write_ambiguities(folder: Path, params, env: str, run_id: str) -> str | Non
     return f"legacy_ambiguities.csv: {len(frame)} cases ({', '.join(f'{k}: {n}' for k, n in kinds.items())})"
 
 
+def _write_app_writes(folder: Path, env: str, run_id: str) -> str | None:
+    """application_writes.csv in the archive: the key of every row the application wrote during the rollout
+    window, and what happened to it (read-only; None before the window opened; a failure is noted)."""
+    from ..phases import validate
+    from .session import PhaseSession
+    try:
+        with PhaseSession("validate", env, dry_run=True, run_id=run_id, log=lambda *_: None) as rb:
+            frame = validate.application_write_keys(rb)
+    except Exception as exc:  # the database may be unreachable after a failed phase
+        return f"not written: {type(exc).__name__}: {exc}"
+    if frame.empty:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(folder / "application_writes.csv", index=False)
+    counts = frame.groupby("change")["key"].count()
+    return f"application_writes.csv: {len(frame)} rows ({', '.join(f'{k}: {n}' for k, n in counts.items())})"
+
+
 def _run_phase(phase: str, folder: Path, env: str, dry_run: bool, run_id: str, timeout_s: int | None,
-               log: Callable[[str], None], force: bool = False) -> dict[str, Any]:
+               log: Callable[[str], None], force: bool = False, since: str | None = None) -> dict[str, Any]:
     from papermill.exceptions import PapermillExecutionError
 
     source = paths.notebooks_dir() / NOTEBOOKS[phase]
@@ -270,8 +293,10 @@ def _run_phase(phase: str, folder: Path, env: str, dry_run: bool, run_id: str, t
     log(f"  {phase} ...")
     try:
         parameters = {"env": env, "dry_run": dry_run, "run_id": run_id}
-        if phase == ROLLBACK:
+        if phase in (ROLLBACK, FINALIZE):
             parameters["force"] = force
+        if phase == FINALIZE:
+            parameters["since"] = since
         execute_notebook(source, target, parameters, timeout_s)
         record["status"] = "succeeded"
     except PapermillExecutionError as exc:

@@ -25,6 +25,8 @@ from ..params import Params
 from .progress import Progress
 
 PHASES = ["inspect", "seed", "backfill", "constrain", "validate"]
+FINALIZE = "finalize"  # closes the rollout window: run alone, by `runbook finalize`, once the application
+                       # writes tenant_id itself
 ROLLBACK = "rollback"  # not part of a run's order: run alone, by `runbook rollback`
 
 
@@ -44,8 +46,8 @@ def headless() -> bool:
 class PhaseSession:
     def __init__(self, phase: str, env: str | None = None, *, dry_run: bool = False, run_id: str | None = None,
                  database_name: str | None = None, params: Params | None = None, log=print):
-        if phase not in PHASES + [ROLLBACK]:
-            raise RunbookError(f"unknown phase {phase!r}; phases are {', '.join(PHASES)} (and {ROLLBACK})")
+        if phase not in PHASES + [FINALIZE, ROLLBACK]:
+            raise RunbookError(f"unknown phase {phase!r}; phases are {', '.join(PHASES)} (and {FINALIZE}, {ROLLBACK})")
         self.phase = phase
         self.params = params or params_mod.load(env or default_env())
         self.env = self.params.env

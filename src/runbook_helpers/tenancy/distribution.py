@@ -2,16 +2,22 @@
 
 A sharded PostgreSQL co-locates rows by tenant_id, so every primary key, unique key and foreign key
 between tenant tables must include it; shared tables become reference tables; ids must not run out.
-The report says what is ready. With distribution.composite_keys, constrain makes it so, online:
+The report says what is ready. With distribution.composite_keys, constrain adds the composite keys
+beside the ones the application relies on, online, and removes none:
 
-  1. CREATE UNIQUE INDEX CONCURRENTLY on (tenant_id, <primary key>)   SHARE UPDATE EXCLUSIVE
-  2. per foreign key between tenant tables: ADD … FOREIGN KEY (tenant_id, <cols>) REFERENCES
-     parent (tenant_id, <key>) NOT VALID, VALIDATE it, then DROP the old one      brief / no write block
-  3. swap the primary key: DROP CONSTRAINT <pkey>, ADD CONSTRAINT <pkey> PRIMARY KEY USING INDEX
-     (one statement; metadata only: the index exists and the columns are NOT NULL)   brief ACCESS EXCLUSIVE
+  1. CREATE UNIQUE INDEX CONCURRENTLY on (tenant_id, <primary key>)       SHARE UPDATE EXCLUSIVE
+  2. ADD CONSTRAINT <t>_tenant_id_<key>_unique UNIQUE USING INDEX          brief ACCESS EXCLUSIVE, no scan
+  3. per foreign key between tenant tables: ADD … FOREIGN KEY (tenant_id, <cols>) REFERENCES
+     parent (tenant_id, <key>) ON UPDATE CASCADE NOT VALID, then VALIDATE it     brief / no write block
 
-A composite foreign key also closes a hole row level security leaves open: referential checks bypass
-RLS, so with a plain FK a tenant can point a child row at another tenant's parent.
+`PRIMARY KEY (id)`, every unique key and every original foreign key stay: the application's
+`REFERENCES t(id)`, `ON CONFLICT (id)` and its id lookups keep working, and an id stays unique across
+tenants. The composite foreign key closes a hole row level security leaves open (referential checks
+bypass RLS, so with a plain foreign key a tenant can point a child row at another tenant's parent), and
+its ON UPDATE CASCADE makes children follow a parent that moves to another tenant. Making the composite
+key the primary key, and dropping the single-column foreign keys, is what a sharded deployment needs
+next; the readiness report lists it as a later, explicit step. Names follow Drizzle's defaults, so the
+application's schema can declare them as they are.
 """
 
 from __future__ import annotations
@@ -29,11 +35,29 @@ PHASE = "constrain"
 
 
 def composite_fk_name(fk: catalog.ForeignKey) -> str:
-    return truncate(f"{fk.child}_{TENANT_COLUMN}_{'_'.join(fk.cols)}_{fk.parent}_fk")
+    """Drizzle's default name: <table>_<columns>_<foreign table>_<foreign columns>_fk."""
+    return truncate(f"{fk.child}_{TENANT_COLUMN}_{'_'.join(fk.cols)}_{fk.parent}_{TENANT_COLUMN}_"
+                    f"{'_'.join(fk.ref_cols)}_fk")
 
 
-def composite_index_name(table: str) -> str:
-    return truncate(f"{table}_{TENANT_COLUMN}_pkey_idx")
+def composite_unique_name(table: str, key: list[str]) -> str:
+    """Drizzle's default name: <table>_<columns>_unique."""
+    return truncate(f"{table}_{TENANT_COLUMN}_{'_'.join(key)}_unique")
+
+
+def unique_constraints(conn: Connection, oid: int) -> dict[str, list[str]]:
+    """The table's UNIQUE constraints: name -> columns."""
+    rows = conn.execute(text(
+        "SELECT con.conname, (SELECT array_agg(a.attname ORDER BY k.ord) FROM unnest(con.conkey) WITH ORDINALITY "
+        "k(attnum, ord) JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum) "
+        "FROM pg_constraint con WHERE con.conrelid = :oid AND con.contype = 'u'"), {"oid": oid}).all()
+    return {name: list(cols) for name, cols in rows}
+
+
+def covering(fk: catalog.ForeignKey, fks: list[catalog.ForeignKey]) -> catalog.ForeignKey | None:
+    """The composite (tenant_id, …) foreign key beside a single-column one, if there is one."""
+    return next((other for other in fks if other.child == fk.child and other.parent == fk.parent
+                 and other.cols == [TENANT_COLUMN] + fk.cols and other.ref_cols == [TENANT_COLUMN] + fk.ref_cols), None)
 
 
 def pk_name(conn: Connection, oid: int) -> str | None:
@@ -81,83 +105,70 @@ def unique_index_steps(phase: str, conn: Connection, st, index: str, cols: list[
 
 
 def steps(conn: Connection, schema: str, tables: list[str]) -> list[Step]:
-    """What remains to make every primary key and tenant-table foreign key composite, from the catalog."""
+    """What remains to give every tenant table UNIQUE (tenant_id, <key>) and every foreign key between tenant
+    tables its (tenant_id, …) twin, from the catalog."""
     tenants_oid = catalog.relation_oid(conn, schema, "tenants")
     states = {t: catalog.table_state(conn, schema, t, tenants_oid) for t in tables}
     out: list[Step] = []
-    pending_pk: dict[str, list[str]] = {}
     for name, st in states.items():
         if not st.exists or not st.pk_columns or TENANT_COLUMN in st.pk_columns:
             continue
         cols = [TENANT_COLUMN] + st.pk_columns
-        pending_pk[name] = st.pk_columns
-        out += unique_index_steps(PHASE, conn, st, composite_index_name(name), cols)
+        if cols in unique_constraints(conn, st.oid).values():
+            continue
+        unique = composite_unique_name(name, st.pk_columns)
+        out += unique_index_steps(PHASE, conn, st, unique, cols)
+        out.append(Step(PHASE, name, f"add UNIQUE ({', '.join(cols)}) using that index",
+                        sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} UNIQUE USING INDEX {}").format(
+                            st.qualified, sql.Identifier(unique), sql.Identifier(unique)),
+                        ACCESS_EXCLUSIVE_META, "catalog change only: the index is built; the primary key stays"))
     fks = catalog.foreign_keys(conn, schema, tables)
     names = {f.name: f for f in fks}
-    planned_validation: set[str] = set()
     for fk in fks:
         if TENANT_COLUMN in fk.cols:
             continue
         parent = states.get(fk.parent)
         if parent is None or fk.ref_cols != parent.pk_columns:
             continue  # not a reference to a tenant table's primary key: the readiness report lists it
-        composite = composite_fk_name(fk)
+        existing = covering(fk, fks)
+        composite = existing.name if existing else composite_fk_name(fk)
         child = sql.Identifier(schema, fk.child)
-        if composite not in names:
+        if existing is None:
             out.append(Step(PHASE, fk.child, f"add {composite} NOT VALID",
                             sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} ({}){} NOT VALID").format(
                                 child, sql.Identifier(composite),
                                 sql.SQL(", ").join(map(sql.Identifier, [TENANT_COLUMN] + fk.cols)),
                                 sql.Identifier(schema, fk.parent),
-                                sql.SQL(", ").join(map(sql.Identifier, [TENANT_COLUMN] + fk.ref_cols)), fk.actions()),
-                            SHARE_ROW_EXCLUSIVE_META, "NOT VALID skips the scan; new writes are checked at once"))
-        if composite not in names or not names[composite].validated:
-            planned_validation.add(composite)
+                                sql.SQL(", ").join(map(sql.Identifier, [TENANT_COLUMN] + fk.ref_cols)),
+                                fk.actions(on_update="c")),
+                            SHARE_ROW_EXCLUSIVE_META, f"NOT VALID skips the scan; new writes are checked at once; "
+                            f"{fk.name} stays beside it"))
+        if existing is None or not names[composite].validated:
             out.append(Step(PHASE, fk.child, f"validate {composite}",
                             sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(child, sql.Identifier(composite)),
                             SHARE_UPDATE_EXCLUSIVE, "scans without blocking reads or writes", long_scan=True))
-        out.append(Step(PHASE, fk.child, f"drop {fk.name} (replaced by {composite})",
-                        sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(child, sql.Identifier(fk.name)),
-                        ACCESS_EXCLUSIVE_META, "catalog change only; the composite key now enforces the reference"))
-    for fk in fks:  # a composite key left NOT VALID by an interrupted run whose old key is already gone
-        if TENANT_COLUMN in fk.cols and not fk.validated and fk.name not in planned_validation:
-            out.append(Step(PHASE, fk.child, f"validate {fk.name}",
-                            sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
-                                sql.Identifier(schema, fk.child), sql.Identifier(fk.name)),
-                            SHARE_UPDATE_EXCLUSIVE, "scans without blocking reads or writes", long_scan=True))
-    for name, pk_cols in pending_pk.items():
-        st = states[name]
-        if external_references(conn, schema, st.oid, tables):
-            continue  # the primary key stays; (tenant_id, ...) is a unique index the composite keys reference.
-            # distribution_readiness names the references that hold it.
-        current = pk_name(conn, st.oid)
-        out.append(Step(PHASE, name, f"make the primary key ({TENANT_COLUMN}, {', '.join(pk_cols)})",
-                        sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}, ADD CONSTRAINT {} PRIMARY KEY USING INDEX {}").format(
-                            st.qualified, sql.Identifier(current), sql.Identifier(current),
-                            sql.Identifier(composite_index_name(name))),
-                        ACCESS_EXCLUSIVE_META, "one statement, no scan: the unique index exists and both columns are "
-                        "NOT NULL"))
     return out
 
 
 def undo_steps(conn: Connection, schema: str, states: dict, before: dict[str, dict]) -> list[Step]:
-    """The original primary keys and foreign keys between tenant tables, where the composite-key step
-    replaced them (`before`: each table's recorded constraints and key columns). The primary key comes back
-    through a unique index built CONCURRENTLY and one swap; each foreign key NOT VALID, then VALIDATE."""
+    """Back to the keys of before (`before`: each table's recorded constraints): the (tenant_id, …) foreign
+    keys and unique keys the composite-key step added are dropped, children first; an original foreign key
+    between tenant tables that is missing comes back NOT VALID, then VALIDATE."""
     out: list[Step] = []
+    recorded = {c["conname"] for t in states for c in before[t]["constraints"]}
     current_fks = {fk.name: fk for fk in catalog.foreign_keys(conn, schema, list(states))}
-    swaps = []
+    for fk in current_fks.values():
+        if TENANT_COLUMN in fk.cols and fk.name not in recorded:
+            out.append(Step(UNDO_PHASE, fk.child, f"drop {fk.name}", sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+                sql.Identifier(schema, fk.child), sql.Identifier(fk.name)), ACCESS_EXCLUSIVE_META, "catalog change only"))
     for name, st in states.items():
-        legacy_pk = next((c for c in before[name]["constraints"] if c["contype"] == "p"), None)
-        if legacy_pk is None or not st.pk_columns or st.pk_columns == before[name]["key_columns"]:
+        if st.oid is None:
             continue
-        index = truncate(f"{legacy_pk['conname']}_restore")
-        out += unique_index_steps(UNDO_PHASE, conn, st, index, before[name]["key_columns"])
-        current_pk = pk_name(conn, st.oid)
-        swaps.append(Step(UNDO_PHASE, name, f"restore the primary key {legacy_pk['conname']}",
-                          sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}, ADD CONSTRAINT {} PRIMARY KEY USING INDEX {}").format(
-                              st.qualified, sql.Identifier(current_pk), sql.Identifier(legacy_pk["conname"]),
-                              sql.Identifier(index)), ACCESS_EXCLUSIVE_META, "one statement, no scan"))
+        for unique, cols in unique_constraints(conn, st.oid).items():
+            if TENANT_COLUMN in cols and unique not in recorded:
+                out.append(Step(UNDO_PHASE, name, f"drop {unique}", sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+                    st.qualified, sql.Identifier(unique)), ACCESS_EXCLUSIVE_META, "catalog change only; its index goes "
+                    "with it"))
     for name, st in states.items():
         for con in before[name]["constraints"]:
             if con["contype"] != "f" or con["conname"] in current_fks:
@@ -172,12 +183,7 @@ def undo_steps(conn: Connection, schema: str, states: dict, before: dict[str, di
                             sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(st.qualified,
                                                                                    sql.Identifier(con["conname"])),
                             SHARE_UPDATE_EXCLUSIVE, "scans without blocking reads or writes", long_scan=True))
-    recorded = {c["conname"] for t in states for c in before[t]["constraints"]}
-    for fk in current_fks.values():
-        if TENANT_COLUMN in fk.cols and fk.name not in recorded:
-            out.append(Step(UNDO_PHASE, fk.child, f"drop {fk.name}", sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
-                sql.Identifier(schema, fk.child), sql.Identifier(fk.name)), ACCESS_EXCLUSIVE_META, "catalog change only"))
-    return out + swaps
+    return out
 
 
 SEQUENCES_SQL = text("""
@@ -208,18 +214,25 @@ def readiness(rb) -> pd.DataFrame:
                 st.column_type in (None, "bigint"))
             held = [] if TENANT_COLUMN in st.pk_columns or not st.pk_columns else \
                 external_references(conn, rb.schema, st.oid, p.tables)
+            composite = [TENANT_COLUMN] + st.pk_columns in unique_constraints(conn, st.oid).values()
             add("primary key includes tenant_id", name, f"({', '.join(st.pk_columns) or 'none'})" + (
-                f"; kept by composite_keys: referenced from outside the spec by {', '.join(held)}" if held else ""),
+                f"; UNIQUE ({TENANT_COLUMN}, {', '.join(st.pk_columns)}) is in place: making it the primary key is "
+                f"a later, explicit step (the application relies on the key as it is)" if composite else "") + (
+                f"; referenced from outside the spec by {', '.join(held)}" if held else ""),
                 TENANT_COLUMN in st.pk_columns)
         for u in catalog.unique_without_tenant(conn, rb.schema, p.tables).itertuples():
             if u.kind == "primary key":
                 continue
             add("unique keys include tenant_id", f"{u.table}.{u.name}", f"({u.columns})", False)
-        for fk in catalog.foreign_keys(conn, rb.schema, p.tables):
+        fks = catalog.foreign_keys(conn, rb.schema, p.tables)
+        for fk in fks:
             if fk.parent == "tenants":
                 continue
+            twin = None if TENANT_COLUMN in fk.cols else covering(fk, fks)
             add("foreign keys between tenant tables include tenant_id", f"{fk.child}.{fk.name}",
-                f"({', '.join(fk.cols)}) -> {fk.parent}", TENANT_COLUMN in fk.cols)
+                f"({', '.join(fk.cols)}) -> {fk.parent}" + (
+                    f"; {twin.name} enforces it with tenant_id: dropping this one is a later, explicit step"
+                    if twin else ""), TENANT_COLUMN in fk.cols)
         for table in p.shared_tables:
             add("shared tables as reference tables", table, "candidate reference table (replicated to every node)",
                 True)

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection
 
 from ..db import catalog
 from ..db.names import TENANT_COLUMN
-from . import rls
+from . import distribution, rls
 
 COLUMNS = ["rule", "object", "finding", "status", "reason"]
 PASS, FAIL, ACCEPTED, ADVISORY = "pass", "FAIL", "accepted", "advisory"
@@ -56,16 +56,6 @@ SELECT p.oid::regprocedure::text AS function, coalesce(array_to_string(p.proconf
        p.prosrc
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
 WHERE p.prosecdef AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-""")
-
-FK_SQL = text("""
-SELECT con.conname, c.relname AS child, p.relname AS parent,
-       (SELECT array_agg(a.attname ORDER BY k.ord) FROM unnest(con.conkey) WITH ORDINALITY k(attnum, ord)
-          JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum) AS cols
-FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid JOIN pg_class p ON p.oid = con.confrelid
-JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE con.contype = 'f' AND n.nspname = :schema AND c.relname = ANY(:tables) AND p.relname = ANY(:tables)
-ORDER BY 2, 1
 """)
 
 BYPASS_SQL = text("""
@@ -106,6 +96,9 @@ def run(rb, conn: Connection | None = None) -> pd.DataFrame:
         covered = set()
         for pol in pols:
             cmd = {"r": "select", "a": "insert", "w": "update", "d": "delete", "*": "all"}[pol["polcmd"]]
+            if pol["polname"] == rls.LEGACY_POLICY:
+                rows.append(_legacy_policy(name, pol, p.rls))
+                continue
             covered |= set(rls.COMMANDS) if cmd == "all" else {cmd}
             problems = _expr_problems(pol["using_expr"], setting) + _expr_problems(pol["check_expr"], setting)
             if cmd == "insert" and pol["check_expr"] is None:
@@ -132,14 +125,19 @@ def run(rb, conn: Connection | None = None) -> pd.DataFrame:
     uniques = catalog.unique_without_tenant(conn, schema, tables)
     for u in uniques.itertuples():
         global_id = u.assessment.startswith("global identifier")
+        scoped = u.assessment.startswith("scoped by its parent")
         add("unique keys include tenant_id", f"{u.table}.{u.name}",
-            f"({u.columns}) is unique across all tenants" + (": a global identifier" if global_id else ""), global_id)
+            f"({u.columns}) is unique across all tenants" + (": a global identifier" if global_id else "")
+            + (f": {u.assessment}" if scoped else ""), global_id or scoped)
 
-    for fk in conn.execute(FK_SQL, {"schema": schema, "tables": tables}).mappings():
-        ok = TENANT_COLUMN in (fk["cols"] or [])
-        add("foreign keys between tenant tables include tenant_id", f"{fk['child']}.{fk['conname']}",
-            f"({', '.join(fk['cols'])}) -> {fk['parent']}" + ("" if ok else ": a row can point at another tenant's row"),
-            ok)
+    fks = catalog.foreign_keys(conn, schema, tables)
+    for fk in fks:
+        twin = None if TENANT_COLUMN in fk.cols else distribution.covering(fk, fks)
+        ok = TENANT_COLUMN in fk.cols or twin is not None
+        add("foreign keys between tenant tables include tenant_id", f"{fk.child}.{fk.name}",
+            f"({', '.join(fk.cols)}) -> {fk.parent}" + (
+                f": {twin.name} beside it includes tenant_id" if twin else
+                ("" if ok else ": a row can point at another tenant's row")), ok)
 
     allowed = set(p.rls.bypass_roles) | {rb.identity.user}
     for role in conn.execute(BYPASS_SQL, {"schema": schema, "tables": tables}).mappings():
@@ -150,6 +148,21 @@ def run(rb, conn: Connection | None = None) -> pd.DataFrame:
 
     frame = pd.DataFrame(rows, columns=COLUMNS)
     return _apply_acceptances(frame, p.rls.lint_accept)
+
+
+def _legacy_policy(table: str, pol: dict, params) -> dict[str, Any]:
+    """The legacy role's contract: accepted as declared in params, provided it reaches that role alone."""
+    obj = f"{table}.{pol['polname']}"
+    roles = list(pol["roles"] or [])
+    if not params.legacy_role or roles != [params.legacy_role]:
+        return {"rule": "policy fails closed", "object": obj, "finding": f"the legacy policy applies to "
+                f"{', '.join(roles)}, not to rls.legacy_role ({params.legacy_role or 'none'}) alone",
+                "status": FAIL, "reason": ""}
+    if params.legacy_access == "all_tenants":
+        return {"rule": "policy fails closed", "object": obj, "finding": f"{params.legacy_role} sees every tenant "
+                f"(rls.legacy_access: all_tenants)", "status": ACCEPTED, "reason": params.legacy_reason}
+    return {"rule": "policy fails closed", "object": obj, "finding": f"{params.legacy_role} sees the System Tenant "
+            f"only", "status": ACCEPTED, "reason": "rls.legacy_access: system_tenant"}
 
 
 def _apply_acceptances(frame: pd.DataFrame, accepted) -> pd.DataFrame:

@@ -10,8 +10,13 @@ tenant sees no rows and can write none: the policy fails closed, with no cast er
 PUBLIC, so every role without BYPASSRLS (the table owner included, thanks to FORCE) is isolated.
 
 Policies are created before RLS is enabled, so there is no moment with RLS on and no policy. Enabling
-RLS is the moment the application must set the tenant (set_tenant below); a legacy role that cannot yet
-do so gets the System Tenant as its default (rls.legacy_role), and keeps working.
+RLS is the moment the application must set the tenant (set_tenant below). The legacy application, which
+cannot yet, connects as `rls.legacy_role`, whose contract `rls.legacy_access` declares: every tenant's
+rows (`all_tenants`: it is the trusted application that owns every org's data until it becomes
+tenant-aware; the lint records that as accepted, with `rls.legacy_reason`) or the System Tenant's only.
+Either is one more permissive policy per table, `tenant_legacy_access ... TO <legacy role>`: no role
+setting (which would reach new sessions only, and every database on the server), so sessions the legacy
+application opened before RLS was enabled keep working, and rollback removes it with the others.
 """
 
 from __future__ import annotations
@@ -36,8 +41,24 @@ def tenant_expression(setting: str) -> sql.Composed:
         sql.Identifier(TENANT_COLUMN), sql.Literal(setting))
 
 
+LEGACY_POLICY = "tenant_legacy_access"
+
+
 def policy_name(command: str) -> str:
     return truncate(f"tenant_isolation_{command}")
+
+
+def is_runbook_policy(name: str) -> bool:
+    return name.startswith("tenant_isolation_") or name == LEGACY_POLICY
+
+
+def legacy_policy_statement(st_qualified: sql.Composable, role: str, access: str,
+                            system_tenant: sql.Composable) -> sql.Composed:
+    """The legacy role's contract as a policy: every row, or the System Tenant's rows only."""
+    expr = sql.SQL("true") if access == "all_tenants" else sql.SQL("{} = {}").format(
+        sql.Identifier(TENANT_COLUMN), system_tenant)
+    return sql.SQL("CREATE POLICY {} ON {} AS PERMISSIVE FOR ALL TO {} USING ({}) WITH CHECK ({})").format(
+        sql.Identifier(LEGACY_POLICY), st_qualified, sql.Identifier(role), expr, expr)
 
 
 def policy_statement(st_qualified: sql.Composable, command: str, setting: str) -> sql.Composed:
@@ -66,8 +87,10 @@ def policies(conn: Connection, oid: int) -> list[dict[str, Any]]:
     return [dict(r) for r in conn.execute(POLICIES_SQL, {"oid": oid}).mappings()]
 
 
-def table_steps(st, setting: str, existing: list[dict[str, Any]], views: list[str]) -> list[Step]:
-    """Policies first (inert while RLS is off), then ENABLE and FORCE, then views made security_invoker."""
+def table_steps(st, setting: str, existing: list[dict[str, Any]], views: list[str],
+                legacy: tuple[str, str, sql.Composable] | None = None) -> list[Step]:
+    """Policies first (inert while RLS is off), then ENABLE and FORCE, then views made security_invoker.
+    `legacy`: (role, access, System Tenant id) of the legacy application's contract."""
     steps: list[Step] = []
     names = {p["polname"] for p in existing}
     for command in COMMANDS:
@@ -75,6 +98,13 @@ def table_steps(st, setting: str, existing: list[dict[str, Any]], views: list[st
             steps.append(Step(PHASE, st.name, f"create the {command.upper()} tenant policy",
                               policy_statement(st.qualified, command, setting), ACCESS_EXCLUSIVE_META,
                               "catalog change only; inert until row level security is enabled"))
+    if legacy is not None and LEGACY_POLICY not in names:
+        role, access, system = legacy
+        seen = "every tenant's rows" if access == "all_tenants" else "the System Tenant's rows"
+        steps.append(Step(PHASE, st.name, f"let the legacy role {role} see {seen}",
+                          legacy_policy_statement(st.qualified, role, access, system), ACCESS_EXCLUSIVE_META,
+                          "catalog change only; the legacy application keeps working, in sessions opened before "
+                          "and after row level security alike"))
     if not st.rls_enabled:
         steps.append(Step(PHASE, st.name, "enable row level security",
                           sql.SQL("ALTER TABLE {} ENABLE ROW LEVEL SECURITY").format(st.qualified),
@@ -110,18 +140,16 @@ SELECT has_schema_privilege(:role, :schema, 'USAGE') AS schema_usage,
           WHERE n.nspname = :schema AND c.relname = ANY(:shared)) AS shared_ok,
        (SELECT coalesce(bool_and(has_sequence_privilege(:role, c.oid, 'USAGE')), true)
           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-          WHERE n.nspname = :schema AND c.relkind = 'S') AS sequences_ok,
-       (SELECT array_to_string(s.setconfig, ',') FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole
-          WHERE r.rolname = :role AND s.setdatabase = 0) AS role_config
+          WHERE n.nspname = :schema AND c.relkind = 'S') AS sequences_ok
 """)
 
 
 def role_steps(conn: Connection, schema: str, role: str, tables: list[str], shared: list[str],
-               legacy_role: str | None, setting: str, system_tenant_id: int | None) -> list[Step]:
+               legacy_role: str | None) -> list[Step]:
     """Create the application role (and the legacy one) if missing, and grant what they lack: read and
     write on tenant tables, read on shared ones, the schema and its sequences. Nothing when all is there."""
     steps: list[Step] = []
-    for name, legacy in ((role, False), (legacy_role, True)):
+    for name in (role, legacy_role):
         if not name:
             continue
         exists = conn.execute(ROLE_SQL, {"name": name}).first() is not None
@@ -130,8 +158,7 @@ def role_steps(conn: Connection, schema: str, role: str, tables: list[str], shar
                               sql.SQL("CREATE ROLE {} NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE").format(
                                   sql.Identifier(name)), NEW_OBJECT,
                               "a new role without login: the application team gives it a login and password"))
-            granted = {"schema_usage": False, "tables_ok": False, "shared_ok": False, "sequences_ok": False,
-                       "role_config": None}
+            granted = {"schema_usage": False, "tables_ok": False, "shared_ok": False, "sequences_ok": False}
         else:
             granted = dict(conn.execute(GRANTED_SQL, {"role": name, "schema": schema, "tables": tables,
                                                       "shared": shared}).mappings().one())
@@ -154,15 +181,6 @@ def role_steps(conn: Connection, schema: str, role: str, tables: list[str], shar
             steps.append(Step(PHASE, None, f"grant {name} usage on the schema's sequences",
                               sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA {} TO {}").format(sql.Identifier(schema), who),
                               "none (privileges only)", "inserts draw serial ids"))
-        if legacy and system_tenant_id is not None:
-            wanted = f"{setting}={system_tenant_id}"
-            if wanted not in (granted["role_config"] or "").split(","):
-                steps.append(Step(PHASE, None, f"default {name} to the System Tenant",
-                                  sql.SQL("ALTER ROLE {} SET {} = {}").format(who, sql.SQL(setting),
-                                                                              sql.Literal(str(system_tenant_id))),
-                                  "none (a role setting for new sessions)",
-                                  "the legacy application keeps working, scoped to the System Tenant, until it "
-                                  "sets the tenant itself"))
     return steps
 
 
@@ -192,13 +210,15 @@ def views_to_invoke(conn: Connection, schema: str, tables: list[str]) -> dict[st
 def steps(rb, conn: Connection) -> list[Step]:
     """Everything row level security needs that the catalog does not show yet."""
     p = rb.params
-    out = role_steps(conn, rb.schema, p.rls.app_role, p.tables, p.shared_tables, p.rls.legacy_role,
-                     p.rls.setting, catalog.system_tenant_id(conn, rb.schema, p.system_tenant.uuid))
+    out = role_steps(conn, rb.schema, p.rls.app_role, p.tables, p.shared_tables, p.rls.legacy_role)
     views = views_to_invoke(conn, rb.schema, p.tables)
     tenants_oid = catalog.relation_oid(conn, rb.schema, "tenants")
+    system = catalog.system_tenant_id(conn, rb.schema, p.system_tenant.uuid)
+    legacy = (p.rls.legacy_role, p.rls.legacy_access, sql.SQL("<System Tenant id>") if system is None
+              else sql.Literal(int(system))) if p.rls.legacy_role else None
     for name in p.tables:
         st = catalog.table_state(conn, rb.schema, name, tenants_oid)
-        out += table_steps(st, p.rls.setting, policies(conn, st.oid) if st.oid else [], views.get(name, []))
+        out += table_steps(st, p.rls.setting, policies(conn, st.oid) if st.oid else [], views.get(name, []), legacy)
     return out
 
 
@@ -210,7 +230,7 @@ def undo_steps(conn: Connection, schema: str, states: dict, views_before: dict[s
     out: list[Step] = []
     for name, st in states.items():
         for pol in policies(conn, st.oid) if st.oid else []:
-            if pol["polname"].startswith("tenant_isolation_"):
+            if is_runbook_policy(pol["polname"]):
                 out.append(Step(UNDO_PHASE, name, f"drop policy {pol['polname']}", sql.SQL("DROP POLICY {} ON {}").format(
                     sql.Identifier(pol["polname"]), st.qualified), ACCESS_EXCLUSIVE_META, "catalog change only"))
         if st.rls_forced:
