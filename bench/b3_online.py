@@ -1,13 +1,15 @@
 """B3 online
 
-What a concurrent writer feels while the backfill and then constrain run.
+What the legacy application feels while the backfill and then constrain run.
 
-pgbench (from the same binaries as the server) runs a fixed-rate writer against the 5M-row workflows
-table with NULL tenant_id: 90% single-row UPDATEs of random rows, 10% INSERTs that omit tenant_id, as
-the legacy application would. Per-transaction latencies come from pgbench's own log; each is assigned
-to the phase it started in. Runbook: its backfill phase, then its constrain phase. Naive, on an
-identical copy: SET DEFAULT (so the inserts keep working), one UPDATE of every row, SET NOT NULL and
-ADD FOREIGN KEY directly.
+The writer is the demo application's own workload (runbook_helpers/workload.py, as the tests run it):
+four connections as its role, legacy_app, each on a fixed schedule (BENCH_B3_RATE transactions/s in all),
+running its statements in turn — reads by id, by org and list views on every table, inserts of workflows
+and their children without tenant_id, updates, upserts, moves to another org, cascading deletes — against
+the 5M-row workflows table with NULL tenant_id. Each latency counts from its scheduled start, so a stall
+also counts for the transactions it delayed; each is assigned to the phase it started in. Runbook: its
+backfill phase, then its constrain phase. Naive, on an identical copy: SET DEFAULT (so the inserts keep
+working), one UPDATE of every row, SET NOT NULL and ADD FOREIGN KEY directly.
 
 Reproduce: .venv/bin/python -m bench b3   (BENCH_B3_RATE=200 transactions/s, BENCH_B2_ROWS=5000000)
 """
@@ -15,63 +17,41 @@ Reproduce: .venv/bin/python -m bench b3   (BENCH_B3_RATE=200 transactions/s, BEN
 from __future__ import annotations
 
 import os
-import subprocess
-import tempfile
-import threading
 import time
-from pathlib import Path
 
 import psycopg
+
+from runbook_helpers.workload import LegacyWorkload
 
 from . import b2_batched, common
 
 TARGET_P99_MS = 50.0
 TARGET_MAX_MS = 200.0
-UPDATE_SCRIPT = "\\set id random(1, {rows})\nUPDATE workflows SET status = 'active' WHERE id = :id;\n"
-INSERT_SCRIPT = "INSERT INTO workflows (uuid, name) VALUES (gen_random_uuid(), 'bench ' || gen_random_uuid());\n"
+CONNECTIONS = 4
 
 
-class Writer(threading.Thread):
-    """pgbench in back-to-back 3-second chunks (so every chunk's log is complete when it exits)."""
+class Writer:
+    """The legacy workload on CONNECTIONS connections, `rate` transactions/s in all."""
 
-    def __init__(self, database: str, rows: int, rate: int, folder: Path):
-        super().__init__(daemon=True)
-        self.database, self.rate, self.folder = database, rate, folder
-        (folder / "update.sql").write_text(UPDATE_SCRIPT.format(rows=rows))
-        (folder / "insert.sql").write_text(INSERT_SCRIPT)
-        self._stop_event = threading.Event()
-        self.aborted: list[str] = []
-        self.chunks = 0
+    def __init__(self, database: str, rate: int):
+        url = common.url(database).replace("postgresql://postgres@", "postgresql://legacy_app@")
+        self.workloads = [LegacyWorkload(url, seed=i, rate=rate / CONNECTIONS) for i in range(CONNECTIONS)]
 
-    def run(self) -> None:
-        pgbench = str(common.server().tool("pgbench"))
-        while not self._stop_event.is_set():
-            prefix = self.folder / f"chunk{self.chunks:04d}"
-            result = subprocess.run(
-                [pgbench, "-n", "-c", "4", "-j", "2", "-R", str(self.rate), "-T", "3", "-l",
-                 f"--log-prefix={prefix}", "-f", f"{self.folder / 'update.sql'}@9",
-                 "-f", f"{self.folder / 'insert.sql'}@1", common.url(self.database)],
-                capture_output=True, text=True)
-            self.chunks += 1
-            self.aborted += [l for l in result.stderr.splitlines() if "aborted" in l or "ERROR" in l]
+    def start(self) -> None:
+        for w in self.workloads:
+            w.start()
 
     def stop(self) -> None:
-        self._stop_event.set()
-        self.join(60)
+        for w in self.workloads:
+            w.stop()
+
+    @property
+    def aborted(self) -> list[str]:
+        return [f"{s.kind}: {s.error}" for w in self.workloads for s in w.errors()]
 
     def transactions(self) -> list[tuple[float, float, bool]]:
-        """(start epoch seconds, latency ms, failed) for every logged transaction."""
-        out = []
-        for log in self.folder.glob("chunk*"):
-            for line in log.read_text().splitlines():
-                fields = line.split()
-                if len(fields) < 6:
-                    continue
-                failed = not fields[2].isdigit()
-                latency_ms = 0.0 if failed else int(fields[2]) / 1000.0
-                end = int(fields[4]) + int(fields[5]) / 1e6
-                out.append((end - latency_ms / 1000.0, latency_ms, failed))
-        return out
+        """(start epoch seconds, latency ms, failed) for every transaction."""
+        return [(s.started, s.ms, s.error is not None) for w in self.workloads for s in w.samples]
 
 
 def phase_stats(transactions, start: float, end: float) -> dict:
@@ -82,12 +62,12 @@ def phase_stats(transactions, start: float, end: float) -> dict:
             "max_ms": max(latencies) if latencies else 0.0}
 
 
-def runbook_side(db: str, folder: Path, rate: int, rows: int) -> tuple[list, Writer]:
+def runbook_side(db: str, rate: int) -> tuple[list, Writer]:
     import json
     overrides = common.only("workflows", **json.loads(os.environ.get("BENCH_B3_BACKFILL", "{}")))
     common.run("inspect", db, overrides)
     common.run("seed", db, overrides)
-    writer = Writer(db, rows, rate, folder)
+    writer = Writer(db, rate)
     writer.start()
     time.sleep(4)  # a quiet period first: the writer's own baseline
     phases = [("quiet", time.time() - 3.5, time.time())]
@@ -99,11 +79,11 @@ def runbook_side(db: str, folder: Path, rate: int, rows: int) -> tuple[list, Wri
     return phases, writer
 
 
-def naive_side(db: str, folder: Path, rate: int, rows: int) -> tuple[list, Writer]:
+def naive_side(db: str, rate: int) -> tuple[list, Writer]:
     with psycopg.connect(common.url(db), autocommit=True) as conn:
         tenant = conn.execute("SELECT id FROM tenants WHERE uuid = %s",
                               (str(common.base_params().system_tenant.uuid),)).fetchone()[0]
-        writer = Writer(db, rows, rate, folder)
+        writer = Writer(db, rate)
         writer.start()
         time.sleep(4)
         phases = [("quiet", time.time() - 3.5, time.time())]
@@ -131,9 +111,8 @@ def main() -> dict:
     for approach, side in sides:
         db = common.clone(tpl, f"bench_b3_{approach}")
         try:
-            with tempfile.TemporaryDirectory() as tmp:
-                phases, writer = side(db, Path(tmp), rate, rows)
-                transactions = writer.transactions()
+            phases, writer = side(db, rate)
+            transactions = writer.transactions()
         finally:
             common.drop(db)
         for name, start, end in phases:
@@ -145,8 +124,9 @@ def main() -> dict:
                 target=f"0 errors, p99 <= {TARGET_P99_MS:.0f}, max <= {TARGET_MAX_MS:.0f} ms" if judged else "",
                 met=met if judged else "")
         if writer.aborted:
-            report.notes.append(f"{approach}: pgbench reported {len(writer.aborted)} aborted clients/errors, e.g. "
+            report.notes.append(f"{approach}: the workload saw {len(writer.aborted)} errors, e.g. "
                                 f"{writer.aborted[0][:160]}")
-    report.notes.append(f"writer: pgbench -c 4 -j 2 -R {rate}, 90% UPDATE of a random row, 10% INSERT without "
-                        f"tenant_id; latency counted from each transaction's scheduled start")
+    report.notes.append(f"writer: the legacy workload (runbook_helpers/workload.py) as legacy_app on {CONNECTIONS} "
+                        f"connections, {rate} transactions/s in all on a fixed schedule; latency counted from each "
+                        f"transaction's scheduled start")
     return report.save_and_print()

@@ -27,7 +27,7 @@ from runbook_helpers.run.session import PhaseSession
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ENV = "local"
-TEMPLATE_VERSION = "2"
+TEMPLATE_VERSION = "3"  # 3: the demo has the legacy application's login role
 
 
 def server() -> EmbeddedServer:
