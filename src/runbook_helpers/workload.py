@@ -168,11 +168,12 @@ class LegacyWorkload(threading.Thread):
                                                   "WHERE w.org_id = %s", (org,))])
 
     def list_views(self, conn) -> None:
-        for table in CORE_TABLES:
-            self._run(conn, f"list {table}", [(sql.SQL("SELECT {} FROM {} ORDER BY updated_at DESC LIMIT 20").format(
-                self.columns[table], sql.Identifier(table)), None)])
+        for table in CORE_TABLES:  # the newest first, by key (an index the application has)
+            order = sql.SQL("template_id DESC, position DESC" if table == "widgets" else "id DESC")
+            self._run(conn, f"list {table}", [(sql.SQL("SELECT {} FROM {} ORDER BY {} LIMIT 20").format(
+                self.columns[table], sql.Identifier(table), order), None)])
         self._run(conn, "list active_workflows", [("SELECT id, uuid, org_id, name, updated_at FROM active_workflows "
-                                                   "ORDER BY updated_at DESC LIMIT 20", None)])
+                                                   "ORDER BY id DESC LIMIT 20", None)])
 
     # -- writes
     def _insert(self, conn, kind: str, table: str, values: dict, tenant: int | None = None) -> int | None:
