@@ -84,7 +84,7 @@ def test_data_is_deterministic(server, ci_params):
 
 def test_drizzle_records_0000_applied_and_0001_pending(db):
     migrations = demo.drizzle_migrations()
-    assert [m.tag for m in migrations] == ["0000_tenancy_tables", "0001_tenant_columns"]
+    assert [m.tag for m in migrations] == ["0000_legacy_and_tenancy_tables", "0001_tenant_columns"]
     with db.connect() as conn:
         rows = conn.execute("SELECT hash, created_at FROM drizzle.__drizzle_migrations ORDER BY id").fetchall()
     assert rows == [(migrations[0].hash, migrations[0].when)]
@@ -101,5 +101,5 @@ def test_applying_0001_fails_on_tables_with_rows_and_changes_nothing(db):
             with conn.transaction():  # drizzle-kit migrate runs a migration in one transaction
                 for statement in migration.statements():
                     conn.execute(statement)
-    assert 'column "tenant_id" of relation "workflows" contains null values' in str(err.value)
+    assert 'column "tenant_id" of relation "decision_tables" contains null values' in str(err.value)  # 0001's first table
     assert db.schema_dump() == before
