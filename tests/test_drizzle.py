@@ -41,10 +41,10 @@ def recorded_rows(db) -> list[tuple[str, int]]:
 
 def test_before_the_migration_0000_is_applied_and_0001_pending(db):
     status = status_of(db)
-    assert status.loc["0000_tenancy_tables", "state"] == "applied"
+    assert status.loc["0000_legacy_and_tenancy_tables", "state"] == "applied"
     assert status.loc["0001_tenant_columns", "state"] == "pending"
     assert status.loc["0001_tenant_columns", "next migrate"] == "runs"  # and it would fail on tables with rows
-    assert status.loc["0000_tenancy_tables", "next migrate"] == "skipped"
+    assert status.loc["0000_legacy_and_tenancy_tables", "next migrate"] == "skipped"
 
 
 def test_after_validate_0001_is_recorded_at_its_when_and_drizzle_would_run_only_0002(db, tmp_path):
@@ -83,14 +83,14 @@ def test_recording_at_the_wrong_time_would_break_the_rule_both_ways(db, tmp_path
 def test_a_changed_file_shows_as_drifted_and_blocks_the_hand_over(db, tmp_path):
     folder = tmp_path / "drizzle"
     shutil.copytree(drizzle.folder_of(db.params), folder)
-    (folder / "0000_tenancy_tables.sql").write_text((folder / "0000_tenancy_tables.sql").read_text() + "\n-- edited\n")
+    (folder / "0000_legacy_and_tenancy_tables.sql").write_text((folder / "0000_legacy_and_tenancy_tables.sql").read_text() + "\n-- edited\n")
     params = params_mod.override(db.params, {"drizzle": {"folder": str(folder),
-                                                         "record_after_validate": ["0000_tenancy_tables"]}})
+                                                         "record_after_validate": ["0000_legacy_and_tenancy_tables"]}})
     status = status_of(db, params)
-    assert status.loc["0000_tenancy_tables", "state"] == "DRIFTED"
-    assert "the file changed since" in status.loc["0000_tenancy_tables", "note"]
+    assert status.loc["0000_legacy_and_tenancy_tables", "state"] == "DRIFTED"
+    assert "the file changed since" in status.loc["0000_legacy_and_tenancy_tables", "note"]
     with db.session("validate", params=params) as rb:
-        with pytest.raises(RunbookError, match="0000_tenancy_tables: a row is recorded at its `when` with another hash"):
+        with pytest.raises(RunbookError, match="0000_legacy_and_tenancy_tables: a row is recorded at its `when` with another hash"):
             drizzle.hand_over(rb)
     assert len(recorded_rows(db)) == 1
 
@@ -115,3 +115,44 @@ def test_rollback_forgets_the_record_so_drizzle_sees_0001_pending_again(db):
     assert "forget Drizzle's record of 0001_tenant_columns" in set(applied["action"])
     assert recorded_rows(db) == before
     assert status_of(db).loc["0001_tenant_columns", "state"] == "pending"
+
+
+def test_a_migration_recorded_by_command_is_forgotten_by_rollback(db, tmp_path):
+    """`runbook drizzle record TAG`: the team generated the end state's migration; the runbook records it,
+    and rollback takes back exactly what the runbook recorded."""
+    from runbook_helpers.phases import rollback
+    later = folder_with_0002(tmp_path, drizzle.folder_of(db.params))
+    params = params_mod.override(db.params, {"drizzle": {"folder": str(later)}})
+    db.run(params=params)
+    with db.session("validate", params=params) as rb:
+        with pytest.raises(RunbookError, match="the command names 0002_notes, which the journal .* does not have"):
+            drizzle.record_plan(rb, ["0002_notes"])
+        done = drizzle.record(rb, drizzle.record_plan(rb, ["0002_workflow_notes"]))
+        assert drizzle.record(rb, drizzle.record_plan(rb, ["0002_workflow_notes"])).empty  # once
+    assert list(done["outcome"]) == ["recorded"] and len(recorded_rows(db)) == 3
+    assert db.scalar("SELECT tag FROM tenancy_runbook.drizzle_records WHERE tag LIKE '0002%%'") == "0002_workflow_notes"
+    with db.session("rollback", params=params) as rb:
+        applied = rollback.apply(rb)
+    assert {"forget Drizzle's record of 0001_tenant_columns", "forget Drizzle's record of 0002_workflow_notes"} <= \
+        set(applied["action"])
+    assert len(recorded_rows(db)) == 1
+    assert db.scalar("SELECT count(*) FROM tenancy_runbook.drizzle_records") == 0
+
+
+def test_the_schema_hand_over_is_applied_once_and_says_what_it_cannot_express(db):
+    from runbook_helpers import drizzle_schema
+    db.run("inspect", "seed", "backfill", "constrain")
+    with db.session("validate") as rb:
+        handover = drizzle_schema.build(rb)
+        text = drizzle_schema.markdown(handover)
+        changes = drizzle_schema.diff(rb.params, handover)
+    source = drizzle_schema.schema_file(db.params).read_text()
+    once = drizzle_schema.apply(source, handover)
+    assert drizzle_schema.apply(once, handover) == once  # nothing twice
+    assert once.count('pgPolicy("tenant_isolation_select"') == len(db.params.tables)
+    assert once.count(").enableRLS();") == len(db.params.tables)
+    assert 'pgView("active_workflows").with({ securityInvoker: true })' in once
+    assert "+  unique(\"workflows_tenant_id_id_unique\").on(t.tenantId, t.id)," in changes
+    assert "FORCE ROW LEVEL SECURITY" in text and "schemaFilter" in text
+    with pytest.raises(RunbookError, match=r'schema.ts has no pgTable\("widgets"'):
+        drizzle_schema.apply(source.replace('pgTable("widgets"', 'pgTable("gadgets"'), handover)

@@ -37,7 +37,9 @@ def layer_of(parts: list[str]) -> str:
         return head
     if head in FOUNDATION:
         return "foundation"
-    return head  # drizzle, demo, cli
+    if head in ("drizzle", "drizzle_schema"):
+        return "drizzle"  # the application's migrations, and its schema in Drizzle's terms
+    return head  # demo, workload, cli
 
 
 def imported_modules(path: Path) -> list[tuple[int, list[str]]]:

@@ -78,6 +78,11 @@ def test_run_dry_run_then_for_real_then_again(server):
         kinds = {row["kind"] for row in csv.DictReader(f)}
     assert kinds == set(legacy_checks.KINDS) - {legacy_checks.NO_ROLE}
     assert manifest["legacy_ambiguities"].startswith("legacy_ambiguities.csv: ")
+    # the Drizzle hand-over: what schema.ts declares now, per table and as the diff of demo/app/src/schema.ts
+    assert "## rules (`rules`)" in (folder / "drizzle_schema.md").read_text()
+    assert '+  pgPolicy("tenant_legacy_access"' in (folder / "drizzle_schema.diff").read_text()
+    assert manifest["drizzle_schema"].startswith("drizzle_schema.md and drizzle_schema.diff")
+    assert manifest["application_writes"] is None  # nothing wrote during this run
     assert manifest["server"]["database"] == "tenancy_demo" and manifest["server"]["version"]
     assert manifest["params"]["system_tenant"]["uuid"] == "00000000-0000-4000-8000-000000000001"
     assert manifest["headline"]["baseline_rows"] > 90_000
@@ -97,12 +102,17 @@ def test_run_dry_run_then_for_real_then_again(server):
     migrated = app_schema(url, server)
     assert migrated != legacy
 
-    # running again succeeds and changes nothing
+    # running again succeeds and changes nothing; what the application wrote meanwhile is in its archive
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE templates SET name = name || ' (renamed)' WHERE id = 7")
     before = existing_runs()
     again = runbook_cli("run", "--env", "ci")
     assert again.returncode == 0, again.stdout + again.stderr
     second = latest_run(before)
     second_manifest = json.loads((second / "manifest.json").read_text())
+    with open(second / "application_writes.csv", newline="") as f:
+        assert [(r["table"], r["key"], r["change"]) for r in csv.DictReader(f)] == [("templates", '["7"]', "updated")]
+    assert "(renamed)" not in (second / "application_writes.csv").read_text()  # keys only
     assert second_manifest["previous_manifest"] == {"run": folder.name, "sha256": sha256(folder / "manifest.json")}
     assert app_schema(url, server) == migrated
     with psycopg.connect(url) as conn:

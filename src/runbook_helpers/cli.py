@@ -1,4 +1,4 @@
-"""`runbook run|finalize|rollback|demo|demo-db|db|plan|notebooks|audit`: the command line of the runbook.
+"""`runbook run|finalize|rollback|demo|demo-db|db|plan|notebooks|drizzle|audit`: the command line of the runbook.
 
 Every RunbookError is printed as `runbook: error: …` on stderr with exit status 2, never a traceback:
 those errors say what was wrong and what to do. A failed phase exits with status 1.
@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     notebooks = sub.add_parser("notebooks", help="re-execute the committed notebooks on a fresh demo database")
     _env_arg(notebooks, "ci")
+
+    drizzle = sub.add_parser("drizzle", help="the hand-over to the application's Drizzle project: `schema` prints "
+                             "what its schema.ts declares now (and the diff of drizzle.schema_file), `record` marks "
+                             "migrations whose end state the runbook produced as applied")
+    drizzle.add_argument("action", choices=["schema", "record"])
+    drizzle.add_argument("tags", nargs="*", help="record: the journal tags, e.g. 0002_tenancy_end_state")
+    drizzle.add_argument("--dry-run", action="store_true", help="record: list what would be recorded, change nothing")
+    _env_arg(drizzle)
 
     audit = sub.add_parser("audit", help="list archived runs, or verify one against its manifest and the chain")
     audit.add_argument("action", choices=["list", "verify"])
@@ -132,6 +140,28 @@ def _notebooks(env: str) -> int:
     return 0
 
 
+def _drizzle(action: str, env: str, tags: list[str], dry_run: bool) -> int:
+    from . import drizzle, drizzle_schema
+    from .run.session import PhaseSession
+
+    rb = PhaseSession("validate", env, dry_run=True if action == "schema" else dry_run, log=lambda *_: None)
+    try:
+        if action == "schema":
+            handover = drizzle_schema.build(rb)
+            print(drizzle_schema.markdown(handover))
+            changes = drizzle_schema.diff(rb.params, handover)
+            if changes:
+                print(f"## The diff for {rb.params.drizzle.schema_file}\n\n```diff\n{changes}```")
+            return 0
+        if not tags:
+            raise RunbookError("drizzle record needs the tags of the migrations to record, e.g. 0002_tenancy_end_state")
+        frame = drizzle.record(rb, drizzle.record_plan(rb, tags))
+        print(frame.to_string(index=False) if len(frame) else "nothing to record: every tag named is recorded already")
+        return 0
+    finally:
+        rb.close()
+
+
 def _audit(action: str, env: str, run: str | None) -> int:
     from .run import archive
 
@@ -189,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             return _plan(args.env)
         if args.command == "notebooks":
             return _notebooks(args.env)
+        if args.command == "drizzle":
+            return _drizzle(args.action, args.env, args.tags, args.dry_run)
         if args.command == "audit":
             return _audit(args.action, args.env, args.run)
     except RunbookError as exc:

@@ -121,61 +121,89 @@ def status(rb) -> pd.DataFrame:
     return pd.DataFrame(out, columns=COLUMNS)
 
 
-def hand_over_plan(rb) -> list[Migration]:
-    """The migrations params name (drizzle.record_after_validate) that are not recorded yet."""
+def record_plan(rb, tags: list[str], source: str = "the command") -> list[Migration]:
+    """The journal entries named by `tags` that are not recorded yet; every tag must be in the journal, and
+    none may be recorded at its `when` with another hash (its file changed since)."""
     folder = folder_of(rb.params)
-    wanted = rb.params.drizzle.record_after_validate
-    if folder is None or not wanted:
-        return []
+    if folder is None:
+        raise RunbookError("drizzle.folder is not set for this env: there is no migrations folder to record from")
     migrations = {m.tag: m for m in journal(folder)}
-    unknown = [t for t in wanted if t not in migrations]
+    unknown = [t for t in tags if t not in migrations]
     if unknown:
-        raise RunbookError(f"drizzle.record_after_validate names {', '.join(unknown)}, which the journal in "
-                           f"{folder} does not have; the tags are: {', '.join(migrations)}")
+        raise RunbookError(f"{source} names {', '.join(unknown)}, which the journal in {folder} does not have; "
+                           f"the tags are: {', '.join(migrations)}. Nothing was recorded.")
     with rb.engine.connect() as conn:
         rows = recorded(conn, rb.params)
     if rows is None:
         raise RunbookError(f"{rb.params.drizzle.schema_}.{rb.params.drizzle.table} does not exist: the application "
                            f"has never run drizzle-kit migrate here; nothing to hand over to")
     hashes = set(rows["hash"])
-    drifted = [t for t in wanted if migrations[t].hash not in hashes
+    drifted = [t for t in tags if migrations[t].hash not in hashes
                and migrations[t].when in set(rows["created_at"].dropna().astype(int))]
     if drifted:
         raise RunbookError(f"{', '.join(drifted)}: a row is recorded at its `when` with another hash (the file "
                            f"changed since); resolve that with the application team before handing over")
-    return [migrations[t] for t in wanted if migrations[t].hash not in hashes]
+    return [migrations[t] for t in tags if migrations[t].hash not in hashes]
 
 
-def hand_over(rb) -> pd.DataFrame:
-    """Record the migrations whose end state the runbook produced, with created_at = the journal's when.
+def hand_over_plan(rb) -> list[Migration]:
+    """The migrations params name (drizzle.record_after_validate) that are not recorded yet."""
+    if folder_of(rb.params) is None or not rb.params.drizzle.record_after_validate:
+        return []
+    return record_plan(rb, list(rb.params.drizzle.record_after_validate), "drizzle.record_after_validate")
 
-    Runs after validate passed (the notebook calls it after the verdict). Idempotent: recorded ones are
-    skipped. In a dry run, lists what it would record."""
-    todo = hand_over_plan(rb)
+
+def record(rb, todo: list[Migration]) -> pd.DataFrame:
+    """Record migrations whose end state the runbook produced, as drizzle-kit migrate would have: (hash,
+    created_at = the journal's when). The ledger keeps which ones, so rollback can take them back. In a dry
+    run, lists what it would record."""
     out = []
     for m in todo:
         if not rb.dry_run:
             with rb.engine.begin() as conn:
                 conn.execute(text(f"INSERT INTO {_table(conn, rb.params)} (hash, created_at) VALUES (:h, :w)"),
                              {"h": m.hash, "w": m.when})
+                if relation_oid(conn, rb.params.ledger_schema, "drizzle_records") is not None:
+                    conn.exec_driver_sql(render(conn, sql.SQL(
+                        "INSERT INTO {} (tag, hash, created_at) VALUES (%s, %s, %s) ON CONFLICT (tag) DO UPDATE SET "
+                        "hash = EXCLUDED.hash, created_at = EXCLUDED.created_at").format(
+                        sql.Identifier(rb.params.ledger_schema, "drizzle_records"))), (m.tag, m.hash, m.when))
         out.append({"tag": m.tag, "when": m.when, "hash": m.hash[:12],
                     "outcome": "dry run" if rb.dry_run else "recorded"})
     return pd.DataFrame(out, columns=["tag", "when", "hash", "outcome"])
 
 
+def hand_over(rb) -> pd.DataFrame:
+    """Record the migrations params name (drizzle.record_after_validate). Runs after validate passed (the
+    notebook calls it after the verdict). Idempotent: recorded ones are skipped."""
+    return record(rb, hand_over_plan(rb))
+
+
 def recorded_by_runbook(conn: Connection, p) -> list[Migration]:
-    """The hand-over's records still present (hash and created_at as the runbook wrote them): rollback
-    removes them, so Drizzle sees those migrations as pending again once the schema is back."""
+    """The runbook's records still present (the ledger's drizzle_records, and the hand-over's tags, with hash
+    and created_at as the runbook wrote them): rollback removes them, so Drizzle sees those migrations as
+    pending again once the schema is back."""
     folder = folder_of(p)
-    if folder is None or not p.drizzle.record_after_validate:
+    if folder is None:
         return []
     rows = recorded(conn, p)
     if rows is None:
         return []
+    tags = set(p.drizzle.record_after_validate)
+    if relation_oid(conn, p.ledger_schema, "drizzle_records") is not None:
+        tags |= {r[0] for r in conn.exec_driver_sql(render(conn, sql.SQL("SELECT tag FROM {}").format(
+            sql.Identifier(p.ledger_schema, "drizzle_records"))))}
     pairs = {(r.hash, int(r.created_at)) for r in rows.itertuples() if pd.notna(r.created_at)}
-    return [m for m in journal(folder) if m.tag in p.drizzle.record_after_validate and (m.hash, m.when) in pairs]
+    return [m for m in journal(folder) if m.tag in tags and (m.hash, m.when) in pairs]
 
 
 def forget_statement(p, m: Migration) -> sql.Composed:
     return sql.SQL("DELETE FROM {} WHERE hash = {} AND created_at = {}").format(
         sql.Identifier(p.drizzle.schema_, p.drizzle.table), sql.Literal(m.hash), sql.Literal(m.when))
+
+
+def forget(control: Connection, p) -> None:
+    """After rollback: the ledger's record of what the runbook recorded goes with the records."""
+    if relation_oid(control, p.ledger_schema, "drizzle_records") is not None:
+        control.exec_driver_sql(render(control, sql.SQL("DELETE FROM {}").format(
+            sql.Identifier(p.ledger_schema, "drizzle_records"))))

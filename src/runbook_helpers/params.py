@@ -140,6 +140,7 @@ class DrizzleParams(_Strict):
     schema_: str = Field(default="drizzle", alias="schema")
     table: str = "__drizzle_migrations"
     record_after_validate: list[str] = []    # tags whose end state the runbook produces, recorded after validate
+    schema_file: str | None = None           # the application's schema.ts: the hand-over is shown as a diff of it
 
 
 class LegacyRoles(_Strict):

@@ -111,6 +111,12 @@ CREATE TABLE IF NOT EXISTS {schema}.app_writes (
   writes bigint NOT NULL DEFAULT 1,
   PRIMARY KEY (table_name, key)
 );
+CREATE TABLE IF NOT EXISTS {schema}.drizzle_records (
+  tag text PRIMARY KEY,
+  hash text NOT NULL,
+  created_at bigint NOT NULL,
+  recorded_at timestamptz NOT NULL DEFAULT now()
+);
 CREATE TABLE IF NOT EXISTS {schema}.rollout_assists (
   table_name text NOT NULL,
   key jsonb NOT NULL,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import pandas as pd
 from psycopg import sql
 
+from .. import drizzle
 from ..db import catalog
 from ..db.ddl import Step, plan_frame, results_frame
 from ..db.names import TENANT_COLUMN
@@ -79,6 +80,7 @@ def apply(rb, force: bool = False) -> pd.DataFrame:
     if not rb.dry_run:
         backfill.forget(rb)
         seed.forget(rb)
+        drizzle.forget(rb.control, rb.params)
     return results_frame(results)
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 from psycopg import sql
 from sqlalchemy.exc import DBAPIError
 
-from .. import drizzle
+from .. import drizzle, drizzle_schema
 from ..db import catalog, fingerprint, reconcile
 from ..db.ddl import UNDO_PHASE, Step
 from ..db.names import TENANT_COLUMN
@@ -143,6 +143,18 @@ def application_write_keys(rb) -> pd.DataFrame:
 def rows_per_tenant(rb) -> pd.DataFrame:
     """Rows per core table and tenant (for the chart; the checks above prove they add up)."""
     return legacy_checks.tenant_counts(rb)
+
+
+def drizzle_schema_changes(rb):
+    """What the application's schema.ts declares now, as the diff of drizzle.schema_file (the archive keeps it
+    with the per-table blocks as drizzle_schema.md); a note where params name no schema file."""
+    from IPython.display import Markdown
+
+    handover = drizzle_schema.build(rb)
+    changes = drizzle_schema.diff(rb.params, handover)
+    if changes:
+        return Markdown(f"```diff\n{changes}```")
+    return Markdown(drizzle_schema.markdown(handover) if rb.params.drizzle.folder else "no Drizzle project in params")
 
 
 def hand_over_to_drizzle(rb) -> pd.DataFrame:

@@ -168,6 +168,7 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
         lint_note = _write_lint(folder, env, run_id)
         ambiguities_note = _write_ambiguities(folder, params, env, run_id)
         writes_note = _write_app_writes(folder, env, run_id)
+        drizzle_note = _write_drizzle_schema(folder, params, env, run_id) if "validate" in wanted else None
         secrets = database.secrets_in(database.conninfo(params, start=False)) if not params.database.embedded else []
         result.problems = archive.scan_for_secrets(folder, secrets)
         if result.problems:
@@ -188,6 +189,7 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
             "tenancy_lint": lint_note,
             "legacy_ambiguities": ambiguities_note,
             "application_writes": writes_note,
+            "drizzle_schema": drizzle_note,
         }
         result.manifest_sha256 = archive.write_manifest(folder, manifest)
         if recorded:
@@ -279,6 +281,27 @@ def _write_app_writes(folder: Path, env: str, run_id: str) -> str | None:
     frame.to_csv(folder / "application_writes.csv", index=False)
     counts = frame.groupby("change")["key"].count()
     return f"application_writes.csv: {len(frame)} rows ({', '.join(f'{k}: {n}' for k, n in counts.items())})"
+
+
+def _write_drizzle_schema(folder: Path, params, env: str, run_id: str) -> str | None:
+    """drizzle_schema.md (and .diff, where params name the application's schema file) in the archive: what
+    the application's schema.ts declares now (read-only; None without a Drizzle project; a failure is noted)."""
+    from .. import drizzle_schema
+    from .session import PhaseSession
+    if not params.drizzle.folder:
+        return None
+    try:
+        with PhaseSession("validate", env, dry_run=True, run_id=run_id, log=lambda *_: None) as rb:
+            handover = drizzle_schema.build(rb)
+            changes = drizzle_schema.diff(rb.params, handover)
+    except Exception as exc:  # the database may be unreachable after a failed phase
+        return f"not written: {type(exc).__name__}: {exc}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "drizzle_schema.md").write_text(drizzle_schema.markdown(handover), encoding="utf-8")
+    if changes:
+        (folder / "drizzle_schema.diff").write_text(changes, encoding="utf-8")
+    return "drizzle_schema.md" + (f" and drizzle_schema.diff ({changes.count(chr(10) + '+') } lines added to "
+                                  f"{params.drizzle.schema_file})" if changes else "")
 
 
 def _run_phase(phase: str, folder: Path, env: str, dry_run: bool, run_id: str, timeout_s: int | None,

@@ -373,6 +373,12 @@ class Suite:
         raw = pool.connect()
         conn: psycopg.Connection = raw.driver_connection
         try:
+            # the tenant with the most rows in the table (the probe rows are gone with their transaction; the
+            # System Tenant may own none of them once the legacy mapping has moved every row to its org)
+            busiest = conn.execute(sql.SQL("SELECT {c} FROM {t} GROUP BY {c} ORDER BY count(*) DESC, {c} LIMIT 1").format(
+                c=sql.Identifier(TENANT_COLUMN), t=table.ident)).fetchone()
+            conn.rollback()
+            tenant = busiest[0] if busiest else t["S"]
             conn.autocommit = False
             role = sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(self.role))
             conn.execute(role)
@@ -380,14 +386,14 @@ class Suite:
             conn.rollback()
             self.add("setting never set in this session", table.name, "0 rows, no error", f"{never} rows", never == 0)
             conn.execute(role)
-            conn.execute("SELECT set_config(%s, %s, true)", (self.setting, str(t["S"])))
+            conn.execute("SELECT set_config(%s, %s, true)", (self.setting, str(tenant)))
             during = conn.execute(self.count(table)).fetchone()[0]
             conn.commit()
             conn.execute(role)
             after = conn.execute(self.count(table)).fetchone()[0]
             conn.rollback()
             self.add("pooled connection reused after a tenant's transaction", table.name,
-                     "System Tenant rows inside its transaction, 0 rows after",
+                     "the tenant's rows inside its transaction, 0 rows after",
                      f"{during} rows inside, {after} rows after", during > 0 and after == 0)
         except psycopg.Error as exc:
             self.add("pooled connection reused after a tenant's transaction", table.name, "no error",
