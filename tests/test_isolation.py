@@ -10,9 +10,9 @@ PROBE_SETTING = "app.current_tenant_id"
 
 
 @pytest.fixture
-def migrated(db):
+def migrated(migrated_db):
+    db = migrated_db("inspect", "seed", "backfill", "constrain")
     assert db.params.rls.enabled and db.params.distribution.composite_keys, "ci params enable RLS and composite keys"
-    db.run("inspect", "seed", "backfill", "constrain")
     return db
 
 
@@ -36,7 +36,7 @@ def test_every_case_passes_and_covers_the_attacks(migrated):
                      "UPDATE moving a row to another tenant", "INSERT … ON CONFLICT DO UPDATE onto another tenant's key",
                      "pooled connection reused after a tenant's transaction", "COPY … TO exports only the tenant's rows",
                      "child row referencing another tenant's parent", "System Tenant rows not writable by a tenant",
-                     "table owner isolated too (FORCE)", "negative control: owner without FORCE sees every row"):
+                     "table owner isolated too (FORCE)", "negative control: owner without FORCE sees both tenants' rows"):
         assert expected in cases, expected
     per_table = results[results["case"] == "tenant sees exactly its own rows"]["table"].tolist()
     assert per_table == migrated.params.tables
