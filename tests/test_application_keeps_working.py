@@ -31,9 +31,9 @@ def legacy(db):
 
 
 @pytest.fixture
-def migrated(legacy):
-    legacy.run("inspect", "seed", "backfill", "constrain", "validate")
-    return legacy
+def migrated(migrated_db, ci_params):
+    return migrated_db("inspect", "seed", "backfill", "constrain", "validate",
+                       params=params_mod.override(ci_params, LEGACY_ON))
 
 
 def test_the_legacy_role_logged_in_sees_every_row_and_writes_land_in_their_tenant(migrated):

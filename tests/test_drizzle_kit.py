@@ -5,7 +5,7 @@ nothing, migrate runs only what comes later, and drizzle-orm works as the applic
 import pytest
 
 from conftest import LEGACY_ON
-from drizzle_tools import App, CONFIGURATIONS, hand_over_cycle
+from drizzle_tools import App, hand_over_cycle
 from runbook_helpers import params as params_mod
 
 pytestmark = pytest.mark.slow

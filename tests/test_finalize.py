@@ -17,9 +17,8 @@ def finalize_run(db, since=None, force=False, dry_run=False):
 
 
 @pytest.fixture
-def migrated(db):
-    db.run("inspect", "seed", "backfill", "constrain", "validate")
-    return db
+def migrated(migrated_db):
+    return migrated_db("inspect", "seed", "backfill", "constrain", "validate")
 
 
 def test_it_refuses_while_writes_still_need_the_trigger_and_changes_nothing(migrated):

@@ -8,9 +8,8 @@ from runbook_helpers import params as params_mod
 
 
 @pytest.fixture
-def migrated(db):
-    db.run("inspect", "seed", "backfill", "constrain")
-    return db
+def migrated(migrated_db):
+    return migrated_db("inspect", "seed", "backfill", "constrain")
 
 
 def run(db, params=None):

@@ -12,9 +12,8 @@ SYSTEM = "00000000-0000-4000-8000-000000000001"
 
 
 @pytest.fixture
-def migrated(db):
-    db.run("inspect", "seed", "backfill", "constrain")
-    return db
+def migrated(migrated_db):
+    return migrated_db("inspect", "seed", "backfill", "constrain")
 
 
 def test_every_tenant_table_has_rls_forced_and_a_fail_closed_policy_per_command(migrated):

@@ -17,7 +17,9 @@ from runbook_helpers.phases.headless import run_phase
 from runbook_helpers.db.server import EmbeddedServer
 from runbook_helpers.run.session import PHASES, PhaseSession
 
-pytestmark = [pytest.mark.slow, pytest.mark.serial]  # the ci demo database and runs/ci
+# Every test that uses the ci demo database or runs/ci lives in this file: `--dist loadfile` runs a file on one
+# worker, so they never meet, and the rest of the suite runs beside them on the other.
+pytestmark = [pytest.mark.slow]
 
 
 def latest_run(before: set[Path]) -> Path:
@@ -269,3 +271,14 @@ def test_a_cell_timeout_cancels_the_statement_on_the_server_and_a_rerun_resumes(
     assert "Timeout" in manifest["phases"][0]["error"] or "timed out" in manifest["phases"][0]["error"]
     again = runbook_cli("run", "--env", "ci", "--phases", "constrain,validate")
     assert again.returncode == 0, again.stdout + again.stderr
+
+
+def test_cli_reset_rebuilds_the_demo_database(server):
+    with psycopg.connect(server.url("tenancy_demo"), autocommit=True) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS leftover (x int)")
+    result = runbook_cli("db", "reset", "--env", "ci")
+    assert result.returncode == 0, result.stderr
+    assert "demo database tenancy_demo: 101,411 rows in 15 tables" in result.stdout
+    with psycopg.connect(server.url("tenancy_demo")) as conn:
+        assert conn.execute("SELECT to_regclass('leftover')").fetchone()[0] is None
+        assert conn.execute("SELECT count(*) FROM workflows").fetchone()[0] == 20000

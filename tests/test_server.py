@@ -121,15 +121,3 @@ def test_cli_db_on_a_real_env_says_it_has_no_embedded_server():
     result = runbook_cli("db", "start", "--env", "staging")
     assert result.returncode == 2
     assert "uses a DSN from $RUNBOOK_STAGING_DSN; it has no embedded server" in result.stderr
-
-
-@pytest.mark.serial  # the ci demo database
-def test_cli_reset_rebuilds_the_demo_database(server):
-    with psycopg.connect(server.url("tenancy_demo"), autocommit=True) as conn:
-        conn.execute("CREATE TABLE IF NOT EXISTS leftover (x int)")
-    result = runbook_cli("db", "reset", "--env", "ci")
-    assert result.returncode == 0, result.stderr
-    assert "demo database tenancy_demo: 101,411 rows in 15 tables" in result.stdout
-    with psycopg.connect(server.url("tenancy_demo")) as conn:
-        assert conn.execute("SELECT to_regclass('leftover')").fetchone()[0] is None
-        assert conn.execute("SELECT count(*) FROM workflows").fetchone()[0] == 20000
