@@ -43,7 +43,7 @@ def test_real_envs_name_a_dsn_variable_and_embedded_envs_do_not():
 
 
 def test_env_file_overrides_base(params_dir):
-    write(params_dir, "perf.yaml", "extends: base.yaml\ndatabase: {embedded: true}\nbackfill: {batch_size: 77}\n")
+    write(params_dir, "perf.yaml", "extends: apps/demo.yaml\ndatabase: {embedded: true}\nbackfill: {batch_size: 77}\n")
     p = params.load("perf", params_dir)
     assert p.backfill.batch_size == 77
     assert p.backfill.pause_ms == 0  # untouched keys come from base.yaml
@@ -63,7 +63,7 @@ def test_env_names_cannot_escape_the_params_folder():
 
 
 def test_unknown_key_names_file_and_key(params_dir):
-    write(params_dir, "typo.yaml", "extends: base.yaml\ndatabase: {embedded: true}\nbackfill: {batch_sise: 5}\n")
+    write(params_dir, "typo.yaml", "extends: apps/demo.yaml\ndatabase: {embedded: true}\nbackfill: {batch_sise: 5}\n")
     with pytest.raises(ParamsError) as err:
         params.load("typo", params_dir)
     assert str(err.value) == ("params/typo.yaml: unknown key 'backfill.batch_sise'; fix its spelling or remove it "
@@ -71,7 +71,7 @@ def test_unknown_key_names_file_and_key(params_dir):
 
 
 def test_wrong_type_names_file_key_and_value(params_dir):
-    write(params_dir, "bad.yaml", "extends: base.yaml\ndatabase: {embedded: true}\nlocks: {lock_timeout_ms: soon}\n")
+    write(params_dir, "bad.yaml", "extends: apps/demo.yaml\ndatabase: {embedded: true}\nlocks: {lock_timeout_ms: soon}\n")
     with pytest.raises(ParamsError) as err:
         params.load("bad", params_dir)
     message = str(err.value)
@@ -89,7 +89,7 @@ def test_error_in_base_is_attributed_to_base(params_dir):
 
 
 def test_a_dsn_in_a_file_is_refused(params_dir):
-    write(params_dir, "leaky.yaml", "extends: base.yaml\ndatabase:\n  dsn: postgresql://u:secret@h/db\n")
+    write(params_dir, "leaky.yaml", "extends: apps/demo.yaml\ndatabase:\n  dsn: postgresql://u:secret@h/db\n")
     with pytest.raises(ParamsError) as err:
         params.load("leaky", params_dir)
     assert "a DSN never goes in a params file" in str(err.value)
@@ -97,7 +97,7 @@ def test_a_dsn_in_a_file_is_refused(params_dir):
 
 
 def test_real_env_without_dsn_variable_is_refused(params_dir):
-    write(params_dir, "nodsn.yaml", "extends: base.yaml\n")
+    write(params_dir, "nodsn.yaml", "extends: apps/demo.yaml\n")
     with pytest.raises(ParamsError, match=r"params/nodsn.yaml: database.dsn_env: a real environment names"):
         params.load("nodsn", params_dir)
 
@@ -116,13 +116,13 @@ def test_extends_cycle_and_bad_yaml(params_dir):
     write(params_dir, "b.yaml", "extends: a.yaml\n")
     with pytest.raises(ParamsError, match="forms a cycle"):
         params.load("a", params_dir)
-    write(params_dir, "broken.yaml", "extends: base.yaml\nbackfill: [unclosed\n")
+    write(params_dir, "broken.yaml", "extends: apps/demo.yaml\nbackfill: [unclosed\n")
     with pytest.raises(ParamsError, match=r"params/broken.yaml line \d+: not valid YAML"):
         params.load("broken", params_dir)
 
 
 def test_overlapping_core_and_shared_tables_are_refused(params_dir):
-    write(params_dir, "overlap.yaml", "extends: base.yaml\ndatabase: {embedded: true}\nshared_tables: [workflows]\n")
+    write(params_dir, "overlap.yaml", "extends: apps/demo.yaml\ndatabase: {embedded: true}\nshared_tables: [workflows]\n")
     with pytest.raises(ParamsError, match="workflows also listed in core_tables"):
         params.load("overlap", params_dir)
 

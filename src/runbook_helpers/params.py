@@ -1,8 +1,10 @@
 """Load, merge and validate the parameter files; the only code that knows the YAML shape.
 
-params/base.yaml is the migration spec; params/<env>.yaml says `extends: base.yaml` and overrides what
-differs. Every problem becomes one line naming the file, the key and the fix, so a release job's log
-says exactly what to edit.
+params/base.yaml holds the defaults; an application's spec (its tables, its tenant source: the demo's is
+params/apps/demo.yaml) extends it; params/<env>.yaml extends the spec and overrides what differs. Mappings
+merge key by key, except one tagged `!replace`, which takes the place of the inherited one. Every problem
+becomes one line naming the file, the key and the fix, so a release job's log says exactly what to edit;
+the loaded Params remember which file set each key, so later errors about a table can say so too.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any, Literal
 from uuid import UUID
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from . import paths
 from .errors import ParamsError
@@ -143,17 +145,25 @@ class DrizzleParams(_Strict):
     schema_file: str | None = None           # the application's schema.ts: the hand-over is shown as a diff of it
 
 
-class LegacyRoles(_Strict):
-    """How legacy roles become user_tenants.role. Keys are legacy values (org_user.role; the ids in
-    "user".role_ids); values are application roles, all listed in `order` from least to most privileged.
-    A (user, org) pair whose sources disagree gets the least privileged of them, and is listed."""
-    org_user: dict[str, str] = {}
-    role_ids: dict[int, str] = {}
+class LegacyRoles(BaseModel):
+    """How legacy roles become user_tenants.role. Every key but `order` is a role map named by a membership
+    source's role_map (the demo's: org_user, role_ids): legacy values (as text) -> application roles, all
+    listed in `order` from least to most privileged. A (user, tenant) pair whose sources disagree gets the
+    least privileged of them, and is listed."""
+    model_config = ConfigDict(extra="allow", frozen=True)
     order: list[str] = []
+
+    @property
+    def maps(self) -> dict[str, dict[str, str]]:
+        return {name: {str(k): v for k, v in m.items()} for name, m in (self.model_extra or {}).items()}
 
     @model_validator(mode="after")
     def _ordered(self) -> "LegacyRoles":
-        unknown = sorted((set(self.org_user.values()) | set(self.role_ids.values())) - set(self.order))
+        for name, m in (self.model_extra or {}).items():
+            if not isinstance(m, dict) or not all(isinstance(v, str) for v in m.values()):
+                raise ValueError(f"legacy.roles.{name}: a role map is a mapping of legacy values to application "
+                                 f"roles, e.g. {{editor: member}}")
+        unknown = sorted({v for m in self.maps.values() for v in m.values()} - set(self.order))
         if unknown:
             raise ValueError(f"legacy.roles.order: {', '.join(unknown)} mapped but not ranked; list every "
                              f"application role in order, least privileged first")
@@ -162,10 +172,80 @@ class LegacyRoles(_Strict):
         return self
 
 
+class TenantTable(_Strict):
+    """The table whose rows become tenants: its integer key (what core tables' org_column holds), a uuid
+    column (the tenant's uuid is uuid3(namespace, it)) or null (uuid3(namespace, '<table>:<key>')), the
+    column that becomes the name, and optional timestamps (null: now())."""
+    table: str
+    key: str
+    uuid: str | None = None
+    name: str
+    created_at: str | None = None
+    updated_at: str | None = None
+
+
+class UserTable(_Strict):
+    """The table whose rows become users: key, a uuid column the user keeps (null: derived from the key),
+    the email (lower-cased and trimmed), an optional display name and timestamps."""
+    table: str
+    key: str
+    uuid: str | None = None
+    email: str
+    name: str | None = None
+    created_at: str | None = None
+    updated_at: str | None = None
+
+
+class MembershipSource(_Strict):
+    """(user, tenant) pairs from one table: user and tenant columns holding the user's and the tenant's
+    keys (a join table, or a plain column of the user table), or, with arrays, array columns paired by
+    position; an optional role column translated through legacy.roles[role_map]."""
+    table: str
+    user: str
+    tenant: str
+    role: str | None = None
+    role_map: str | None = None
+    default_role: str | None = None          # the role of a pair this source names without a role
+    arrays: bool = False
+
+    @property
+    def label(self) -> str:
+        """How listings name the source: the table, or table.role column for arrays (user.role_ids)."""
+        return f"{self.table}.{self.role or self.tenant}" if self.arrays else self.table
+
+
+class TenantSource(_Strict):
+    tenants: TenantTable
+    users: UserTable
+    memberships: list[MembershipSource] = Field(min_length=1)
+
+
 class LegacyParams(_Strict):
-    enabled: bool = False                    # true: orgs become tenants, users and memberships are migrated
-    tenant_uuid_namespace: UUID = UUID("6f1d3a4e-2b7c-4e0a-9c55-1d2e3f405162")  # uuid3(namespace, org.uuid)
+    enabled: bool = False                    # true: the tenant source's rows become tenants, users, memberships
+    tenant_uuid_namespace: UUID = UUID("6f1d3a4e-2b7c-4e0a-9c55-1d2e3f405162")  # uuid3(namespace, tenant uuid)
+    source: TenantSource | None = None       # the application's tenant source (its spec names it)
     roles: LegacyRoles = LegacyRoles()
+
+    @model_validator(mode="after")
+    def _source_and_maps(self) -> "LegacyParams":
+        if self.source is None:
+            return self
+        maps = self.roles.maps
+        for i, m in enumerate(self.source.memberships):
+            where = f"legacy.source.memberships.{i}"
+            if m.role and not m.role_map:
+                raise ValueError(f"{where}.role_map: {m.table}.{m.role} holds roles; name the map of legacy.roles "
+                                 f"that translates them")
+            if m.role_map and m.role_map not in maps:
+                raise ValueError(f"{where}.role_map: legacy.roles has no map {m.role_map!r} "
+                                 f"(it has {', '.join(maps) or 'none'}); add it or fix the name")
+            if m.default_role and m.default_role not in self.roles.order:
+                raise ValueError(f"{where}.default_role: {m.default_role!r} is not in legacy.roles.order")
+        unused = sorted(set(maps) - {m.role_map for m in self.source.memberships})
+        if unused:
+            raise ValueError(f"legacy.roles.{unused[0]}: no membership source uses this role map (role_map); "
+                             f"remove it or fix its name")
+        return self
 
 
 class SmokeQuery(_Strict):
@@ -205,6 +285,7 @@ class Params(_Strict):
     validate_: ValidateParams = Field(default=ValidateParams(), alias="validate")
     archive: ArchiveParams = ArchiveParams()
     demo: DemoParams = DemoParams()
+    _origins: dict[tuple[str, ...], str] = PrivateAttr(default_factory=dict)
 
     @field_validator("core_tables", mode="before")
     @classmethod
@@ -232,13 +313,25 @@ class Params(_Strict):
             if spec.parent is not None and (spec.parent.table not in self.core_tables or spec.parent.table == name):
                 raise ValueError(f"core_tables.{name}.parent: {spec.parent.table!r} is not another core table; a row "
                                  f"takes its tenant from a parent that gets tenant_id too")
+        if self.legacy.enabled and self.legacy.source is None:
+            raise ValueError("legacy.source: legacy.enabled needs the tenant source (which table defines tenants, "
+                             "users and memberships); name it in the application's spec (see params/apps/demo.yaml)")
         if self.legacy.enabled and not self.legacy.roles.order:
-            raise ValueError("legacy.roles: legacy.enabled needs the role map (org_user, role_ids, order)")
+            raise ValueError("legacy.roles.order: legacy.enabled needs the application's roles, least privileged "
+                             "first")
         return self
 
     @property
     def tables(self) -> list[str]:
         return list(self.core_tables)
+
+    def origin(self, *loc: str) -> str:
+        """The params file that set the key at loc (or its nearest parent key), e.g. params/apps/demo.yaml."""
+        return _lookup(self._origins, loc) or f"params/{self.env}.yaml"
+
+    def where(self, *loc: str) -> str:
+        """Where a key came from, for an error message: 'params/apps/demo.yaml, core_tables.workflows'."""
+        return f"{self.origin(*loc)}, {'.'.join(loc)}"
 
     def batch_size_for(self, table: str) -> int:
         return self.core_tables[table].batch_size or self.backfill.batch_size
@@ -253,9 +346,27 @@ def available_envs(folder: Path | None = None) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml") if p.stem != "base")
 
 
+class Replace(dict):
+    """A mapping tagged `!replace` in a params file: it takes the place of the inherited mapping."""
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _replace(loader: yaml.SafeLoader, node: yaml.Node) -> Replace:
+    if not isinstance(node, yaml.MappingNode):
+        raise yaml.constructor.ConstructorError(None, None, "!replace tags a mapping (lists and values are "
+                                                "replaced anyway)", node.start_mark)
+    return Replace(loader.construct_mapping(node, deep=True))
+
+
+_Loader.add_constructor("!replace", _replace)
+
+
 def _read_yaml(path: Path, label: str) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -267,14 +378,40 @@ def _read_yaml(path: Path, label: str) -> dict[str, Any]:
     return data
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def _merge(base: dict[str, Any], override: dict[str, Any], origins: dict[tuple[str, ...], str] | None = None,
+           label: str = "", at: tuple[str, ...] = ()) -> dict[str, Any]:
+    """override merged into base, mapping by mapping (a `!replace` mapping replaces instead); origins
+    (key path -> the file that set it) follows what was taken from where."""
     out = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+        path = at + (key,)
+        if isinstance(value, dict) and not isinstance(value, Replace) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value, origins, label, path)
         else:
-            out[key] = value
+            out[key] = dict(value) if isinstance(value, Replace) else value
+            if origins is not None:
+                for old in [k for k in origins if k[:len(path)] == path]:
+                    del origins[old]
+                if isinstance(value, dict):
+                    _record(origins, value, label, path)
+        if origins is not None:
+            origins[path] = label
     return out
+
+
+def _record(origins: dict[tuple[str, ...], str], data: dict[str, Any], label: str, at: tuple[str, ...]) -> None:
+    for key, value in data.items():
+        origins[at + (key,)] = label
+        if isinstance(value, dict):
+            _record(origins, value, label, at + (key,))
+
+
+def _lookup(origins: dict[tuple[str, ...], str], loc: tuple[Any, ...]) -> str | None:
+    for depth in range(len(loc), 0, -1):
+        label = origins.get(tuple(str(p) if not isinstance(p, str) else p for p in loc[:depth]))
+        if label is not None:
+            return label
+    return None
 
 
 def _chain(path: Path, folder: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -302,29 +439,10 @@ def _chain(path: Path, folder: Path) -> list[tuple[str, dict[str, Any]]]:
     return chain
 
 
-def _origin(chain: list[tuple[str, dict[str, Any]]], loc: tuple[Any, ...]) -> str:
-    """The most specific file that sets the key at loc (or its nearest parent key)."""
-    for depth in range(len(loc), 0, -1):
-        for label, data in reversed(chain):
-            node: Any = data
-            found = True
-            for part in loc[:depth]:
-                if isinstance(node, dict) and part in node:
-                    node = node[part]
-                elif isinstance(node, list) and isinstance(part, int) and part < len(node):
-                    node = node[part]
-                else:
-                    found = False
-                    break
-            if found:
-                return label
-    return chain[-1][0]
-
-
-def _describe(error: dict[str, Any], chain: list[tuple[str, dict[str, Any]]]) -> str:
+def _describe(error: dict[str, Any], origins: dict[tuple[str, ...], str], last: str) -> str:
     loc = tuple(error["loc"])
     key = ".".join(str(p) for p in loc) or "(top level)"
-    label = _origin(chain, loc)
+    label = _lookup(origins, loc) or last
     kind = error["type"]
     if kind == "extra_forbidden":
         if loc and loc[-1] == "dsn":
@@ -332,7 +450,7 @@ def _describe(error: dict[str, Any], chain: list[tuple[str, dict[str, Any]]]) ->
                     f"and name that variable with database.dsn_env")
         return f"{label}: unknown key {key!r}; fix its spelling or remove it (see params/base.yaml for the keys)"
     if kind == "missing":
-        return f"{label}: {key} is required; add it to this file or to base.yaml"
+        return f"{label}: {key} is required; add it to this file or to the application spec it extends"
     if kind == "value_error":
         return f"{label}: {error['msg'].removeprefix('Value error, ')}"
     got = error.get("input")
@@ -349,27 +467,33 @@ def load(env: str, folder: Path | None = None) -> Params:
         )
     chain = _chain(folder / f"{env}.yaml", folder)
     merged: dict[str, Any] = {}
-    for _, data in chain:
-        merged = _merge(merged, data)
+    origins: dict[tuple[str, ...], str] = {}
+    for label, data in chain:
+        merged = _merge(merged, data, origins, label)
     merged.pop("extends", None)
     if "env" in merged:
-        raise ParamsError(f"{_origin(chain, ('env',))}: unknown key 'env'; the env is the file's name, remove the key")
+        raise ParamsError(f"{origins[('env',)]}: unknown key 'env'; the env is the file's name, remove the key")
     merged["env"] = env
     try:
-        return Params.model_validate(merged)
+        loaded = Params.model_validate(merged)
     except ValidationError as exc:
-        lines = [_describe(e, chain) for e in exc.errors()]
+        lines = [_describe(e, origins, chain[-1][0]) for e in exc.errors()]
         raise ParamsError("\n".join(dict.fromkeys(lines))) from None
+    loaded._origins = origins
+    return loaded
 
 
 def override(params: Params, changes: dict[str, Any]) -> Params:
     """The same params with some values replaced (a notebook's overrides, a test's smaller ladder)."""
-    merged = _merge(params.model_dump(by_alias=True), changes)
+    origins = dict(params._origins)
+    merged = _merge(params.model_dump(by_alias=True), changes, origins, "override")
     try:
-        return Params.model_validate(merged)
+        changed = Params.model_validate(merged)
     except ValidationError as exc:
         lines = [f"override {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
         raise ParamsError("\n".join(lines)) from None
+    changed._origins = origins
+    return changed
 
 
 def dsn_from_environment(params: Params) -> str:

@@ -191,8 +191,9 @@ def plans(rb) -> list[TablePlan]:
         for name in mapping.ordered(rb.params, list(states)):
             st = states[name]
             if not st.exists:
-                raise RunbookError(f"core table {name!r} does not exist in schema {rb.schema!r}; fix the spec "
-                                   f"(params core_tables) or create the table. Nothing was changed.")
+                raise RunbookError(f"core table {name!r} ({rb.params.where('core_tables', name)}) does not exist in "
+                                   f"schema {rb.schema!r}; fix the spec in that file (or replace the inherited "
+                                   f"core_tables with `!replace`) or create the table. Nothing was changed.")
             assignment, to_map = None, None
             if name in mapped:
                 strategy, nulls, assignment, to_map = _mapped(rb, conn, st, system_id)

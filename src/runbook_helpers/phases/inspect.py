@@ -44,12 +44,13 @@ def preflight(rb) -> pd.DataFrame:
     with rb.engine.connect() as conn:
         core = table_states.core_states(rb, conn)
         shared = table_states.shared_states(rb, conn)
-        missing = [f"core table {n}" for n, s in core.items() if not s.exists]
-        missing += [f"shared table {n}" for n, s in shared.items() if not s.exists]
+        missing = [f"core table {n} ({p.where('core_tables', n)})" for n, s in core.items() if not s.exists]
+        missing += [f"shared table {n} ({p.where('shared_tables', n)})" for n, s in shared.items() if not s.exists]
         add("spec tables exist", FAIL if missing else OK,
             f"not found in schema {rb.schema}: {', '.join(missing)}" if missing
             else f"{len(core)} core and {len(shared)} shared tables found",
-            f"correct the table names in params/{p.env}.yaml or base.yaml" if missing else "")
+            "correct the table names in the params file named, or replace the inherited mapping in your env "
+            "(core_tables: !replace, see base.yaml)" if missing else "")
         cannot = [f"{n} (owner {s.owner})" for n, s in core.items() if s.exists and not s.can_alter]
         add("privilege to alter core tables", FAIL if cannot else OK,
             f"{ident.user} cannot alter: {', '.join(cannot)}" if cannot else f"{ident.user} may alter every core table",
@@ -213,7 +214,8 @@ def capture_baseline(rb, pre: pd.DataFrame | None = None) -> pd.DataFrame:
         states = table_states.core_states(rb, conn)
     missing = [n for n, st in states.items() if not st.exists]
     if missing:
-        raise RunbookError(f"core table(s) {', '.join(missing)} do not exist; fix the spec first (see preflight). "
+        where = "; ".join(f"{n} ({rb.params.where('core_tables', n)})" for n in missing)
+        raise RunbookError(f"core table(s) {where} do not exist; fix the spec first (see preflight). "
                            f"Nothing was changed.")
     store = not rb.dry_run and not blocked
     if store:
