@@ -55,7 +55,7 @@ class TableSpec(_Strict):
     batch_size: int | None = Field(default=None, gt=0)
     # legacy mapping (legacy.enabled): where a row's org comes from. `parent` wins where both are given
     # (a child must share its parent's tenant); rows with neither get the System Tenant.
-    org_column: str | None = None             # a column holding the legacy org id
+    org_column: str | None = None             # a column holding the tenant source's key (legacy.source.tenants.key)
     parent: ParentSpec | None = None          # the tenant of the parent row (e.g. rules -> workflows)
 
 

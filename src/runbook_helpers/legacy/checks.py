@@ -60,29 +60,31 @@ def ambiguities(rb) -> pd.DataFrame:
 
     with rb.engine.connect() as conn:
         mapping.check_legacy_tables(conn, p)
-        user = sql.Identifier(s, mapping.USER)
         users_exist = catalog.relation_oid(conn, s, "users") is not None
         taken = sql.SQL(" OR ") + email_taken(p, "c") if users_exist else sql.SQL("")
-        add(DUPLICATE_EMAIL, mapping.USER, _rows(conn, sql.SQL(
+        add(DUPLICATE_EMAIL, mapping.users_label(p), _rows(conn, sql.SQL(
             "SELECT c.id, NULL::bigint, CASE WHEN c.n > 1 THEN 'same normalised email as legacy user ' || c.first_id "
             "|| ', which is migrated; not merged' ELSE 'normalised email already used by another users row' END "
             "FROM ({cand}) c WHERE c.n > 1{taken} ORDER BY c.id").format(cand=user_candidates(p), taken=taken)))
 
         pairs = mapping.pairs_cte(p)
-        add(CONFLICTING_ROLES, mapping.MEMBERSHIP, _rows(conn, sql.SQL(
+        add(CONFLICTING_ROLES, mapping.memberships_label(p), _rows(conn, sql.SQL(
             "WITH {pairs} SELECT 'user ' || user_id || ' in org ' || org_id, org_id, "
             "sources || ' -> ' || role || ' (the least privileged)' FROM pairs "
             "WHERE org_exists AND cardinality(roles) > 1 ORDER BY user_id, org_id").format(pairs=pairs)))
-        add(NO_ROLE, mapping.MEMBERSHIP, _rows(conn, sql.SQL(
+        add(NO_ROLE, mapping.memberships_label(p), _rows(conn, sql.SQL(
             "WITH {pairs} SELECT 'user ' || user_id || ' in org ' || org_id, org_id, "
             "'neither org_user nor role_ids names a role -> ' || {least} FROM pairs "
             "WHERE org_exists AND roles IS NULL ORDER BY user_id, org_id").format(
             pairs=pairs, least=sql.Literal(mapping.least_role(p)))))
-        add(ARRAY_NO_ORG, mapping.USER, _rows(conn, sql.SQL(
-            "SELECT 'user ' || u.id, a.org_id, 'no membership is created for it' "
-            "FROM {user} u CROSS JOIN LATERAL unnest(u.org_ids) AS a(org_id) "
-            "WHERE a.org_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {org} o WHERE o.id = a.org_id) "
-            "ORDER BY u.id, a.org_id").format(user=user, org=mapping.org_table(p))))
+        for m in (m for m in mapping.source(p).memberships if m.arrays):
+            add(ARRAY_NO_ORG, m.table, _rows(conn, sql.SQL(
+                "SELECT 'user ' || u.{uk}, a.org_id, 'no membership is created for it' "
+                "FROM {table} u CROSS JOIN LATERAL unnest(u.{orgs}) AS a(org_id) "
+                "WHERE a.org_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {org} o WHERE {key} = a.org_id) "
+                "ORDER BY u.{uk}, a.org_id").format(uk=sql.Identifier(m.user), table=sql.Identifier(s, m.table),
+                                                    orgs=sql.Identifier(m.tenant), org=mapping.org_table(p),
+                                                    key=mapping.org_key("o", p))))
 
         for table, spec in mapping.mapped_tables(p).items():
             if not spec.org_column:
@@ -97,14 +99,15 @@ def ambiguities(rb) -> pd.DataFrame:
                     col=sql.Identifier(spec.parent.column))
             add(ORG_GONE, table, _rows(conn, sql.SQL(
                 "SELECT {key}, {oc}, 'goes to the System Tenant' FROM {t} x WHERE {oc} IS NOT NULL "
-                "AND NOT EXISTS (SELECT 1 FROM {org} o WHERE o.id = {oc}){no_parent} ORDER BY {order}").format(
-                key=key, oc=oc, t=t, org=mapping.org_table(p), no_parent=no_parent, order=order)))
+                "AND NOT EXISTS (SELECT 1 FROM {org} o WHERE {okey} = {oc}){no_parent} ORDER BY {order}").format(
+                key=key, oc=oc, t=t, org=mapping.org_table(p), okey=mapping.org_key("o", p), no_parent=no_parent,
+                order=order)))
             if spec.parent is None:
                 continue
             parent_row = sql.Identifier("pr")
             parent_org = mapping.effective_org(conn, p, spec.parent.table, parent_row)
-            own_org = sql.SQL("COALESCE((SELECT o.id FROM {org} o WHERE o.id = {oc}), {none})").format(
-                org=mapping.org_table(p), oc=oc, none=sql.Literal(mapping.NO_ORG))
+            own_org = sql.SQL("COALESCE((SELECT {okey} FROM {org} o WHERE {okey} = {oc}), {none})").format(
+                okey=mapping.org_key("o", p), org=mapping.org_table(p), oc=oc, none=sql.Literal(mapping.NO_ORG))
             add(PARENT_ELSEWHERE, table, _rows(conn, sql.SQL(
                 "SELECT {key}, {oc}, {ptable} || ' ' || pr.{pk} || ' belongs to ' || CASE WHEN po = {none} "
                 "THEN 'the System Tenant' ELSE 'org ' || po END || '; the row follows its parent' "
@@ -180,14 +183,15 @@ def conservation(rb, baseline: pd.DataFrame, system_id: int | None) -> list[tupl
         org_count = int(conn.exec_driver_sql(render(conn, sql.SQL("SELECT count(*) FROM {}").format(
             mapping.org_table(p)))).scalar())
         if not maps:
-            out.append(("each legacy org has its tenant", mapping.ORG, org_count, "mapping not in the ledger"))
+            out.append(("each legacy org has its tenant", mapping.tenants_label(p), org_count, "mapping not in the ledger"))
             return out
         ot, um = mapping.ledger_table(p, "org_tenants"), mapping.ledger_table(p, "user_map")
         tenants = sql.Identifier(s, "tenants")
-        out.append(("each legacy org has its tenant", mapping.ORG, org_count, int(conn.exec_driver_sql(render(conn, sql.SQL(
-            "SELECT count(*) FROM {org} o JOIN {ot} m ON m.org_id = o.id JOIN {tenants} t ON t.id = m.tenant_id "
-            "AND t.uuid = {uuid}").format(org=mapping.org_table(p), ot=ot, tenants=tenants,
-                                          uuid=mapping.org_tenant_uuid(p)))).scalar())))
+        out.append(("each legacy org has its tenant", mapping.tenants_label(p), org_count, int(conn.exec_driver_sql(
+            render(conn, sql.SQL(
+                "SELECT count(*) FROM {org} o JOIN {ot} m ON m.org_id = {key} JOIN {tenants} t ON t.id = m.tenant_id "
+                "AND t.uuid = {uuid}").format(org=mapping.org_table(p), key=mapping.org_key("o", p), ot=ot,
+                                              tenants=tenants, uuid=mapping.org_tenant_uuid(p)))).scalar())))
         for table, spec in mapping.mapped_tables(p).items():
             row = sql.Identifier(s, table)
             target = mapping.tenant_of_org(p, mapping.effective_org(conn, p, table, row), system_id)
@@ -215,7 +219,7 @@ def conservation(rb, baseline: pd.DataFrame, system_id: int | None) -> list[tupl
             "  AND us.uuid = c.uuid WHERE m.legacy_user_id = c.id) OR ((c.n > 1 OR {taken}) AND NOT EXISTS "
             "  (SELECT 1 FROM {um} m WHERE m.legacy_user_id = c.id))) FROM ({cand}) c").format(
             um=um, users=sql.Identifier(s, "users"), cand=user_candidates(p), taken=email_taken(p, "c")))).one()
-        out.append(("each legacy user is migrated or listed as a duplicate", mapping.USER, int(legacy_users),
+        out.append(("each legacy user is migrated or listed as a duplicate", mapping.users_label(p), int(legacy_users),
                     int(accounted)))
         seen: set[tuple] = set()
         for fk in catalog.foreign_keys(conn, s, p.tables):

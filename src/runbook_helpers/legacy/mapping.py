@@ -1,10 +1,13 @@
-"""The legacy mapping: orgs become tenants, legacy users become users, memberships become user_tenants,
-and each core row gets the tenant of its org (params `legacy`, and `org_column`/`parent` per core table).
+"""The legacy mapping: the rows of a tenant source become tenants, legacy users become users, memberships
+become user_tenants, and each core row gets the tenant of its org (params `legacy`: `source` names the
+tables and columns, `roles` the role maps; `org_column`/`parent` per core table).
 
-Everything here is SQL over the legacy tables `org`, `"user"` and `org_user`, so it runs inside the
-database at any size and the plan shows each statement. Determinism: a tenant's uuid is
-uuid3(legacy.tenant_uuid_namespace, org.uuid) computed in SQL (the same value Python's uuid.uuid3 gives),
-a user keeps its legacy uuid. What maps to what is recorded in the ledger (org_tenants, user_map, with
+"org" below is a row of the tenant source's table (the demo's `org`; a rental shop's `store`), "user" a row
+of its users table (the demo's `"user"`, the shop's `staff`). Everything here is SQL over those tables, so
+it runs inside the database at any size and the plan shows each statement. Determinism: a tenant's uuid is
+uuid3(legacy.tenant_uuid_namespace, its uuid column) computed in SQL (the same value Python's uuid.uuid3
+gives), or uuid3(namespace, '<table>:<key>') where the source has no uuid column; a user keeps its legacy
+uuid (or gets uuid3(namespace, '<table>:<key>')). What maps to what is recorded in the ledger (org_tenants, user_map, with
 whether the runbook created the row), which the backfill reads and rollback undoes.
 
 Nothing is guessed: a user whose normalised email another legacy user already has is not migrated
@@ -27,7 +30,6 @@ from ..db.names import TENANT_COLUMN
 from ..db.sqltext import render
 from ..errors import RunbookError
 
-ORG, USER, MEMBERSHIP = "org", "user", "org_user"
 NO_ORG = -1  # the effective org of a row that goes to the System Tenant
 
 MAP_TABLES_SQL = """
@@ -90,8 +92,38 @@ def ordered(p, tables: list[str]) -> list[str]:
     return out
 
 
+def source(p):
+    """The tenant source of the params (legacy.source); legacy.enabled guarantees there is one."""
+    if p.legacy.source is None:
+        raise RunbookError("legacy.source: the params name no tenant source; name it in the application's spec "
+                           "(see params/apps/demo.yaml). Nothing was changed.")
+    return p.legacy.source
+
+
 def org_table(p) -> sql.Identifier:
-    return sql.Identifier(p.schema_, ORG)
+    return sql.Identifier(p.schema_, source(p).tenants.table)
+
+
+def org_key(alias: str, p) -> sql.Identifier:
+    """The tenant source's key column of the row `alias` (the demo's o.id, the shop's s.store_id)."""
+    return sql.Identifier(alias, source(p).tenants.key)
+
+
+def user_table(p) -> sql.Identifier:
+    return sql.Identifier(p.schema_, source(p).users.table)
+
+
+def tenants_label(p) -> str:
+    return source(p).tenants.table
+
+
+def users_label(p) -> str:
+    return source(p).users.table
+
+
+def memberships_label(p) -> str:
+    """How listings name the membership sources as a whole: the first one's table (the demo's org_user)."""
+    return source(p).memberships[0].table
 
 
 def ledger_table(p, name: str) -> sql.Identifier:
@@ -122,11 +154,56 @@ def check_children(conn: Connection, p) -> None:
                 f"{fk.cols[0]}}}. Nothing was changed.")
 
 
+INTEGER_TYPES = {"smallint", "integer", "bigint"}
+
+
+def _columns(conn: Connection, schema: str, table: str) -> dict[str, str] | None:
+    """column -> type of a table (None when there is no such table)."""
+    oid = catalog.relation_oid(conn, schema, table)
+    if oid is None:
+        return None
+    return dict(conn.exec_driver_sql(
+        "SELECT attname, format_type(atttypid, NULL) FROM pg_attribute WHERE attrelid = %s AND attnum > 0 "
+        "AND NOT attisdropped", (oid,)).all())
+
+
 def check_legacy_tables(conn: Connection, p) -> None:
-    missing = [t for t in (ORG, USER, MEMBERSHIP) if catalog.relation_oid(conn, p.schema_, t) is None]
-    if missing:
-        raise RunbookError(f"legacy.enabled is true but {', '.join(missing)} do(es) not exist in schema {p.schema_}; "
-                           f"set legacy.enabled: false for this environment. Nothing was changed.")
+    """Every table and column the tenant source and the core tables' org_column/parent name exists; an
+    error names the params file and key that named it."""
+    src = source(p)
+    wanted: list[tuple[tuple[str, ...], str, str | None]] = []   # (params key, table, column)
+    for part, spec in (("tenants", src.tenants), ("users", src.users)):
+        wanted.append((("legacy", "source", part, "table"), spec.table, None))
+        wanted += [(("legacy", "source", part, f), spec.table, getattr(spec, f)) for f in type(spec).model_fields
+                   if f != "table" and getattr(spec, f)]
+    for i, m in enumerate(src.memberships):
+        at = ("legacy", "source", "memberships", str(i))
+        wanted.append((at + ("table",), m.table, None))
+        wanted += [(at + (f,), m.table, getattr(m, f)) for f in ("user", "tenant", "role") if getattr(m, f)]
+    for table, spec in p.core_tables.items():
+        if spec.org_column:
+            wanted.append((("core_tables", table, "org_column"), table, spec.org_column))
+        if spec.parent is not None:
+            wanted.append((("core_tables", table, "parent", "column"), table, spec.parent.column))
+    keys = {("legacy", "source", "tenants", "key"), ("legacy", "source", "users", "key")}
+    keys |= {("legacy", "source", "memberships", str(i), f) for i, m in enumerate(src.memberships) if not m.arrays
+             for f in ("user", "tenant")}
+    problems: list[str] = []
+    seen: dict[str, dict[str, str] | None] = {}
+    for loc, table, column in wanted:
+        if table not in seen:
+            seen[table] = _columns(conn, p.schema_, table)
+        cols = seen[table]
+        if cols is None and column is None:
+            problems.append(f"table {p.schema_}.{table} does not exist ({p.where(*loc)})")
+        elif cols is not None and column is not None and column not in cols:
+            problems.append(f"column {table}.{column} does not exist ({p.where(*loc)})")
+        elif cols is not None and loc in keys and cols[column] not in INTEGER_TYPES:
+            problems.append(f"column {table}.{column} is {cols[column]}, not an integer key ({p.where(*loc)})")
+    if problems:
+        raise RunbookError(f"legacy.enabled is true but the tenant source does not fit the database: "
+                           f"{'; '.join(problems)}. Fix the names in that file, or set legacy.enabled: false for this "
+                           f"environment. Nothing was changed.")
 
 
 # --- tenant uuids ----------------------------------------------------------------------------------
@@ -140,8 +217,20 @@ def tenant_uuid(namespace: UUID, name: sql.Composable) -> sql.Composable:
         "(('x' || substr({h}, 17, 1))::bit(4)::int & 3) + 1, 1) from 17 for 1)::uuid").format(h=digest)
 
 
+def derived_uuid(p, spec, alias: str) -> sql.Composable:
+    """A row's own uuid column, or uuid3(namespace, '<table>:<key>') where the source has none."""
+    if spec.uuid:
+        return sql.Identifier(alias, spec.uuid)
+    return tenant_uuid(p.legacy.tenant_uuid_namespace, sql.SQL("{} || {}::text").format(
+        sql.Literal(f"{spec.table}:"), sql.Identifier(alias, spec.key)))
+
+
 def org_tenant_uuid(p, org_alias: str = "o") -> sql.Composable:
-    return tenant_uuid(p.legacy.tenant_uuid_namespace, sql.SQL("{}::text").format(sql.Identifier(org_alias, "uuid")))
+    """A tenant's uuid: uuid3(namespace, the source row's uuid), or the derived uuid of a source without one."""
+    spec = source(p).tenants
+    if not spec.uuid:
+        return derived_uuid(p, spec, org_alias)
+    return tenant_uuid(p.legacy.tenant_uuid_namespace, sql.SQL("{}::text").format(sql.Identifier(org_alias, spec.uuid)))
 
 
 # --- roles -----------------------------------------------------------------------------------------
@@ -154,35 +243,63 @@ def _values(rows: list[tuple], names: str) -> sql.Composable:
         sql.SQL(names))
 
 
+def _candidates(p, m) -> sql.Composable:
+    """One row per (user, org, role) a membership source names: a join table or a plain column of the
+    user table, or parallel arrays (paired by position; where their lengths differ, every role is named)."""
+    maps = p.legacy.roles.maps
+    table = sql.Identifier(p.schema_, m.table)
+    label = sql.Literal(m.label)
+    role_map = _values(list(maps.get(m.role_map, {}).items()), "r(legacy, role)")
+    fixed = sql.SQL("{}::text").format(sql.Literal(m.default_role))
+    if not m.arrays:
+        role = sql.SQL("ou.{}::text").format(sql.Identifier(m.role)) if m.role else sql.SQL("NULL::text")
+        mapped = sql.SQL("coalesce(r.role, CASE WHEN {role} IS NULL THEN {fixed} END)").format(role=role, fixed=fixed) \
+            if m.default_role else sql.SQL("r.role")
+        return sql.SQL(
+            "SELECT ou.{user} AS user_id, ou.{tenant} AS org_id, {label} AS source, {role} AS legacy_role, {mapped} AS role "
+            "FROM {table} ou LEFT JOIN {role_map} ON r.legacy = {role} "
+            "WHERE ou.{user} IS NOT NULL AND ou.{tenant} IS NOT NULL").format(
+            user=sql.Identifier(m.user), tenant=sql.Identifier(m.tenant), label=label, role=role, mapped=mapped,
+            table=table, role_map=role_map)
+    if m.role:
+        roles = sql.Identifier("u", m.role)
+        paired = sql.SQL(
+            "LEFT JOIN LATERAL (SELECT x.role_id FROM unnest({roles}) WITH ORDINALITY AS x(role_id, j) "
+            "WHERE cardinality({roles}) <> cardinality({orgs}) OR x.j = a.k) rr ON true").format(
+            roles=roles, orgs=sql.Identifier("u", m.tenant))
+        role = sql.SQL("rr.role_id::text")
+    else:
+        paired, role = sql.SQL(""), sql.SQL("NULL::text")
+    mapped = sql.SQL("coalesce(r.role, CASE WHEN {role} IS NULL THEN {fixed} END)").format(role=role, fixed=fixed) \
+        if m.default_role else sql.SQL("r.role")
+    return sql.SQL(
+        "SELECT u.{user}, a.org_id, {label}, {role}, {mapped} "
+        "FROM {table} u CROSS JOIN LATERAL unnest(u.{orgs}) WITH ORDINALITY AS a(org_id, k) {paired} "
+        "LEFT JOIN {role_map} ON r.legacy = {role} "
+        "WHERE a.org_id IS NOT NULL").format(
+        user=sql.Identifier(m.user), label=label, role=role, mapped=mapped, table=table,
+        orgs=sql.Identifier(m.tenant), paired=paired, role_map=role_map)
+
+
 def pairs_cte(p) -> sql.Composable:
     """CTEs `candidates` (one row per source of a (user, org) pair, with its mapped role) and `pairs`
     (one row per pair: the roles named (NULL when none is), the role its membership gets — the least
     privileged named, or the least privileged of all when none is — and whether the org exists)."""
     roles = p.legacy.roles
-    s = p.schema_
-    org_user_map = _values([(k, v) for k, v in roles.org_user.items()], "r(legacy, role)")
-    role_id_map = _values([(str(k), v) for k, v in roles.role_ids.items()], "r(legacy, role)")
     ranks = _values([(role, i) for i, role in enumerate(roles.order)], "k(role, rank)")
+    candidates = sql.SQL("\n  UNION ALL\n  ").join(_candidates(p, m) for m in source(p).memberships)
     return sql.SQL("""candidates AS (
-  SELECT ou.user_id, ou.org_id, 'org_user' AS source, ou.role::text AS legacy_role, r.role
-  FROM {org_user} ou LEFT JOIN {org_user_map} ON r.legacy = ou.role::text
-  UNION ALL
-  SELECT u.id, a.org_id, 'user.role_ids', rr.role_id::text, r.role
-  FROM {user} u CROSS JOIN LATERAL unnest(u.org_ids) WITH ORDINALITY AS a(org_id, k)
-  LEFT JOIN LATERAL (SELECT x.role_id FROM unnest(u.role_ids) WITH ORDINALITY AS x(role_id, j)
-                     WHERE cardinality(u.role_ids) <> cardinality(u.org_ids) OR x.j = a.k) rr ON true
-  LEFT JOIN {role_id_map} ON r.legacy = rr.role_id::text
-  WHERE a.org_id IS NOT NULL
+  {candidates}
 ), pairs AS (
   SELECT c.user_id, c.org_id,
          array_agg(DISTINCT c.role) FILTER (WHERE c.role IS NOT NULL) AS roles,
          string_agg(DISTINCT c.source || ': ' || c.role, '; ') AS sources,
          coalesce((array_agg(c.role ORDER BY k.rank) FILTER (WHERE c.role IS NOT NULL))[1], {least}) AS role,
-         EXISTS (SELECT 1 FROM {org} o WHERE o.id = c.org_id) AS org_exists
+         EXISTS (SELECT 1 FROM {org} o WHERE {key} = c.org_id) AS org_exists
   FROM candidates c LEFT JOIN {ranks} ON k.role = c.role
   GROUP BY c.user_id, c.org_id
-)""").format(org_user=sql.Identifier(s, MEMBERSHIP), user=sql.Identifier(s, USER), org=sql.Identifier(s, ORG),
-             org_user_map=org_user_map, role_id_map=role_id_map, ranks=ranks, least=sql.Literal(least_role(p)))
+)""").format(candidates=candidates, org=org_table(p), key=org_key("o", p), ranks=ranks,
+             least=sql.Literal(least_role(p)))
 
 
 def least_role(p) -> str:
@@ -194,8 +311,8 @@ def unknown_roles(conn: Connection, p) -> list[str]:
     query = sql.SQL("WITH {} SELECT source, legacy_role, count(*) FROM candidates "
                     "WHERE role IS NULL AND legacy_role IS NOT NULL GROUP BY 1, 2 ORDER BY 1, 2").format(pairs_cte(p))
     rows = conn.exec_driver_sql(render(conn, query)).all()
-    return [f"{'org_user.role' if src == 'org_user' else 'user.role_ids'} {legacy!r} ({n:,} rows)"
-            for src, legacy, n in rows]
+    column = {m.label: f"{m.table}.{m.role}" for m in source(p).memberships}
+    return [f"{column.get(src, src)} {legacy!r} ({n:,} rows)" for src, legacy, n in rows]
 
 
 # --- what a row's tenant is -------------------------------------------------------------------------
@@ -222,8 +339,8 @@ def effective_org(conn: Connection, p, table: str, row: sql.Composable) -> sql.C
             pr=parent_row, pk=sql.Identifier(parent_key(conn, p, spec.parent.table)), row=row,
             col=sql.Identifier(spec.parent.column)))
     if spec.org_column:
-        parts.append(sql.SQL("(SELECT o.id FROM {org} o WHERE o.id = {row}.{col})").format(
-            org=org_table(p), row=row, col=sql.Identifier(spec.org_column)))
+        parts.append(sql.SQL("(SELECT {key} FROM {org} o WHERE {key} = {row}.{col})").format(
+            key=org_key("o", p), org=org_table(p), row=row, col=sql.Identifier(spec.org_column)))
     parts.append(sql.Literal(NO_ORG))
     return sql.SQL("COALESCE({})").format(sql.SQL(", ").join(parts))
 

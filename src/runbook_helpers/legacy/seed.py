@@ -1,4 +1,5 @@
-"""Seed's part of the legacy mapping: a tenant per org, a user per legacy user, a membership per (user, org).
+"""Seed's part of the legacy mapping: a tenant per row of the tenant source, a user per legacy user, a
+membership per (user, org), from the tables and columns legacy.source names.
 
 Each is one set-based INSERT … ON CONFLICT DO NOTHING that also records what it mapped in the ledger
 (org_tenants, user_map), and each is planned only while something is left to insert, so a re-run plans
@@ -23,11 +24,19 @@ def _count(conn: Connection, query: sql.Composable) -> int:
     return int(conn.exec_driver_sql(render(conn, query)).scalar())
 
 
+def _column_or_now(alias: str, column: str | None) -> sql.Composable:
+    return sql.Identifier(alias, column) if column else sql.SQL("now()")
+
+
 def _tenants(p) -> tuple[sql.Composable, sql.Composable]:
     s, ot = p.schema_, mapping.ledger_table(p, "org_tenants")
-    wanted = sql.SQL("SELECT o.id AS org_id, {uuid} AS uuid, o.name, o.created_at, o.updated_at FROM {org} o "
-                     "WHERE NOT EXISTS (SELECT 1 FROM {ot} m WHERE m.org_id = o.id)").format(
-        uuid=mapping.org_tenant_uuid(p), org=mapping.org_table(p), ot=ot)
+    spec = mapping.source(p).tenants
+    wanted = sql.SQL("SELECT {key} AS org_id, {uuid} AS uuid, o.{name}::text AS name, {created} AS created_at, "
+                     "{updated} AS updated_at FROM {org} o "
+                     "WHERE NOT EXISTS (SELECT 1 FROM {ot} m WHERE m.org_id = {key})").format(
+        key=mapping.org_key("o", p), uuid=mapping.org_tenant_uuid(p), name=sql.Identifier(spec.name),
+        created=_column_or_now("o", spec.created_at), updated=_column_or_now("o", spec.updated_at),
+        org=mapping.org_table(p), ot=ot)
     insert = sql.SQL(
         "WITH wanted AS ({wanted}), "
         "ins AS (INSERT INTO {tenants} (uuid, name, created_at, updated_at) "
@@ -41,12 +50,18 @@ def _tenants(p) -> tuple[sql.Composable, sql.Composable]:
 
 
 def user_candidates(p) -> sql.Composable:
-    """Legacy users with their normalised email; n = 1 for the first (lowest id) of each email."""
+    """Legacy users with their normalised email; n = 1 for the first (lowest key) of each email."""
+    spec = mapping.source(p).users
+    key, email = sql.Identifier("u", spec.key), sql.Identifier("u", spec.email)
+    name = sql.SQL("u.{}::text").format(sql.Identifier(spec.name)) if spec.name else sql.SQL("NULL::text")
     return sql.SQL(
-        "SELECT u.id, u.uuid, lower(btrim(u.email)) AS email, u.display_name, u.created_at, u.updated_at, "
-        "row_number() OVER (PARTITION BY lower(btrim(u.email)) ORDER BY u.id) AS n, "
-        "min(u.id) OVER (PARTITION BY lower(btrim(u.email))) AS first_id FROM {user} u").format(
-        user=sql.Identifier(p.schema_, mapping.USER))
+        "SELECT {key} AS id, {uuid} AS uuid, lower(btrim({email})) AS email, {name} AS display_name, "
+        "{created} AS created_at, {updated} AS updated_at, "
+        "row_number() OVER (PARTITION BY lower(btrim({email})) ORDER BY {key}) AS n, "
+        "min({key}) OVER (PARTITION BY lower(btrim({email}))) AS first_id FROM {user} u").format(
+        key=key, uuid=mapping.derived_uuid(p, spec, "u"), email=email, name=name,
+        created=_column_or_now("u", spec.created_at), updated=_column_or_now("u", spec.updated_at),
+        user=mapping.user_table(p))
 
 
 def email_taken(p, alias: str) -> sql.Composable:
@@ -109,7 +124,9 @@ def steps(rb, conn: Connection, tables_ready: bool) -> list[Step]:
     tenants, pending_tenants = _tenants(p)
     n = _count(conn, pending_tenants) if ready else legacy_orgs
     if n:
-        out.append(Step(PHASE, "tenants", f"a tenant for each of {n:,} legacy orgs (uuid3 of the org's uuid)",
+        src = mapping.source(p).tenants
+        how = f"uuid3 of {src.table}.{src.uuid}" if src.uuid else f"uuid3 of '{src.table}:' and {src.key}"
+        out.append(Step(PHASE, "tenants", f"a tenant for each of {n:,} legacy orgs ({src.table}; {how})",
                         tenants, "ROW EXCLUSIVE on tenants (inserts only)",
                         "inserts keyed by a derived uuid with ON CONFLICT DO NOTHING; re-runs insert nothing"))
     users, pending_users = _users(p)
@@ -123,8 +140,8 @@ def steps(rb, conn: Connection, tables_ready: bool) -> list[Step]:
     n = _count(conn, pending_memberships) if ready else _count(conn, sql.SQL(
         "WITH {} SELECT count(*) FROM pairs WHERE org_exists").format(mapping.pairs_cte(p)))
     if n:
-        out.append(Step(PHASE, "user_tenants", f"{n:,} memberships from org_user and the users' org_ids/role_ids "
-                        f"(roles through legacy.roles)", memberships, "ROW EXCLUSIVE on user_tenants (inserts only)",
+        sources = ", ".join(m.label for m in mapping.source(p).memberships)
+        out.append(Step(PHASE, "user_tenants", f"{n:,} memberships from {sources} (roles through legacy.roles)", memberships, "ROW EXCLUSIVE on user_tenants (inserts only)",
                         "inserts with ON CONFLICT (user_id, tenant_id) DO NOTHING; re-runs insert nothing"))
     return out
 
