@@ -150,6 +150,10 @@ def test_a_tenant_source_that_does_not_fit_names_the_file_and_key_and_changes_no
     with pytest.raises(RunbookError, match=r"column staff.username is text, not an integer key \(params/ci.yaml, "
                                            r"legacy.source.users.key\)"):
         db.run("inspect", params=p)
+    p = shop_params(tmp_path, "core_tables:\n  rental: {parent: null}\n")
+    with pytest.raises(RunbookError, match=r"core_tables.rental: it references .* \(params/ci.yaml, "
+                                           r"core_tables.rental\)"):
+        db.run("inspect", params=p)
     p = shop_params(tmp_path, "core_tables:\n  customer: {org_column: shop_id}\n")
     with pytest.raises(RunbookError, match=r"column customer.shop_id does not exist \(params/ci.yaml, "
                                            r"core_tables.customer.org_column\)"):

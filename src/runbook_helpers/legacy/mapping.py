@@ -65,8 +65,8 @@ def mapped_tables(p) -> dict[str, object]:
         if parent is not None:
             if parent.table not in specs:
                 raise RunbookError(f"core_tables.{name}.parent: {parent.table} has neither org_column nor parent, so "
-                                   f"its rows all go to the System Tenant; give it one, or map {name} by org_column. "
-                                   f"Nothing was changed.")
+                                   f"its rows all go to the System Tenant; give it one, or map {name} by org_column "
+                                   f"({p.where('core_tables', name, 'parent')}). Nothing was changed.")
             visit(parent.table, path + (name,))
         order.append(name)
 
@@ -151,7 +151,7 @@ def check_children(conn: Connection, p) -> None:
             raise RunbookError(
                 f"core_tables.{fk.child}: it references {fk.parent} ({', '.join(fk.cols)}), whose rows go to their "
                 f"org's tenant, but has no mapping itself; give it parent: {{table: {fk.parent}, column: "
-                f"{fk.cols[0]}}}. Nothing was changed.")
+                f"{fk.cols[0]}}} ({p.where('core_tables', fk.child)}). Nothing was changed.")
 
 
 INTEGER_TYPES = {"smallint", "integer", "bigint"}
@@ -322,8 +322,10 @@ def parent_key(conn: Connection, p, table: str) -> str:
     st = catalog.table_state(conn, p.schema_, table)
     cols = [c for c in st.pk_columns if c != TENANT_COLUMN]
     if len(cols) != 1:
+        children = [t for t, s in p.core_tables.items() if s.parent is not None and s.parent.table == table]
+        where = "; ".join(p.where("core_tables", t, "parent") for t in children)
         raise RunbookError(f"core_tables.*.parent: {table} needs a one-column primary key to be a parent "
-                           f"(it has {', '.join(st.pk_columns) or 'none'}). Nothing was changed.")
+                           f"(it has {', '.join(st.pk_columns) or 'none'}; named in {where}). Nothing was changed.")
     return cols[0]
 
 
