@@ -171,6 +171,7 @@ class LegacyParams(_Strict):
 class SmokeQuery(_Strict):
     name: str
     sql: str
+    writes: bool = False  # true: runs in a read-write transaction that is rolled back (e.g. it creates a temp table)
 
 
 class ValidateParams(_Strict):
