@@ -109,6 +109,12 @@ class LintAcceptance(_Strict):
     reason: str = Field(min_length=10)
 
 
+class IsolationAcceptance(_Strict):
+    case: str            # e.g. "probe rows created"
+    table: str
+    reason: str = Field(min_length=10)
+
+
 class RlsParams(_Strict):
     enabled: bool = False
     # a custom setting name: two lowercase identifiers joined by a dot (it is written into policies)
@@ -119,6 +125,7 @@ class RlsParams(_Strict):
     legacy_reason: str | None = Field(default=None, min_length=10)  # why all_tenants is accepted (the lint)
     bypass_roles: list[str] = []         # roles allowed to bypass RLS besides the migration role itself
     lint_accept: list[LintAcceptance] = []
+    isolation_accept: list[IsolationAcceptance] = []  # isolation probes that cannot run, reviewed, with why
 
     @model_validator(mode="after")
     def _legacy_contract(self) -> "RlsParams":
