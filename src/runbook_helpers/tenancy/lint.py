@@ -68,15 +68,13 @@ SELECT p.oid::regprocedure::text AS function, n.nspname AS schema, r.rolname AS 
        ARRAY(SELECT DISTINCT c.relname::text FROM pg_depend d JOIN pg_class c ON c.oid = d.refobjid
              JOIN pg_namespace cn ON cn.oid = c.relnamespace
              WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.refclassid = 'pg_class'::regclass
-               AND cn.nspname = :schema AND c.relname = ANY(:tables)) AS depends
+               AND cn.nspname = :schema AND c.relname = ANY(:tables)) AS depends,
+       ARRAY(SELECT c.relname::text FROM pg_class c JOIN pg_namespace cn ON cn.oid = c.relnamespace
+             WHERE cn.nspname = :schema AND c.relname = ANY(:tables) AND NOT c.relforcerowsecurity
+               AND pg_has_role(p.proowner, c.relowner, 'USAGE')) AS owns_unforced
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace JOIN pg_roles r ON r.oid = p.proowner
 WHERE p.prosecdef AND n.nspname NOT IN ('pg_catalog', 'information_schema')
 ORDER BY 1
-""")
-
-TABLE_OWNERS_SQL = text("""
-SELECT c.relname AS table, pg_get_userbyid(c.relowner) AS owner, c.relforcerowsecurity AS forced
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = :schema AND c.relname = ANY(:tables)
 """)
 
 BYPASS_SQL = text("""
@@ -197,8 +195,8 @@ DEFINER_RULE = "SECURITY DEFINER functions reading tenant tables do not bypass R
 def _definers_bypassing_rls(conn: Connection, schema: str, tables: list[str], table_pattern, ledger_schema: str
                             ) -> list[dict[str, Any]]:
     """A SECURITY DEFINER function runs with its owner's rights: owned by a superuser, a BYPASSRLS role or the
-    owner of a table without FORCE, it reads that table's rows of every tenant, whoever calls it."""
-    owners = {r["table"]: r for r in conn.execute(TABLE_OWNERS_SQL, {"schema": schema, "tables": tables}).mappings()}
+    owner of a table without FORCE (or a member of the owning role), it reads that table's rows of every tenant,
+    whoever calls it."""
     by_lower = {t.lower(): t for t in tables}
     out = []
     for fn in conn.execute(DEFINER_OWNER_SQL, {"schema": schema, "tables": tables}).mappings():
@@ -214,7 +212,7 @@ def _definers_bypassing_rls(conn: Connection, schema: str, tables: list[str], ta
             why = f"{fn['owner']} is {'a superuser' if fn['rolsuper'] else 'BYPASSRLS'}"
             bypassed = reads
         else:
-            bypassed = [t for t in reads if t in owners and owners[t]["owner"] == fn["owner"] and not owners[t]["forced"]]
+            bypassed = [t for t in reads if t in fn["owns_unforced"]]  # its own, or its owning role's
             why = f"{fn['owner']} owns {', '.join(bypassed)} without FORCE ROW LEVEL SECURITY"
         if not bypassed:
             out.append({"rule": DEFINER_RULE, "object": obj, "finding": f"owner {fn['owner']} is subject to row level "
