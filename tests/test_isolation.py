@@ -41,6 +41,9 @@ def test_every_case_passes_and_covers_the_attacks(migrated):
         assert expected in cases, expected
     per_table = results[results["case"] == "tenant sees exactly its own rows"]["table"].tolist()
     assert per_table == migrated.params.tables
+    made = results[results["case"] == "probe rows created"]
+    assert made["table"].tolist() == migrated.params.tables  # every probe runs on the demo, on fresh copies
+    assert set(made["actual"]) == {"2 per probe tenant (copies with fresh keys)"}
 
 
 def test_the_suite_leaves_nothing_behind(migrated):
