@@ -5,6 +5,7 @@ import pytest
 
 from conftest import TEMPLATE_ROWS, TEMPLATE_SCALE
 from runbook_helpers import demo
+from runbook_helpers.errors import RunbookError
 
 
 def test_row_counts_follow_the_requested_size(db):
@@ -103,3 +104,54 @@ def test_applying_0001_fails_on_tables_with_rows_and_changes_nothing(db):
                     conn.execute(statement)
     assert 'column "tenant_id" of relation "decision_tables" contains null values' in str(err.value)  # 0001's first table
     assert db.schema_dump() == before
+
+
+def test_demo_db_and_db_reset_refuse_an_env_that_is_not_embedded(db):
+    """staging's DSN points at a database with rows: neither command touches it."""
+    from conftest import runbook_cli, staging_dsn
+
+    before = db.scalar("SELECT count(*) FROM workflows")
+    for args in (("demo-db", "--env", "staging"), ("db", "reset", "--env", "staging")):
+        out = runbook_cli(*args, env={"RUNBOOK_STAGING_DSN": staging_dsn(db)})
+        assert out.returncode == 2, out.stderr
+        assert "params/staging.yaml: database.embedded is false" in out.stderr
+        assert "Nothing was changed" in out.stderr
+    assert db.scalar("SELECT count(*) FROM workflows") == before
+
+
+def test_build_refuses_a_database_it_did_not_create_and_rebuilds_one_it_did(server, ci_params, empty_db):
+    system = str(ci_params.system_tenant.uuid)
+    with empty_db.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE precious (id int)")
+        conn.execute("INSERT INTO precious VALUES (1)")
+    with pytest.raises(RunbookError) as err:
+        demo.build(server.url(), empty_db.name, system_uuid=system, rows=50, scale=0.01, log=lambda *_: None)
+    assert f"database {empty_db.name} was not created by `runbook demo-db`" in str(err.value)
+    assert "nothing was changed" in str(err.value)
+    assert empty_db.scalar("SELECT count(*) FROM precious") == 1
+
+    name = f"demo_marker_{empty_db.name}"
+    try:
+        demo.build(server.url(), name, system_uuid=system, rows=50, scale=0.01, log=lambda *_: None)
+        with psycopg.connect(server.url(), autocommit=True) as admin:
+            marker = "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s"
+            assert admin.execute(marker, (name,)).fetchone()[0] == demo.MARKER
+            with psycopg.connect(server.url(name), autocommit=True) as conn:
+                conn.execute("CREATE TABLE scratch (id int)")
+            demo.build(server.url(), name, system_uuid=system, rows=60, scale=0.01, log=lambda *_: None)
+            with psycopg.connect(server.url(name)) as conn:
+                assert conn.execute("SELECT to_regclass('scratch')").fetchone()[0] is None
+                assert conn.execute("SELECT count(*) FROM workflows").fetchone()[0] == 60
+            # a demo database from before the marker is recognised by its Drizzle record, and marked when rebuilt
+            admin.execute(f'COMMENT ON DATABASE "{name}" IS NULL')
+            demo.build(server.url(), name, system_uuid=system, rows=50, scale=0.01, log=lambda *_: None)
+            assert admin.execute(marker, (name,)).fetchone()[0] == demo.MARKER
+            # one whose Drizzle record is another application's is not
+            admin.execute(f'COMMENT ON DATABASE "{name}" IS NULL')
+            with psycopg.connect(server.url(name), autocommit=True) as conn:
+                conn.execute("UPDATE drizzle.__drizzle_migrations SET hash = 'another application'")
+            with pytest.raises(RunbookError):
+                demo.build(server.url(), name, system_uuid=system, rows=50, scale=0.01, log=lambda *_: None)
+    finally:
+        with psycopg.connect(server.url(), autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -4,6 +4,7 @@ red when the protection it relies on is removed."""
 import pytest
 
 from runbook_helpers import params as params_mod
+from runbook_helpers.errors import RunbookError
 from runbook_helpers.phases import validate
 
 PROBE_SETTING = "app.current_tenant_id"
@@ -40,6 +41,9 @@ def test_every_case_passes_and_covers_the_attacks(migrated):
         assert expected in cases, expected
     per_table = results[results["case"] == "tenant sees exactly its own rows"]["table"].tolist()
     assert per_table == migrated.params.tables
+    made = results[results["case"] == "probe rows created"]
+    assert made["table"].tolist() == migrated.params.tables  # every probe runs on the demo, on fresh copies
+    assert set(made["actual"]) == {"2 per probe tenant (copies with fresh keys)"}
 
 
 def test_the_suite_leaves_nothing_behind(migrated):
@@ -93,3 +97,92 @@ def test_a_foreign_key_without_tenant_id_goes_red(migrated):
     migrated.execute("ALTER TABLE decision_tables DROP CONSTRAINT "
                      "decision_tables_tenant_id_model_id_models_tenant_id_id_fk")
     assert failing(suite(migrated)) == {("child row referencing another tenant's parent", "decision_tables -> models")}
+
+
+# A small schema of real constraints: primary keys without a default, unique keys over several columns,
+# foreign keys to other tenant tables, a key whose CHECK no fresh value satisfies (staff), and a table with no
+# row to copy or move (notes).
+RENTAL_SCHEMA = """
+CREATE TABLE store (store_id integer PRIMARY KEY, name text NOT NULL);
+CREATE TABLE customer (customer_id integer PRIMARY KEY, store_id integer NOT NULL REFERENCES store,
+                       email varchar(40) NOT NULL, UNIQUE (store_id, email));
+CREATE TABLE inventory (inventory_id bigserial PRIMARY KEY, store_id integer NOT NULL REFERENCES store,
+                        film_code text NOT NULL, copy_no smallint NOT NULL, UNIQUE (store_id, film_code, copy_no));
+CREATE TABLE rental (rental_id integer PRIMARY KEY, rental_date timestamptz NOT NULL,
+                     inventory_id bigint NOT NULL REFERENCES inventory, customer_id integer NOT NULL REFERENCES customer,
+                     UNIQUE (rental_date, inventory_id, customer_id));
+CREATE TABLE staff (staff_id integer PRIMARY KEY CHECK (staff_id BETWEEN 1 AND 99),
+                    store_id integer NOT NULL REFERENCES store, login text NOT NULL UNIQUE);
+CREATE TABLE notes (note_id integer PRIMARY KEY, rental_id integer REFERENCES rental, body text);
+INSERT INTO store SELECT i, 'store ' || i FROM generate_series(1, 3) i;
+INSERT INTO customer SELECT i, 1 + i % 3, 'c' || i || '@example.com' FROM generate_series(1, 20) i;
+INSERT INTO inventory (store_id, film_code, copy_no) SELECT 1 + i % 3, 'film-' || (i % 7), i FROM generate_series(1, 30) i;
+INSERT INTO rental SELECT i, timestamptz '2024-01-01 00:00+00' + i * interval '1 hour', 1 + i % 30, 1 + i % 20
+FROM generate_series(1, 40) i;
+INSERT INTO staff SELECT i, 1 + i % 3, 'staff' || i FROM generate_series(1, 10) i;
+"""
+RENTAL_TABLES = ["store", "customer", "inventory", "rental", "staff", "notes"]
+NOTES_ACCEPTED = {"case": "probe rows created", "table": "notes",
+                  "reason": "notes is empty until the notes feature ships; nothing to isolate yet"}
+
+
+def rental_params(ci_params, accept=()):
+    spec = ci_params.model_dump(by_alias=True)
+    spec.update(core_tables={t: {} for t in RENTAL_TABLES}, shared_tables=[])
+    spec["validate"]["smoke_queries"] = []
+    spec["drizzle"].update(folder=None, record_after_validate=[], schema_file=None)
+    spec["rls"]["isolation_accept"] = list(accept)
+    spec["rls"]["lint_accept"] = []
+    return params_mod.Params.model_validate(spec)
+
+
+@pytest.fixture
+def rental(empty_db, ci_params):
+    with empty_db.connect(autocommit=True) as conn:
+        conn.execute(RENTAL_SCHEMA)
+        owner = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = 'app_owner'").fetchone()
+        for table in RENTAL_TABLES if owner else []:
+            conn.execute(f"ALTER TABLE {table} OWNER TO app_owner")
+    params = rental_params(ci_params)
+    empty_db.run("inspect", "seed", "backfill", "constrain", params=params)
+    return empty_db
+
+
+def test_probes_run_on_real_constraints_and_an_empty_table_cannot_until_accepted(rental, ci_params):
+    results = suite(rental, rental_params(ci_params))
+    made = results[results["case"] == "probe rows created"].set_index("table")["actual"]
+    for table in ("store", "customer", "inventory", "rental"):
+        assert made[table] == "2 per probe tenant (copies with fresh keys)", table
+    assert made["staff"] == "2 per probe tenant (existing rows moved to the probe tenants)"
+    assert made["notes"].startswith("cannot run: no fresh copy could be inserted (the table has no row to copy)")
+    assert failing(results) == {("probe rows created", "notes")}
+    per_table = set(results[results["case"] == "tenant sees exactly its own rows"]["table"])
+    assert per_table == set(RENTAL_TABLES) - {"notes"}
+    assert ("child row referencing another tenant's parent", "customer -> store") in {
+        (r.case, r.table) for r in results[results["passed"]].itertuples()}
+    # the probes leave nothing behind
+    assert rental.scalar("SELECT count(*) FROM staff WHERE tenant_id <> (SELECT id FROM tenants WHERE uuid = %s)",
+                         (str(ci_params.system_tenant.uuid),)) == 0
+    assert rental.scalar("SELECT count(*) FROM customer") == 20
+    # unaccepted, the probe that cannot run fails validate; accepted with a reason, it passes and says so
+    with pytest.raises(RunbookError) as err:
+        rental.run("validate", params=rental_params(ci_params))
+    assert "isolation probe rows created [notes]: expected 2 per probe tenant, got cannot run:" in str(err.value)
+    accepted = suite(rental, rental_params(ci_params, [NOTES_ACCEPTED]))
+    assert accepted["passed"].all(), accepted[~accepted["passed"]].to_dict("records")
+    note = accepted.set_index(["case", "table"]).loc[("probe rows created", "notes"), "actual"]
+    assert note.endswith(f"(accepted: {NOTES_ACCEPTED['reason']})")
+
+
+def test_probes_through_existing_rows_still_catch_a_leak(rental, ci_params):
+    rental.execute("DROP POLICY tenant_isolation_select ON staff")
+    rental.execute("CREATE POLICY tenant_isolation_select ON staff FOR SELECT USING (true)")
+    red = failing(suite(rental, rental_params(ci_params, [NOTES_ACCEPTED])))
+    assert {("tenant sees exactly its own rows", "staff"), ("cross-tenant SELECT by key", "staff")} <= red
+
+
+def test_an_acceptance_never_hides_a_case_that_ran_and_failed(rental, ci_params):
+    rental.execute("ALTER TABLE customer DROP CONSTRAINT customer_tenant_id_store_id_store_tenant_id_store_id_fk")
+    params = rental_params(ci_params, [NOTES_ACCEPTED, {"case": "child row referencing another tenant's parent",
+                                                        "table": "customer -> store", "reason": "tried to hide it"}])
+    assert ("child row referencing another tenant's parent", "customer -> store") in failing(suite(rental, params))

@@ -85,10 +85,59 @@ def test_each_rule_fires_on_its_shape(migrated):
         ("policy fails closed", "templates.tenant_isolation_update"),
         ("views over tenant tables are security_invoker", "kb_names"),
         ("SECURITY DEFINER functions pin search_path", "count_rules()"),
+        ("SECURITY DEFINER functions reading tenant tables do not bypass RLS", "count_rules()"),  # owned by postgres
         ("unique keys include tenant_id", "models.models_name_key"),
         ("policy fails closed", "knowledge_bases.tenant_legacy_access"),
         ("no role bypasses RLS on tenant tables", "lint_bypass"),
     }
+
+
+DEFINER = "SECURITY DEFINER functions reading tenant tables do not bypass RLS"
+MATVIEW = "materialized views over tenant tables are not readable by the application role"
+
+
+def test_a_security_definer_function_whose_owner_bypasses_rls_fails_until_accepted(migrated):
+    """Owned by a superuser, or by the table owner on a table without FORCE, a SECURITY DEFINER function reads
+    every tenant's rows for whoever calls it; owned by a role subject to RLS it passes. Found by name in the body,
+    and through pg_depend for a SQL-standard body."""
+    migrated.execute("CREATE FUNCTION all_rules() RETURNS bigint LANGUAGE sql SECURITY DEFINER SET search_path = "
+                     "public AS 'SELECT count(*) FROM rules'")
+    migrated.execute("CREATE FUNCTION all_models() RETURNS bigint LANGUAGE sql SECURITY DEFINER SET search_path = "
+                     "public BEGIN ATOMIC SELECT count(*) FROM public.models; END")
+    migrated.execute("CREATE FUNCTION owned_rules() RETURNS bigint LANGUAGE sql SECURITY DEFINER SET search_path = "
+                     "public AS 'SELECT count(*) FROM rules'")
+    owner = migrated.scalar("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = 'rules'::regclass")
+    migrated.execute(f"ALTER FUNCTION owned_rules() OWNER TO {owner}")
+    frame = run(migrated).set_index(["rule", "object"])
+    assert frame.loc[(DEFINER, "all_rules()"), "status"] == lint.FAIL
+    assert "postgres is a superuser" in frame.loc[(DEFINER, "all_rules()"), "finding"]
+    assert frame.loc[(DEFINER, "all_models()"), "status"] == lint.FAIL  # BEGIN ATOMIC: pg_depend names models
+    assert frame.loc[(DEFINER, "owned_rules()"), "status"] == lint.PASS  # the owner is subject to RLS (FORCE)
+    migrated.execute("ALTER TABLE rules NO FORCE ROW LEVEL SECURITY")
+    params = params_mod.override(migrated.params, {"rls": {"lint_accept": migrated.params.model_dump()["rls"][
+        "lint_accept"] + [{"rule": DEFINER, "object": "all_rules()", "reason": "an admin report, EXECUTE granted to "
+                           "the operators' role only"}]}})
+    frame = run(migrated, params).set_index(["rule", "object"])
+    assert frame.loc[(DEFINER, "owned_rules()"), "status"] == lint.FAIL
+    assert f"{owner} owns rules without FORCE" in frame.loc[(DEFINER, "owned_rules()"), "finding"]
+    assert frame.loc[(DEFINER, "all_rules()"), "status"] == lint.ACCEPTED
+    assert frame.loc[(DEFINER, "all_rules()"), "reason"].startswith("an admin report")
+
+
+def test_a_materialized_view_has_its_own_rule(migrated):
+    """A materialized view cannot be security_invoker, so it is not asked to be; it fails while the application
+    role can read it (it holds what its owner saw at refresh time)."""
+    migrated.execute("CREATE MATERIALIZED VIEW kb_per_tenant AS SELECT tenant_id, count(*) FROM knowledge_bases "
+                     "GROUP BY 1")
+    frame = run(migrated)
+    assert "kb_per_tenant" not in set(frame[frame["rule"] == "views over tenant tables are security_invoker"]["object"])
+    mat = frame[frame["rule"] == MATVIEW].set_index("object")
+    assert mat.loc["kb_per_tenant", "status"] == lint.PASS
+    assert lint.clean(frame), frame[frame["status"] == lint.FAIL].to_dict("records")
+    migrated.execute("GRANT SELECT ON kb_per_tenant TO app_user")
+    mat = run(migrated).set_index("rule").loc[MATVIEW]
+    assert mat["object"] == "kb_per_tenant" and mat["status"] == lint.FAIL
+    assert "revoke SELECT from app_user" in mat["finding"]
 
 
 def test_with_rls_off_validate_reports_the_lint_as_advice_and_does_not_fail_on_it(db):

@@ -112,3 +112,33 @@ def test_a_legacy_role_limited_to_the_system_tenant_sees_only_its_rows(db):
     system = db.scalar("SELECT id FROM tenants WHERE uuid = %s", (SYSTEM,))
     total = db.scalar("SELECT count(*) FROM knowledge_bases")
     assert legacy_counts(db, "legacy_app") == (total - 10, system)
+
+
+def test_the_application_role_reads_a_security_invoker_view_as_its_tenant(migrated):
+    """The views constrain makes security_invoker get SELECT for the application role: read with a tenant set,
+    a view shows that tenant's rows only; without one, none. Rollback revokes the grant."""
+    other = migrated.scalar("INSERT INTO tenants (uuid, name) VALUES (gen_random_uuid(), 'view reader') RETURNING id")
+    migrated.execute("INSERT INTO workflows (uuid, org_id, name, status, tenant_id) SELECT gen_random_uuid(), "
+                     "NULL, 'view probe ' || i, 'active', %s FROM generate_series(1, 3) i", (other,))
+    with migrated.connect() as conn:
+        per_tenant = dict(conn.execute(
+            "SELECT tenant_id, count(*) FROM workflows WHERE status = 'active' GROUP BY 1").fetchall())
+    assert len(per_tenant) > 1 and per_tenant[other] == 3
+    with migrated.connect() as conn:
+        for tenant, rows in per_tenant.items():
+            conn.execute("SET LOCAL ROLE app_user")
+            rls.set_tenant(conn, tenant)
+            assert conn.execute("SELECT count(*) FROM active_workflows").fetchone()[0] == rows
+            assert conn.execute("SELECT count(*) FROM active_workflows a JOIN workflows w USING (id) "
+                                "WHERE w.tenant_id <> %s", (tenant,)).fetchone()[0] == 0
+            conn.rollback()
+        conn.execute("SET LOCAL ROLE app_user")
+        assert conn.execute("SELECT count(*) FROM active_workflows").fetchone()[0] == 0
+    from runbook_helpers.phases import rollback
+    migrated.execute("DELETE FROM workflows WHERE tenant_id = %s", (other,))
+    rb = migrated.session("rollback")
+    try:
+        rollback.apply(rb, force=True)
+    finally:
+        rb.close()
+    assert not migrated.scalar("SELECT has_table_privilege('app_user', 'active_workflows', 'SELECT')")

@@ -136,6 +136,33 @@ def test_smoke_queries_cannot_change_anything(migrated):
     assert migrated.scalar("SELECT count(*) FROM workflows") > 0
 
 
+def test_a_smoke_query_declared_as_writing_runs_and_is_rolled_back(migrated):
+    """A function that creates a temporary table cannot run READ ONLY; declared `writes: true` it runs in a
+    read-write transaction that is rolled back, and the result says so."""
+    migrated.execute("CREATE FUNCTION workflow_total() RETURNS bigint LANGUAGE plpgsql AS $$ BEGIN "
+                     "CREATE TEMP TABLE smoke_tmp ON COMMIT DROP AS SELECT id FROM workflows; "
+                     "RETURN (SELECT count(*) FROM smoke_tmp); END $$")
+    content = "SELECT count(*), md5(string_agg(name, ',' ORDER BY id)) FROM workflows"
+    with migrated.connect() as conn:
+        before = conn.execute(content).fetchone()
+    params = params_mod.override(migrated.params, {"validate": {"smoke_queries": [
+        {"name": "temp table, read only", "sql": "SELECT workflow_total()"},
+        {"name": "temp table", "sql": "SELECT workflow_total()", "writes": True},
+        {"name": "a write", "sql": "UPDATE workflows SET name = name || ' smoke'", "writes": True}]}})
+    rb = migrated.session("validate", params=params)
+    try:
+        frame = validate.checks(rb).set_index("table")
+    finally:
+        rb.close()
+    assert not frame.loc["temp table, read only", "passed"]
+    assert "read-only transaction" in frame.loc["temp table, read only", "actual"]
+    for name in ("temp table", "a write"):
+        assert frame.loc[name, "passed"], frame.loc[name].to_dict()
+        assert frame.loc[name, "actual"] == "runs (its writes rolled back)"
+    with migrated.connect() as conn:
+        assert conn.execute(content).fetchone() == before
+
+
 def test_the_verdict_raises_with_every_failed_check(migrated):
     migrated.execute_unrecorded("DELETE FROM decision_tables WHERE id = 5")
     with pytest.raises(RunbookError) as err:

@@ -80,11 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _demo_db(env: str, rows: int | None) -> None:
+def _demo_db(env: str, rows: int | None, command: str = "demo-db") -> None:
+    """Drop and rebuild the env's demo database: only on an embedded server, and only a database that
+    demo-db created (demo.build refuses any other), so a real database is never touched."""
     from . import demo
     from .db.database import server_for
 
     params = params_mod.load(env)
+    if not params.database.embedded:
+        raise RunbookError(f"params/{env}.yaml: database.embedded is false: its database (from "
+                           f"${params.database.dsn_env}) may be a real one, and `runbook {command}` drops and recreates "
+                           f"the database; it runs on embedded envs only (local, ci). Nothing was changed")
     server = server_for(params)
     server.start()
     demo.build(server.url(), params.database.name, system_uuid=str(params.system_tenant.uuid),
@@ -94,6 +100,9 @@ def _demo_db(env: str, rows: int | None) -> None:
 def _db(action: str, env: str) -> int:
     from .db.database import server_for
 
+    if action == "reset":
+        _demo_db(env, None, "db reset")
+        return 0
     params = params_mod.load(env)
     server = server_for(params)
     if action == "start":
@@ -111,8 +120,6 @@ def _db(action: str, env: str) -> int:
     elif action == "url":
         server.start()
         print(server.url(params.database.name))
-    elif action == "reset":
-        _demo_db(env, None)
     return 0
 
 
@@ -135,7 +142,7 @@ def _plan(env: str) -> int:
 def _notebooks(env: str) -> int:
     from .run import notebook_outputs
 
-    _demo_db(env, None)
+    _demo_db(env, None, "notebooks")
     notebook_outputs.refresh(env)
     return 0
 
@@ -207,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if result.ok else (130 if result.status == "interrupted" else 1)
         if args.command == "demo":
             from .run import runner
-            _demo_db(args.env, args.rows)
+            _demo_db(args.env, args.rows, "demo")
             return 0 if runner.run(args.env).ok else 1
         if args.command == "demo-db":
             params_mod.load(args.env)

@@ -26,6 +26,7 @@ from psycopg import sql
 
 from . import paths
 from .drizzle import Migration, journal
+from .errors import RunbookError
 
 # Default table sizes; `rows` sets workflows, `scale` multiplies the rest (about 100k rows in total).
 BASE_SIZES = {
@@ -234,13 +235,44 @@ def sizes(rows: int = DEFAULT_ROWS, scale: float = 1.0) -> dict[str, int]:
     return out
 
 
+# What marks a database as one build() created, and so may drop and rebuild: a comment on the database.
+MARKER = "tenancy runbook demo database: built by `runbook demo-db`, which may drop and rebuild it"
+
+
+def built_here(admin: psycopg.Connection, admin_conninfo: str, database: str) -> str | None:
+    """Why `database` may be dropped and rebuilt (None: it may not). It may when it does not exist, carries the
+    marker, or is a demo database from before the marker: one whose Drizzle record holds exactly the demo
+    application's migration 0000, which no other database has (the marker is added when it is rebuilt)."""
+    row = admin.execute("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
+                        (database,)).fetchone()
+    if row is None:
+        return "it does not exist yet"
+    if row[0] == MARKER:
+        return "it carries the demo marker"
+    with psycopg.connect(psycopg.conninfo.make_conninfo(admin_conninfo, dbname=database)) as conn:
+        if conn.execute("SELECT to_regclass('drizzle.__drizzle_migrations')").fetchone()[0] is None:
+            return None
+        hashes = [r[0] for r in conn.execute("SELECT hash FROM drizzle.__drizzle_migrations ORDER BY id")]
+    demo_hashes = [m.hash for m in drizzle_migrations()]
+    if hashes and hashes[0] == demo_hashes[0] and set(hashes) <= set(demo_hashes):
+        return "it is a demo database from before the marker (its Drizzle record is the demo application's)"
+    return None
+
+
 def build(admin_conninfo: str, database: str, *, system_uuid: str, system_name: str = "System Tenant",
           rows: int = DEFAULT_ROWS, scale: float = 1.0, seed: int = 42, log=print) -> dict[str, int]:
-    """Drop and recreate `database` as the legacy demo database. Returns rows per table."""
+    """Drop and recreate `database` as the legacy demo database (marked as such). Returns rows per table.
+    Refuses, changing nothing, a database that it did not create (see built_here)."""
     started = time.monotonic()
     with psycopg.connect(admin_conninfo, autocommit=True) as admin:
+        if built_here(admin, admin_conninfo, database) is None:
+            raise RunbookError(
+                f"database {database} was not created by `runbook demo-db` (it carries no demo marker): refusing to "
+                f"drop and rebuild it; nothing was changed. Point database.name at a database that does not exist "
+                f"yet, or, if {database} is truly disposable, drop it yourself first")
         admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+        admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(database), sql.Literal(MARKER)))
     target = psycopg.conninfo.make_conninfo(admin_conninfo, dbname=database)
     args = dict(sizes(rows, scale), s=seed, system_uuid=system_uuid, system_name=system_name)
     migrations = drizzle_migrations()

@@ -111,6 +111,12 @@ class LintAcceptance(_Strict):
     reason: str = Field(min_length=10)
 
 
+class IsolationAcceptance(_Strict):
+    case: str            # e.g. "probe rows created"
+    table: str
+    reason: str = Field(min_length=10)
+
+
 class RlsParams(_Strict):
     enabled: bool = False
     # a custom setting name: two lowercase identifiers joined by a dot (it is written into policies)
@@ -121,6 +127,7 @@ class RlsParams(_Strict):
     legacy_reason: str | None = Field(default=None, min_length=10)  # why all_tenants is accepted (the lint)
     bypass_roles: list[str] = []         # roles allowed to bypass RLS besides the migration role itself
     lint_accept: list[LintAcceptance] = []
+    isolation_accept: list[IsolationAcceptance] = []  # isolation probes that cannot run, reviewed, with why
 
     @model_validator(mode="after")
     def _legacy_contract(self) -> "RlsParams":
@@ -251,6 +258,7 @@ class LegacyParams(_Strict):
 class SmokeQuery(_Strict):
     name: str
     sql: str
+    writes: bool = False  # true: runs in a read-write transaction that is rolled back (e.g. it creates a temp table)
 
 
 class ValidateParams(_Strict):

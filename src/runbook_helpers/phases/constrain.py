@@ -208,6 +208,14 @@ def granted_roles(rb, before: dict) -> list[str]:
     return sorted(r for r in roles if f"{r}=" not in acls_before)
 
 
+def _applied_actions(rb) -> list[str]:
+    """The actions of the statement journal that were applied, oldest first."""
+    if not rb.ledger.exists(rb.control):
+        return []
+    journal = rb.ledger.journal(rb.control)
+    return [] if journal.empty else list(journal[journal["outcome"] == "applied"]["action"])
+
+
 def _tenant_indexes(conn, oid: int | None) -> list[str]:
     if oid is None:
         return []
@@ -248,6 +256,7 @@ def undo_steps(rb, conn, before) -> list[Step]:
     states = table_states.core_states(rb, conn)
     out = rls.undo_steps(conn, rb.schema, states, before.views(), granted_roles(rb, before.tables),
                          p.tables + p.shared_tables)
+    out += rls.view_grant_undo_steps(conn, _applied_actions(rb))
     out += distribution.undo_steps(conn, rb.schema, states, before.tables)
     for name, st in states.items():
         out += _undo_table(conn, rb.schema, st, before.tables[name])

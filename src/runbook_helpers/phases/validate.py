@@ -2,7 +2,7 @@
 
 With legacy.enabled it adds the mapping's conservation checks (legacy/checks.py). Changes nothing: every
 query is a read, and the smoke queries run in a READ ONLY transaction that is
-rolled back.
+rolled back (one declared `writes: true` in a read-write transaction, rolled back all the same).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def checks(rb) -> pd.DataFrame:
             "; ".join(problems) or "no problems")
 
     for query in rb.params.validate_.smoke_queries:
-        add("smoke query runs", query.name, "runs", _smoke(rb, query.sql))
+        add("smoke query runs", query.name, SMOKE_WRITES if query.writes else "runs", _smoke(rb, query))
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -189,14 +189,25 @@ def isolation_suite(rb) -> pd.DataFrame:
     return isolation.run(rb)
 
 
-def _smoke(rb, statement: str) -> str:
+SMOKE_WRITES = "runs (its writes rolled back)"
+
+
+def _smoke(rb, query) -> str:
+    """One smoke query: READ ONLY, or, declared `writes: true`, read-write with a short lock_timeout; rolled
+    back either way (sequence values it draws stay drawn: PostgreSQL never rolls those back)."""
     with rb.engine.connect() as conn:
         try:
             with conn.begin() as tx:
-                conn.exec_driver_sql("SET TRANSACTION READ ONLY")
-                conn.exec_driver_sql(statement).fetchall()
+                if query.writes:
+                    conn.exec_driver_sql("SELECT set_config('lock_timeout', %s, true)",
+                                         (f"{int(rb.params.locks.lock_timeout_ms)}ms",))
+                else:
+                    conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+                result = conn.exec_driver_sql(query.sql)
+                if result.returns_rows:
+                    result.fetchall()
                 tx.rollback()
-            return "runs"
+            return SMOKE_WRITES if query.writes else "runs"
         except DBAPIError as exc:
             return f"error: {getattr(exc.orig, 'diag', None) and exc.orig.diag.message_primary or exc.orig}"
 

@@ -42,9 +42,11 @@ def _expr_problems(expr: str | None, setting: str) -> list[str]:
 
 
 VIEWS_SQL = text("""
-SELECT DISTINCT v.oid::regclass::text AS view, c.relname AS table,
+SELECT DISTINCT v.oid::regclass::text AS view, c.relname AS table, v.relkind::text AS kind,
        coalesce((SELECT option_value FROM pg_options_to_table(v.reloptions) WHERE option_name = 'security_invoker'),
-                'false') AS security_invoker
+                'false') AS security_invoker,
+       (SELECT rolname FROM pg_roles WHERE rolname = :role) IS NOT NULL
+         AND has_table_privilege(:role, v.oid, 'SELECT') AS app_reads
 FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid JOIN pg_class v ON v.oid = r.ev_class
 JOIN pg_class c ON c.oid = d.refobjid JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE d.classid = 'pg_rewrite'::regclass AND n.nspname = :schema AND c.relname = ANY(:tables) AND v.oid <> c.oid
@@ -56,6 +58,23 @@ SELECT p.oid::regprocedure::text AS function, coalesce(array_to_string(p.proconf
        p.prosrc
 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
 WHERE p.prosecdef AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+""")
+
+# SECURITY DEFINER functions with their owner's power over row level security and the tenant tables they
+# depend on (pg_depend: SQL-standard bodies, BEGIN ATOMIC); other bodies are matched by name (prosrc).
+DEFINER_OWNER_SQL = text("""
+SELECT p.oid::regprocedure::text AS function, n.nspname AS schema, r.rolname AS owner, r.rolsuper, r.rolbypassrls,
+       coalesce(p.prosrc, '') AS prosrc,
+       ARRAY(SELECT DISTINCT c.relname::text FROM pg_depend d JOIN pg_class c ON c.oid = d.refobjid
+             JOIN pg_namespace cn ON cn.oid = c.relnamespace
+             WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.refclassid = 'pg_class'::regclass
+               AND cn.nspname = :schema AND c.relname = ANY(:tables)) AS depends,
+       ARRAY(SELECT c.relname::text FROM pg_class c JOIN pg_namespace cn ON cn.oid = c.relnamespace
+             WHERE cn.nspname = :schema AND c.relname = ANY(:tables) AND NOT c.relforcerowsecurity
+               AND pg_has_role(p.proowner, c.relowner, 'USAGE')) AS owns_unforced
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace JOIN pg_roles r ON r.oid = p.proowner
+WHERE p.prosecdef AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+ORDER BY 1
 """)
 
 BYPASS_SQL = text("""
@@ -109,7 +128,10 @@ def run(rb, conn: Connection | None = None) -> pd.DataFrame:
         add("a policy per command", name, f"no policy for {', '.join(missing)}" if missing else "SELECT, INSERT, "
             "UPDATE, DELETE covered", not missing)
 
-    for view in conn.execute(VIEWS_SQL, {"schema": schema, "tables": tables}).mappings():
+    for view in conn.execute(VIEWS_SQL, {"schema": schema, "tables": tables, "role": p.rls.app_role}).mappings():
+        if view["kind"] == "m":
+            rows.append(_materialized_view(view, p.rls.app_role))
+            continue
         ok = view["security_invoker"].lower() in ("true", "on", "1")
         add("views over tenant tables are security_invoker", view["view"],
             f"over {view['table']}: " + ("security_invoker" if ok else "runs with its owner's rights, bypassing the "
@@ -121,6 +143,8 @@ def run(rb, conn: Connection | None = None) -> pd.DataFrame:
             ok = "search_path=" in fn["config"]
             add("SECURITY DEFINER functions pin search_path", fn["function"],
                 "search_path pinned" if ok else "touches tenant tables without a pinned search_path", ok)
+
+    rows.extend(_definers_bypassing_rls(conn, schema, tables, table_pattern, p.ledger_schema))
 
     uniques = catalog.unique_without_tenant(conn, schema, tables)
     for u in uniques.itertuples():
@@ -148,6 +172,56 @@ def run(rb, conn: Connection | None = None) -> pd.DataFrame:
 
     frame = pd.DataFrame(rows, columns=COLUMNS)
     return _apply_acceptances(frame, p.rls.lint_accept)
+
+
+def _materialized_view(view, app_role: str) -> dict[str, Any]:
+    """A materialized view cannot be security_invoker: its rows are stored by REFRESH, which runs with its
+    owner's rights, so it holds whatever the owner saw (every tenant, or nothing under FORCE). It is safe as
+    long as the application role cannot read it."""
+    obj = view["view"]
+    if not view["app_reads"]:
+        return {"rule": MATVIEW_RULE, "object": obj, "finding": f"over {view['table']}: {app_role} cannot read it",
+                "status": PASS, "reason": ""}
+    return {"rule": MATVIEW_RULE, "object": obj, "finding": f"over {view['table']}: {app_role} can read it, and it "
+            f"holds the rows its owner saw at refresh time, not the caller's tenant's: revoke SELECT from {app_role}, "
+            f"or keep one per tenant refreshed with that tenant set (and accept it with the reason)",
+            "status": FAIL, "reason": ""}
+
+
+MATVIEW_RULE = "materialized views over tenant tables are not readable by the application role"
+DEFINER_RULE = "SECURITY DEFINER functions reading tenant tables do not bypass RLS"
+
+
+def _definers_bypassing_rls(conn: Connection, schema: str, tables: list[str], table_pattern, ledger_schema: str
+                            ) -> list[dict[str, Any]]:
+    """A SECURITY DEFINER function runs with its owner's rights: owned by a superuser, a BYPASSRLS role or the
+    owner of a table without FORCE (or a member of the owning role), it reads that table's rows of every tenant,
+    whoever calls it."""
+    by_lower = {t.lower(): t for t in tables}
+    out = []
+    for fn in conn.execute(DEFINER_OWNER_SQL, {"schema": schema, "tables": tables}).mappings():
+        reads = sorted(set(fn["depends"]) | {by_lower[m.lower()] for m in table_pattern.findall(fn["prosrc"])})
+        if not reads:
+            continue
+        obj = fn["function"]
+        if fn["schema"] == ledger_schema:
+            out.append({"rule": DEFINER_RULE, "object": obj, "finding": "the runbook's rollout trigger: it reads parent "
+                        "rows to give a written row its tenant; removed by 06_finalize", "status": PASS, "reason": ""})
+            continue
+        if fn["rolsuper"] or fn["rolbypassrls"]:
+            why = f"{fn['owner']} is {'a superuser' if fn['rolsuper'] else 'BYPASSRLS'}"
+            bypassed = reads
+        else:
+            bypassed = [t for t in reads if t in fn["owns_unforced"]]  # its own, or its owning role's
+            why = f"{fn['owner']} owns {', '.join(bypassed)} without FORCE ROW LEVEL SECURITY"
+        if not bypassed:
+            out.append({"rule": DEFINER_RULE, "object": obj, "finding": f"owner {fn['owner']} is subject to row level "
+                        f"security on {', '.join(reads)}", "status": PASS, "reason": ""})
+            continue
+        out.append({"rule": DEFINER_RULE, "object": obj, "finding": f"reads {', '.join(bypassed)} with its owner's "
+                    f"rights ({why}): every caller sees every tenant's rows; make it SECURITY INVOKER or give it an "
+                    f"owner subject to row level security", "status": FAIL, "reason": ""})
+    return out
 
 
 def _legacy_policy(table: str, pol: dict, params) -> dict[str, Any]:

@@ -21,6 +21,7 @@ application opened before RLS was enabled keep working, and rollback removes it 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from psycopg import sql
@@ -207,6 +208,56 @@ def views_to_invoke(conn: Connection, schema: str, tables: list[str]) -> dict[st
     return out
 
 
+INVOKER_VIEWS_SQL = text("""
+SELECT DISTINCT v.oid::regclass::text AS view,
+       coalesce((SELECT option_value FROM pg_options_to_table(v.reloptions) WHERE option_name = 'security_invoker'),
+                'false') IN ('true', 'on', '1') AS invoker,
+       (SELECT rolname FROM pg_roles WHERE rolname = :role) IS NOT NULL
+         AND has_table_privilege(:role, v.oid, 'SELECT') AS granted
+FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid JOIN pg_class v ON v.oid = r.ev_class
+JOIN pg_class c ON c.oid = d.refobjid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE d.classid = 'pg_rewrite'::regclass AND n.nspname = :schema AND c.relname = ANY(:tables) AND v.oid <> c.oid
+  AND v.relkind = 'v'
+ORDER BY 1
+""")
+VIEW_GRANT = re.compile(r"^grant (\S+) SELECT on view (\S+)$")
+
+
+def view_grant_steps(conn: Connection, schema: str, role: str, tables: list[str],
+                     becoming_invoker: list[str]) -> list[Step]:
+    """SELECT for the application role on the views over tenant tables that are (or this plan makes)
+    security_invoker: they apply the caller's policies, so the grant shows each tenant its own rows. A view that
+    stays with its owner's rights (PostgreSQL before 15) gets none: through it the role would see every tenant."""
+    out = []
+    for row in conn.execute(INVOKER_VIEWS_SQL, {"schema": schema, "tables": tables, "role": role}).mappings():
+        if row["granted"] or not (row["invoker"] or row["view"] in becoming_invoker):
+            continue
+        out.append(Step(PHASE, None, f"grant {role} SELECT on view {row['view']}",
+                        sql.SQL("GRANT SELECT ON {} TO {}").format(sql.SQL(row["view"]), sql.Identifier(role)),
+                        "none (privileges only)", "the view is security_invoker: the role sees its tenant's rows only"))
+    return out
+
+
+def view_grant_undo_steps(conn: Connection, journal_actions: list[str]) -> list[Step]:
+    """REVOKE what view_grant_steps granted (the statement journal's applied actions say which), where the
+    view still holds that grant."""
+    out = []
+    for action in dict.fromkeys(journal_actions):
+        found = VIEW_GRANT.match(action)
+        if found:
+            role, view = found.groups()
+            held = conn.execute(text(
+                "SELECT EXISTS (SELECT 1 FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a JOIN pg_roles r "
+                "ON r.oid = a.grantee WHERE c.oid = to_regclass(:v) AND r.rolname = :r AND a.privilege_type = "
+                "'SELECT')"), {"v": view, "r": role}).scalar()
+            if not held:
+                continue
+            out.append(Step(UNDO_PHASE, None, f"revoke {role}'s SELECT on view {view}",
+                            sql.SQL("REVOKE SELECT ON {} FROM {}").format(sql.SQL(view), sql.Identifier(role)),
+                            "none (privileges only)", "the runbook granted it; the view goes back to before"))
+    return out
+
+
 def steps(rb, conn: Connection) -> list[Step]:
     """Everything row level security needs that the catalog does not show yet."""
     p = rb.params
@@ -219,6 +270,9 @@ def steps(rb, conn: Connection) -> list[Step]:
     for name in p.tables:
         st = catalog.table_state(conn, rb.schema, name, tenants_oid)
         out += table_steps(st, p.rls.setting, policies(conn, st.oid) if st.oid else [], views.get(name, []), legacy)
+    if conn.execute(text("SELECT current_setting('server_version_num')::int")).scalar() >= 150000:
+        out += view_grant_steps(conn, rb.schema, p.rls.app_role, p.tables,
+                                [v for names in views.values() for v in names])
     return out
 
 
