@@ -14,23 +14,33 @@ from runbook_helpers.errors import ParamsError
 
 # The resolved params of the shipped envs, dumped (public_dict) before the restructure of issue 14.
 BEFORE = json.loads((Path(__file__).parent / "fixtures" / "params_resolved_before_issue14.json").read_text())
-# What item 4 added: the tenant source the legacy mapping used to hard-code (checked in test_tenant_source.py).
-ADDED = ("legacy", "source")
+# What issue 14 added, each with a default that keeps the old behaviour: the tenant source the legacy mapping
+# used to hard-code (checked in test_tenant_source.py), smoke queries that write, accepted isolation probes,
+# the rules for conflicts between tenants. "*" matches any list index.
+ADDED = [("legacy", "source"), ("validate", "smoke_queries", "*", "writes"), ("rls", "isolation_accept"),
+         ("cross_tenant",)]
 
 
 def _leaves(node, at=()):
     if isinstance(node, dict) and node:
         for key, value in node.items():
             yield from _leaves(value, at + (key,))
+    elif isinstance(node, list) and node and all(isinstance(x, dict) for x in node):
+        for index, value in enumerate(node):
+            yield from _leaves(value, at + (index,))
     else:
         yield at, node
+
+
+def _added(path) -> bool:
+    return any(len(path) >= len(a) and all(x == "*" or x == y for x, y in zip(a, path)) for a in ADDED)
 
 
 @pytest.mark.parametrize("env", ["local", "ci", "staging", "prod"])
 def test_shipped_envs_resolve_exactly_as_before_the_restructure(env):
     now = json.loads(json.dumps(params.load(env).public_dict()))
     assert now["legacy"]["source"]["tenants"]["table"] == "org"
-    now_leaves = {k: v for k, v in _leaves(now) if k[:len(ADDED)] != ADDED}
+    now_leaves = {k: v for k, v in _leaves(now) if not _added(k)}
     assert now_leaves == dict(_leaves(BEFORE[env]))
 
 
