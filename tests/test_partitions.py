@@ -1,0 +1,242 @@
+"""Partitioned core tables (issue 14, item 1): a schema of its own, range-partitioned by a date with list and
+hash sub-partitions and DEFAULT partitions, referencing and referenced by plain core tables, migrated end to
+end through the phases with row level security and composite keys on; partitions created and attached
+after the migration; and the rollback back to the exact schema of before."""
+
+import time
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from runbook_helpers import params as params_mod
+from runbook_helpers.db import database, partitions
+from runbook_helpers.phases import inspect, rollback
+
+SCHEMA = """
+CREATE TABLE accounts (id bigserial PRIMARY KEY, name text NOT NULL);
+CREATE TABLE events (
+  id bigserial, occurred_on date NOT NULL, region text NOT NULL,
+  account_id bigint NOT NULL REFERENCES accounts (id), payload text,
+  PRIMARY KEY (id, occurred_on, region)
+) PARTITION BY RANGE (occurred_on);
+CREATE TABLE events_2024 PARTITION OF events FOR VALUES FROM ('2024-01-01') TO ('2025-01-01') PARTITION BY LIST (region);
+CREATE TABLE events_2024_eu PARTITION OF events_2024 FOR VALUES IN ('eu');
+CREATE TABLE events_2024_us PARTITION OF events_2024 FOR VALUES IN ('us');
+CREATE TABLE events_2024_other PARTITION OF events_2024 DEFAULT;
+CREATE TABLE events_2025 PARTITION OF events FOR VALUES FROM ('2025-01-01') TO ('2026-01-01') PARTITION BY HASH (id);
+CREATE TABLE events_2025_h0 PARTITION OF events_2025 FOR VALUES WITH (MODULUS 2, REMAINDER 0);
+CREATE TABLE events_2025_h1 PARTITION OF events_2025 FOR VALUES WITH (MODULUS 2, REMAINDER 1);
+CREATE TABLE events_default PARTITION OF events DEFAULT;
+CREATE TABLE event_notes (
+  id bigserial PRIMARY KEY, event_id bigint NOT NULL, event_on date NOT NULL, event_region text NOT NULL,
+  note text, FOREIGN KEY (event_id, event_on, event_region) REFERENCES events (id, occurred_on, region)
+);
+INSERT INTO accounts (name) SELECT 'account ' || g FROM generate_series(1, 20) g;
+INSERT INTO events (occurred_on, region, account_id, payload)
+SELECT date '2024-01-01' + (g % 700), (ARRAY['eu', 'us', 'apac'])[1 + g % 3], 1 + g % 20, 'payload ' || g
+FROM generate_series(1, 3000) g;
+INSERT INTO events (occurred_on, region, account_id, payload) VALUES ('2031-05-01', 'eu', 1, 'far future');
+INSERT INTO event_notes (event_id, event_on, event_region, note)
+SELECT id, occurred_on, region, 'note ' || id FROM events WHERE id % 10 = 0;
+"""
+LEAVES = ["events_2024_eu", "events_2024_other", "events_2024_us", "events_2025_h0", "events_2025_h1",
+          "events_default"]
+
+
+def partition_params(ci_params, **changes):
+    """The ci params with this schema's spec in place of the demo's (core_tables replaced, not merged)."""
+    data = ci_params.model_dump(by_alias=True)
+    data["core_tables"] = {"accounts": {}, "events": {}, "event_notes": {}}
+    data["shared_tables"] = []
+    data["legacy"]["enabled"] = False
+    data["rls"]["lint_accept"] = []
+    data["rls"]["legacy_role"] = None
+    data["drizzle"].update({"folder": None, "record_after_validate": [], "schema_file": None})
+    data["validate"]["smoke_queries"] = [
+        {"name": "events of an account", "sql": "SELECT count(*) FROM events WHERE account_id = 1"},
+        {"name": "notes with their event", "sql": "SELECT count(*) FROM event_notes n JOIN events e ON "
+                                                  "(e.id, e.occurred_on, e.region) = (n.event_id, n.event_on, n.event_region)"}]
+    return params_mod.override(params_mod.Params.model_validate(data), changes)
+
+
+@pytest.fixture
+def pdb(empty_db, ci_params):
+    empty_db.params = partition_params(ci_params)
+    with empty_db.connect(autocommit=True) as conn:
+        conn.execute(SCHEMA)
+    return empty_db
+
+
+def rows(db, query, args=None):
+    with db.connect() as conn:
+        return conn.execute(query, args).fetchall()
+
+
+def app_schema(db) -> str:
+    return db.schema_dump(exclude_ledger=True)
+
+
+def test_inspect_shows_the_partitions_and_plans_each_step_per_partition(pdb):
+    out = pdb.run("inspect")["inspect"]
+    pre = out["preflight"].set_index("check")
+    assert pre.loc["partitioned core tables are named by their parent", "status"] == "ok"
+    assert "events (8 partitions)" in pre.loc["partitioned core tables are named by their parent", "detail"]
+    inv = out["inventory"].set_index("table")
+    assert inv.loc["events", "partitioning"] == "RANGE (occurred_on): 8 partitions, 6 with rows"
+    assert inv.loc["events", "rows"] == 3001
+    parts = out["partitions"]
+    assert sorted(parts[parts["rows"].notna()]["partition"]) == LEAVES
+    assert parts["rows"].sum() == 3001 and parts.set_index("partition").loc["events_default", "rows"] == 1
+    plan = out["plan"]
+    events = plan[plan["table"] == "events"]
+    for leaf in LEAVES:
+        assert f"validate the NOT NULL check on partition {leaf}" in set(events["action"])
+        assert f"validate the foreign key on partition {leaf}" in set(events["action"])
+        assert f"build the index on (tenant_id) of partition {leaf}" in set(events["action"])
+    statements = " ;; ".join(events["statement"])
+    assert 'CREATE INDEX "events_tenant_id_idx" ON ONLY "public"."events"' in statements
+    assert 'CREATE INDEX "events_2024_tenant_id_idx" ON ONLY "public"."events_2024"' in statements
+    assert 'ALTER INDEX "public"."events_2024_tenant_id_idx" ATTACH PARTITION "public"."events_2024_eu_tenant_id_idx"' \
+        in statements
+    assert "CREATE INDEX CONCURRENTLY" not in " ".join(events[events["action"].str.contains("ON ONLY")]["statement"])
+    assert not any("CONCURRENTLY" in s and '"public"."events" ' in s for s in events["statement"])
+    # the whole plan, per partition, is valid SQL for this server: run it for real and nothing fails
+    assert set(pdb.run("seed", "backfill", "constrain")["constrain"]["applied"]["outcome"]) == {"applied"}
+
+
+def leaf_state(db):
+    """Per leaf: tenant_id NOT NULL, its foreign key to tenants (validated, part of the parent's), its index
+    (valid, attached), RLS (enabled, forced), and the rollout triggers it inherited."""
+    return {r[0]: r[1:] for r in rows(db, """
+        SELECT c.relname,
+               (SELECT attnotnull FROM pg_attribute WHERE attrelid = c.oid AND attname = 'tenant_id'),
+               (SELECT bool_and(con.convalidated AND con.conparentid <> 0) FROM pg_constraint con
+                  WHERE con.conrelid = c.oid AND con.contype = 'f' AND con.confrelid = 'tenants'::regclass),
+               (SELECT bool_and(i.indisvalid) FROM pg_index i JOIN pg_inherits h ON h.inhrelid = i.indexrelid
+                  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                  WHERE i.indrelid = c.oid AND a.attname = 'tenant_id' AND i.indnatts = 1),
+               c.relrowsecurity AND c.relforcerowsecurity,
+               (SELECT array_agg(tgname::text ORDER BY tgname) FROM pg_trigger WHERE tgrelid = c.oid
+                  AND tgname LIKE 'tenancy_rollout%')
+        FROM pg_class c WHERE c.relispartition AND c.relkind = 'r' AND c.relname LIKE 'events%' ORDER BY 1""")}
+
+
+@pytest.fixture
+def migrated(pdb):
+    pdb.legacy_schema = app_schema(pdb)
+    pdb.run("inspect", "seed", "backfill", "constrain")
+    return pdb
+
+
+def test_migrated_end_to_end_with_rls_and_composite_keys(migrated):
+    db = migrated
+    out = db.run("validate")["validate"]
+    assert out["checks"]["passed"].all(), out["checks"][~out["checks"]["passed"]]
+    assert out["isolation"]["passed"].all(), out["isolation"][~out["isolation"]["passed"]]
+    expected = (True, True, True, True, ["tenancy_rollout_assign", "tenancy_rollout_record"])
+    assert leaf_state(db) == {leaf: expected for leaf in LEAVES}
+    assert rows(db, "SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = 'events_tenant_id_idx'::regclass") == [(True,)]
+    cons = dict(rows(db, "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = 'events'::regclass"))
+    # the composite key includes the partition key (the primary key does, as PostgreSQL requires)
+    assert cons["events_tenant_id_id_occurred_on_region_unique"] == "UNIQUE (tenant_id, id, occurred_on, region)"
+    assert cons["events_tenant_id_account_id_accounts_tenant_id_id_fk"].startswith(
+        "FOREIGN KEY (tenant_id, account_id) REFERENCES accounts(tenant_id, id)")
+    notes = dict(rows(db, "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = "
+                          "'event_notes'::regclass AND contype = 'f'"))
+    assert any(d.startswith("FOREIGN KEY (tenant_id, event_id, event_on, event_region) REFERENCES "
+                            "events(tenant_id, id, occurred_on, region)") for d in notes.values())
+    assert rows(db, "SELECT count(*), count(*) FILTER (WHERE NOT convalidated) FROM pg_constraint "
+                    "WHERE conrelid::regclass::text LIKE 'event%'")[0][1] == 0
+
+
+def as_app(db, tenant, query, args=None):
+    with db.connect() as conn:
+        conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(db.params.rls.app_role)))
+        conn.execute("SELECT set_config(%s, %s, false)", (db.params.rls.setting, str(tenant)))
+        return conn.execute(query, args).fetchall()
+
+
+def second_tenant(db) -> int:
+    with db.connect(autocommit=True) as conn:
+        tid = conn.execute("INSERT INTO tenants (uuid, name) VALUES (gen_random_uuid(), 'second') RETURNING id").fetchone()[0]
+        conn.execute("UPDATE accounts SET tenant_id = %s WHERE id = 2", (tid,))  # its events follow (ON UPDATE CASCADE)
+    return tid
+
+
+def test_a_partition_queried_directly_shows_only_the_tenants_rows_or_is_refused(migrated):
+    db = migrated
+    system = db.scalar("SELECT id FROM tenants WHERE uuid = %s", (str(db.params.system_tenant.uuid),))
+    other = second_tenant(db)
+    moved = db.scalar("SELECT count(*) FROM events_2024_eu WHERE tenant_id = %s", (other,))
+    assert moved > 0
+    # the application role has no privilege on partitions: a direct query is refused
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        as_app(db, other, "SELECT count(*) FROM events_2024_eu")
+    # granted anyway, the partition's own policies (the parent's do not apply to a direct query) still isolate
+    db.execute(sql.SQL("GRANT SELECT ON events_2024_eu TO {}").format(sql.Identifier(db.params.rls.app_role)))
+    assert as_app(db, other, "SELECT count(*) FROM events_2024_eu") == [(moved,)]
+    assert as_app(db, other, "SELECT count(*) FROM events_2024_eu WHERE tenant_id <> %s", (other,)) == [(0,)]
+    total = db.scalar("SELECT count(*) FROM events_2024_eu")
+    assert as_app(db, system, "SELECT count(*) FROM events_2024_eu") == [(total - moved,)]
+    # through the parent, as always
+    assert as_app(db, other, "SELECT count(DISTINCT tenant_id) FROM events") == [(1,)]
+
+
+def test_partitions_created_or_attached_later_inherit_it_all(migrated):
+    db = migrated
+    system = db.scalar("SELECT id FROM tenants WHERE uuid = %s", (str(db.params.system_tenant.uuid),))
+    db.execute("CREATE TABLE events_2026 PARTITION OF events FOR VALUES FROM ('2026-01-01') TO ('2027-01-01')")
+    # an existing table with rows, attached as a partition: it must carry tenant_id NOT NULL already
+    db.execute("CREATE TABLE events_2027 (LIKE events INCLUDING DEFAULTS)")
+    db.execute("INSERT INTO events_2027 (occurred_on, region, account_id, payload, tenant_id) "
+               "SELECT date '2027-03-01' + g, 'eu', 1, 'attached ' || g, %s FROM generate_series(1, 50) g", (system,))
+    db.execute("ALTER TABLE events ATTACH PARTITION events_2027 FOR VALUES FROM ('2027-01-01') TO ('2028-01-01')")
+    state = leaf_state(db)
+    for leaf in ("events_2026", "events_2027"):
+        nn, fk, index, _rls, triggers = state[leaf]
+        assert (nn, fk, index) == (True, True, True), leaf
+        assert triggers == ["tenancy_rollout_assign", "tenancy_rollout_record"]
+    # the rollout triggers behave: a row written without tenant_id gets its tenant and is recorded
+    db.execute("INSERT INTO events (occurred_on, region, account_id, payload) VALUES ('2026-06-01', 'us', 3, 'new')")
+    assert rows(db, "SELECT tenant_id FROM events_2026") == [(system,)]
+    assert db.scalar("SELECT count(*) FROM tenancy_runbook.app_writes WHERE table_name = 'events' "
+                     "AND first_op = 'INSERT'") == 1
+    # RLS through the parent covers them; the FK refuses a tenant that does not exist
+    assert as_app(db, system, "SELECT count(*) FROM events WHERE occurred_on BETWEEN '2026-01-01' AND '2027-12-31'") == [(51,)]
+    with pytest.raises(psycopg.errors.ForeignKeyViolation):
+        db.execute("INSERT INTO events_2026 (occurred_on, region, account_id, tenant_id) "
+                   "VALUES ('2026-07-01', 'eu', 1, 999999)")
+    # an attached table whose tenant_id is nullable is refused by PostgreSQL itself
+    db.execute("CREATE TABLE events_2028 (LIKE events)")
+    db.execute("ALTER TABLE events_2028 ALTER COLUMN tenant_id DROP NOT NULL")
+    with pytest.raises(psycopg.errors.DatabaseError):
+        db.execute("ALTER TABLE events ATTACH PARTITION events_2028 FOR VALUES FROM ('2028-01-01') TO ('2029-01-01')")
+    # validate still passes with the new partitions (their rows counted as the application's writes or the
+    # attach's) -- and a re-run of constrain gives them their policies
+    applied = db.run("constrain")["constrain"]["applied"]
+    assert {a for a in applied["action"]} <= {"create the SELECT tenant policy", "create the INSERT tenant policy",
+                                               "create the UPDATE tenant policy", "create the DELETE tenant policy",
+                                               "enable row level security", "force row level security on the table owner too"}
+    assert leaf_state(db)["events_2026"][3] and leaf_state(db)["events_2027"][3]
+
+
+def test_rollback_restores_the_exact_schema(migrated):
+    db = migrated
+    counts = rows(db, "SELECT count(*) FROM events UNION ALL SELECT count(*) FROM event_notes")
+    rb = db.session("rollback")
+    try:
+        rollback.apply(rb)
+        assert rollback.assert_rolled_back(rb) == "the database is back to its shape before the migration"
+    finally:
+        rb.close()
+    assert app_schema(db) == db.legacy_schema
+    assert rows(db, "SELECT count(*) FROM events UNION ALL SELECT count(*) FROM event_notes") == counts
+
+
+def test_finalize_removes_the_triggers_from_every_partition(migrated):
+    db = migrated
+    db.run("validate")
+    from runbook_helpers.phases.headless import run_phase
+    run_phase(db.session("finalize"), force=True)
+    assert all(s[4] is None for s in leaf_state(db).values())
