@@ -350,7 +350,8 @@ def undo_steps(rb, conn, before) -> list[Step]:
                             "catalog change only"))
         keys = sql.SQL(", ").join(sql.SQL("t2.{}::text").format(sql.Identifier(k)) for k in was["key_columns"])
         values_before = sql.SQL(
-            "SELECT t2.ctid AS row_id, t2.{c} AS now, lv.tenant_id AS was FROM {t} AS t2 LEFT JOIN {v} AS lv "
+            "SELECT t2.tableoid AS rel, t2.ctid AS row_id, t2.{c} AS now, lv.tenant_id AS was FROM {t} AS t2 "
+            "LEFT JOIN {v} AS lv "
             "ON lv.table_name = {name} AND lv.key = json_build_array({keys})::jsonb").format(
                 c=COL, t=st.qualified, v=sql.Identifier(rb.params.ledger_schema, "legacy_tenant_values"),
                 name=sql.Literal(name), keys=keys)
@@ -358,8 +359,8 @@ def undo_steps(rb, conn, before) -> list[Step]:
             "SELECT count(*) FROM ({}) AS x WHERE x.now IS DISTINCT FROM x.was").format(values_before))).scalar()
         if differing:
             out.append(Step(UNDO_PHASE, name, f"put back the tenant_id of before the migration ({differing:,} rows)",
-                            sql.SQL("UPDATE {t} AS t SET {c} = x.was FROM ({lv}) AS x WHERE t.ctid = x.row_id "
-                                    "AND x.now IS DISTINCT FROM x.was").format(t=st.qualified, c=COL, lv=values_before),
+                            sql.SQL("UPDATE {t} AS t SET {c} = x.was FROM ({lv}) AS x WHERE t.tableoid = x.rel "
+                                    "AND t.ctid = x.row_id AND x.now IS DISTINCT FROM x.was").format(t=st.qualified, c=COL, lv=values_before),
                             ROW_EXCLUSIVE_BATCH, "one UPDATE of the rows the backfill filled (no table lock)",
                             long_scan=True))
     return out
