@@ -331,3 +331,15 @@ def test_a_partly_applied_tenant_column_is_filled_partition_by_partition(pdb, ci
     # row for row: a ctid names a row only within its partition
     assert pdb.scalar("SELECT count(*) FROM events WHERE tenant_id = 1") == kept
     assert pdb.scalar("SELECT count(*) FROM events WHERE tenant_id IS NULL") == 3001 - kept
+
+
+def test_a_partition_named_as_a_core_table_is_refused_with_nothing_changed(pdb, ci_params):
+    data = partition_params(ci_params).model_dump(by_alias=True)
+    data["core_tables"]["events_2024_eu"] = {}
+    pdb.params = params_mod.Params.model_validate(data)
+    before = app_schema(pdb)
+    with pytest.raises(Exception, match=r"partitions named as core tables: events_2024_eu \(a partition of "
+                                        r"events_2024\) -> name the partitioned parent in core_tables instead"):
+        pdb.run("inspect")
+    assert app_schema(pdb) == before
+    assert pdb.scalar("SELECT to_regnamespace('tenancy_runbook')") is None
