@@ -44,7 +44,7 @@ def build(name: str, with_column: bool) -> str:
                 sql.Identifier(f"events_m{m:02d}"), sql.Literal(f"{2024 + m // 12}-{m % 12 + 1:02d}-01"),
                 sql.Literal(f"{2024 + (m + 1) // 12}-{(m + 1) % 12 + 1:02d}-01")))
         conn.execute("INSERT INTO events (occurred_on, account_id, payload) SELECT date '2024-01-01' + "
-                     "(g % (%s * 30)), 1 + g %% 100, md5(g::text) FROM generate_series(1, %s) g" % (parts(), rows()))
+                     "(g %% (%s * 30)), 1 + g %% 100, md5(g::text) FROM generate_series(1, %s) g", (parts(), rows()))
         if with_column:
             conn.execute("ALTER TABLE events ADD COLUMN tenant_id bigint")
         conn.execute("VACUUM (ANALYZE, FREEZE)")
@@ -52,7 +52,7 @@ def build(name: str, with_column: bool) -> str:
 
 
 def migrate(db: str) -> dict:
-    overrides = {"tables": ["accounts", "events"], "validate": {"smoke_queries": []}}
+    overrides = {"tables": ["accounts", "events"], "shared_tables": [], "legacy": {"enabled": False}, "validate": {"smoke_queries": []}}
     common.run("inspect", db, overrides)
     common.run("seed", db, overrides)
     t0 = time.monotonic()
