@@ -79,6 +79,9 @@ def test_inspect_shows_the_partitions_and_plans_each_step_per_partition(pdb):
     pre = out["preflight"].set_index("check")
     assert pre.loc["partitioned core tables are named by their parent", "status"] == "ok"
     assert "events (8 partitions)" in pre.loc["partitioned core tables are named by their parent", "detail"]
+    ready = out["readiness"].set_index(["check", "object"])
+    assert ready.loc[("partitioned tables: composite keys hold the partition key", "events"), "finding"].startswith(
+        "partitioned by RANGE (occurred_on); UNIQUE (tenant_id, id, occurred_on, region) holds every level's")
     inv = out["inventory"].set_index("table")
     assert inv.loc["events", "partitioning"] == "RANGE (occurred_on): 8 partitions, 6 with rows"
     assert inv.loc["events", "rows"] == 3001
@@ -343,3 +346,15 @@ def test_a_partition_named_as_a_core_table_is_refused_with_nothing_changed(pdb, 
         pdb.run("inspect")
     assert app_schema(pdb) == before
     assert pdb.scalar("SELECT to_regnamespace('tenancy_runbook')") is None
+
+
+def test_a_dry_run_plans_constrain_per_partition_before_backfill(pdb):
+    pdb.run("inspect", "seed")
+    from runbook_helpers.phases import constrain
+    with pdb.session("constrain", dry_run=True) as rb:
+        plan = constrain.plan(rb)
+    events = plan[plan["table"] == "events"]
+    assert {f"validate the foreign key on partition {leaf}" for leaf in LEAVES} <= set(events["action"])
+    assert {f"attach {leaf}_tenant_id_idx to {'events' if leaf == 'events_default' else leaf.rsplit('_', 1)[0]}"
+            f"_tenant_id_idx" for leaf in LEAVES} <= set(events["action"])
+    assert "attach events_2024_tenant_id_idx to events_tenant_id_idx" in set(events["action"])

@@ -298,6 +298,14 @@ def readiness(rb) -> pd.DataFrame:
                 f"a later, explicit step (the application relies on the key as it is)" if composite else "") + (
                 f"; referenced from outside the spec by {', '.join(held)}" if held else ""),
                 TENANT_COLUMN in st.pk_columns)
+            if st.partitioned:
+                add("partitioned tables: composite keys hold the partition key", name,
+                    f"partitioned by {partitions.key_definition(conn, st.oid)}; " + (
+                        f"UNIQUE ({TENANT_COLUMN}, {', '.join(st.pk_columns)}) holds every level's partition key (the "
+                        f"primary key must), so it and the foreign keys to it can be built per partition and attached"
+                        if st.pk_columns else "no primary key: PostgreSQL takes a unique key on a partitioned table "
+                        "only with every partition key column in it; add one that includes them, then re-run"),
+                    bool(st.pk_columns))
         for u in catalog.unique_without_tenant(conn, rb.schema, p.tables).itertuples():
             if u.kind == "primary key":
                 continue
