@@ -134,6 +134,8 @@ def test_migrated_end_to_end_with_rls_and_composite_keys(migrated):
     out = db.run("validate")["validate"]
     assert out["checks"]["passed"].all(), out["checks"][~out["checks"]["passed"]]
     assert out["isolation"]["passed"].all(), out["isolation"][~out["isolation"]["passed"]]
+    again = db.run("seed", "backfill", "constrain")  # after success every phase is a no-op
+    assert again["backfill"]["plan"].empty and again["constrain"]["plan"].empty
     expected = (True, True, True, True, ["tenancy_rollout_assign", "tenancy_rollout_record"])
     assert leaf_state(db) == {leaf: expected for leaf in LEAVES}
     assert rows(db, "SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = 'events_tenant_id_idx'::regclass") == [(True,)]
