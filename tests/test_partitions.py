@@ -205,11 +205,13 @@ def test_partitions_created_or_attached_later_inherit_it_all(migrated):
         assert triggers == ["tenancy_rollout_assign", "tenancy_rollout_record"]
     # the rollout triggers behave: a row written without tenant_id gets its tenant and is recorded
     db.execute("INSERT INTO events (occurred_on, region, account_id, payload) VALUES ('2026-06-01', 'us', 3, 'new')")
+    db.execute("INSERT INTO events_2027 (occurred_on, region, account_id) VALUES ('2027-12-01', 'us', 3)")  # directly
     assert rows(db, "SELECT tenant_id FROM events_2026") == [(system,)]
+    assert rows(db, "SELECT tenant_id FROM events_2027 WHERE occurred_on = '2027-12-01'") == [(system,)]
     assert db.scalar("SELECT count(*) FROM tenancy_runbook.app_writes WHERE table_name = 'events' "
-                     "AND first_op = 'INSERT'") == 1
+                     "AND first_op = 'INSERT'") == 2
     # RLS through the parent covers them; the FK refuses a tenant that does not exist
-    assert as_app(db, system, "SELECT count(*) FROM events WHERE occurred_on BETWEEN '2026-01-01' AND '2027-12-31'") == [(51,)]
+    assert as_app(db, system, "SELECT count(*) FROM events WHERE occurred_on BETWEEN '2026-01-01' AND '2027-12-31'") == [(52,)]
     with pytest.raises(psycopg.errors.ForeignKeyViolation):
         db.execute("INSERT INTO events_2026 (occurred_on, region, account_id, tenant_id) "
                    "VALUES ('2026-07-01', 'eu', 1, 999999)")
@@ -315,6 +317,10 @@ def test_a_partly_applied_tenant_column_is_filled_partition_by_partition(pdb, ci
     # one partition's rows carry a tenant already (1: the System Tenant seed creates in this empty database)
     pdb.execute("UPDATE events SET tenant_id = 1 WHERE region = 'eu' AND occurred_on < '2025-01-01'")
     kept = pdb.scalar("SELECT count(*) FROM events WHERE tenant_id = 1")
+    # the application's own row trigger (on the parent, so on every partition) must not fire for the batches
+    pdb.execute("CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN NEW.payload := NEW.payload "
+                "|| ' touched'; RETURN NEW; END$$; CREATE TRIGGER events_touch BEFORE UPDATE ON events FOR EACH ROW "
+                "EXECUTE FUNCTION touch()")
     legacy = app_schema(pdb)
     plan = pdb.run("inspect")["inspect"]["plan"]
     fills = [a for a in plan[plan["table"] == "events"]["action"] if a.startswith("fill NULL tenant_id")]
@@ -331,6 +337,7 @@ def test_a_partly_applied_tenant_column_is_filled_partition_by_partition(pdb, ci
     batches = checkpoints.groupby("table_name")["batches"].sum()
     assert batches["events_default"] == 1 and batches.drop("events_default").min() >= 2  # of 200 rows at most
     assert pdb.scalar("SELECT count(*) FROM events WHERE tenant_id IS NULL") == 0
+    assert pdb.scalar("SELECT count(*) FROM events WHERE payload LIKE '%touched'") == 0
     pdb.run("constrain", "validate")
     rb = pdb.session("rollback")
     try:

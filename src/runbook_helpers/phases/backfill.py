@@ -281,8 +281,10 @@ def apply(rb) -> BackfillReport:
             with rb.engine.connect() as conn:
                 state = table_states.core_state(rb, conn, tp.state.name)
                 targets = [(state, tp.to_map)]
-                if state.partitioned:  # leaf by leaf, each with its own checkpoint
-                    targets = [(leaf.state, None) for leaf in partitions.leaves(partitions.tree(conn, state))
+                if state.partitioned:  # leaf by leaf, each with its own checkpoint; the parent's triggers are
+                    # the leaves' too (PostgreSQL 13 and 14 list a partition's copies of them as internal)
+                    targets = [(replace(leaf.state, triggers=leaf.state.triggers or state.triggers), None)
+                               for leaf in partitions.leaves(partitions.tree(conn, state))
                                if catalog.null_tenant_count(conn, rb.schema, leaf.name)]
             for target, total in targets:
                 job = BatchedBackfill(rb, target, system_id, assignment, core_table=tp.state.name)
