@@ -44,12 +44,15 @@ class BatchedBackfill:
     """Fills NULL tenant_id of one table with the System Tenant (or, with an assignment from the legacy
     mapping, each row with its org's tenant), resumably, in parallel if asked."""
 
-    def __init__(self, rb, st: TableState, system_id: int, assignment: Assignment | None = None):
+    def __init__(self, rb, st: TableState, system_id: int, assignment: Assignment | None = None,
+                 core_table: str | None = None):
+        """`st` is the table the batches update: a core table, or one leaf partition of `core_table` (its
+        own checkpoint, under the partition's name, so each partition resumes where it stopped)."""
         self.rb, self.st, self.system_id = rb, st, system_id
         self.assign = assignment or system_assignment(system_id)
         self.params = rb.params.backfill
         self.label = f"backfill {st.name}"
-        keys = list(rb.params.core_tables[st.name].key or st.pk_columns)
+        keys = list(rb.params.core_tables[core_table or st.name].key or st.pk_columns)
         self.space = KeysetSpace(st, keys, self._key_types(keys)) if keys else CtidSpace(st)
         self.progress = None  # the session's Progress for this table, from run()
         self._progress_lock = threading.Lock()

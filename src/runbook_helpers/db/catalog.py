@@ -66,8 +66,11 @@ TABLE_SQL = text("""
 SELECT c.oid, c.relkind, c.relispartition, pg_get_userbyid(c.relowner) AS owner,
        (pg_has_role(current_user, c.relowner, 'USAGE')
         OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)) AS can_alter,
-       greatest(c.reltuples, 0)::bigint AS estimated_rows,
-       pg_total_relation_size(c.oid) AS size_bytes,
+       CASE WHEN c.relkind = 'p' THEN (SELECT coalesce(sum(greatest(l.reltuples, 0)), 0) FROM pg_partition_tree(
+              c.oid::regclass) t JOIN pg_class l ON l.oid = t.relid WHERE t.isleaf)
+            ELSE greatest(c.reltuples, 0) END::bigint AS estimated_rows,  -- a partitioned table: its partitions'
+       CASE WHEN c.relkind = 'p' THEN (SELECT coalesce(sum(pg_total_relation_size(t.relid)), 0) FROM
+              pg_partition_tree(c.oid::regclass) t) ELSE pg_total_relation_size(c.oid) END AS size_bytes,
        c.relrowsecurity, c.relforcerowsecurity
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = :schema AND c.relname = :name AND c.relkind IN ('r', 'p')
@@ -202,6 +205,12 @@ def _is_not_null_check(definition: str) -> bool:
     return normalized.startswith(f"check {TENANT_COLUMN} is not null")
 
 
+def partition_parent(conn: Connection, oid: int) -> str | None:
+    """The table a partition is a partition of."""
+    return conn.execute(text("SELECT inhparent::regclass::text FROM pg_inherits WHERE inhrelid = CAST(:oid AS oid)"),
+                        {"oid": oid}).scalar()
+
+
 def relation_oid(conn: Connection, schema: str, name: str) -> int | None:
     return conn.execute(text(
         "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
@@ -252,7 +261,15 @@ UNIQUE_SQL = text("""
 SELECT c.relname AS table, ic.relname AS name,
        CASE WHEN con.contype = 'p' THEN 'primary key' WHEN con.oid IS NOT NULL THEN 'unique constraint'
             ELSE 'unique index' END AS kind,
-       i.indnatts = 1 AND (con.contype = 'p' OR (SELECT format_type(a.atttypid, a.atttypmod) = 'uuid'
+       (i.indnatts = 1 OR (c.relkind = 'p' AND
+          (SELECT array_agg(a.attname) FROM unnest((i.indkey::int2[])[1:]) k(attnum)
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum)
+          <@ (SELECT array_agg(a.attname) FROM pg_partition_tree(i.indrelid) t
+                JOIN pg_partitioned_table pt ON pt.partrelid = t.relid CROSS JOIN unnest(pt.partattrs::int2[]) k(attnum)
+                JOIN pg_attribute a ON a.attrelid = t.relid AND a.attnum = k.attnum)))
+         -- one column, or one and the partition keys (of every level) PostgreSQL requires in a partitioned
+         -- table's every unique key
+         AND (con.contype = 'p' OR (SELECT format_type(a.atttypid, a.atttypmod) = 'uuid'
           FROM pg_attribute a WHERE a.attrelid = i.indrelid AND a.attnum = i.indkey[0])) AS global_id,
        (SELECT string_agg(fk.conname, ', ') FROM pg_constraint fk JOIN pg_class pc ON pc.oid = fk.confrelid
           WHERE fk.conrelid = i.indrelid AND fk.contype = 'f' AND pc.relname = ANY(:tables)

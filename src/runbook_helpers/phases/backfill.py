@@ -36,7 +36,7 @@ from psycopg import sql
 from .. import faults
 from ..backfill.assignment import Assignment
 from ..backfill.engine import BatchedBackfill
-from ..db import catalog, reconcile
+from ..db import catalog, partitions, reconcile
 from ..db.catalog import TableState
 from ..db.ddl import ACCESS_EXCLUSIVE_META, ROW_EXCLUSIVE_BATCH, UNDO_PHASE, Step, plan_frame, results_frame
 from ..db.names import TENANT_COLUMN
@@ -70,15 +70,19 @@ def column_steps(st: TableState, system_id: int | None) -> list[Step]:
     """Pass 1: the column, where it is missing."""
     if st.has_column:
         return []
-    return [Step(PHASE, st.name, "add tenant_id with the System Tenant for every existing row",
+    spread = " (on the table and every partition)" if st.partitioned else ""
+    return [Step(PHASE, st.name, "add tenant_id with the System Tenant for every existing row" + spread,
                  sql.SQL("ALTER TABLE {} ADD COLUMN {} bigint DEFAULT {}").format(
                      st.qualified, COL, _tenant_literal(system_id)),
-                 ACCESS_EXCLUSIVE_META, "a constant default is stored in the catalog: no row is rewritten or scanned")]
+                 ACCESS_EXCLUSIVE_META + spread, "a constant default is stored in the catalog: no row is rewritten "
+                 "or scanned" + ("; PostgreSQL adds the column to every partition, and to partitions created later"
+                                 if spread else ""))]
 
 
 def fill_step(st: TableState, system_id: int | None, strategy: str, batch_size: int,
-              assignment: Assignment | None = None) -> list[Step]:
-    """Pass 3's batches, listed as one step with its lock."""
+              assignment: Assignment | None = None, leaves: list[str] | None = None) -> list[Step]:
+    """Pass 3's batches, listed as one step with its lock (one per leaf partition of a partitioned table:
+    `leaves`, the partitions with rows to fill)."""
     keys = key_columns(st, None)
     how = f"keyset on ({', '.join(keys)})" if keys else "ctid page ranges (no primary key)"
     if strategy == "mapped":
@@ -88,6 +92,13 @@ def fill_step(st: TableState, system_id: int | None, strategy: str, batch_size: 
                              "Tenant while the org maps elsewhere> AND <not written by the application since the "
                              "record opened>").format(st.qualified, COL, value),
                      ROW_EXCLUSIVE_BATCH, "one short transaction per batch with its checkpoint; resumable; no table lock")]
+    if strategy == "batched" and leaves:
+        return [Step(PHASE, st.name, f"fill NULL tenant_id of partition {leaf} in batches of {batch_size:,} ({how}; "
+                     f"its own checkpoint)", sql.SQL("UPDATE {} SET {} = {} WHERE <key range of one batch> AND {} IS "
+                                                     "NULL").format(sql.Identifier(st.schema, leaf), COL,
+                                                                    _tenant_literal(system_id), COL),
+                     ROW_EXCLUSIVE_BATCH, "one short transaction per batch with its checkpoint; resumable; no table "
+                     "lock") for leaf in leaves]
     if strategy == "batched":
         return [Step(PHASE, st.name, f"fill NULL tenant_id in batches of {batch_size:,} ({how})",
                      sql.SQL("UPDATE {} SET {} = {} WHERE <key range of one batch> AND {} IS NULL").format(
@@ -201,8 +212,10 @@ def plans(rb) -> list[TablePlan]:
                 nulls = catalog.null_tenant_count(conn, rb.schema, name) if st.has_column and not st.not_null else None
                 strategy = strategy_for(st, system_id, nulls)
             after = project(st, system_id) if not st.has_column else st
+            leaves = [leaf.name for leaf in partitions.leaves(partitions.tree(conn, st))
+                      if strategy == "batched" and catalog.null_tenant_count(conn, rb.schema, leaf.name)]
             fill = capture_steps(rb, conn, after, system_id) + fill_step(
-                after, system_id, strategy, rb.params.batch_size_for(name), assignment)
+                after, system_id, strategy, rb.params.batch_size_for(name), assignment, leaves)
             out.append(TablePlan(st, strategy, nulls, column_steps(st, system_id),
                                  rollout_steps(rb, conn, st, system_id, before.get(name)), fill, assignment, to_map))
     return out
@@ -268,10 +281,17 @@ def apply(rb) -> BackfillReport:
                     assignment = mapping.mapped_assignment(conn, rb.params, tp.state.name, system_id)
             with rb.engine.connect() as conn:
                 state = table_states.core_state(rb, conn, tp.state.name)
-            job = BatchedBackfill(rb, state, system_id, assignment)
-            outcome = job.run(tp.to_map)
-            updated, batches, paused = outcome.rows, outcome.batches, outcome.paused_s
-            progress.append(job.progress.frame())
+                targets = [(state, tp.to_map)]
+                if state.partitioned:  # leaf by leaf, each with its own checkpoint; the parent's triggers are
+                    # the leaves' too (PostgreSQL 13 and 14 list a partition's copies of them as internal)
+                    targets = [(replace(leaf.state, triggers=leaf.state.triggers or state.triggers), None)
+                               for leaf in partitions.leaves(partitions.tree(conn, state))
+                               if catalog.null_tenant_count(conn, rb.schema, leaf.name)]
+            for target, total in targets:
+                job = BatchedBackfill(rb, target, system_id, assignment, core_table=tp.state.name)
+                outcome = job.run(total)
+                updated, batches, paused = updated + outcome.rows, batches + outcome.batches, paused + outcome.paused_s
+                progress.append(job.progress.frame())
         added = not tp.state.has_column
         by_default = int(baseline.get(tp.state.name, 0)) if added and not rb.dry_run else 0
         faults.point("backfill.after_table", tp.state.name)
@@ -333,7 +353,8 @@ def undo_steps(rb, conn, before) -> list[Step]:
                             "catalog change only"))
         keys = sql.SQL(", ").join(sql.SQL("t2.{}::text").format(sql.Identifier(k)) for k in was["key_columns"])
         values_before = sql.SQL(
-            "SELECT t2.ctid AS row_id, t2.{c} AS now, lv.tenant_id AS was FROM {t} AS t2 LEFT JOIN {v} AS lv "
+            "SELECT t2.tableoid AS rel, t2.ctid AS row_id, t2.{c} AS now, lv.tenant_id AS was FROM {t} AS t2 "
+            "LEFT JOIN {v} AS lv "
             "ON lv.table_name = {name} AND lv.key = json_build_array({keys})::jsonb").format(
                 c=COL, t=st.qualified, v=sql.Identifier(rb.params.ledger_schema, "legacy_tenant_values"),
                 name=sql.Literal(name), keys=keys)
@@ -341,8 +362,8 @@ def undo_steps(rb, conn, before) -> list[Step]:
             "SELECT count(*) FROM ({}) AS x WHERE x.now IS DISTINCT FROM x.was").format(values_before))).scalar()
         if differing:
             out.append(Step(UNDO_PHASE, name, f"put back the tenant_id of before the migration ({differing:,} rows)",
-                            sql.SQL("UPDATE {t} AS t SET {c} = x.was FROM ({lv}) AS x WHERE t.ctid = x.row_id "
-                                    "AND x.now IS DISTINCT FROM x.was").format(t=st.qualified, c=COL, lv=values_before),
+                            sql.SQL("UPDATE {t} AS t SET {c} = x.was FROM ({lv}) AS x WHERE t.tableoid = x.rel "
+                                    "AND t.ctid = x.row_id AND x.now IS DISTINCT FROM x.was").format(t=st.qualified, c=COL, lv=values_before),
                             ROW_EXCLUSIVE_BATCH, "one UPDATE of the rows the backfill filled (no table lock)",
                             long_scan=True))
     return out

@@ -11,6 +11,16 @@ does nothing):
   7. DROP INDEX CONCURRENTLY an INVALID leftover of an interrupted build
   8. CREATE INDEX CONCURRENTLY on (tenant_id)  SHARE UPDATE EXCLUSIVE, outside any transaction
   9. ANALYZE, when anything above changed the table
+A partitioned table (range, list or hash, sub-partitions included) takes the same end state by other
+statements, so that every scan holds its lock on one partition only:
+  NOT NULL: the CHECK NOT VALID on the parent (it reaches every partition), VALIDATE per leaf partition,
+    then VALIDATE on the parent (every partition's is valid: no scan), SET NOT NULL on the parent (each
+    partition's valid CHECK proves it: no scan), DROP the CHECK.
+  FOREIGN KEY: per leaf partition NOT VALID, then VALIDATE; then on the parent without NOT VALID: PostgreSQL
+    recognises each partition's validated key as its own part and scans nothing (PostgreSQL before 18 cannot
+    add a NOT VALID foreign key to a partitioned table; this path works on every supported version).
+  index: CREATE INDEX ON ONLY the parent (and each sub-partitioned level), CREATE INDEX CONCURRENTLY per leaf,
+    ALTER INDEX … ATTACH PARTITION; the parent's index becomes valid when every partition's is attached.
 Then, across tables: composite primary and foreign keys (distribution.composite_keys; see
 tenancy/distribution.py) and row level security (rls.enabled; see tenancy/rls.py).
 """
@@ -21,7 +31,7 @@ import pandas as pd
 from psycopg import sql
 from sqlalchemy import text
 
-from ..db import names
+from ..db import names, partitions
 from ..db.catalog import TableState
 from ..db.ddl import (
     ACCESS_EXCLUSIVE_META,
@@ -41,9 +51,12 @@ PHASE = "constrain"
 COL = sql.Identifier(TENANT_COLUMN)
 
 
-def plan_table(st: TableState, schema: str) -> list[Step]:
+def plan_table(st: TableState, schema: str, parts: list[partitions.Partition] | None = None,
+               conn=None) -> list[Step]:
     if not st.has_column:
         raise RunbookError(f"{st.name} has no tenant_id yet: run 03_backfill first. Nothing was changed.")
+    if st.partitioned:
+        return plan_partitioned(st, schema, parts or [], conn)
     t = st.qualified
     steps: list[Step] = []
     check = st.check_name or names.not_null_check_name(st.name)
@@ -93,6 +106,151 @@ def plan_table(st: TableState, schema: str) -> list[Step]:
     return steps
 
 
+PARTITIONS_META = "ACCESS EXCLUSIVE on the table and its partitions (metadata only, milliseconds)"
+LEAF_SCAN = "SHARE UPDATE EXCLUSIVE on this partition only (reads and writes continue)"
+
+
+def _not_null_partitioned(st: TableState, parts: list[partitions.Partition]) -> list[Step]:
+    t, steps = st.qualified, []
+    check = sql.Identifier(st.check_name or names.not_null_check_name(st.name))
+    if not st.not_null:
+        if st.check_name is None:
+            steps.append(Step(PHASE, st.name, "add CHECK (tenant_id IS NOT NULL) NOT VALID to the table and every "
+                              "partition", sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL) NOT VALID")
+                              .format(t, check, COL), PARTITIONS_META,
+                              "NOT VALID skips the scan; every partition inherits the CHECK; new writes are checked"))
+        for part in partitions.leaves(parts):
+            if not part.state.not_null and not part.state.check_valid:
+                steps.append(Step(PHASE, st.name, f"validate the NOT NULL check on partition {part.name}",
+                                  sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(part.state.qualified, check),
+                                  LEAF_SCAN, "scans one partition without blocking its reads or writes",
+                                  long_scan=True))
+        if not st.check_valid:
+            steps.append(Step(PHASE, st.name, "validate the NOT NULL check on the table",
+                              sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(t, check),
+                              "SHARE UPDATE EXCLUSIVE on the table and its partitions (no scan)",
+                              "every partition's CHECK is validated already, so PostgreSQL only marks it valid"))
+        steps.append(Step(PHASE, st.name, "set tenant_id NOT NULL on the table and every partition",
+                          sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL").format(t, COL), PARTITIONS_META,
+                          "each partition's validated CHECK proves no NULLs, so PostgreSQL scans none"))
+    if st.check_name is not None or not st.not_null:
+        steps.append(Step(PHASE, st.name, "drop the now redundant CHECK (from every partition)",
+                          sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(t, check), PARTITIONS_META,
+                          "catalog change only"))
+    return steps
+
+
+def _fk_partitioned(st: TableState, schema: str, parts: list[partitions.Partition]) -> list[Step]:
+    steps = []
+    tenants = sql.Identifier(schema, "tenants")
+    if st.fk_name is not None and st.fk_valid:
+        return steps
+    for part in partitions.leaves(parts):
+        ps = part.state
+        fk = sql.Identifier(ps.fk_name or names.fk_name(ps.name))
+        if ps.fk_name is None:
+            steps.append(Step(PHASE, st.name, f"add foreign key to tenants NOT VALID on partition {ps.name}",
+                              sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} (id) NOT VALID")
+                              .format(ps.qualified, fk, COL, tenants),
+                              "SHARE ROW EXCLUSIVE on this partition and tenants (metadata only, milliseconds)",
+                              "NOT VALID skips the scan; new writes to the partition are checked at once"))
+        if not ps.fk_valid:
+            steps.append(Step(PHASE, st.name, f"validate the foreign key on partition {ps.name}",
+                              sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(ps.qualified, fk),
+                              LEAF_SCAN + " (+ ROW SHARE on tenants)", "scans one partition without blocking it",
+                              long_scan=True))
+    fk = sql.Identifier(st.fk_name or names.fk_name(st.name))
+    if st.fk_name is None:
+        steps.append(Step(PHASE, st.name, "add the foreign key to tenants on the table",
+                          sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} (id)").format(
+                              st.qualified, fk, COL, tenants),
+                          "SHARE ROW EXCLUSIVE on the table and its partitions, ACCESS EXCLUSIVE on tenants "
+                          "(metadata only, milliseconds)",
+                          "every partition's key is validated already: PostgreSQL attaches them and scans nothing; "
+                          "partitions created later get it"))
+    else:
+        steps.append(Step(PHASE, st.name, "validate the foreign key on the table",
+                          sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(st.qualified, fk),
+                          "SHARE UPDATE EXCLUSIVE on the table and its partitions (no scan)",
+                          "every partition's key is validated already"))
+    return steps
+
+
+def partition_index_steps(phase: str, conn, st: TableState, parts: list[partitions.Partition], index_of,
+                          create: sql.Composable, what: str) -> list[Step]:
+    """An index on a partitioned table built online: ON ONLY the table and each sub-partitioned level (an
+    empty, INVALID index), CONCURRENTLY on each leaf partition (an INVALID leftover of an interrupted build
+    dropped first), each attached to its parent's; the parent's becomes valid when all are attached.
+    `index_of(table)` names each level's index; `create` is `CREATE [UNIQUE] INDEX` and what follows ON is
+    the column list `what`."""
+    schema, steps = st.schema, []
+    top = index_of(st.name)
+    if conn is not None and partitions.index_state(conn, schema, top):
+        return steps  # valid: every partition's is attached
+    if conn is None or partitions.index_state(conn, schema, top) is None:
+        steps.append(Step(phase, st.name, f"create the index on ({what}) ON ONLY the table (INVALID until every "
+                          "partition's is attached)",
+                          sql.SQL("{} {} ON ONLY {} ({})").format(create, sql.Identifier(top), st.qualified,
+                                                                  sql.SQL(what)),
+                          "SHARE on the table alone (metadata only: ON ONLY builds nothing)",
+                          "builds no index entries; partitions created later get theirs automatically"))
+    for part in parts:
+        name, parent_index = index_of(part.name), index_of(part.parent)
+        attached = partitions.attached_index(conn, schema, parent_index, part.state) if conn is not None else None
+        if attached is not None and (not part.leaf or partitions.index_state(conn, schema, attached)):
+            continue
+        exists = partitions.index_state(conn, schema, name) if conn is not None else None
+        if not part.leaf:
+            if exists is None:
+                steps.append(Step(phase, st.name, f"create the index ON ONLY sub-partitioned {part.name}",
+                                  sql.SQL("{} {} ON ONLY {} ({})").format(create, sql.Identifier(name),
+                                                                          part.state.qualified, sql.SQL(what)),
+                                  f"SHARE on {part.name} alone (metadata only)", "builds no index entries"))
+        else:
+            drop = sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(schema, name))
+            if exists is False:
+                steps.append(Step(phase, st.name, f"drop INVALID index {name} left by an interrupted build", drop,
+                                  LEAF_SCAN, "CONCURRENTLY: reads and writes continue", transactional=False))
+            if not exists:
+                steps.append(Step(phase, st.name, f"build the index on ({what}) of partition {part.name}",
+                                  sql.SQL("{} CONCURRENTLY {} ON {} ({})").format(
+                                      create, sql.Identifier(name), part.state.qualified, sql.SQL(what)),
+                                  LEAF_SCAN, "CONCURRENTLY: reads and writes continue during the build",
+                                  transactional=False, long_scan=True, on_failure=drop))
+        if attached is None:
+            steps.append(Step(phase, st.name, f"attach {name} to {parent_index}",
+                              sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(
+                                  sql.Identifier(schema, parent_index), sql.Identifier(schema, name)),
+                              "SHARE UPDATE EXCLUSIVE on the parent's index, ACCESS EXCLUSIVE on the partition's "
+                              "index (metadata only, milliseconds; no table lock blocks writes)",
+                              "catalog change only: the partition's index is built"))
+    return steps
+
+
+def plan_partitioned(st: TableState, schema: str, parts: list[partitions.Partition], conn=None) -> list[Step]:
+    """NOT NULL, the foreign key and the index of a partitioned table, per partition then on the parent
+    (see the module's docstring); `conn` reads which indexes exist (None: plan as if none did)."""
+    steps = _not_null_partitioned(st, parts) + _fk_partitioned(st, schema, parts)
+    if st.index_name is None:
+        steps += partition_index_steps(PHASE, conn, st, parts, names.index_name, sql.SQL("CREATE INDEX"),
+                                       TENANT_COLUMN)
+    if steps:
+        steps.append(Step(PHASE, st.name, "refresh planner statistics (the table and every partition)",
+                          sql.SQL("ANALYZE {}").format(st.qualified),
+                          "SHARE UPDATE EXCLUSIVE", "samples the partitions; reads and writes continue",
+                          long_scan=True))
+    return steps
+
+
+def partitions_of(rb, conn, st: TableState, project=None) -> list[partitions.Partition]:
+    """The partitions of a core table (empty for a plain one), as backfill leaves them when `project`."""
+    parts = partitions.tree(conn, st, table_states.tenants_oid(conn, rb.schema))
+    if project is not None:
+        for part in parts:
+            part.state = project(part.state)
+    return parts
+
+
 def _planned_state(rb, st: TableState) -> TableState:
     """In a dry run before backfill, plan as if backfill had run (a dry run shows every phase's plan)."""
     if rb.dry_run and not st.has_column:
@@ -113,11 +271,17 @@ def extra_steps(rb) -> list[Step]:
 
 
 def _steps(rb) -> list[Step]:
+    per_table = []
     with rb.engine.connect() as conn:
-        states = table_states.core_states(rb, conn)
-    per_table = [s for st in states.values()
-                 for s in plan_table(_planned_state(rb, st), rb.schema)]
+        for st in table_states.core_states(rb, conn).values():
+            per_table += _table_steps(rb, conn, st)
     return per_table + extra_steps(rb)
+
+
+def _table_steps(rb, conn, st: TableState) -> list[Step]:
+    planned = _planned_state(rb, st)
+    parts = partitions_of(rb, conn, st, (lambda s: _planned_state(rb, s)) if planned is not st else None)
+    return plan_table(planned, rb.schema, parts, conn)
 
 
 def plan(rb) -> pd.DataFrame:
@@ -135,7 +299,8 @@ def apply(rb) -> pd.DataFrame:
         for table in rb.params.tables:
             with rb.engine.connect() as conn:
                 st = table_states.core_state(rb, conn, table)
-            results += executor.run_all(plan_table(_planned_state(rb, st), rb.schema))
+                steps = _table_steps(rb, conn, st)
+            results += executor.run_all(steps)
         results += executor.run_all(extra_steps(rb))
     except RunbookError as exc:
         raise type(exc)(f"{exc}\n{in_force(rb)}") from None
@@ -231,6 +396,11 @@ def _undo_table(conn, schema: str, st: TableState, was: dict) -> list[Step]:
     out: list[Step] = []
     for index in _tenant_indexes(conn, st.oid):
         if index not in was["indexes"]:
+            if st.partitioned:  # a partitioned index cannot be dropped CONCURRENTLY; it has no entries of its own
+                out.append(Step(UNDO_PHASE, st.name, f"drop index {index} (and every partition's part of it)",
+                                sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(schema, index)),
+                                PARTITIONS_META, "catalog change only: the files of the partitions' indexes go"))
+                continue
             out.append(Step(UNDO_PHASE, st.name, f"drop index {index}",
                             sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(schema, index)),
                             SHARE_UPDATE_EXCLUSIVE, "CONCURRENTLY: reads and writes continue", transactional=False))

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import pandas as pd
 from psycopg import sql
+from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from .. import drizzle, drizzle_schema
-from ..db import catalog, fingerprint, reconcile
+from ..db import catalog, fingerprint, partitions, reconcile
 from ..db.ddl import UNDO_PHASE, Step
 from ..db.names import TENANT_COLUMN
 from ..db.sqltext import render
@@ -60,6 +61,9 @@ def checks(rb) -> pd.DataFrame:
                     t=sql.Identifier(rb.schema, name), c=sql.Identifier(TENANT_COLUMN),
                     tenants=sql.Identifier(rb.schema, "tenants")))).scalar()
             add("rows whose tenant does not exist", name, 0, orphans)
+        for name, st in states.items():
+            for check, table, expected, actual in partition_checks(rb, conn, st):
+                add(check, table, expected, actual)
         for name, st in table_states.shared_states(rb, conn).items():
             add("shared table left alone", name, "no tenant_id", "tenant_id present" if st.has_column else "no tenant_id")
         before = original_schema.tables(conn, rb.params.ledger_schema)
@@ -101,6 +105,39 @@ def checks(rb) -> pd.DataFrame:
     for query in rb.params.validate_.smoke_queries:
         add("smoke query runs", query.name, SMOKE_WRITES if query.writes else "runs", _smoke(rb, query))
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+LEAF_INDEX_SQL = text("""
+SELECT coalesce(bool_or(i.indisvalid), false) FROM pg_partition_tree((SELECT c.oid FROM pg_class c JOIN pg_namespace n
+  ON n.oid = c.relnamespace WHERE n.nspname = :schema AND c.relname = :top)::regclass) t
+JOIN pg_index i ON i.indexrelid = t.relid WHERE i.indrelid = CAST(:oid AS oid)
+""")
+
+
+def partition_checks(rb, conn, st) -> list[tuple[str, str, str, str]]:
+    """Per leaf partition of a partitioned core table: what the parent's state promises for its rows, read
+    from the partition itself (a query may name a partition directly): tenant_id NOT NULL, the foreign key
+    to tenants validated, its part of the parent's tenant_id index valid, and, with row level security,
+    the partition's own policies enabled and forced (the parent's do not apply to a direct query)."""
+    out = []
+    tenants_oid = table_states.tenants_oid(conn, rb.schema)
+    for part in partitions.leaves(partitions.tree(conn, st, tenants_oid)):
+        ps = part.state
+        index = bool(conn.execute(LEAF_INDEX_SQL, {"schema": rb.schema, "top": st.index_name,
+                                                           "oid": ps.oid}).scalar()) if st.index_name else False
+        actual = ", ".join(["tenant_id NOT NULL" if ps.not_null else "tenant_id nullable",
+                            "foreign key validated" if ps.fk_valid else "foreign key absent or NOT VALID",
+                            "index attached and valid" if index else "no valid index attached"])
+        out.append(("partition: tenant_id NOT NULL, foreign key, index", f"{st.name}.{ps.name}",
+                    "tenant_id NOT NULL, foreign key validated, index attached and valid", actual))
+        if rb.params.rls.enabled:
+            own = {p["polname"] for p in rls.policies(conn, ps.oid)}
+            missing = [rls.policy_name(c) for c in rls.COMMANDS if rls.policy_name(c) not in own]
+            actual = ", ".join(["enabled" if ps.rls_enabled else "disabled", "forced" if ps.rls_forced else "not forced",
+                                f"policies missing: {', '.join(missing)}" if missing else "tenant policies"])
+            out.append(("partition: row level security of its own (direct queries)", f"{st.name}.{ps.name}",
+                        "enabled, forced, tenant policies", actual))
+    return out
 
 
 def reconciliation(rb) -> dict[str, object]:

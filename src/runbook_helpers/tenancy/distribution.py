@@ -22,12 +22,14 @@ application's schema can declare them as they are.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pandas as pd
 from psycopg import sql
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from ..db import catalog
+from ..db import catalog, partitions
 from ..db.ddl import ACCESS_EXCLUSIVE_META, SHARE_ROW_EXCLUSIVE_META, SHARE_UPDATE_EXCLUSIVE, UNDO_PHASE, Step
 from ..db.names import TENANT_COLUMN, truncate
 
@@ -117,19 +119,26 @@ def steps(conn: Connection, schema: str, tables: list[str]) -> list[Step]:
         if cols in unique_constraints(conn, st.oid).values():
             continue
         unique = composite_unique_name(name, st.pk_columns)
+        if st.partitioned:
+            out += partitioned_unique_steps(conn, st, unique, cols)
+            continue
         out += unique_index_steps(PHASE, conn, st, unique, cols)
         out.append(Step(PHASE, name, f"add UNIQUE ({', '.join(cols)}) using that index",
                         sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} UNIQUE USING INDEX {}").format(
                             st.qualified, sql.Identifier(unique), sql.Identifier(unique)),
                         ACCESS_EXCLUSIVE_META, "catalog change only: the index is built; the primary key stays"))
-    fks = catalog.foreign_keys(conn, schema, tables)
+    leaves = {t: partitions.leaves(partitions.tree(conn, st)) for t, st in states.items()}
+    fks = catalog.foreign_keys(conn, schema, tables + [p.name for parts in leaves.values() for p in parts])
     names = {f.name: f for f in fks}
     for fk in fks:
-        if TENANT_COLUMN in fk.cols:
+        if TENANT_COLUMN in fk.cols or fk.child not in states:
             continue
         parent = states.get(fk.parent)
         if parent is None or fk.ref_cols != parent.pk_columns:
             continue  # not a reference to a tenant table's primary key: the readiness report lists it
+        if states[fk.child].partitioned:
+            out += partitioned_fk_steps(schema, fk, leaves[fk.child], fks)
+            continue
         existing = covering(fk, fks)
         composite = existing.name if existing else composite_fk_name(fk)
         child = sql.Identifier(schema, fk.child)
@@ -147,6 +156,75 @@ def steps(conn: Connection, schema: str, tables: list[str]) -> list[Step]:
             out.append(Step(PHASE, fk.child, f"validate {composite}",
                             sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(child, sql.Identifier(composite)),
                             SHARE_UPDATE_EXCLUSIVE, "scans without blocking reads or writes", long_scan=True))
+    return out
+
+
+def partitioned_unique_steps(conn: Connection, st, unique: str, cols: list[str]) -> list[Step]:
+    """UNIQUE (tenant_id, <primary key>) on a partitioned table (its primary key includes the partition key, as
+    PostgreSQL requires of every unique key there): per leaf partition the unique index CONCURRENTLY and the
+    constraint USING it, then the constraint on the table, which PostgreSQL builds by attaching each
+    partition's (no scan; ADD … USING INDEX is not available on a partitioned table itself)."""
+    out: list[Step] = []
+    for leaf in partitions.leaves(partitions.tree(conn, st)):
+        ls = leaf.state
+        if partitions.attached_constraint(conn, catalog.relation_oid(conn, st.schema, leaf.parent), unique, ls) \
+                or cols in unique_constraints(conn, ls.oid).values():
+            continue
+        name = composite_unique_name(ls.name, st.pk_columns)
+        out += [replace(s, table=st.name) for s in unique_index_steps(PHASE, conn, ls, name, cols)]
+        out.append(Step(PHASE, st.name, f"add UNIQUE ({', '.join(cols)}) to partition {ls.name} using that index",
+                        sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} UNIQUE USING INDEX {}").format(
+                            ls.qualified, sql.Identifier(name), sql.Identifier(name)),
+                        ACCESS_EXCLUSIVE_META + " on this partition", "catalog change only: the index is built"))
+    out.append(Step(PHASE, st.name, f"add UNIQUE ({', '.join(cols)}) to the table",
+                    sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} UNIQUE ({})").format(
+                        st.qualified, sql.Identifier(unique), sql.SQL(", ").join(map(sql.Identifier, cols))),
+                    "ACCESS EXCLUSIVE on the table and its partitions (metadata only, milliseconds)",
+                    "every partition's unique index is built: PostgreSQL attaches them and builds nothing"))
+    return out
+
+
+def partitioned_fk_steps(schema: str, fk: catalog.ForeignKey, leaves: list, fks: list[catalog.ForeignKey]) -> list[Step]:
+    """The (tenant_id, …) twin of a foreign key whose child is partitioned: per leaf partition NOT VALID, then
+    VALIDATE, then on the table without NOT VALID, which attaches the partitions' (no scan). PostgreSQL before
+    18 cannot add a NOT VALID foreign key to a partitioned table."""
+    composite = composite_fk_name(fk)
+    existing = covering(fk, fks)
+    if existing is not None and existing.validated:
+        return []
+    out: list[Step] = []
+    cols = sql.SQL(", ").join(map(sql.Identifier, [TENANT_COLUMN] + fk.cols))
+    refs = sql.SQL("{} ({})").format(sql.Identifier(schema, fk.parent),
+                                     sql.SQL(", ").join(map(sql.Identifier, [TENANT_COLUMN] + fk.ref_cols)))
+    for leaf in leaves:
+        mine = replace(fk, child=leaf.name, name=composite_fk_name(replace(fk, child=leaf.name)))
+        have = covering(mine, fks)
+        child = sql.Identifier(schema, leaf.name)
+        if have is None:
+            out.append(Step(PHASE, fk.child, f"add {mine.name} NOT VALID to partition {leaf.name}",
+                            sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {}{} NOT VALID").format(
+                                child, sql.Identifier(mine.name), cols, refs, fk.actions(on_update="c")),
+                            "SHARE ROW EXCLUSIVE on this partition and the parent table (metadata only, milliseconds)",
+                            "NOT VALID skips the scan; new writes are checked at once"))
+        if have is None or not have.validated:
+            out.append(Step(PHASE, fk.child, f"validate {(have or mine).name} on partition {leaf.name}",
+                            sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
+                                child, sql.Identifier((have or mine).name)),
+                            "SHARE UPDATE EXCLUSIVE on this partition (reads and writes continue)",
+                            "scans one partition without blocking it", long_scan=True))
+    if existing is None:
+        out.append(Step(PHASE, fk.child, f"add {composite} to the table",
+                        sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {}{}").format(
+                            sql.Identifier(schema, fk.child), sql.Identifier(composite), cols, refs,
+                            fk.actions(on_update="c")),
+                        "SHARE ROW EXCLUSIVE on the table, its partitions and the parent table (metadata only)",
+                        f"every partition's key is validated: PostgreSQL attaches them and scans nothing; {fk.name} "
+                        f"stays beside it"))
+    else:
+        out.append(Step(PHASE, fk.child, f"validate {composite}",
+                        sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
+                            sql.Identifier(schema, fk.child), sql.Identifier(composite)),
+                        SHARE_UPDATE_EXCLUSIVE, "every partition's key is validated already"))
     return out
 
 
@@ -220,6 +298,14 @@ def readiness(rb) -> pd.DataFrame:
                 f"a later, explicit step (the application relies on the key as it is)" if composite else "") + (
                 f"; referenced from outside the spec by {', '.join(held)}" if held else ""),
                 TENANT_COLUMN in st.pk_columns)
+            if st.partitioned:
+                add("partitioned tables: composite keys hold the partition key", name,
+                    f"partitioned by {partitions.key_definition(conn, st.oid)}; " + (
+                        f"UNIQUE ({TENANT_COLUMN}, {', '.join(st.pk_columns)}) holds every level's partition key (the "
+                        f"primary key must), so it and the foreign keys to it can be built per partition and attached"
+                        if st.pk_columns else "no primary key: PostgreSQL takes a unique key on a partitioned table "
+                        "only with every partition key column in it; add one that includes them, then re-run"),
+                    bool(st.pk_columns))
         for u in catalog.unique_without_tenant(conn, rb.schema, p.tables).itertuples():
             if u.kind == "primary key":
                 continue

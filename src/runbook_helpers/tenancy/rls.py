@@ -28,7 +28,7 @@ from psycopg import sql
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from ..db import catalog
+from ..db import catalog, partitions
 from ..db.ddl import ACCESS_EXCLUSIVE_META, NEW_OBJECT, UNDO_PHASE, Step
 from ..db.names import TENANT_COLUMN, truncate
 
@@ -270,9 +270,27 @@ def steps(rb, conn: Connection) -> list[Step]:
     for name in p.tables:
         st = catalog.table_state(conn, rb.schema, name, tenants_oid)
         out += table_steps(st, p.rls.setting, policies(conn, st.oid) if st.oid else [], views.get(name, []), legacy)
+        for part in partitions.tree(conn, st, tenants_oid):  # see partition_states
+            out += table_steps(part.state, p.rls.setting, policies(conn, part.state.oid), [], legacy)
     if conn.execute(text("SELECT current_setting('server_version_num')::int")).scalar() >= 150000:
         out += view_grant_steps(conn, rb.schema, p.rls.app_role, p.tables,
                                 [v for names in views.values() for v in names])
+    return out
+
+
+def partition_states(conn: Connection, states: dict) -> dict:
+    """The core tables and every partition of the partitioned ones.
+
+    A query that names a partition directly is checked against the partition's own policies, not its
+    parent's: PostgreSQL applies a partitioned table's policies only to queries of the parent. So each
+    partition gets the same policies, ENABLE and FORCE as its parent, and a tenant reading a partition
+    directly sees only its own rows (the application role is granted nothing on partitions besides: a
+    direct query is refused outright unless someone grants it). Partitions created or attached later get
+    theirs when 04_constrain is re-run; until then the missing grant keeps the application role out."""
+    out = dict(states)
+    for st in states.values():
+        for part in partitions.tree(conn, st):
+            out[part.name] = part.state
     return out
 
 
@@ -282,7 +300,7 @@ def undo_steps(conn: Connection, schema: str, states: dict, views_before: dict[s
     and what the runbook granted to roles that held nothing before revoked (the roles themselves stay:
     roles belong to the whole server). `tables`: the spec's core and shared tables."""
     out: list[Step] = []
-    for name, st in states.items():
+    for name, st in partition_states(conn, states).items():
         for pol in policies(conn, st.oid) if st.oid else []:
             if is_runbook_policy(pol["polname"]):
                 out.append(Step(UNDO_PHASE, name, f"drop policy {pol['polname']}", sql.SQL("DROP POLICY {} ON {}").format(
