@@ -21,7 +21,7 @@ import pandas as pd
 from psycopg import sql
 from sqlalchemy import text
 
-from ..db import names
+from ..db import names, violations
 from ..db.catalog import TableState
 from ..db.ddl import (
     ACCESS_EXCLUSIVE_META,
@@ -34,14 +34,23 @@ from ..db.ddl import (
 )
 from ..db.names import TENANT_COLUMN
 from ..errors import RunbookError
+from ..legacy import conflicts
 from ..tenancy import distribution, rls
+from . import original_schema
 from . import state as table_states
 
 PHASE = "constrain"
 COL = sql.Identifier(TENANT_COLUMN)
 
 
-def plan_table(st: TableState, schema: str) -> list[Step]:
+def recorded_constraints(rb, conn) -> frozenset[str]:
+    """The constraints the core tables had before the migration (inspect's snapshot): a failed VALIDATE drops
+    only a constraint the runbook added."""
+    return frozenset(c["conname"] for t in original_schema.tables(conn, rb.params.ledger_schema).values()
+                     for c in t["constraints"])
+
+
+def plan_table(st: TableState, schema: str, recorded: frozenset[str] = frozenset()) -> list[Step]:
     if not st.has_column:
         raise RunbookError(f"{st.name} has no tenant_id yet: run 03_backfill first. Nothing was changed.")
     t = st.qualified
@@ -57,7 +66,8 @@ def plan_table(st: TableState, schema: str) -> list[Step]:
             steps.append(Step(PHASE, st.name, "validate the NOT NULL check",
                               sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(t, sql.Identifier(check)),
                               SHARE_UPDATE_EXCLUSIVE, "scans the table without blocking reads or writes",
-                              long_scan=True))
+                              long_scan=True, diagnose=violations.rows_where(
+                                  t, st.pk_columns, [TENANT_COLUMN], sql.SQL("x.{} IS NULL").format(COL))))
         steps.append(Step(PHASE, st.name, "set tenant_id NOT NULL",
                           sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL").format(t, COL),
                           ACCESS_EXCLUSIVE_META, "the validated CHECK proves no NULLs, so PostgreSQL skips the scan"))
@@ -74,7 +84,11 @@ def plan_table(st: TableState, schema: str) -> list[Step]:
     if not st.fk_valid:
         steps.append(Step(PHASE, st.name, "validate the foreign key",
                           sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(t, sql.Identifier(fk)),
-                          SHARE_UPDATE_EXCLUSIVE, "scans without blocking reads or writes", long_scan=True))
+                          SHARE_UPDATE_EXCLUSIVE, "scans without blocking reads or writes", long_scan=True,
+                          diagnose=violations.foreign_key_violations(
+                              t, [TENANT_COLUMN], sql.Identifier(schema, "tenants"), ["id"], st.pk_columns),
+                          on_error=None if fk in recorded else sql.SQL(
+                              "ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(t, sql.Identifier(fk))))
     for leftover in st.invalid_tenant_indexes:
         steps.append(Step(PHASE, st.name, f"drop INVALID index {leftover} left by an interrupted build",
                           sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(schema, leftover)),
@@ -106,7 +120,8 @@ def extra_steps(rb) -> list[Step]:
     out: list[Step] = []
     with rb.engine.connect() as conn:
         if rb.params.distribution.composite_keys:
-            out += distribution.steps(conn, rb.schema, rb.params.tables)
+            out += distribution.steps(conn, rb.schema, rb.params.tables, recorded=recorded_constraints(rb, conn),
+                                      plain=distribution.accepted_references(rb.params))
         if rb.params.rls.enabled:
             out += rls.steps(rb, conn)
     return out
@@ -115,8 +130,9 @@ def extra_steps(rb) -> list[Step]:
 def _steps(rb) -> list[Step]:
     with rb.engine.connect() as conn:
         states = table_states.core_states(rb, conn)
+        recorded = recorded_constraints(rb, conn)
     per_table = [s for st in states.values()
-                 for s in plan_table(_planned_state(rb, st), rb.schema)]
+                 for s in plan_table(_planned_state(rb, st), rb.schema, recorded)]
     return per_table + extra_steps(rb)
 
 
@@ -129,13 +145,16 @@ def apply(rb) -> pd.DataFrame:
     """Table by table, re-reading the catalog before each, so an interrupted run resumes cleanly. A failure
     says what is already in force on the application's writes."""
     rb.require_baseline()
+    if not rb.dry_run:
+        conflicts.require_resolved(rb)
     executor = rb.executor()
     results = []
     try:
         for table in rb.params.tables:
             with rb.engine.connect() as conn:
                 st = table_states.core_state(rb, conn, table)
-            results += executor.run_all(plan_table(_planned_state(rb, st), rb.schema))
+                recorded = recorded_constraints(rb, conn)
+            results += executor.run_all(plan_table(_planned_state(rb, st), rb.schema, recorded))
         results += executor.run_all(extra_steps(rb))
     except RunbookError as exc:
         raise type(exc)(f"{exc}\n{in_force(rb)}") from None

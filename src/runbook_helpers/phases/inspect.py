@@ -14,7 +14,7 @@ from ..db import catalog, fingerprint
 from ..db.ddl import plan_frame
 from ..db.names import TENANT_COLUMN
 from ..errors import RunbookError
-from ..legacy import mapping
+from ..legacy import conflicts, mapping
 from . import backfill, constrain, original_schema, seed
 from . import state as table_states
 
@@ -123,7 +123,29 @@ def preflight(rb) -> pd.DataFrame:
         add("row level security", OK, "off (rls.enabled: false)")
     if mapping.enabled(p) and not missing:
         add("legacy mapping can run", *_legacy_readiness(rb))
+    if not missing:
+        add("no conflicts between tenants", *_conflict_readiness(rb))
     return pd.DataFrame(rows, columns=["check", "status", "detail", "fix"])
+
+
+def _conflict_readiness(rb) -> tuple[str, str, str]:
+    """Every foreign key between tenant tables stays within one tenant (or has a rule), and every tenant_id
+    already set names a tenant: checked before anything changes (see tenant_conflicts for the listing)."""
+    try:
+        problems = conflicts.failures(rb)
+    except RunbookError as exc:
+        return FAIL, str(exc).removesuffix(" Nothing was changed."), "fix legacy or core_tables in params"
+    if problems:
+        return FAIL, "; ".join(problems), "see tenant_conflicts (01_inspect) for every key with its sample rows"
+    return OK, "every foreign key between tenant tables stays within one tenant, or has a rule; every tenant_id " \
+               "names a tenant", ""
+
+
+def tenant_conflicts(rb) -> pd.DataFrame:
+    """Per foreign key between tenant tables: the rows whose two sides would land in different tenants, with
+    sample keys and the rule from params; per table with tenant_id: values that name no tenant. Plain reads,
+    one query per key; archived as tenant_conflicts.csv."""
+    return conflicts.report(rb)
 
 
 def _legacy_readiness(rb) -> tuple[str, str, str]:
