@@ -241,7 +241,7 @@ def test_constrain_refuses_a_conflict_written_since_backfill_with_nothing_change
 def test_a_failed_validate_names_count_and_keys_and_the_legacy_application_keeps_writing(shop_backfilled, monkeypatch):
     db = shop_backfilled
     # the conflict lands after constrain's preflight passed (a write racing it): VALIDATE meets it
-    monkeypatch.setattr(conflicts, "require_resolved", lambda rb: None)
+    monkeypatch.setattr(conflicts, "require_resolved", lambda rb, actual=False: None)
     with pytest.raises(RunbookError) as err:
         db.run("constrain")
     message = str(err.value)
@@ -258,7 +258,7 @@ def test_a_failed_validate_names_count_and_keys_and_the_legacy_application_keeps
 def test_validate_failures_of_the_not_null_check_and_the_tenants_key_name_their_rows(shop_backfilled, monkeypatch):
     db = shop_backfilled
     db.execute("DELETE FROM rental WHERE id = 41")
-    monkeypatch.setattr(conflicts, "require_resolved", lambda rb: None)  # as if written after the preflight
+    monkeypatch.setattr(conflicts, "require_resolved", lambda rb, actual=False: None)  # as if written after the preflight
     db.execute_unrecorded("UPDATE customer SET tenant_id = NULL WHERE id IN (4, 7)")
     with pytest.raises(RunbookError) as err:
         db.run("constrain")

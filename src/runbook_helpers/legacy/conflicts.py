@@ -110,6 +110,7 @@ class _Terms:
     system_id: int | None
     mapped: bool        # seed has recorded org -> tenant
     has_column: dict[str, bool]
+    actual: bool = False  # the tenant_id rows carry now (constrain: the backfill has run and moves nothing more)
 
     def system(self) -> sql.Composable:
         return sql.Literal(f"tenant {self.system_id}") if self.mapped else sql.Literal("System Tenant")
@@ -126,6 +127,10 @@ def _landing(conn: Connection, p, terms: _Terms, table: str, row: sql.Identifier
     spec = p.core_tables[table]
     mapped = terms.legacy and (spec.org_column or spec.parent)
     parts: list[sql.Composable] = []
+    if terms.actual:
+        if terms.has_column[table]:
+            parts.append(terms.existing(sql.SQL("{}.{}").format(row, sql.Identifier(TENANT_COLUMN))))
+        return sql.SQL("COALESCE({})").format(sql.SQL(", ").join(parts + [terms.system()]))
     if terms.legacy and spec.parent is not None:
         alias = sql.Identifier(f"land{depth}")
         parts.append(sql.SQL("(SELECT {land} FROM {pt} AS {a} WHERE {a}.{pk} = {row}.{col})").format(
@@ -147,12 +152,12 @@ def _landing(conn: Connection, p, terms: _Terms, table: str, row: sql.Identifier
     return sql.SQL("COALESCE({})").format(sql.SQL(", ").join(parts))
 
 
-def _terms(conn: Connection, p) -> _Terms:
+def _terms(conn: Connection, p, actual: bool = False) -> _Terms:
     legacy = mapping.enabled(p)
     system_id = catalog.system_tenant_id(conn, p.schema_, p.system_tenant.uuid) \
         if catalog.relation_oid(conn, p.schema_, "tenants") is not None else None
     return _Terms(legacy, system_id, legacy and system_id is not None and mapping.map_tables_exist(conn, p),
-                  {t: catalog.table_state(conn, p.schema_, t).has_column for t in p.tables})
+                  {t: catalog.table_state(conn, p.schema_, t).has_column for t in p.tables}, actual)
 
 
 def _key_text(row: str, cols: list[str]) -> sql.Composable:
@@ -217,16 +222,17 @@ def _fix_for(fk: catalog.ForeignKey, env: str) -> str:
             f"the key stays a plain foreign key across tenants), or correct the data")
 
 
-def report(rb) -> pd.DataFrame:
+def report(rb, actual: bool = False) -> pd.DataFrame:
     """One row per foreign key between tenant tables and per core table with tenant_id: what would cross
-    tenants, how many rows, a few keys, the rule, and ok / accepted / FAIL with what to do."""
+    tenants, how many rows, a few keys, the rule, and ok / accepted / FAIL with what to do. `actual`: compare
+    the tenant_id the rows carry now instead of where the backfill would put them (constrain's preflight)."""
     p = rb.params
     rows: list[dict] = []
     with rb.engine.connect() as conn:
         present = [t for t in p.tables if catalog.relation_oid(conn, p.schema_, t) is not None]
         if len(present) < len(p.tables):
             return pd.DataFrame(columns=COLUMNS)  # preflight reports the missing tables
-        terms = _terms(conn, p)
+        terms = _terms(conn, p, actual)
         for fk in tenant_foreign_keys(conn, p):
             count, samples = foreign_key_conflicts(conn, p, fk, terms)
             rule = p.cross_tenant.rule(fk.child, fk.name)
@@ -247,11 +253,11 @@ def report(rb) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def failures(rb, frame: pd.DataFrame | None = None) -> list[str]:
+def failures(rb, actual: bool = False) -> list[str]:
     """One line per unresolved conflict or broken rule (empty: nothing stops the migration)."""
     with rb.engine.connect() as conn:
         out = [f"cross_tenant.foreign_keys.{line}" for line in rule_problems(conn, rb.params)]
-    frame = report(rb) if frame is None else frame
+    frame = report(rb, actual)
     for r in frame[frame["status"] == FAIL].to_dict("records"):
         what = (f"{r['object']} -> {r['references']}: {r['rows']:,} rows would reference a row of another tenant"
                 if r["kind"] == FOREIGN_KEY else f"{r['object']}: {r['rows']:,} rows name no tenant")
@@ -259,10 +265,10 @@ def failures(rb, frame: pd.DataFrame | None = None) -> list[str]:
     return out
 
 
-def require_resolved(rb) -> None:
+def require_resolved(rb, actual: bool = False) -> None:
     """The preflight of every phase that changes tables: raise, with nothing changed, while a conflict has
     no rule or a tenant_id names no tenant."""
-    problems = failures(rb)
+    problems = failures(rb, actual)
     if problems:
         raise RunbookError("conflicts between tenants (see 01_inspect's conflict report):\n"
                            + "\n".join(f"  - {line}" for line in problems) + "\nNothing was changed.")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pandas as pd
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from .. import drizzle
 from ..db import catalog, fingerprint
@@ -135,6 +136,9 @@ def _conflict_readiness(rb) -> tuple[str, str, str]:
         problems = conflicts.failures(rb)
     except RunbookError as exc:
         return FAIL, str(exc).removesuffix(" Nothing was changed."), "fix legacy or core_tables in params"
+    except DBAPIError as exc:  # e.g. a role that may not read the tables (the privilege check says so too)
+        return FAIL, f"could not read the core tables: {str(exc.orig).splitlines()[0]}", \
+            "connect as a role that may read every core table"
     if problems:
         return FAIL, "; ".join(problems), "see tenant_conflicts (01_inspect) for every key with its sample rows"
     return OK, "every foreign key between tenant tables stays within one tenant, or has a rule; every tenant_id " \
