@@ -144,6 +144,17 @@ def test_later_phases_refuse_with_nothing_changed_while_a_conflict_has_no_rule(s
     assert db.scalar("SELECT to_regclass('public.tenants')") is None  # seed created nothing
 
 
+def test_backfill_refuses_with_nothing_changed_while_a_conflict_has_no_rule(shop):
+    db = shop
+    with_rules(db, {RULE_KEY: {"wins": "child", "reason": "a customer may rent at any store"}})
+    db.run("inspect", "seed")
+    with_rules(db, {RULE_KEY: {"wins": "stop"}})
+    with pytest.raises(RunbookError, match=f"{RULE_KEY} -> customer \\(customer_id\\): 20 rows"):
+        db.run("backfill")
+    assert db.scalar("SELECT count(*) FROM pg_attribute WHERE attname = 'tenant_id' AND attrelid IN "
+                     "('customer'::regclass, 'inventory'::regclass, 'rental'::regclass)") == 0
+
+
 def test_existing_tenant_id_naming_no_tenant_is_counted_and_stops_inspect(shop):
     """A table whose tenant_id is already NOT NULL but names no tenant used to pass inspect, seed and backfill
     and fail in constrain, leaving its foreign key NOT VALID."""
