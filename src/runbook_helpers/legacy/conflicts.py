@@ -168,12 +168,12 @@ def _key_text(row: str, cols: list[str]) -> sql.Composable:
 
 
 def _count_and_samples(conn: Connection, base: sql.Composable, order: sql.Composable, n: int) -> tuple[int, list[str]]:
-    """One statement: how many rows `base` (a SELECT with a `sample` column) returns, and the first n samples."""
-    query = sql.SQL("WITH x AS NOT MATERIALIZED ({base}) SELECT (SELECT count(*) FROM x), "
-                    "ARRAY(SELECT x.sample FROM x ORDER BY {order} LIMIT {n})").format(
+    """One statement and one scan: how many rows `base` (a SELECT with a `sample` column) returns, and the first
+    n samples (the count rides along as a window over the whole result; no rows: none)."""
+    query = sql.SQL("SELECT x.sample, count(*) OVER () FROM ({base}) AS x ORDER BY {order} LIMIT {n}").format(
         base=base, order=order, n=sql.Literal(n))
-    count, samples = conn.exec_driver_sql(render(conn, query)).one()
-    return int(count), list(samples)
+    rows = conn.exec_driver_sql(render(conn, query)).all()
+    return (int(rows[0][1]) if rows else 0), [r[0] for r in rows]
 
 
 def foreign_key_conflicts(conn: Connection, p, fk: catalog.ForeignKey, terms: _Terms | None = None
