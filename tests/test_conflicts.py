@@ -209,6 +209,25 @@ def test_child_wins_keeps_the_plain_foreign_key_and_the_application_writes_acros
     assert set(legacy_insert_works(db).values()) == {"ok"}
 
 
+def test_child_wins_lets_an_unmapped_table_reference_a_mapped_one(shop):
+    """A table without a mapping that references a mapped one must follow it, unless the reference is accepted
+    across tenants: then its rows keep the System Tenant."""
+    db = shop
+    db.execute("CREATE TABLE payment (id bigserial PRIMARY KEY, customer_id bigint REFERENCES customer, amount int);"
+               "INSERT INTO payment (customer_id, amount) SELECT 1 + g % 20, g FROM generate_series(1, 30) g")
+    db.params = params_mod.override(db.params, {"core_tables": {"payment": {}}})
+    with db.session("inspect") as rb:
+        pre = inspect.preflight(rb).set_index("check")
+    assert "core_tables.payment: it references customer" in pre.loc["legacy mapping can run", "detail"]
+    assert "payment.payment_customer_id_fkey -> customer (customer_id): 30 rows" in \
+        pre.loc["no conflicts between tenants", "detail"]
+    with_rules(db, {"payment.payment_customer_id_fkey": {"wins": "child", "reason": "payments are settled centrally"}})
+    with_rules(db, {RULE_KEY: {"wins": "child", "reason": "a customer may rent at any store"}})
+    with db.session("inspect") as rb:
+        pre = inspect.preflight(rb).set_index("check")
+    assert pre.loc["legacy mapping can run", "status"] == "ok" and pre.loc["no conflicts between tenants", "status"] == "ok"
+
+
 def test_parent_wins_moves_the_child_to_that_parent_in_backfill_and_the_rollout_trigger(shop):
     db = shop
     with_rules(db, {RULE_KEY: {"wins": "parent"}})

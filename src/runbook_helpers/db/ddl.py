@@ -173,7 +173,7 @@ class Executor:
                 message += self._diagnosis(step)
                 undone = self._undo_on_error(step)
                 if self._journal_end and entry is not None:
-                    self._journal_end(entry, "failed", attempt, message)
+                    self._journal_end(entry, "failed", attempt, message + undone)
                 raise RunbookError(f"{message}\n  statement: {statement}\n  nothing of this step was applied{undone}; "
                                    f"fix the cause and re-run this notebook (it resumes)") from None
             if self._journal_end and entry is not None:

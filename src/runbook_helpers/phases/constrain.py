@@ -13,6 +13,12 @@ does nothing):
   9. ANALYZE, when anything above changed the table
 Then, across tables: composite primary and foreign keys (distribution.composite_keys; see
 tenancy/distribution.py) and row level security (rls.enabled; see tenancy/rls.py).
+
+Before any VALIDATE, the rows as they are must stay within their tenants (legacy/conflicts.py): a conflict
+without a rule stops the phase with nothing changed. A VALIDATE that fails anyway (a row written since)
+names the count and the first keys of the violating rows, and drops the NOT VALID foreign key it was
+validating when the runbook added it: NOT VALID, it would refuse the application's new rows of that kind
+while the phase is stopped (the NOT NULL check stays: the rollout trigger gives every new row a tenant).
 """
 
 from __future__ import annotations
