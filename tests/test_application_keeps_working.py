@@ -165,20 +165,29 @@ def test_the_workload_runs_through_every_phase_and_after_finalize_without_an_err
     assert results["finalize"]["status"]["rollout trigger"].eq("removed").all()
 
 
-def test_a_constrain_stopped_part_way_names_what_is_in_force_and_the_application_keeps_working(legacy):
+def test_a_constrain_stopped_part_way_names_what_is_in_force_and_the_application_keeps_working(legacy, monkeypatch):
     db = legacy
     db.run("inspect", "seed", "backfill")
     workflow = db.scalar("SELECT workflow_id FROM rules ORDER BY id LIMIT 1")
+    rule = db.scalar("SELECT min(id) FROM rules")
     other = db.scalar("INSERT INTO tenants (uuid, name) VALUES (gen_random_uuid(), 'elsewhere') RETURNING id")
     # a rule moved to another tenant behind the rollout trigger: its composite key cannot validate
-    db.execute_unrecorded("UPDATE rules SET tenant_id = %s WHERE id = (SELECT min(id) FROM rules)", (other,))
+    db.execute_unrecorded("UPDATE rules SET tenant_id = %s WHERE id = %s", (other, rule))
     from runbook_helpers.errors import RunbookError
+    from runbook_helpers.legacy import conflicts
+    with pytest.raises(RunbookError) as err:  # constrain's preflight finds it, with nothing changed (issue 14)
+        db.run("constrain")
+    assert "rules.rules_workflow_id_fkey -> workflows (workflow_id): 1 rows" in str(err.value)
+    monkeypatch.setattr(conflicts, "require_resolved", lambda rb, actual=False: None)  # as if moved after it
     with pytest.raises(RunbookError) as err:
         db.run("constrain")
     message = str(err.value)
     assert "validate rules_tenant_id_workflow_id_workflows_tenant_id_id_fk failed" in message
+    assert f"1 row violate it, e.g. (id) = ({rule}): tenant_id, workflow_id = ({other}, {workflow})" in message
     assert "In force on the application's writes now: " in message
-    assert "rules_tenant_id_workflow_id_workflows_tenant_id_id_fk (NOT VALID)" in message
+    # the NOT VALID composite key whose VALIDATE failed is dropped again: new writes do not meet it
+    assert "undone so new writes do not meet it" in message
+    assert "rules_tenant_id_workflow_id_workflows_tenant_id_id_fk" not in message.split("In force")[1]
     with psycopg.connect(as_role(db), autocommit=True) as conn:  # what is in force does not stop the application
         conn.execute("INSERT INTO rules (uuid, workflow_id, name, expression) VALUES (gen_random_uuid(), %s, 'r', 'x')",
                      (workflow,))

@@ -80,6 +80,11 @@ def test_run_dry_run_then_for_real_then_again(server):
         kinds = {row["kind"] for row in csv.DictReader(f)}
     assert kinds == set(legacy_checks.KINDS) - {legacy_checks.NO_ROLE}
     assert manifest["legacy_ambiguities"].startswith("legacy_ambiguities.csv: ")
+    # every foreign key between the demo's tenant tables checked for rows across tenants: none
+    with open(folder / "tenant_conflicts.csv", newline="") as f:
+        checked = list(csv.DictReader(f))
+    assert checked and {row["status"] for row in checked} == {"ok"}
+    assert manifest["tenant_conflicts"].startswith(f"tenant_conflicts.csv: {len(checked)} checked, 0 with rows")
     # the Drizzle hand-over: what schema.ts declares now, per table and as the diff of demo/app/src/schema.ts
     assert "## rules (`rules`)" in (folder / "drizzle_schema.md").read_text()
     assert '+  pgPolicy("tenant_legacy_access"' in (folder / "drizzle_schema.diff").read_text()

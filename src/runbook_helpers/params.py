@@ -144,6 +144,45 @@ class DistributionParams(_Strict):
     composite_keys: bool = False  # primary keys and foreign keys between tenant tables become (tenant_id, …)
 
 
+class CrossTenantRule(_Strict):
+    """What wins on one foreign key between tenant tables whose two sides land in different tenants."""
+    wins: Literal["parent", "child", "stop"] = "stop"
+    # parent: the child row takes that parent's tenant (the foreign key becomes the table's parent);
+    # child: the child keeps its own tenant and the key stays a plain foreign key (no composite twin),
+    # an accepted cross-tenant reference; stop: preflight fails while the key has conflicts
+    reason: str | None = Field(default=None, min_length=10)  # why a `child` reference is accepted (the lint)
+
+    @model_validator(mode="after")
+    def _reasoned(self) -> "CrossTenantRule":
+        if self.wins == "child" and not self.reason:
+            raise ValueError("cross_tenant.foreign_keys: wins: child keeps a reference across tenants; say why "
+                             "(reason:), the lint records it as accepted")
+        return self
+
+
+class CrossTenantParams(_Strict):
+    sample_keys: int = Field(default=5, ge=1, le=100)   # keys shown per conflict (the archive's CSV has them too)
+    foreign_keys: dict[str, CrossTenantRule] = {}       # "<child table>.<constraint name>" -> its rule
+
+    @field_validator("foreign_keys")
+    @classmethod
+    def _named(cls, value: dict[str, CrossTenantRule]) -> dict[str, CrossTenantRule]:
+        bad = [k for k in value if k.count(".") != 1 or not all(k.split("."))]
+        if bad:
+            raise ValueError(f"cross_tenant.foreign_keys: {', '.join(bad)}: name each foreign key as "
+                             f"<child table>.<constraint name> (01_inspect lists them)")
+        return value
+
+    def rule(self, child: str, constraint: str) -> str:
+        found = self.foreign_keys.get(f"{child}.{constraint}")
+        return found.wins if found else "stop"
+
+    def accepted(self, child: str, constraint: str) -> str | None:
+        """The reason a `child` rule gives, or None when the key is not an accepted cross-tenant reference."""
+        found = self.foreign_keys.get(f"{child}.{constraint}")
+        return found.reason if found and found.wins == "child" else None
+
+
 class DrizzleParams(_Strict):
     folder: str | None = None                # the application's migrations folder (meta/_journal.json + .sql)
     schema_: str = Field(default="drizzle", alias="schema")
@@ -288,6 +327,7 @@ class Params(_Strict):
     inspect: InspectParams = InspectParams()
     rls: RlsParams = RlsParams()
     distribution: DistributionParams = DistributionParams()
+    cross_tenant: CrossTenantParams = CrossTenantParams()
     drizzle: DrizzleParams = DrizzleParams()
     legacy: LegacyParams = LegacyParams()
     validate_: ValidateParams = Field(default=ValidateParams(), alias="validate")

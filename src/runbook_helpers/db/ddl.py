@@ -51,6 +51,11 @@ class Step:
     transactional: bool = True  # False: CREATE/DROP INDEX CONCURRENTLY must run outside a transaction
     long_scan: bool = False      # True: VALIDATE or an index build; runs under statement_timeout only
     on_failure: sql.Composable | None = None  # undoes what a failed try leaves (an INVALID index)
+    # after a failure that is not a lock timeout: `diagnose` is a read returning one row (count, sample keys)
+    # that names what violates the statement (a VALIDATE); `on_error` puts back what an earlier step of the
+    # phase left in force that new writes would meet (the NOT VALID constraint whose VALIDATE failed)
+    diagnose: sql.Composable | None = None
+    on_error: sql.Composable | None = None
 
 
 @dataclass
@@ -165,9 +170,11 @@ class Executor:
                 if cleanup is not None:
                     self._best_effort(cleanup)
                 message = f"{step.table}: {step.action} failed: {exc.diag.message_primary or exc}"
+                message += self._diagnosis(step)
+                undone = self._undo_on_error(step)
                 if self._journal_end and entry is not None:
-                    self._journal_end(entry, "failed", attempt, message)
-                raise RunbookError(f"{message}\n  statement: {statement}\n  nothing of this step was applied; "
+                    self._journal_end(entry, "failed", attempt, message + undone)
+                raise RunbookError(f"{message}\n  statement: {statement}\n  nothing of this step was applied{undone}; "
                                    f"fix the cause and re-run this notebook (it resumes)") from None
             if self._journal_end and entry is not None:
                 self._journal_end(entry, "applied", attempt, None)
@@ -181,6 +188,30 @@ class Executor:
         if self._journal_end and entry is not None:
             self._journal_end(entry, "lock timeout", attempts, message)
         raise LockNotAcquired(message)
+
+    def _diagnosis(self, step: Step) -> str:
+        """'; N rows violate it, e.g. …' from the step's diagnose query (bounded: a count and a few keys)."""
+        if step.diagnose is None:
+            return ""
+        try:
+            with self.engine.connect() as conn:
+                count, samples = conn.exec_driver_sql(render(conn, step.diagnose)).one()
+        except Exception as exc:  # the diagnosis is advisory; the failure itself is reported either way
+            return f" (the violating rows could not be listed: {type(exc).__name__})"
+        if not count:
+            return "; no violating row is left now (written and removed meanwhile?)"
+        return f"; {int(count):,} row{'s' if count != 1 else ''} violate it, e.g. {', '.join(map(str, samples))}"
+
+    def _undo_on_error(self, step: Step) -> str:
+        if step.on_error is None:
+            return ""
+        undo = Step(step.phase, step.table, f"undo after: {step.action}", step.on_error, step.lock, step.why)
+        try:
+            self._try(undo, self._render(undo), [])
+        except psycopg.Error as exc:
+            return (f"; what the phase added for it stays in force on new writes ({exc.diag.message_primary}): "
+                    f"run: {self._render(undo)}")
+        return f"; undone so new writes do not meet it: {self._render(undo)}"
 
     def _render(self, step: Step) -> str:
         with self.engine.connect() as conn:

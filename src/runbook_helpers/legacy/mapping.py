@@ -147,6 +147,8 @@ def check_children(conn: Connection, p) -> None:
     different tenants (and a (tenant_id, …) foreign key could never be valid)."""
     mapped = mapped_tables(p)
     for fk in catalog.foreign_keys(conn, p.schema_, list(p.core_tables)):
+        if p.cross_tenant.rule(fk.child, fk.name) == "child":
+            continue  # accepted across tenants (cross_tenant.foreign_keys): the child keeps its own tenant
         if fk.parent in mapped and fk.child not in mapped and fk.child != fk.parent:
             raise RunbookError(
                 f"core_tables.{fk.child}: it references {fk.parent} ({', '.join(fk.cols)}), whose rows go to their "

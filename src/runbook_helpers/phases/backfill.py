@@ -42,7 +42,7 @@ from ..db.ddl import ACCESS_EXCLUSIVE_META, ROW_EXCLUSIVE_BATCH, UNDO_PHASE, Ste
 from ..db.names import TENANT_COLUMN
 from ..db.sqltext import render
 from ..errors import RunbookError
-from ..legacy import mapping
+from ..legacy import conflicts, mapping
 from ..tenancy import rollout
 from . import original_schema
 from . import state as table_states
@@ -259,6 +259,8 @@ def apply(rb) -> BackfillReport:
     system_id = table_states.system_tenant_id(rb)
     if system_id is None and not rb.dry_run:
         raise RunbookError("the System Tenant does not exist yet: run 02_seed first. Nothing was changed.")
+    if not rb.dry_run:
+        conflicts.require_resolved(rb)
     executor = rb.executor()
     summary, progress, step_results = [], [], []
     table_plans = plans(rb)

@@ -23,6 +23,12 @@ statements, so that every scan holds its lock on one partition only:
     ALTER INDEX … ATTACH PARTITION; the parent's index becomes valid when every partition's is attached.
 Then, across tables: composite primary and foreign keys (distribution.composite_keys; see
 tenancy/distribution.py) and row level security (rls.enabled; see tenancy/rls.py).
+
+Before any VALIDATE, the rows as they are must stay within their tenants (legacy/conflicts.py): a conflict
+without a rule stops the phase with nothing changed. A VALIDATE that fails anyway (a row written since)
+names the count and the first keys of the violating rows, and drops the NOT VALID foreign key it was
+validating when the runbook added it: NOT VALID, it would refuse the application's new rows of that kind
+while the phase is stopped (the NOT NULL check stays: the rollout trigger gives every new row a tenant).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import pandas as pd
 from psycopg import sql
 from sqlalchemy import text
 
-from ..db import names, partitions
+from ..db import names, partitions, violations
 from ..db.catalog import TableState
 from ..db.ddl import (
     ACCESS_EXCLUSIVE_META,
@@ -44,15 +50,24 @@ from ..db.ddl import (
 )
 from ..db.names import TENANT_COLUMN
 from ..errors import RunbookError
+from ..legacy import conflicts
 from ..tenancy import distribution, rls
+from . import original_schema
 from . import state as table_states
 
 PHASE = "constrain"
 COL = sql.Identifier(TENANT_COLUMN)
 
 
+def recorded_constraints(rb, conn) -> frozenset[str]:
+    """The constraints the core tables had before the migration (inspect's snapshot): a failed VALIDATE drops
+    only a constraint the runbook added."""
+    return frozenset(c["conname"] for t in original_schema.tables(conn, rb.params.ledger_schema).values()
+                     for c in t["constraints"])
+
+
 def plan_table(st: TableState, schema: str, parts: list[partitions.Partition] | None = None,
-               conn=None) -> list[Step]:
+               conn=None, recorded: frozenset[str] = frozenset()) -> list[Step]:
     if not st.has_column:
         raise RunbookError(f"{st.name} has no tenant_id yet: run 03_backfill first. Nothing was changed.")
     if st.partitioned:
@@ -70,7 +85,8 @@ def plan_table(st: TableState, schema: str, parts: list[partitions.Partition] | 
             steps.append(Step(PHASE, st.name, "validate the NOT NULL check",
                               sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(t, sql.Identifier(check)),
                               SHARE_UPDATE_EXCLUSIVE, "scans the table without blocking reads or writes",
-                              long_scan=True))
+                              long_scan=True, diagnose=violations.rows_where(
+                                  t, st.pk_columns, [TENANT_COLUMN], sql.SQL("x.{} IS NULL").format(COL))))
         steps.append(Step(PHASE, st.name, "set tenant_id NOT NULL",
                           sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL").format(t, COL),
                           ACCESS_EXCLUSIVE_META, "the validated CHECK proves no NULLs, so PostgreSQL skips the scan"))
@@ -87,7 +103,11 @@ def plan_table(st: TableState, schema: str, parts: list[partitions.Partition] | 
     if not st.fk_valid:
         steps.append(Step(PHASE, st.name, "validate the foreign key",
                           sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(t, sql.Identifier(fk)),
-                          SHARE_UPDATE_EXCLUSIVE, "scans without blocking reads or writes", long_scan=True))
+                          SHARE_UPDATE_EXCLUSIVE, "scans without blocking reads or writes", long_scan=True,
+                          diagnose=violations.foreign_key_violations(
+                              t, [TENANT_COLUMN], sql.Identifier(schema, "tenants"), ["id"], st.pk_columns),
+                          on_error=None if fk in recorded else sql.SQL(
+                              "ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(t, sql.Identifier(fk))))
     for leftover in st.invalid_tenant_indexes:
         steps.append(Step(PHASE, st.name, f"drop INVALID index {leftover} left by an interrupted build",
                           sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(schema, leftover)),
@@ -264,7 +284,8 @@ def extra_steps(rb) -> list[Step]:
     out: list[Step] = []
     with rb.engine.connect() as conn:
         if rb.params.distribution.composite_keys:
-            out += distribution.steps(conn, rb.schema, rb.params.tables)
+            out += distribution.steps(conn, rb.schema, rb.params.tables, recorded=recorded_constraints(rb, conn),
+                                      plain=distribution.accepted_references(rb.params))
         if rb.params.rls.enabled:
             out += rls.steps(rb, conn)
     return out
@@ -273,15 +294,16 @@ def extra_steps(rb) -> list[Step]:
 def _steps(rb) -> list[Step]:
     per_table = []
     with rb.engine.connect() as conn:
+        recorded = recorded_constraints(rb, conn)
         for st in table_states.core_states(rb, conn).values():
-            per_table += _table_steps(rb, conn, st)
+            per_table += _table_steps(rb, conn, st, recorded)
     return per_table + extra_steps(rb)
 
 
-def _table_steps(rb, conn, st: TableState) -> list[Step]:
+def _table_steps(rb, conn, st: TableState, recorded: frozenset[str]) -> list[Step]:
     planned = _planned_state(rb, st)
     parts = partitions_of(rb, conn, st, (lambda s: _planned_state(rb, s)) if planned is not st else None)
-    return plan_table(planned, rb.schema, parts, conn)
+    return plan_table(planned, rb.schema, parts, conn, recorded)
 
 
 def plan(rb) -> pd.DataFrame:
@@ -293,13 +315,16 @@ def apply(rb) -> pd.DataFrame:
     """Table by table, re-reading the catalog before each, so an interrupted run resumes cleanly. A failure
     says what is already in force on the application's writes."""
     rb.require_baseline()
+    if not rb.dry_run and any(s.diagnose is not None for s in _steps(rb)):
+        # a VALIDATE is still to run: rows as they are now must stay within their tenants, or it would fail
+        conflicts.require_resolved(rb, actual=True)
     executor = rb.executor()
     results = []
     try:
         for table in rb.params.tables:
             with rb.engine.connect() as conn:
                 st = table_states.core_state(rb, conn, table)
-                steps = _table_steps(rb, conn, st)
+                steps = _table_steps(rb, conn, st, recorded_constraints(rb, conn))
             results += executor.run_all(steps)
         results += executor.run_all(extra_steps(rb))
     except RunbookError as exc:

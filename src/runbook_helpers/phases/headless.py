@@ -21,6 +21,7 @@ def run_phase(rb, since=None, force: bool = False) -> dict[str, Any]:
             inspect.assert_ready(out["preflight"])  # the notebook stops here too, before reading any rows
             out["inventory"] = inspect.inventory(rb)
             out["partitions"] = inspect.partition_inventory(rb)
+            out["conflicts"] = inspect.tenant_conflicts(rb)
             out["lint"] = inspect.lint(rb)
             out["readiness"] = inspect.distribution_readiness(rb)
             out["drizzle"] = inspect.drizzle_status(rb)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import pandas as pd
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from .. import drizzle
 from ..db import catalog, fingerprint, partitions
 from ..db.ddl import plan_frame
 from ..db.names import TENANT_COLUMN
 from ..errors import RunbookError
-from ..legacy import mapping
+from ..legacy import conflicts, mapping
 from . import backfill, constrain, original_schema, seed
 from . import state as table_states
 
@@ -121,6 +122,8 @@ def preflight(rb) -> pd.DataFrame:
         add("row level security", OK, "off (rls.enabled: false)")
     if mapping.enabled(p) and not missing:
         add("legacy mapping can run", *_legacy_readiness(rb))
+    if not missing:
+        add("no conflicts between tenants", *_conflict_readiness(rb))
     return pd.DataFrame(rows, columns=["check", "status", "detail", "fix"])
 
 
@@ -141,6 +144,29 @@ def _partition_readiness(rb, conn, core: dict) -> tuple[str, str, str]:
     counts = {n: len(partitions.tree(conn, s)) for n, s in parted.items()}
     return OK, "partitioned: " + ", ".join(f"{n} ({c} partitions)" for n, c in counts.items()) + \
         "; each is migrated through its parent, scans and batches partition by partition", ""
+
+
+def _conflict_readiness(rb) -> tuple[str, str, str]:
+    """Every foreign key between tenant tables stays within one tenant (or has a rule), and every tenant_id
+    already set names a tenant: checked before anything changes (see tenant_conflicts for the listing)."""
+    try:
+        problems = conflicts.failures(rb)
+    except RunbookError as exc:
+        return FAIL, str(exc).removesuffix(" Nothing was changed."), "fix legacy or core_tables in params"
+    except DBAPIError as exc:  # e.g. a role that may not read the tables (the privilege check says so too)
+        return FAIL, f"could not read the core tables: {str(exc.orig).splitlines()[0]}", \
+            "connect as a role that may read every core table"
+    if problems:
+        return FAIL, "; ".join(problems), "see tenant_conflicts (01_inspect) for every key with its sample rows"
+    return OK, "every foreign key between tenant tables stays within one tenant, or has a rule; every tenant_id " \
+               "names a tenant", ""
+
+
+def tenant_conflicts(rb) -> pd.DataFrame:
+    """Per foreign key between tenant tables: the rows whose two sides would land in different tenants, with
+    sample keys and the rule from params; per table with tenant_id: values that name no tenant. Plain reads,
+    one query per key; archived as tenant_conflicts.csv."""
+    return conflicts.report(rb)
 
 
 def _legacy_readiness(rb) -> tuple[str, str, str]:

@@ -19,6 +19,7 @@ from ..db import catalog
 from ..db.ddl import NEW_OBJECT, UNDO_PHASE, Step, plan_frame, results_frame
 from ..errors import RunbookError
 from ..legacy import checks as legacy_checks
+from ..legacy import conflicts as legacy_conflicts
 from ..legacy import mapping as legacy_mapping
 from ..legacy import seed as legacy_seed
 from . import state as table_states
@@ -186,7 +187,9 @@ def plan(rb) -> pd.DataFrame:
 
 
 def apply(rb) -> pd.DataFrame:
-    """Run the plan (or only list it in a dry run)."""
+    """Run the plan (or only list it in a dry run); not while a conflict between tenants has no rule."""
+    if not rb.dry_run:
+        legacy_conflicts.require_resolved(rb)
     return results_frame(rb.executor().run_all(steps(rb)))
 
 

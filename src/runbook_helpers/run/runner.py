@@ -167,6 +167,7 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
                 ledger.fail_open_phases(control, run_id)
         lint_note = _write_lint(folder, env, run_id)
         ambiguities_note = _write_ambiguities(folder, params, env, run_id)
+        conflicts_note = _write_conflicts(folder, env, run_id)
         writes_note = _write_app_writes(folder, env, run_id)
         drizzle_note = _write_drizzle_schema(folder, params, env, run_id) if "validate" in wanted else None
         secrets = database.secrets_in(database.conninfo(params, start=False)) if not params.database.embedded else []
@@ -188,6 +189,7 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
             "secret_scan": result.problems or "clean",
             "tenancy_lint": lint_note,
             "legacy_ambiguities": ambiguities_note,
+            "tenant_conflicts": conflicts_note,
             "application_writes": writes_note,
             "drizzle_schema": drizzle_note,
         }
@@ -263,6 +265,23 @@ def _write_ambiguities(folder: Path, params, env: str, run_id: str) -> str | Non
     legacy_checks.write_csv(frame, folder / "legacy_ambiguities.csv")
     kinds = legacy_checks.ambiguity_summary(frame).groupby("kind", sort=False)["cases"].sum()
     return f"legacy_ambiguities.csv: {len(frame)} cases ({', '.join(f'{k}: {n}' for k, n in kinds.items())})"
+
+
+def _write_conflicts(folder: Path, env: str, run_id: str) -> str | None:
+    """tenant_conflicts.csv in the archive: per foreign key between tenant tables, the rows that would cross
+    tenants (count, sample keys, rule), and tenant_id values naming no tenant (read-only; a failure is noted)."""
+    from ..legacy import conflicts
+    from .session import PhaseSession
+    try:
+        with PhaseSession("inspect", env, dry_run=True, run_id=run_id, log=lambda *_: None) as rb:
+            frame = conflicts.report(rb)
+    except Exception as exc:  # the database may be unreachable after a failed phase
+        return f"not written: {type(exc).__name__}: {exc}"
+    folder.mkdir(parents=True, exist_ok=True)
+    conflicts.write_csv(frame, folder / "tenant_conflicts.csv")
+    crossing = frame[frame["rows"] > 0]
+    return f"tenant_conflicts.csv: {len(frame)} checked, {len(crossing)} with rows across tenants" + (
+        f" ({', '.join(f'{r.object}: {r.rows} {r.status}' for r in crossing.itertuples())})" if len(crossing) else "")
 
 
 def _write_app_writes(folder: Path, env: str, run_id: str) -> str | None:

@@ -21,6 +21,7 @@ from ..db import database
 from ..db.ddl import Executor
 from ..db.ledger import Ledger
 from ..errors import RunbookError
+from ..legacy import conflicts
 from ..params import Params
 from .progress import Progress
 
@@ -73,6 +74,8 @@ class PhaseSession:
             if not under_runner:
                 database.try_advisory_lock(self.control, database.RUN_LOCK, "runbook run")
             database.try_advisory_lock(self.control, database.PHASE_LOCK, "runbook phase")
+            # a cross_tenant `wins: parent` rule makes that foreign key its table's parent, for every phase
+            self.params = conflicts.resolved(self.control, self.params)
             if not self.dry_run and self.ledger.exists(self.control):
                 self._phase_run = self.ledger.start_phase(self.control, self.run_id, phase, self.dry_run)
             self._watch_cells()

@@ -29,7 +29,7 @@ from psycopg import sql
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from ..db import catalog, partitions
+from ..db import catalog, partitions, violations
 from ..db.ddl import ACCESS_EXCLUSIVE_META, SHARE_ROW_EXCLUSIVE_META, SHARE_UPDATE_EXCLUSIVE, UNDO_PHASE, Step
 from ..db.names import TENANT_COLUMN, truncate
 
@@ -106,9 +106,18 @@ def unique_index_steps(phase: str, conn: Connection, st, index: str, cols: list[
     return out
 
 
-def steps(conn: Connection, schema: str, tables: list[str]) -> list[Step]:
+def accepted_references(p) -> dict[str, str]:
+    """Foreign keys params accept across tenants (cross_tenant.foreign_keys, wins: child), as
+    "<child table>.<constraint>" -> reason: they stay plain foreign keys, without a (tenant_id, …) twin."""
+    return {k: r.reason for k, r in p.cross_tenant.foreign_keys.items() if r.wins == "child"}
+
+
+def steps(conn: Connection, schema: str, tables: list[str], recorded: frozenset[str] = frozenset(),
+          plain: dict[str, str] | None = None) -> list[Step]:
     """What remains to give every tenant table UNIQUE (tenant_id, <key>) and every foreign key between tenant
-    tables its (tenant_id, …) twin, from the catalog."""
+    tables its (tenant_id, …) twin, from the catalog. Keys in `plain` (accepted cross-tenant references) get
+    none; a failed VALIDATE of a twin drops it again unless it is in `recorded` (there before the migration):
+    NOT VALID, it would refuse the application's new cross-tenant rows while the phase is stopped."""
     tenants_oid = catalog.relation_oid(conn, schema, "tenants")
     states = {t: catalog.table_state(conn, schema, t, tenants_oid) for t in tables}
     out: list[Step] = []
@@ -136,6 +145,8 @@ def steps(conn: Connection, schema: str, tables: list[str]) -> list[Step]:
         parent = states.get(fk.parent)
         if parent is None or fk.ref_cols != parent.pk_columns:
             continue  # not a reference to a tenant table's primary key: the readiness report lists it
+        if f"{fk.child}.{fk.name}" in (plain or {}):
+            continue  # an accepted cross-tenant reference: the readiness report and the lint list it
         if states[fk.child].partitioned:
             out += partitioned_fk_steps(schema, fk, leaves[fk.child], fks)
             continue
@@ -153,9 +164,15 @@ def steps(conn: Connection, schema: str, tables: list[str]) -> list[Step]:
                             SHARE_ROW_EXCLUSIVE_META, f"NOT VALID skips the scan; new writes are checked at once; "
                             f"{fk.name} stays beside it"))
         if existing is None or not names[composite].validated:
+            twin = [TENANT_COLUMN] + fk.cols
             out.append(Step(PHASE, fk.child, f"validate {composite}",
                             sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(child, sql.Identifier(composite)),
-                            SHARE_UPDATE_EXCLUSIVE, "scans without blocking reads or writes", long_scan=True))
+                            SHARE_UPDATE_EXCLUSIVE, "scans without blocking reads or writes", long_scan=True,
+                            diagnose=violations.foreign_key_violations(
+                                child, twin, sql.Identifier(schema, fk.parent), [TENANT_COLUMN] + fk.ref_cols,
+                                states[fk.child].pk_columns if fk.child in states else []),
+                            on_error=None if composite in recorded else sql.SQL(
+                                "ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(child, sql.Identifier(composite))))
     return out
 
 
@@ -311,14 +328,19 @@ def readiness(rb) -> pd.DataFrame:
                 continue
             add("unique keys include tenant_id", f"{u.table}.{u.name}", f"({u.columns})", False)
         fks = catalog.foreign_keys(conn, rb.schema, p.tables)
+        plain = accepted_references(p)
         for fk in fks:
             if fk.parent == "tenants":
                 continue
             twin = None if TENANT_COLUMN in fk.cols else covering(fk, fks)
+            reason = plain.get(f"{fk.child}.{fk.name}") if twin is None else None
             add("foreign keys between tenant tables include tenant_id", f"{fk.child}.{fk.name}",
                 f"({', '.join(fk.cols)}) -> {fk.parent}" + (
                     f"; {twin.name} enforces it with tenant_id: dropping this one is a later, explicit step"
-                    if twin else ""), TENANT_COLUMN in fk.cols)
+                    if twin else "") + (
+                    f"; an accepted cross-tenant reference (cross_tenant.foreign_keys: wins: child): {reason}; "
+                    f"it stays a plain foreign key, which a sharded deployment cannot co-locate" if reason else ""),
+                TENANT_COLUMN in fk.cols)
         for table in p.shared_tables:
             add("shared tables as reference tables", table, "candidate reference table (replicated to every node)",
                 True)

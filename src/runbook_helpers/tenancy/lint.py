@@ -155,13 +155,18 @@ def run(rb, conn: Connection | None = None) -> pd.DataFrame:
             + (f": {u.assessment}" if scoped else ""), global_id or scoped)
 
     fks = catalog.foreign_keys(conn, schema, tables)
+    plain = distribution.accepted_references(p)
     for fk in fks:
         twin = None if TENANT_COLUMN in fk.cols else distribution.covering(fk, fks)
         ok = TENANT_COLUMN in fk.cols or twin is not None
+        reason = None if ok else plain.get(f"{fk.child}.{fk.name}")
         add("foreign keys between tenant tables include tenant_id", f"{fk.child}.{fk.name}",
             f"({', '.join(fk.cols)}) -> {fk.parent}" + (
                 f": {twin.name} beside it includes tenant_id" if twin else
-                ("" if ok else ": a row can point at another tenant's row")), ok)
+                ("" if ok else ": a row can point at another tenant's row")) + (
+                " (an accepted cross-tenant reference: cross_tenant.foreign_keys, wins: child)" if reason else ""), ok)
+        if reason:
+            rows[-1].update(status=ACCEPTED, reason=reason)
 
     allowed = set(p.rls.bypass_roles) | {rb.identity.user}
     for role in conn.execute(BYPASS_SQL, {"schema": schema, "tables": tables}).mappings():
