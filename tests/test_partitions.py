@@ -314,7 +314,12 @@ def test_a_partly_applied_tenant_column_is_filled_partition_by_partition(pdb, ci
     with a checkpoint of its own; rollback puts every NULL back."""
     pdb.params = partition_params(ci_params, backfill={"batch_size": 200})
     pdb.execute("ALTER TABLE events ADD COLUMN tenant_id bigint")
-    # one partition's rows carry a tenant already (1: the System Tenant seed creates in this empty database)
+    # one partition's rows carry a tenant already: the System Tenant, there before the runbook as the
+    # application's 0000 creates tenants (inspect refuses a tenant_id that names no tenant)
+    pdb.execute("CREATE TABLE tenants (id bigserial PRIMARY KEY, uuid uuid NOT NULL UNIQUE, name text NOT NULL, "
+                "created_at timestamptz NOT NULL DEFAULT now(), updated_at timestamptz NOT NULL DEFAULT now())")
+    pdb.execute("INSERT INTO tenants (id, uuid, name) VALUES (1, %s, 'System Tenant')",
+                (str(pdb.params.system_tenant.uuid),))
     pdb.execute("UPDATE events SET tenant_id = 1 WHERE region = 'eu' AND occurred_on < '2025-01-01'")
     kept = pdb.scalar("SELECT count(*) FROM events WHERE tenant_id = 1")
     # the application's own row trigger (on the parent, so on every partition) must not fire for the batches
