@@ -18,7 +18,7 @@ import pytest
 
 from conftest import ROOT, Db, create_database, drop_database
 from runbook_helpers import params as params_mod
-from runbook_helpers.phases import validate
+from runbook_helpers.phases import rollback, validate
 
 SHOP = """
 CREATE TABLE store (store_id serial PRIMARY KEY, address text NOT NULL,
@@ -167,6 +167,23 @@ def test_mapped_partitioned_tables_migrate_end_to_end_with_rls_and_composite_key
     assert any(d.startswith("FOREIGN KEY (tenant_id, rental_id) REFERENCES rental(tenant_id, rental_id)") for d in fks)
     again = db.run("seed", "backfill", "constrain")  # after success every phase is a no-op
     assert again["backfill"]["plan"].empty and again["constrain"]["plan"].empty
+
+
+def test_rollback_after_the_mapped_migration_restores_the_exact_schema_and_rows(shop):
+    db = shop
+    legacy = db.schema_dump(exclude_ledger=True)
+    content = rows(db, "SELECT tableoid::regclass::text, count(*), sum(hashtext(p::text)) FROM payment p GROUP BY 1 "
+                       "ORDER BY 1")
+    db.run("inspect", "seed", "backfill", "constrain")
+    rb = db.session("rollback")
+    try:
+        rollback.apply(rb)
+        assert rollback.assert_rolled_back(rb) == "the database is back to its shape before the migration"
+    finally:
+        rb.close()
+    assert db.schema_dump(exclude_ledger=True) == legacy
+    assert rows(db, "SELECT tableoid::regclass::text, count(*), sum(hashtext(p::text)) FROM payment p GROUP BY 1 "
+                    "ORDER BY 1") == content
 
 
 def test_rollout_triggers_assign_through_the_parent_and_into_a_partition_and_children_follow(shop):
