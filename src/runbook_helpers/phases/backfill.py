@@ -83,7 +83,7 @@ def column_steps(st: TableState, system_id: int | None) -> list[Step]:
 def fill_step(st: TableState, system_id: int | None, strategy: str, batch_size: int,
               assignment: Assignment | None = None, leaves: list[str] | None = None) -> list[Step]:
     """Pass 3's batches, listed as one step with its lock (one per leaf partition of a partitioned table:
-    `leaves`, the partitions with rows to fill)."""
+    `leaves`, the partitions the batches walk)."""
     keys = key_columns(st, None)
     how = f"keyset on ({', '.join(keys)})" if keys else "ctid page ranges (no primary key)"
     if strategy == "mapped":
