@@ -8,7 +8,7 @@ import pytest
 from psycopg import sql
 
 from runbook_helpers import params as params_mod
-from runbook_helpers.phases import inspect, rollback, validate
+from runbook_helpers.phases import rollback, validate
 
 SCHEMA = """
 CREATE TABLE accounts (id bigserial PRIMARY KEY, name text NOT NULL);
@@ -377,14 +377,3 @@ def test_a_dry_run_plans_constrain_per_partition_before_backfill(pdb):
     assert {f"attach {leaf}_tenant_id_idx to {'events' if leaf == 'events_default' else leaf.rsplit('_', 1)[0]}"
             f"_tenant_id_idx" for leaf in LEAVES} <= set(events["action"])
     assert "attach events_2024_tenant_id_idx to events_tenant_id_idx" in set(events["action"])
-
-
-def test_the_legacy_mapping_of_a_partitioned_table_is_refused_in_preflight(pdb, ci_params):
-    pdb.params = partition_params(ci_params, legacy={"enabled": True},
-                                  core_tables={"events": {"org_column": "account_id"}})
-    with pdb.session("inspect") as rb:
-        pre = inspect.preflight(rb).set_index("check")
-    row = pre.loc["partitioned core tables are named by their parent"]
-    assert row["status"] == "FAIL"
-    assert row["detail"] == "partitioned tables the legacy mapping would move: events"
-    assert row["fix"].startswith("this version maps partitioned tables to the System Tenant only")

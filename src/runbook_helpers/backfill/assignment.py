@@ -17,11 +17,17 @@ from ..db.sqltext import render
 @dataclass
 class Assignment:
     """What the batched backfill writes into tenant_id and which rows still need it."""
-    value: sql.Composable    # the tenant of a row of the table being updated (referenced by its name)
+    value: sql.Composable    # the tenant of a row of the table being updated (referenced by `alias`)
     pending: sql.Composable  # rows still to fill
+    alias: str | None = None  # the name value and pending call the row by (not the table's): the same
+    # assignment then serves a table and each of its leaf partitions, whose batches update the leaf itself
+
+    def target(self, st) -> sql.Composable:
+        """The relation a batch updates or a count reads, named so value and pending find their row."""
+        return sql.SQL("{} AS {}").format(st.qualified, sql.Identifier(self.alias)) if self.alias else st.qualified
 
     def count(self, conn: Connection, st) -> int:
-        query = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(st.qualified, self.pending)
+        query = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(self.target(st), self.pending)
         return int(conn.exec_driver_sql(render(conn, query)).scalar())
 
 

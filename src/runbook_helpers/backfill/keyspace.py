@@ -139,5 +139,5 @@ class CtidSpace:
 def _update(conn: Connection, st: TableState, conds: list[sql.Composable], assign: Assignment) -> str:
     """One batch's UPDATE: the key range, then the rows still pending, set to the assignment's value."""
     query = sql.SQL("UPDATE {} SET {} = {} WHERE {}").format(
-        st.qualified, COL, assign.value, sql.SQL(" AND ").join([*conds, assign.pending]))
+        assign.target(st), COL, assign.value, sql.SQL(" AND ").join([*conds, assign.pending]))
     return render(conn, query)

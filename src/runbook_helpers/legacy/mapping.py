@@ -31,6 +31,7 @@ from ..db.sqltext import render
 from ..errors import RunbookError
 
 NO_ORG = -1  # the effective org of a row that goes to the System Tenant
+ROW = "mapped_row"  # how a mapped assignment names the row it fills: the same for a table and its partitions
 
 MAP_TABLES_SQL = """
 CREATE TABLE IF NOT EXISTS {l}.org_tenants (
@@ -361,7 +362,7 @@ def mapped_assignment(conn: Connection, p, table: str, system_id: int) -> Assign
     unless the application inserted it since the record opened (its writer, or the rollout trigger, chose
     its tenant then; an update that left tenant_id alone chose nothing)."""
     spec = p.core_tables[table]
-    me = sql.Identifier(p.schema_, table)
+    me = sql.Identifier(ROW)  # the batches alias the table (or the leaf partition) they update so
     col = sql.Identifier(TENANT_COLUMN)
     system = sql.Literal(int(system_id))
     parts: list[sql.Composable] = []
@@ -386,7 +387,7 @@ def mapped_assignment(conn: Connection, p, table: str, system_id: int) -> Assign
     else:
         pending = sql.SQL("({col} IS NULL OR {col} IS DISTINCT FROM coalesce({pt}, {col}) OR ({pt} IS NULL AND "
                           "{moved}))").format(col=col, pt=parent_tenant, moved=moved)
-    return Assignment(value, pending)
+    return Assignment(value, pending, alias=ROW)
 
 
 def rows_to_map(conn: Connection, p, table: str) -> int:

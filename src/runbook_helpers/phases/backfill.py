@@ -20,7 +20,8 @@ In three passes, so that every trigger finds the columns it reads:
    - mapped (legacy.enabled, a table with org_column or parent): the batch engine moves each row whose
      org maps to a real tenant from NULL or the System Tenant to that tenant, parents before children, a
      child taking its parent's tenant_id. Rows the application wrote since the record opened keep the
-     tenant the trigger (or the writer) gave them.
+     tenant the trigger (or the writer) gave them. A partitioned table is walked leaf partition by leaf
+     partition, each with its own checkpoint, as for the batched strategy.
    - done: the column is filled already.
 The triggers stay for the rollout window: 06_finalize removes them once the application writes tenant_id.
 """
@@ -34,7 +35,7 @@ import pandas as pd
 from psycopg import sql
 
 from .. import faults
-from ..backfill.assignment import Assignment
+from ..backfill.assignment import Assignment, system_assignment
 from ..backfill.engine import BatchedBackfill
 from ..db import catalog, partitions, reconcile
 from ..db.catalog import TableState
@@ -82,16 +83,19 @@ def column_steps(st: TableState, system_id: int | None) -> list[Step]:
 def fill_step(st: TableState, system_id: int | None, strategy: str, batch_size: int,
               assignment: Assignment | None = None, leaves: list[str] | None = None) -> list[Step]:
     """Pass 3's batches, listed as one step with its lock (one per leaf partition of a partitioned table:
-    `leaves`, the partitions with rows to fill)."""
+    `leaves`, the partitions the batches walk)."""
     keys = key_columns(st, None)
     how = f"keyset on ({', '.join(keys)})" if keys else "ctid page ranges (no primary key)"
     if strategy == "mapped":
         value = assignment.value if assignment is not None else sql.SQL("<the tenant of the row's org>")
-        return [Step(PHASE, st.name, f"give each row its org's tenant in batches of {batch_size:,} ({how})",
+        targets = [(f" of partition {leaf}", "; its own checkpoint", replace(st, name=leaf)) for leaf in leaves or []]
+        return [Step(PHASE, st.name, f"give each row{of} its org's tenant in batches of {batch_size:,} ({how}{own})",
                      sql.SQL("UPDATE {} SET {} = {} WHERE <key range of one batch> AND <no tenant or the System "
                              "Tenant while the org maps elsewhere> AND <not written by the application since the "
-                             "record opened>").format(st.qualified, COL, value),
-                     ROW_EXCLUSIVE_BATCH, "one short transaction per batch with its checkpoint; resumable; no table lock")]
+                             "record opened>").format(assignment.target(target) if assignment is not None
+                                                      else target.qualified, COL, value),
+                     ROW_EXCLUSIVE_BATCH, "one short transaction per batch with its checkpoint; resumable; no table lock")
+                for of, own, target in targets or [("", "", st)]]
     if strategy == "batched" and leaves:
         return [Step(PHASE, st.name, f"fill NULL tenant_id of partition {leaf} in batches of {batch_size:,} ({how}; "
                      f"its own checkpoint)", sql.SQL("UPDATE {} SET {} = {} WHERE <key range of one batch> AND {} IS "
@@ -212,8 +216,11 @@ def plans(rb) -> list[TablePlan]:
                 nulls = catalog.null_tenant_count(conn, rb.schema, name) if st.has_column and not st.not_null else None
                 strategy = strategy_for(st, system_id, nulls)
             after = project(st, system_id) if not st.has_column else st
+            # the leaves the batches walk: those with NULLs; mapped, every leaf (a child's rows wait on parents
+            # this same run moves first, so what is pending is counted when its turn comes)
             leaves = [leaf.name for leaf in partitions.leaves(partitions.tree(conn, st))
-                      if strategy == "batched" and catalog.null_tenant_count(conn, rb.schema, leaf.name)]
+                      if strategy == "mapped" or (strategy == "batched" and
+                                                  catalog.null_tenant_count(conn, rb.schema, leaf.name))]
             fill = capture_steps(rb, conn, after, system_id) + fill_step(
                 after, system_id, strategy, rb.params.batch_size_for(name), assignment, leaves)
             out.append(TablePlan(st, strategy, nulls, column_steps(st, system_id),
@@ -286,9 +293,10 @@ def apply(rb) -> BackfillReport:
                 targets = [(state, tp.to_map)]
                 if state.partitioned:  # leaf by leaf, each with its own checkpoint; the parent's triggers are
                     # the leaves' too (PostgreSQL 13 and 14 list a partition's copies of them as internal)
-                    targets = [(replace(leaf.state, triggers=leaf.state.triggers or state.triggers), None)
+                    pending = assignment or system_assignment(system_id)
+                    targets = [(replace(leaf.state, triggers=leaf.state.triggers or state.triggers), n)
                                for leaf in partitions.leaves(partitions.tree(conn, state))
-                               if catalog.null_tenant_count(conn, rb.schema, leaf.name)]
+                               if (n := pending.count(conn, leaf.state))]
             for target, total in targets:
                 job = BatchedBackfill(rb, target, system_id, assignment, core_table=tp.state.name)
                 outcome = job.run(total)

@@ -129,16 +129,12 @@ def preflight(rb) -> pd.DataFrame:
 
 def _partition_readiness(rb, conn, core: dict) -> tuple[str, str, str]:
     """A partitioned core table is migrated through its parent: a partition named in the spec would be
-    migrated twice (and its parent not at all); the legacy mapping's batches do not walk partitions yet."""
+    migrated twice (and its parent not at all)."""
     named = [f"{n} (a partition of {catalog.partition_parent(conn, s.oid)})" for n, s in core.items() if s.is_partition]
     if named:
         return FAIL, f"partitions named as core tables: {', '.join(named)}", \
             "name the partitioned parent in core_tables instead; its partitions get everything from it"
     parted = {n: s for n, s in core.items() if s.partitioned}
-    mapped = mapping.mapped_tables(rb.params) if mapping.enabled(rb.params) else {}
-    if set(parted) & set(mapped):
-        return FAIL, f"partitioned tables the legacy mapping would move: {', '.join(sorted(set(parted) & set(mapped)))}", \
-            "this version maps partitioned tables to the System Tenant only: drop their org_column/parent in params"
     if not parted:
         return OK, "no partitioned core tables", ""
     counts = {n: len(partitions.tree(conn, s)) for n, s in parted.items()}
