@@ -147,7 +147,8 @@ def _landing(conn: Connection, p, terms: _Terms, table: str, row: sql.Identifier
         oc = sql.SQL("{}.{}").format(row, sql.Identifier(spec.org_column))
         parts.append(sql.SQL("(SELECT 'tenant ' || m.tenant_id FROM {ot} AS m WHERE m.org_id = {oc})").format(
             ot=mapping.ledger_table(p, "org_tenants"), oc=oc) if terms.mapped else
-            sql.SQL("(SELECT 'org ' || o.id FROM {org} AS o WHERE o.id = {oc})").format(org=mapping.org_table(p), oc=oc))
+            sql.SQL("(SELECT 'org ' || {ok} FROM {org} AS o WHERE {ok} = {oc})").format(
+                ok=mapping.org_key("o", p), org=mapping.org_table(p), oc=oc))
     parts.append(terms.system())
     return sql.SQL("COALESCE({})").format(sql.SQL(", ").join(parts))
 
