@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import backfill, constrain, finalize, inspect, seed, validate
+from ..errors import RunbookError
+from . import backfill, constrain, finalize, inspect, rollback, seed, validate
 
 
 def run_phase(rb, since=None, force: bool = False) -> dict[str, Any]:
     """Run rb.phase to its verdict; raises like the notebook's last cell would. Closes the session.
-    `since` and `force` are 06_finalize's parameters."""
+    `since` and `force` are 06_finalize's parameters (`force` is 99_rollback's too)."""
     out: dict[str, Any] = {}
     try:
         if rb.phase == "inspect":
@@ -58,6 +59,13 @@ def run_phase(rb, since=None, force: bool = False) -> dict[str, Any]:
             out["applied"] = finalize.apply(rb, since=since, force=force)
             out["status"] = finalize.status(rb)
             out["verdict"] = finalize.assert_finalized(rb)
+        elif rb.phase == "rollback":
+            out["foreign rows"] = rollback.foreign_rows(rb)
+            out["plan"] = rollback.plan(rb)
+            out["applied"] = rollback.apply(rb, force=force)
+            out["verdict"] = rollback.assert_rolled_back(rb)
+        else:  # a phase this function does not know must not pass for one that ran
+            raise RunbookError(f"no headless steps for phase {rb.phase!r}")
         rb.finish(summary={"verdict": out.get("verdict")})
     except BaseException as exc:
         rb.fail(f"{type(exc).__name__}: {exc}")
