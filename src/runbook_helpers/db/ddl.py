@@ -67,6 +67,21 @@ class StepResult:
     error: str | None = None
 
 
+def concurrent_index_steps(phase: str, table: str, schema: str, index: str, build: sql.Composable | None,
+                           action: str, lock: str = SHARE_UPDATE_EXCLUSIVE, leftovers=()) -> list[Step]:
+    """An index built CONCURRENTLY (outside a transaction, reads and writes continue): each INVALID leftover
+    of an interrupted build in `leftovers` dropped first, then `build` (the CREATE … INDEX CONCURRENTLY
+    statement; None when a valid index exists), whose failure drops what it left."""
+    drop = sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(schema, index))
+    out = [Step(phase, table, f"drop INVALID index {name} left by an interrupted build",
+                sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(schema, name)), lock,
+                "CONCURRENTLY: reads and writes continue", transactional=False) for name in leftovers]
+    if build is not None:
+        out.append(Step(phase, table, action, build, lock, "CONCURRENTLY: reads and writes continue during the build",
+                        transactional=False, long_scan=True, on_failure=drop))
+    return out
+
+
 def plan_frame(steps: list[Step], conn: Connection | None = None) -> pd.DataFrame:
     """The plan as a table: each statement with the table it touches and the lock it takes."""
     return pd.DataFrame(

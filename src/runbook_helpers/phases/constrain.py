@@ -45,6 +45,7 @@ from ..db.ddl import (
     SHARE_UPDATE_EXCLUSIVE,
     UNDO_PHASE,
     Step,
+    concurrent_index_steps,
     plan_frame,
     results_frame,
 )
@@ -108,18 +109,11 @@ def plan_table(st: TableState, schema: str, parts: list[partitions.Partition] | 
                               t, [TENANT_COLUMN], sql.Identifier(schema, "tenants"), ["id"], st.pk_columns),
                           on_error=None if fk in recorded else sql.SQL(
                               "ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(t, sql.Identifier(fk))))
-    for leftover in st.invalid_tenant_indexes:
-        steps.append(Step(PHASE, st.name, f"drop INVALID index {leftover} left by an interrupted build",
-                          sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(schema, leftover)),
-                          SHARE_UPDATE_EXCLUSIVE, "CONCURRENTLY: reads and writes continue", transactional=False))
-    if st.index_name is None:
-        index = sql.Identifier(names.index_name(st.name))
-        steps.append(Step(PHASE, st.name, "build the tenant_id index",
-                          sql.SQL("CREATE INDEX CONCURRENTLY {} ON {} ({})").format(index, t, COL),
-                          SHARE_UPDATE_EXCLUSIVE, "CONCURRENTLY: reads and writes continue during the build",
-                          transactional=False, long_scan=True,
-                          on_failure=sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
-                              sql.Identifier(schema, names.index_name(st.name)))))
+    index = names.index_name(st.name)
+    steps += concurrent_index_steps(
+        PHASE, st.name, schema, index, None if st.index_name is not None else sql.SQL(
+            "CREATE INDEX CONCURRENTLY {} ON {} ({})").format(sql.Identifier(index), t, COL),
+        "build the tenant_id index", leftovers=st.invalid_tenant_indexes)
     if steps:
         steps.append(Step(PHASE, st.name, "refresh planner statistics", sql.SQL("ANALYZE {}").format(t),
                           SHARE_UPDATE_EXCLUSIVE, "samples the table; reads and writes continue", long_scan=True))
@@ -227,16 +221,11 @@ def partition_index_steps(phase: str, conn, st: TableState, parts: list[partitio
                                                                           part.state.qualified, sql.SQL(what)),
                                   f"SHARE on {part.name} alone (metadata only)", "builds no index entries"))
         else:
-            drop = sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(schema, name))
-            if exists is False:
-                steps.append(Step(phase, st.name, f"drop INVALID index {name} left by an interrupted build", drop,
-                                  LEAF_SCAN, "CONCURRENTLY: reads and writes continue", transactional=False))
-            if not exists:
-                steps.append(Step(phase, st.name, f"build the index on ({what}) of partition {part.name}",
-                                  sql.SQL("{} CONCURRENTLY {} ON {} ({})").format(
-                                      create, sql.Identifier(name), part.state.qualified, sql.SQL(what)),
-                                  LEAF_SCAN, "CONCURRENTLY: reads and writes continue during the build",
-                                  transactional=False, long_scan=True, on_failure=drop))
+            steps += concurrent_index_steps(
+                phase, st.name, schema, name, None if exists else sql.SQL("{} CONCURRENTLY {} ON {} ({})").format(
+                    create, sql.Identifier(name), part.state.qualified, sql.SQL(what)),
+                f"build the index on ({what}) of partition {part.name}", LEAF_SCAN,
+                leftovers=[name] if exists is False else [])
         if attached is None:
             steps.append(Step(phase, st.name, f"attach {name} to {parent_index}",
                               sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(

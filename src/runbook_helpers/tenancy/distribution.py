@@ -30,7 +30,14 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from ..db import catalog, partitions, violations
-from ..db.ddl import ACCESS_EXCLUSIVE_META, SHARE_ROW_EXCLUSIVE_META, SHARE_UPDATE_EXCLUSIVE, UNDO_PHASE, Step
+from ..db.ddl import (
+    ACCESS_EXCLUSIVE_META,
+    SHARE_ROW_EXCLUSIVE_META,
+    SHARE_UPDATE_EXCLUSIVE,
+    UNDO_PHASE,
+    Step,
+    concurrent_index_steps,
+)
 from ..db.names import TENANT_COLUMN, truncate
 
 PHASE = "constrain"
@@ -91,19 +98,11 @@ def external_references(conn: Connection, schema: str, oid: int, tables: list[st
 def unique_index_steps(phase: str, conn: Connection, st, index: str, cols: list[str]) -> list[Step]:
     """A unique index on `cols` built CONCURRENTLY, unless a valid one of that name exists; an INVALID leftover
     of an interrupted build is dropped first, and a failed build drops what it left."""
-    drop = sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(st.schema, index))
     valid = index_valid(conn, st.schema, index)
-    out: list[Step] = []
-    if valid is False:
-        out.append(Step(phase, st.name, f"drop INVALID index {index} left by an interrupted build", drop,
-                        SHARE_UPDATE_EXCLUSIVE, "CONCURRENTLY: reads and writes continue", transactional=False))
-    if not valid:
-        out.append(Step(phase, st.name, f"build the unique index on ({', '.join(cols)})",
-                        sql.SQL("CREATE UNIQUE INDEX CONCURRENTLY {} ON {} ({})").format(
-                            sql.Identifier(index), st.qualified, sql.SQL(", ").join(map(sql.Identifier, cols))),
-                        SHARE_UPDATE_EXCLUSIVE, "CONCURRENTLY: reads and writes continue during the build",
-                        transactional=False, long_scan=True, on_failure=drop))
-    return out
+    return concurrent_index_steps(
+        phase, st.name, st.schema, index, None if valid else sql.SQL("CREATE UNIQUE INDEX CONCURRENTLY {} ON {} ({})")
+        .format(sql.Identifier(index), st.qualified, sql.SQL(", ").join(map(sql.Identifier, cols))),
+        f"build the unique index on ({', '.join(cols)})", leftovers=[index] if valid is False else [])
 
 
 def accepted_references(p) -> dict[str, str]:
