@@ -249,57 +249,63 @@ def _write_lint(folder: Path, env: str, run_id: str) -> str:
         f", {advisory} advisory (rls.enabled is false)" if advisory else "")
 
 
-def _write_ambiguities(folder: Path, params, env: str, run_id: str) -> str | None:
-    """legacy_ambiguities.csv in the archive: what the legacy mapping did not guess (read-only; None when the
-    mapping is off; a failure is noted, it does not fail the run)."""
-    from ..legacy import checks as legacy_checks
+def _write_listing(folder: Path, phase: str, env: str, run_id: str, read, write, describe,
+                   keep_empty: bool = True) -> str | None:
+    """A read-only listing in the archive, read in a dry-run session of `phase`: `read(rb)` gives the frame,
+    `write(frame, folder)` stores it, `describe(frame)` is the manifest's note (None, nothing written: an empty
+    frame unless `keep_empty`). A failure is noted, it does not fail the run (the database may be unreachable
+    after a failed phase)."""
     from .session import PhaseSession
+    try:
+        with PhaseSession(phase, env, dry_run=True, run_id=run_id, log=lambda *_: None) as rb:
+            frame = read(rb)
+    except Exception as exc:
+        return f"not written: {type(exc).__name__}: {exc}"
+    if frame.empty and not keep_empty:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    write(frame, folder)
+    return describe(frame)
+
+
+def _write_ambiguities(folder: Path, params, env: str, run_id: str) -> str | None:
+    """legacy_ambiguities.csv: what the legacy mapping did not guess (None when the mapping is off)."""
+    from ..legacy import checks as legacy_checks
     if not params.legacy.enabled:
         return None
-    try:
-        with PhaseSession("seed", env, dry_run=True, run_id=run_id, log=lambda *_: None) as rb:
-            frame = legacy_checks.ambiguities(rb)
-    except Exception as exc:  # the database may be unreachable after a failed phase
-        return f"not written: {type(exc).__name__}: {exc}"
-    folder.mkdir(parents=True, exist_ok=True)
-    legacy_checks.write_csv(frame, folder / "legacy_ambiguities.csv")
-    kinds = legacy_checks.ambiguity_summary(frame).groupby("kind", sort=False)["cases"].sum()
-    return f"legacy_ambiguities.csv: {len(frame)} cases ({', '.join(f'{k}: {n}' for k, n in kinds.items())})"
+
+    def describe(frame) -> str:
+        kinds = legacy_checks.ambiguity_summary(frame).groupby("kind", sort=False)["cases"].sum()
+        return f"legacy_ambiguities.csv: {len(frame)} cases ({', '.join(f'{k}: {n}' for k, n in kinds.items())})"
+    return _write_listing(folder, "seed", env, run_id, legacy_checks.ambiguities,
+                          lambda frame, at: legacy_checks.write_csv(frame, at / "legacy_ambiguities.csv"), describe)
 
 
-def _write_conflicts(folder: Path, env: str, run_id: str) -> str | None:
-    """tenant_conflicts.csv in the archive: per foreign key between tenant tables, the rows that would cross
-    tenants (count, sample keys, rule), and tenant_id values naming no tenant (read-only; a failure is noted)."""
+def _write_conflicts(folder: Path, env: str, run_id: str) -> str:
+    """tenant_conflicts.csv: per foreign key between tenant tables, the rows that would cross tenants (count,
+    sample keys, rule), and tenant_id values naming no tenant."""
     from ..legacy import conflicts
-    from .session import PhaseSession
-    try:
-        with PhaseSession("inspect", env, dry_run=True, run_id=run_id, log=lambda *_: None) as rb:
-            frame = conflicts.report(rb)
-    except Exception as exc:  # the database may be unreachable after a failed phase
-        return f"not written: {type(exc).__name__}: {exc}"
-    folder.mkdir(parents=True, exist_ok=True)
-    conflicts.write_csv(frame, folder / "tenant_conflicts.csv")
-    crossing = frame[frame["rows"] > 0]
-    return f"tenant_conflicts.csv: {len(frame)} checked, {len(crossing)} with rows across tenants" + (
-        f" ({', '.join(f'{r.object}: {r.rows} {r.status}' for r in crossing.itertuples())})" if len(crossing) else "")
+
+    def describe(frame) -> str:
+        crossing = frame[frame["rows"] > 0]
+        return f"tenant_conflicts.csv: {len(frame)} checked, {len(crossing)} with rows across tenants" + (
+            f" ({', '.join(f'{r.object}: {r.rows} {r.status}' for r in crossing.itertuples())})" if len(crossing)
+            else "")
+    return _write_listing(folder, "inspect", env, run_id, conflicts.report,
+                          lambda frame, at: conflicts.write_csv(frame, at / "tenant_conflicts.csv"), describe)
 
 
 def _write_app_writes(folder: Path, env: str, run_id: str) -> str | None:
-    """application_writes.csv in the archive: the key of every row the application wrote during the rollout
-    window, and what happened to it (read-only; None before the window opened; a failure is noted)."""
+    """application_writes.csv: the key of every row the application wrote during the rollout window, and what
+    happened to it (None before the window opened)."""
     from ..phases import validate
-    from .session import PhaseSession
-    try:
-        with PhaseSession("validate", env, dry_run=True, run_id=run_id, log=lambda *_: None) as rb:
-            frame = validate.application_write_keys(rb)
-    except Exception as exc:  # the database may be unreachable after a failed phase
-        return f"not written: {type(exc).__name__}: {exc}"
-    if frame.empty:
-        return None
-    folder.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(folder / "application_writes.csv", index=False)
-    counts = frame.groupby("change")["key"].count()
-    return f"application_writes.csv: {len(frame)} rows ({', '.join(f'{k}: {n}' for k, n in counts.items())})"
+
+    def describe(frame) -> str:
+        counts = frame.groupby("change")["key"].count()
+        return f"application_writes.csv: {len(frame)} rows ({', '.join(f'{k}: {n}' for k, n in counts.items())})"
+    return _write_listing(folder, "validate", env, run_id, validate.application_write_keys,
+                          lambda frame, at: frame.to_csv(at / "application_writes.csv", index=False), describe,
+                          keep_empty=False)
 
 
 def _write_drizzle_schema(folder: Path, params, env: str, run_id: str) -> str | None:
