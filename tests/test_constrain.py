@@ -181,7 +181,17 @@ def test_an_index_build_that_timed_out_is_cleaned_up_and_retried_within_the_ladd
         "attempts": 8, "backoff_ms": 100, "backoff_max_ms": 200}}})
     writer = db.connect()
     writer.execute("UPDATE workflows SET name = name WHERE id = 1")
-    ends = threading.Timer(0.5, writer.rollback)  # the writer ends while the ladder is still climbing
+
+    def end_after_the_first_timeout() -> None:
+        """The writer ends once a try has timed out — the ladder then drops the INVALID index the try left — while
+        the ladder is still climbing: on a busy machine a fixed delay could end it before the first try."""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not db.scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND query LIKE 'DROP INDEX CONCURRENTLY%workflows_tenant_id_idx%'"):
+            time.sleep(0.01)
+        writer.rollback()
+    ends = threading.Thread(target=end_after_the_first_timeout)
     ends.start()
     try:
         out = db.run("constrain", params=params)["constrain"]
