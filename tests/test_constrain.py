@@ -11,7 +11,8 @@ from conftest import CORE_ONLY
 from runbook_helpers import params as params_mod
 from runbook_helpers.errors import LockNotAcquired
 
-FAST_LADDER = {"locks": {"first_lock_timeout_ms": 150, "lock_timeout_ms": 150, "retry": {"attempts": 3, "backoff_ms": 50, "backoff_max_ms": 100}}}
+FAST_LADDER = {"locks": {"first_lock_timeout_ms": 150, "lock_timeout_ms": 150,
+                         "retry": {"attempts": 3, "backoff_ms": 50, "backoff_max_ms": 100}}}
 
 
 def constraint_names(db, table):

@@ -86,6 +86,15 @@ def test_short_growing_lock_waits_keep_the_writer_moving_behind_a_blocker(db):
     assert worst_ms < 300, f"the writer waited {worst_ms:.0f} ms behind the DDL's lock request"
 
 
+def test_the_old_two_second_ladder_made_the_writer_wait_as_long_as_the_blocker(db):
+    """The measurement behind the short ladder: with every try waiting 2 s, the writer queues for the whole
+    second the blocker is held (issue 15: 20% of application queries over 1 s)."""
+    worst_ms, result, _ = writer_worst_wait_during_ddl(db, OLD_LADDER)
+    print(f"writer worst latency with the old 2 s ladder: {worst_ms:.0f} ms over {result.attempts} tries")
+    assert result.outcome == "applied" and result.attempts == 1
+    assert worst_ms > 700
+
+
 def test_the_ladder_grows_from_the_first_rung_to_the_top_and_says_so_when_exhausted(db):
     """Every try's lock wait is on the ladder (50, 100, 200 … capped), a long transaction holding a lock on
     the table is named before trying, and the failure names both ends of the ladder."""
@@ -179,7 +188,8 @@ def test_an_anti_wraparound_autovacuum_is_waited_for_with_its_progress_never_can
     db.run("inspect")
     slow_vacuum_table(db, "av_wrap", autovacuum=False)  # only an anti-wraparound vacuum will run on it
     with db.connect(autocommit=True) as conn:
-        conn.execute("ALTER TABLE av_wrap SET (autovacuum_freeze_max_age = 100000)")
+        # freeze_min_age 0: the vacuum freezes every row, so its end shows in relfrozenxid
+        conn.execute("ALTER TABLE av_wrap SET (autovacuum_freeze_max_age = 100000, autovacuum_freeze_min_age = 0)")
         conn.execute("CREATE PROCEDURE burn_xids(n int) LANGUAGE plpgsql AS $$ BEGIN FOR i IN 1..n LOOP "
                      "PERFORM txid_current(); COMMIT; END LOOP; END $$")
         conn.execute("SET synchronous_commit = off")
