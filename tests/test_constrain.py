@@ -11,7 +11,8 @@ from conftest import CORE_ONLY
 from runbook_helpers import params as params_mod
 from runbook_helpers.errors import LockNotAcquired
 
-FAST_LADDER = {"locks": {"lock_timeout_ms": 150, "retry": {"attempts": 3, "backoff_ms": 50, "backoff_max_ms": 100}}}
+FAST_LADDER = {"locks": {"first_lock_timeout_ms": 150, "lock_timeout_ms": 150,
+                         "retry": {"attempts": 3, "backoff_ms": 50, "backoff_max_ms": 100}}}
 
 
 def constraint_names(db, table):
@@ -177,7 +178,7 @@ def test_an_index_build_that_timed_out_is_cleaned_up_and_retried_within_the_ladd
     core = params_mod.override(db.params, CORE_ONLY)  # no composite (tenant_id, id) index to stand in
     db.run("inspect", "seed", "backfill", "constrain", params=core)
     db.execute("DROP INDEX workflows_tenant_id_idx")
-    params = params_mod.override(core, {"locks": {"lock_timeout_ms": 150, "retry": {
+    params = params_mod.override(core, {"locks": {"first_lock_timeout_ms": 150, "lock_timeout_ms": 150, "retry": {
         "attempts": 8, "backoff_ms": 100, "backoff_max_ms": 200}}})
     writer = db.connect()
     writer.execute("UPDATE workflows SET name = name WHERE id = 1")

@@ -47,7 +47,7 @@ def test_env_file_overrides_base(params_dir):
     p = params.load("perf", params_dir)
     assert p.backfill.batch_size == 77
     assert p.backfill.pause_ms == 0  # untouched keys come from base.yaml
-    assert p.locks.lock_timeout_ms == 2000
+    assert p.locks.lock_timeout_ms == 500 and p.locks.first_lock_timeout_ms == 50
 
 
 def test_unknown_env_names_the_envs_that_exist():

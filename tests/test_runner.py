@@ -256,7 +256,8 @@ def test_a_cell_timeout_cancels_the_statement_on_the_server_and_a_rerun_resumes(
         run_phase(PhaseSession(phase, "ci", log=lambda *_: None))
     (home / ".runbook").symlink_to(ROOT / ".runbook")  # the same ci server, with edited params
     ci = home / "params" / "ci.yaml"
-    ci.write_text(ci.read_text() + "locks:\n  lock_timeout_ms: 120000\n")  # so the statement waits, not the ladder
+    # every try waits 120 s: so the statement waits, not the ladder
+    ci.write_text(ci.read_text() + "locks:\n  first_lock_timeout_ms: 120000\n  lock_timeout_ms: 120000\n")
     with psycopg.connect(url) as blocker:
         blocker.execute("LOCK TABLE workflows IN SHARE MODE")  # constrain's first statement on workflows waits
         started = time.monotonic()

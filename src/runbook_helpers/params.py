@@ -87,14 +87,21 @@ class BackfillParams(_Strict):
 
 
 class RetryParams(_Strict):
-    attempts: int = Field(default=6, gt=0)
-    backoff_ms: int = Field(default=500, ge=0)
-    backoff_max_ms: int = Field(default=10000, ge=0)
+    attempts: int = Field(default=20, gt=0)        # tries per DDL statement (many short ones)
+    backoff_ms: int = Field(default=100, ge=0)     # sleep after the first try; doubles, jittered
+    backoff_max_ms: int = Field(default=5000, ge=0)
     jitter: float = Field(default=0.25, ge=0, le=1)
 
 
 class LockParams(_Strict):
-    lock_timeout_ms: int = Field(default=2000, gt=0)
+    # the ladder's top rung: no try waits longer than this for its lock (also the session lock_timeout)
+    lock_timeout_ms: int = Field(default=500, gt=0)
+    # the first try's lock wait; each next try waits twice as long, up to lock_timeout_ms
+    first_lock_timeout_ms: int = Field(default=50, gt=0)
+    # an anti-wraparound autovacuum on the table is never cancelled: wait this long for it to finish
+    wraparound_wait_s: int = Field(default=3600, ge=0)
+    # sessions holding locks on the table in a transaction older than this are reported before trying
+    report_transactions_older_than_ms: int = Field(default=1000, ge=0)
     statement_timeout_ms: int = Field(default=0, ge=0)
     idle_in_transaction_timeout_ms: int = Field(default=60000, ge=0)
     retry: RetryParams = RetryParams()

@@ -1,8 +1,10 @@
 """Safe DDL: one Step type, a retry ladder on lock timeouts, CONCURRENTLY outside transactions, dry runs.
 
 A Step is one statement with the table it touches, the lock it takes and why it is safe. The Executor
-runs it with lock_timeout (so the application never queues behind the runbook for longer than that),
-retries lock timeouts with exponential backoff and jitter, journals every try in the ledger, and when
+runs it with a short lock_timeout that grows per try (so the application queues behind the runbook for
+tens of milliseconds, not seconds), retries lock timeouts with jittered exponential sleeps, clears the
+table first for statements that need ACCESS EXCLUSIVE or SHARE ROW EXCLUSIVE (cancels a plain autovacuum on
+it, waits for an anti-wraparound one, names long transactions), journals every try in the ledger, and when
 the ladder is exhausted fails with the sessions that blocked it (pg_blocking_pids, their query and age).
 Each Step is atomic: a failed try leaves nothing behind, and the phase's plan re-reads the catalog, so a
 re-run continues from whatever did commit.
@@ -25,7 +27,7 @@ from sqlalchemy.engine import Connection, Engine
 from .. import faults
 from ..errors import LockNotAcquired, RunbookError
 from ..params import LockParams
-from . import catalog
+from . import catalog, lock_holders
 from .sqltext import render
 
 # Lock levels, spelled the way the PostgreSQL docs spell them, with what they mean for the application.
@@ -34,6 +36,17 @@ SHARE_UPDATE_EXCLUSIVE = "SHARE UPDATE EXCLUSIVE (reads and writes continue)"
 SHARE_ROW_EXCLUSIVE_META = "SHARE ROW EXCLUSIVE on table and tenants (metadata only, milliseconds)"
 ROW_EXCLUSIVE_BATCH = "ROW EXCLUSIVE, row locks per batch (reads and writes continue)"
 NEW_OBJECT = "none on existing tables (creates a new object)"
+
+# The lock mode each level above takes on the step's table, for the checks that depend on it.
+LOCK_MODES = {
+    ACCESS_EXCLUSIVE_META: "AccessExclusiveLock",
+    SHARE_UPDATE_EXCLUSIVE: "ShareUpdateExclusiveLock",
+    SHARE_ROW_EXCLUSIVE_META: "ShareRowExclusiveLock",
+    ROW_EXCLUSIVE_BATCH: "RowExclusiveLock",
+    NEW_OBJECT: None,
+}
+# Modes that conflict with autovacuum and queue every application statement behind them while they wait.
+QUEUEING_MODES = {"AccessExclusiveLock", "ShareRowExclusiveLock"}
 
 # The phase that runs every undo step: each phase module offers the steps that reverse it (undo_steps),
 # and 99_rollback runs them under this name.
@@ -56,6 +69,15 @@ class Step:
     # phase left in force that new writes would meet (the NOT VALID constraint whose VALIDATE failed)
     diagnose: sql.Composable | None = None
     on_error: sql.Composable | None = None
+
+    @property
+    def lock_mode(self) -> str | None:
+        """The pg_locks mode this step takes on its table (None: a new object, or a lock text not listed)."""
+        return LOCK_MODES.get(self.lock)
+
+    @property
+    def queues_the_application(self) -> bool:
+        return self.table is not None and self.lock_mode in QUEUEING_MODES
 
 
 @dataclass
@@ -139,6 +161,7 @@ class Executor:
                  journal: Callable[..., int] | None = None, journal_end: Callable[..., None] | None = None,
                  sleep: Callable[[float], None] = time.sleep, log: Callable[[str], None] = print):
         self.engine = engine
+        self.cleared: list[str] = []  # what clearing the tables did (cancelled, waited for, reported)
         self.locks = locks
         self.dry_run = dry_run
         self._journal = journal
@@ -150,6 +173,12 @@ class Executor:
         retry = self.locks.retry
         base = min(retry.backoff_ms * (2 ** (attempt - 1)), retry.backoff_max_ms) / 1000.0
         return max(0.0, base * (1 + random.uniform(-retry.jitter, retry.jitter)))
+
+    def lock_timeout_ms(self, attempt: int) -> int:
+        """The lock wait of try `attempt`: the first rung, doubling per try, capped at the top rung."""
+        top = self.locks.lock_timeout_ms
+        first = min(self.locks.first_lock_timeout_ms, top)
+        return int(min(first * 2 ** min(attempt - 1, 30), top))
 
     def run_all(self, steps: list[Step]) -> list[StepResult]:
         return [self.run(step) for step in steps]
@@ -165,20 +194,24 @@ class Executor:
         blockers: list[dict] = []
         cleanup = self._cleanup_step(step)
         pending_cleanup = False
+        reported: set[int] = set()
         for attempt in range(1, attempts + 1):
+            lock_timeout = self.lock_timeout_ms(attempt)
             try:
+                if step.queues_the_application:
+                    self._clear_the_table(step, reported)
                 if pending_cleanup:
-                    self._try(cleanup, self._render(cleanup), blockers)
+                    self._try(cleanup, self._render(cleanup), blockers, lock_timeout)
                     pending_cleanup = False
                 faults.point("ddl.before_step", step.action)
-                self._try(step, statement, blockers)
+                self._try(step, statement, blockers, lock_timeout)
             except pg_errors.LockNotAvailable:
                 pending_cleanup = cleanup is not None
                 if attempt == attempts:
                     break
                 wait = self.backoff_s(attempt)
                 self._log(f"  {step.table}: {step.action}: lock not granted within "
-                          f"{self.locks.lock_timeout_ms} ms (try {attempt}/{attempts}); retrying in {wait:.1f} s")
+                          f"{lock_timeout} ms (try {attempt}/{attempts}); retrying in {wait:.2f} s")
                 self._sleep(wait)
                 continue
             except psycopg.Error as exc:
@@ -197,8 +230,10 @@ class Executor:
             return StepResult(step, "applied", attempt, time.monotonic() - started)
         leftover = (" The interrupted build left an INVALID index that the lock timeout also kept from being "
                     "dropped; the re-run drops and rebuilds it." if pending_cleanup else " Nothing of this step was applied.")
-        message = (f"{step.table}: {step.action}: could not take its lock ({step.lock}) after {attempts} tries of "
-                   f"{self.locks.lock_timeout_ms} ms each; {describe_blockers(blockers)}.{leftover} End or wait for "
+        lowest, highest = self.lock_timeout_ms(1), self.lock_timeout_ms(attempts)
+        waits = f"of {lowest} ms each" if lowest == highest else f"waiting {lowest} to {highest} ms each"
+        message = (f"{step.table}: {step.action}: could not take its lock ({step.lock}) after {attempts} tries "
+                   f"{waits}; {describe_blockers(blockers)}.{leftover} End or wait for "
                    f"those sessions, then re-run this notebook; it resumes here.")
         if self._journal_end and entry is not None:
             self._journal_end(entry, "lock timeout", attempts, message)
@@ -222,7 +257,7 @@ class Executor:
             return ""
         undo = Step(step.phase, step.table, f"undo after: {step.action}", step.on_error, step.lock, step.why)
         try:
-            self._try(undo, self._render(undo), [])
+            self._try(undo, self._render(undo), [], self.locks.lock_timeout_ms)
         except psycopg.Error as exc:
             return (f"; what the phase added for it stays in force on new writes ({exc.diag.message_primary}): "
                     f"run: {self._render(undo)}")
@@ -241,13 +276,50 @@ class Executor:
 
     def _best_effort(self, cleanup: Step) -> None:
         try:
-            self._try(cleanup, self._render(cleanup), [])
+            self._try(cleanup, self._render(cleanup), [], self.locks.lock_timeout_ms)
         except psycopg.Error as exc:
             self._log(f"  {cleanup.table}: {cleanup.action} did not complete ({exc.diag.message_primary}); "
                       f"the next run finds the leftover and removes it")
 
-    def _try(self, step: Step, statement: str, blockers: list[dict]) -> None:
-        lock_timeout = self.locks.lock_timeout_ms
+    def _clear_the_table(self, step: Step, reported: set[int]) -> None:
+        """Before a queueing lock: cancel a plain autovacuum on the table, wait out an anti-wraparound one,
+        and name long transactions holding locks on it (once per step)."""
+        deadline = time.monotonic() + self.locks.wraparound_wait_s
+        next_line = 0.0
+        while True:
+            with self.engine.connect() as conn:
+                sessions = lock_holders.sessions_on_table(conn, step.table)
+                wraparound = [s for s in sessions if s.is_wraparound_vacuum]
+                for s in sessions:
+                    if s.is_autovacuum and not s.is_wraparound_vacuum:
+                        done = lock_holders.cancel_backend(conn, s.pid)
+                        self._say(f"  {step.table}: {step.action}: cancelled autovacuum pid {s.pid} on the table "
+                                  f"({s.query!r}){'' if done else ' (it had already ended)'}; it runs again later")
+                    elif (not s.is_autovacuum and s.pid not in reported
+                          and s.age_s * 1000 >= self.locks.report_transactions_older_than_ms):
+                        reported.add(s.pid)
+                        self._say(f"  {step.table}: {step.action}: before trying: long transaction {s.describe()}")
+                conn.commit()
+            if not wraparound:
+                return
+            w = wraparound[0]
+            if time.monotonic() >= deadline:
+                raise LockNotAcquired(
+                    f"{step.table}: {step.action}: an anti-wraparound autovacuum (pid {w.pid}, {w.progress()}) is "
+                    f"still running on the table after {self.locks.wraparound_wait_s} s (locks.wraparound_wait_s); "
+                    f"it must not be cancelled. Nothing of this step was applied; re-run this notebook once it "
+                    f"has finished (it resumes here).")
+            if time.monotonic() >= next_line:
+                next_line = time.monotonic() + 10.0
+                self._say(f"  {step.table}: {step.action}: waiting for an anti-wraparound autovacuum (pid {w.pid}), "
+                          f"never cancelled: {w.progress()}")
+            self._sleep(1.0)
+
+    def _say(self, line: str) -> None:
+        self.cleared.append(line.strip())
+        self._log(line)
+
+    def _try(self, step: Step, statement: str, blockers: list[dict], lock_timeout: int) -> None:
         if step.long_scan or not step.transactional:
             statement_timeout = self.locks.statement_timeout_ms
         else:
@@ -260,7 +332,7 @@ class Executor:
             pid = driver.info.backend_pid
             driver.execute(f"SET lock_timeout = {int(lock_timeout)}")
             driver.execute(f"SET statement_timeout = {int(statement_timeout)}")
-            watch_after = max(0.05, min(lock_timeout / 2000.0, 1.0))
+            watch_after = max(0.02, min(lock_timeout / 2000.0, 1.0))
             with _BlockerWatch(self.engine, pid, watch_after) as watch:
                 try:
                     if step.transactional:
