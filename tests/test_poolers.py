@@ -103,7 +103,9 @@ def ledger_exists(db) -> bool:
 
 
 def held_runbook_locks(db) -> int:
-    return db.scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s",
+    """The runbook's advisory locks on this test's database (runs on other databases hold their own)."""
+    return db.scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s "
+                     "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
                      (database.LOCK_CLASS,))
 
 
