@@ -9,6 +9,7 @@ only ever held in memory: the engine's URL is the bare dialect name.
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
@@ -66,20 +67,82 @@ def scrub(message: str, secrets: list[str]) -> str:
     return re.sub(r"(password=)\S+", r"\1***", message)
 
 
-def session_options(params: Params, existing: str | None = None) -> str:
+def session_settings(params: Params) -> dict[str, str]:
     locks = params.locks
-    opts = [
-        f"-c lock_timeout={locks.lock_timeout_ms}",
-        f"-c statement_timeout={locks.statement_timeout_ms}",
-        f"-c idle_in_transaction_session_timeout={locks.idle_in_transaction_timeout_ms}",
+    return {
+        "lock_timeout": str(locks.lock_timeout_ms),
+        "statement_timeout": str(locks.statement_timeout_ms),
+        "idle_in_transaction_session_timeout": str(locks.idle_in_transaction_timeout_ms),
         # the runbook's scans (counts, fingerprints, VALIDATE, index builds) stay on one core each, so they
         # cannot starve the application of CPU; raise these for a faster run in a maintenance window
-        f"-c max_parallel_workers_per_gather={params.database.parallel_workers}",
-        f"-c max_parallel_maintenance_workers={params.database.parallel_workers}",
+        "max_parallel_workers_per_gather": str(params.database.parallel_workers),
+        "max_parallel_maintenance_workers": str(params.database.parallel_workers),
         # the rollout triggers leave the runbook's own writes alone (tenancy/rollout.py)
-        f"-c {RUNBOOK_SESSION_SETTING}=runbook",
-    ]
+        RUNBOOK_SESSION_SETTING: "runbook",
+    }
+
+
+def session_options(params: Params, existing: str | None = None) -> str:
+    opts = [f"-c {name}={value}" for name, value in session_settings(params).items()]
     return " ".join(([existing] if existing else []) + opts)
+
+
+# --- poolers ----------------------------------------------------------------------------------------
+# Behind a transaction or statement pooler (pgbouncer pool_mode = transaction/statement) consecutive
+# transactions of one connection run on different server sessions: session settings (lock_timeout,
+# statement_timeout), prepared statements and the single-runner advisory locks get lost or left behind in
+# a backend the runbook no longer sees. Such a connection is refused before anything runs.
+PROBE_SETTING = "tenancy_runbook.pooler_probe"       # a SET whose value must stick to the next transaction
+OPTIONS_IGNORED_SETTING = "tenancy_runbook.startup_options"  # 'ignored' when the settings came by SET
+
+
+def _source(params: Params) -> str:
+    return "the embedded server" if params.database.embedded else f"${params.database.dsn_env}"
+
+
+def pooler_refusal(params: Params, found: str) -> RunbookError:
+    source = _source(params)
+    return RunbookError(
+        f"the {params.env} database named by {source} is reached through a connection pooler in transaction or "
+        f"statement mode (such as pgbouncer): {found}. The runbook needs one PostgreSQL session per connection "
+        f"(its lock_timeout and statement_timeout, prepared statements and single-runner advisory locks live in "
+        f"the session). Connect directly to PostgreSQL: in {source} put the PostgreSQL server's own host and port "
+        f"instead of the pooler's (e.g. port 5432, not pgbouncer's 6432). Nothing was changed.")
+
+
+def _one(conn: psycopg.Connection, query: str, args: tuple = ()) -> tuple:
+    """One statement in a transaction of its own."""
+    row = conn.execute(query, args).fetchone()
+    if not conn.autocommit:
+        conn.commit()
+    return row
+
+
+def session_probe(conn: psycopg.Connection) -> tuple[int, str | None]:
+    """(backend pid, why this connection is not one server session or None): two transactions must run on one
+    backend, and a session SET made in the first must still hold in the second."""
+    token = uuid.uuid4().hex
+    try:
+        first, _ = _one(conn, "SELECT pg_backend_pid(), set_config(%s, %s, false)", (PROBE_SETTING, token))
+    except psycopg.errors.ProtocolViolation as exc:  # pgbouncer's statement mode refuses any transaction block
+        return 0, f"it answered {str(exc).strip()!r} to a transaction"
+    second, seen = _one(conn, "SELECT pg_backend_pid(), current_setting(%s, true)", (PROBE_SETTING,))
+    if first != second:
+        return first, f"the backend pid changed between two transactions of one connection ({first}, then {second})"
+    if seen != token:
+        return first, "a session setting (SET) made in one transaction was gone in the next"
+    return first, None
+
+
+def _apply_settings(conn: psycopg.Connection, params: Params) -> bool:
+    """Make sure the session settings hold; a pooler that ignores startup options (pgbouncer's
+    ignore_startup_parameters = options) gets them by SET instead. True when they had to be SET."""
+    (arrived,) = _one(conn, "SELECT current_setting(%s, true)", (RUNBOOK_SESSION_SETTING,))
+    if arrived == "runbook":
+        return False
+    for name, value in {**session_settings(params), OPTIONS_IGNORED_SETTING: "ignored"}.items():
+        _one(conn, "SELECT set_config(%s, %s, false)", (name, value))
+    return True
 
 
 def application_name(params: Params, phase: str | None = None, run_id: str | None = None) -> str:
@@ -104,6 +167,9 @@ def connect_raw(params: Params, database: str | None = None, phase: str | None =
         )
     except psycopg.OperationalError as exc:
         reason = scrub(str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc), secrets_in(info))
+        if "unsupported startup parameter" in reason:  # pgbouncer's answer to the options carrying the settings
+            raise pooler_refusal(params, f"it answered {reason.split('FATAL:')[-1].strip()!r} to the startup "
+                                         f"options that carry the runbook's session settings") from None
         if "does not exist" in reason and params.database.embedded:
             raise RunbookError(
                 f"database {database or params.database.name!r} does not exist on the {params.env} server; "
@@ -111,6 +177,14 @@ def connect_raw(params: Params, database: str | None = None, phase: str | None =
             ) from None
         source = "the embedded server" if params.database.embedded else f"${params.database.dsn_env}"
         raise RunbookError(f"cannot connect to the {params.env} database named by {source}: {reason}") from None
+    try:
+        _, pooled = session_probe(conn)
+        if pooled:
+            raise pooler_refusal(params, pooled)
+        _apply_settings(conn, params)
+    except BaseException:
+        conn.close()
+        raise
     if conn.info.server_version >= 140000:
         # a killed runner must not leave a backend finishing a long UPDATE or VALIDATE for nobody: the server
         # checks every second that the client is still there, and cancels the statement if it is not
@@ -123,7 +197,12 @@ def connect_raw(params: Params, database: str | None = None, phase: str | None =
 def make_engine(params: Params, database: str | None = None, phase: str | None = None,
                 run_id: str | None = None) -> Engine:
     """A SQLAlchemy engine whose URL holds no secret: connections come from connect_raw."""
-    connect_raw(params, database, phase, run_id).close()  # fail now, with a clear message
+    # fail now, with a clear message; two connections open at once must have two backends (a transaction
+    # pooler with one idle server connection passes each connection's own probe, but not this)
+    with connect_raw(params, database, phase, run_id) as first, connect_raw(params, database, phase, run_id) as second:
+        (one,), (two,) = _one(first, "SELECT pg_backend_pid()"), _one(second, "SELECT pg_backend_pid()")
+        if one == two:
+            raise pooler_refusal(params, f"two connections open at the same time ran on one backend (pid {one})")
     return create_engine(
         "postgresql+psycopg://",
         creator=lambda: connect_raw(params, database, phase, run_id),
@@ -204,3 +283,44 @@ def try_advisory_lock(conn: Connection, which: int, what: str) -> None:
 
 def release_advisory_lock(conn: Connection, which: int) -> None:
     conn.execute(text("SELECT pg_advisory_unlock(:cls, :obj)"), {"cls": LOCK_CLASS, "obj": which})
+
+
+HELD_SQL = text("""
+SELECT l.objid::int FROM pg_locks l
+WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.classid = :cls AND l.objsubid = 2 AND l.granted
+ORDER BY 1
+""")
+
+
+def release_runbook_locks(conn: Connection) -> list[int]:
+    """Release every runbook advisory lock this session holds (each as often as it was taken) and check none is
+    left; returns the locks that were held. Run at the end of every run and phase session: a backend that
+    outlives the connection (a pooler's, or a connection kept open after an error) must not keep refusing
+    later runs."""
+    held = [r[0] for r in conn.execute(HELD_SQL, {"cls": LOCK_CLASS})]
+    for which in held:
+        while conn.execute(text("SELECT pg_advisory_unlock(:cls, :obj)"), {"cls": LOCK_CLASS, "obj": which}).scalar():
+            pass
+    left = [r[0] for r in conn.execute(HELD_SQL, {"cls": LOCK_CLASS})]
+    if left:
+        raise RunbookError(f"runbook advisory locks {left} are still held by this session after releasing them; "
+                           f"end the session (pg_terminate_backend) before the next run")
+    return held
+
+
+def connection_kind(engine: Engine) -> tuple[bool, str]:
+    """(one server session per connection?, what was found) for preflight's row."""
+    with engine.connect() as a, engine.connect() as b:
+        pid, pooled = session_probe(a.connection.driver_connection)
+        other = b.execute(text("SELECT pg_backend_pid()")).scalar()
+        b.commit()
+        ignored = a.execute(text("SELECT current_setting(:s, true)"), {"s": OPTIONS_IGNORED_SETTING}).scalar()
+        a.commit()
+    if pooled or pid == other:
+        return False, pooled or f"two connections open at the same time ran on one backend (pid {pid})"
+    found = (f"one server session per connection: backend pid stable across transactions, a SET sticks, two "
+             f"connections have two backends ({pid}, {other})")
+    if ignored == "ignored":
+        return True, (found + "; the startup options were ignored (a session-mode pooler such as pgbouncer with "
+                      "ignore_startup_parameters = options): the session settings were applied with SET")
+    return True, found + " (a direct connection or a session-mode pooler)"

@@ -11,7 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from .. import drizzle
-from ..db import catalog, fingerprint, partitions
+from ..db import catalog, database, fingerprint, partitions
 from ..db.ddl import plan_frame
 from ..db.names import TENANT_COLUMN
 from ..errors import RunbookError
@@ -42,6 +42,10 @@ def preflight(rb) -> pd.DataFrame:
     ident = rb.identity
     add("server version", OK if ident.server_version_num >= 130000 else FAIL,
         f"PostgreSQL {ident.server_version}", "" if ident.server_version_num >= 130000 else "upgrade to 13 or newer")
+    one_session, found = database.connection_kind(rb.engine)
+    add("one server session per connection (no transaction pooler)", OK if one_session else FAIL, found,
+        "" if one_session else "connect directly to PostgreSQL: in the DSN put the server's own host and port "
+                               "instead of the pooler's (e.g. port 5432, not pgbouncer's 6432)")
     with rb.engine.connect() as conn:
         core = table_states.core_states(rb, conn)
         shared = table_states.shared_states(rb, conn)

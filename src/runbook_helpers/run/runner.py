@@ -199,8 +199,11 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
         log(f"run {run_id} {result.status}; archive: {folder}")
         return result
     finally:
-        control.close()
-        engine.dispose()
+        try:
+            database.release_runbook_locks(control)  # checked at the end of every run: none is left behind
+        finally:
+            control.close()
+            engine.dispose()
 
 
 def _terminate(signum, frame) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from .. import params as params_mod
 from ..db import database
@@ -162,9 +163,19 @@ class PhaseSession:
             return
         self._closed = True
         try:
-            self.control.close()
+            self.release_locks()
         finally:
-            self.engine.dispose()
+            try:
+                self.control.close()
+            finally:
+                self.engine.dispose()
+
+    def release_locks(self) -> list[int]:
+        """Release the runbook advisory locks this session holds (a lost connection holds none)."""
+        try:
+            return database.release_runbook_locks(self.control)
+        except SQLAlchemyError:
+            return []
 
     def _watch_cells(self) -> None:
         """In a notebook, record a failing cell as a failed phase at once."""
