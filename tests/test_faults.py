@@ -2,6 +2,7 @@
 interrupted on the server. Each time the re-run completes, nothing is lost, nothing is left half-built,
 and no backend keeps working for a dead client."""
 
+import json
 import os
 import signal
 import subprocess
@@ -16,11 +17,14 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 
 WORKER = """
+import json
 import sys
 from runbook_helpers import params as params_mod
 from runbook_helpers.phases.headless import run_phase
 from runbook_helpers.run.session import PhaseSession
 p = params_mod.override(params_mod.load("ci"), {"backfill": {"batch_size": 300, "target_batch_ms": None}})
+if len(sys.argv) > 3:
+    p = params_mod.override(p, json.loads(sys.argv[3]))
 for phase in sys.argv[2].split(","):
     run_phase(PhaseSession(phase, params=p, database_name=sys.argv[1], run_id="faultrun",
                            log=lambda *_: None))
@@ -48,14 +52,16 @@ KILL_POINTS = [
 ]
 
 
-def run_worker(db, phases: str, fault: str | None = None, marker: Path | None = None, wait: bool = True):
+def run_worker(db, phases: str, fault: str | None = None, marker: Path | None = None, wait: bool = True,
+               overrides: dict | None = None):
     env = dict(os.environ, RUNBOOK_HEADLESS="1")
     env.pop("RUNBOOK_FAULT", None)
     if fault:
         env["RUNBOOK_FAULT"] = fault
     if marker:
         env["RUNBOOK_FAULT_MARKER"] = str(marker)
-    proc = subprocess.Popen([sys.executable, "-c", WORKER, db.name, phases], env=env, cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-c", WORKER, db.name, phases] + ([json.dumps(overrides)] if overrides
+                            else []), env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if wait:
         out, err = proc.communicate(timeout=300)
@@ -119,7 +125,9 @@ def backends_of_run(db) -> list:
 ])
 def test_killed_while_a_statement_runs_on_the_server(db, tmp_path, step, lock):
     marker = tmp_path / "paused"
-    proc = run_worker(db, FORWARD, f"ddl.before_step={step}@pause", marker, wait=False)
+    # the statement must still be waiting on the server when the runner dies: one long try, not the short ladder
+    proc = run_worker(db, FORWARD, f"ddl.before_step={step}@pause", marker, wait=False,
+                      overrides={"locks": {"first_lock_timeout_ms": 60000, "lock_timeout_ms": 60000}})
     wait_for(marker)
     blocker = db.connect()
     if lock:
