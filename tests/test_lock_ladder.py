@@ -180,6 +180,10 @@ def test_a_plain_autovacuum_on_the_table_is_cancelled_and_the_step_applies_at_on
     assert any(f"cancelled autovacuum pid {pid}" in line for line in executor.cleared), executor.cleared
     assert db.scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND query LIKE '%%av_probe%%'",
                      (pid,)) == 0
+    # the audit record says whom the step interrupted
+    cleared = db.scalar("SELECT cleared FROM tenancy_runbook.statement_journal WHERE table_name = 'av_probe' "
+                        "AND outcome = 'applied'")
+    assert cleared and f"cancelled autovacuum pid {pid}" in cleared, cleared
 
 
 def test_an_anti_wraparound_autovacuum_is_waited_for_with_its_progress_never_cancelled(db, fast_autovacuum):
@@ -198,11 +202,22 @@ def test_an_anti_wraparound_autovacuum_is_waited_for_with_its_progress_never_can
     assert "(to prevent wraparound)" in query
     p = params_mod.override(db.params, {"locks": {"first_lock_timeout_ms": 50, "lock_timeout_ms": 200,
                                                   "retry": {"attempts": 4, "backoff_ms": 50, "backoff_max_ms": 100}}})
+    step = Step("seed", "av_wrap", "add a column", sql.SQL("ALTER TABLE av_wrap ADD COLUMN probe int"),
+                ACCESS_EXCLUSIVE_META, "catalog change only")
+    impatient = db.session("seed", params=params_mod.override(p, {"locks": {"wraparound_wait_s": 1}}))
+    try:
+        with pytest.raises(LockNotAcquired, match=f"anti-wraparound autovacuum \\(pid {pid}.*must not be cancelled"):
+            impatient.executor().run(step)
+    finally:
+        impatient.close()
+    # the give-up is in the journal as such, not left 'running'
+    outcome, error, cleared = db.connect().execute(
+        "SELECT outcome, error, cleared FROM tenancy_runbook.statement_journal WHERE table_name = 'av_wrap'").fetchone()
+    assert outcome == "lock timeout" and "must not be cancelled" in error, (outcome, error)
+    assert f"anti-wraparound autovacuum (pid {pid})" in cleared and "never cancelled" in cleared, cleared
     rb = db.session("seed", params=p)
     try:
         executor = rb.executor()
-        step = Step("seed", "av_wrap", "add a column", sql.SQL("ALTER TABLE av_wrap ADD COLUMN probe int"),
-                    ACCESS_EXCLUSIVE_META, "catalog change only")
         result = executor.run(step)
     finally:
         rb.close()

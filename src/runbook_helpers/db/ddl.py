@@ -189,6 +189,12 @@ class Executor:
         if self.dry_run:
             return StepResult(step, "dry run")
         entry = self._journal(step.phase, step.table, step.action, statement, step.lock) if self._journal else None
+        cleared_from = len(self.cleared)
+
+        def end(outcome: str, attempt: int, error: str | None) -> None:
+            if self._journal_end and entry is not None:
+                self._journal_end(entry, outcome, attempt, error, "\n".join(self.cleared[cleared_from:]) or None)
+
         started = time.monotonic()
         attempts = self.locks.retry.attempts
         blockers: list[dict] = []
@@ -199,7 +205,11 @@ class Executor:
             lock_timeout = self.lock_timeout_ms(attempt)
             try:
                 if step.queues_the_application:
-                    self._clear_the_table(step, reported)
+                    try:
+                        self._clear_the_table(step, reported)
+                    except LockNotAcquired as exc:
+                        end("lock timeout", attempt - 1, str(exc))
+                        raise
                 if pending_cleanup:
                     self._try(cleanup, self._render(cleanup), blockers, lock_timeout)
                     pending_cleanup = False
@@ -220,12 +230,10 @@ class Executor:
                 message = f"{step.table}: {step.action} failed: {exc.diag.message_primary or exc}"
                 message += self._diagnosis(step)
                 undone = self._undo_on_error(step)
-                if self._journal_end and entry is not None:
-                    self._journal_end(entry, "failed", attempt, message + undone)
+                end("failed", attempt, message + undone)
                 raise RunbookError(f"{message}\n  statement: {statement}\n  nothing of this step was applied{undone}; "
                                    f"fix the cause and re-run this notebook (it resumes)") from None
-            if self._journal_end and entry is not None:
-                self._journal_end(entry, "applied", attempt, None)
+            end("applied", attempt, None)
             faults.point("ddl.after_step", step.action)
             return StepResult(step, "applied", attempt, time.monotonic() - started)
         leftover = (" The interrupted build left an INVALID index that the lock timeout also kept from being "
@@ -235,8 +243,7 @@ class Executor:
         message = (f"{step.table}: {step.action}: could not take its lock ({step.lock}) after {attempts} tries "
                    f"{waits}; {describe_blockers(blockers)}.{leftover} End or wait for "
                    f"those sessions, then re-run this notebook; it resumes here.")
-        if self._journal_end and entry is not None:
-            self._journal_end(entry, "lock timeout", attempts, message)
+        end("lock timeout", attempts, message)
         raise LockNotAcquired(message)
 
     def _diagnosis(self, step: Step) -> str:

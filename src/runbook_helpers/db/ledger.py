@@ -81,8 +81,10 @@ CREATE TABLE IF NOT EXISTS {schema}.statement_journal (
   finished_at timestamptz,
   attempts integer NOT NULL DEFAULT 0,
   outcome text NOT NULL DEFAULT 'running',
-  error text
+  error text,
+  cleared text
 );
+ALTER TABLE {schema}.statement_journal ADD COLUMN IF NOT EXISTS cleared text;
 CREATE TABLE IF NOT EXISTS {schema}.capture_start (
   table_name text PRIMARY KEY,
   started_at timestamptz NOT NULL DEFAULT now(),
@@ -260,10 +262,13 @@ class Ledger:
                                                   "VALUES (%s, %s, %s, %s, %s, %s) RETURNING id", t="statement_journal"),
                                     (run_id, phase, table, action, statement, lock_mode)).scalar()
 
-    def journal_end(self, conn: Connection, entry: int, outcome: str, attempts: int, error: str | None = None) -> None:
+    def journal_end(self, conn: Connection, entry: int, outcome: str, attempts: int, error: str | None = None,
+                    cleared: str | None = None) -> None:
+        """`cleared`: what the ladder did to the table before trying (autovacuum cancelled or waited for, long
+        transactions named), so the audit record shows who was interrupted and why the step waited."""
         conn.exec_driver_sql(self._q(conn, "UPDATE {t} SET finished_at = clock_timestamp(), outcome = %s, attempts = %s, "
-                                           "error = %s WHERE id = %s", t="statement_journal"),
-                             (outcome, attempts, error, entry))
+                                           "error = %s, cleared = %s WHERE id = %s", t="statement_journal"),
+                             (outcome, attempts, error, cleared, entry))
 
     def journal(self, conn: Connection, run_id: str | None = None) -> pd.DataFrame:
         if not self.exists(conn):

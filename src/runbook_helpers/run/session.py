@@ -107,8 +107,8 @@ class PhaseSession:
             def journal(phase, table, action, statement, lock):
                 return self.ledger.journal_start(self.control, self.run_id, phase, table, action, statement, lock)
 
-            def journal_end(entry, outcome, attempts, error):
-                self.ledger.journal_end(self.control, entry, outcome, attempts, error)
+            def journal_end(entry, outcome, attempts, error, cleared=None):
+                self.ledger.journal_end(self.control, entry, outcome, attempts, error, cleared)
         return Executor(self.engine, self.params.locks, dry_run=self.dry_run, journal=journal,
                         journal_end=journal_end, log=self.log)
 
