@@ -164,6 +164,9 @@ def connect_raw(params: Params, database: str | None = None, phase: str | None =
             make_conninfo(info, application_name=application_name(params, phase, run_id),
                           options=session_options(params, existing), connect_timeout="10"),
             autocommit=autocommit,
+            # no server-side prepared statements: they live in the server session, which a pooler may hand on
+            # (a session pooler without a reset query gives the next client a backend whose "_pg3_0" exists)
+            prepare_threshold=None,
         )
     except psycopg.OperationalError as exc:
         reason = scrub(str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc), secrets_in(info))
