@@ -22,6 +22,7 @@ from runbook_helpers import params as params_mod
 from runbook_helpers.db import database
 from runbook_helpers.db.server import PORT, SUPERUSER, _server_account
 from runbook_helpers.errors import RunbookError
+from runbook_helpers.run import runner
 from runbook_helpers.run.session import PhaseSession
 
 PGBOUNCER_PORT = 6432
@@ -207,3 +208,16 @@ def test_pgbouncer_dsn_reaches_the_server_in_session_mode(db, bouncer):
     b = bouncer("session", ignore_options=False)
     with psycopg.connect(b.dsn(db.name)) as conn:
         assert conn.execute("SELECT current_database()").fetchone()[0] == db.name
+
+
+def test_a_headless_run_leaves_no_advisory_lock_in_a_pooled_backend(db, bouncer, monkeypatch):
+    """The runner's own connection holds RUN_LOCK for the whole run; behind a session pooler that keeps server
+    sessions (no reset query) the backend outlives it, so the runner releases its locks at the end of every
+    run and checks none is left."""
+    b = bouncer("session", ignore_options=True, reset_query="")
+    monkeypatch.setenv("RUNBOOK_STAGING_DSN", b.dsn(db.name))
+    result = runner.run("staging", "inspect", dry_run=True, log=lambda *_: None)
+    assert result.status == "succeeded", [p.get("error") for p in result.phases]
+    assert held_runbook_locks(db) == 0
+    second = runner.run("staging", "inspect", dry_run=True, log=lambda *_: None)  # not refused as "in progress"
+    assert second.status == "succeeded", second.phases
