@@ -12,7 +12,7 @@ import pytest
 from psycopg import sql
 
 from runbook_helpers import params as params_mod
-from runbook_helpers.db.ddl import ACCESS_EXCLUSIVE_META, Step
+from runbook_helpers.db.ddl import ACCESS_EXCLUSIVE_META, SHARE_UPDATE_EXCLUSIVE, Step
 from runbook_helpers.errors import LockNotAcquired
 
 # the new ladder, small: 50 ms, 100 ms, then 100 ms per try; sleeps from 50 ms
@@ -184,6 +184,33 @@ def test_a_plain_autovacuum_on_the_table_is_cancelled_and_the_step_applies_at_on
     cleared = db.scalar("SELECT cleared FROM tenancy_runbook.statement_journal WHERE table_name = 'av_probe' "
                         "AND outcome = 'applied'")
     assert cleared and f"cancelled autovacuum pid {pid}" in cleared, cleared
+
+
+def test_a_validate_behind_a_plain_autovacuum_cancels_it_instead_of_exhausting_the_ladder(db, fast_autovacuum):
+    """SHARE UPDATE EXCLUSIVE (VALIDATE, index builds, ANALYZE) conflicts with autovacuum too, and PostgreSQL
+    cancels autovacuum only after a waiter waited deadlock_timeout (1 s): every short try ends before that, so
+    without clearing, the ladder gives up behind a long autovacuum."""
+    db.run("inspect")
+    slow_vacuum_table(db, "av_scan", autovacuum=True)
+    db.execute("ALTER TABLE av_scan ADD CONSTRAINT av_scan_positive CHECK (id > 0) NOT VALID")
+    db.execute("DELETE FROM av_scan WHERE id % 2 = 0")
+    pid, query = wait_for_worker(db, "av_scan")
+    assert "(to prevent wraparound)" not in query
+    p = params_mod.override(db.params, {"locks": {"first_lock_timeout_ms": 50, "lock_timeout_ms": 200,
+                                                  "retry": {"attempts": 4, "backoff_ms": 50, "backoff_max_ms": 100}}})
+    rb = db.session("seed", params=p)
+    try:
+        executor = rb.executor()
+        step = Step("seed", "av_scan", "validate a check", sql.SQL("ALTER TABLE av_scan VALIDATE CONSTRAINT "
+                                                                    "av_scan_positive"),
+                    SHARE_UPDATE_EXCLUSIVE, "scans without blocking reads or writes", long_scan=True)
+        result = executor.run(step)
+    finally:
+        rb.close()
+    assert result.outcome == "applied" and result.attempts == 1, result
+    assert any(f"cancelled autovacuum pid {pid}" in line for line in executor.cleared), executor.cleared
+    assert not any("long transaction" in line for line in executor.cleared), executor.cleared
+    assert db.scalar("SELECT convalidated FROM pg_constraint WHERE conname = 'av_scan_positive'") is True
 
 
 def test_an_anti_wraparound_autovacuum_is_waited_for_with_its_progress_never_cancelled(db, fast_autovacuum):

@@ -47,6 +47,10 @@ LOCK_MODES = {
 }
 # Modes that conflict with autovacuum and queue every application statement behind them while they wait.
 QUEUEING_MODES = {"AccessExclusiveLock", "ShareRowExclusiveLock"}
+# Modes that conflict with autovacuum's SHARE UPDATE EXCLUSIVE. PostgreSQL cancels a plain autovacuum only
+# after a waiter has waited deadlock_timeout (1 s), which the ladder's short tries never reach: without
+# clearing, a VALIDATE or an index build would exhaust the ladder behind a long autovacuum.
+AUTOVACUUM_CONFLICTS = QUEUEING_MODES | {"ShareUpdateExclusiveLock"}
 
 # The phase that runs every undo step: each phase module offers the steps that reverse it (undo_steps),
 # and 99_rollback runs them under this name.
@@ -78,6 +82,10 @@ class Step:
     @property
     def queues_the_application(self) -> bool:
         return self.table is not None and self.lock_mode in QUEUEING_MODES
+
+    @property
+    def waits_for_autovacuum(self) -> bool:
+        return self.table is not None and self.lock_mode in AUTOVACUUM_CONFLICTS
 
 
 @dataclass
@@ -204,7 +212,7 @@ class Executor:
         for attempt in range(1, attempts + 1):
             lock_timeout = self.lock_timeout_ms(attempt)
             try:
-                if step.queues_the_application:
+                if step.waits_for_autovacuum:
                     try:
                         self._clear_the_table(step, reported)
                     except LockNotAcquired as exc:
@@ -289,8 +297,9 @@ class Executor:
                       f"the next run finds the leftover and removes it")
 
     def _clear_the_table(self, step: Step, reported: set[int]) -> None:
-        """Before a queueing lock: cancel a plain autovacuum on the table, wait out an anti-wraparound one,
-        and name long transactions holding locks on it (once per step)."""
+        """Before a lock that autovacuum blocks: cancel a plain autovacuum on the table, wait out an
+        anti-wraparound one; before a queueing lock also name long transactions holding locks on it (once
+        per step: they are what the ladder's tries will wait for)."""
         deadline = time.monotonic() + self.locks.wraparound_wait_s
         next_line = 0.0
         while True:
@@ -302,7 +311,7 @@ class Executor:
                         done = lock_holders.cancel_backend(conn, s.pid)
                         self._say(f"  {step.table}: {step.action}: cancelled autovacuum pid {s.pid} on the table "
                                   f"({s.query!r}){'' if done else ' (it had already ended)'}; it runs again later")
-                    elif (not s.is_autovacuum and s.pid not in reported
+                    elif (step.queues_the_application and not s.is_autovacuum and s.pid not in reported
                           and s.age_s * 1000 >= self.locks.report_transactions_older_than_ms):
                         reported.add(s.pid)
                         self._say(f"  {step.table}: {step.action}: before trying: long transaction {s.describe()}")
