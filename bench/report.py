@@ -1,7 +1,9 @@
 """`python -m bench report`: docs/BENCHMARKS.md from the latest results in bench/results/*.json.
 
 Each benchmark's section is its module docstring (what is measured, how, and the command), the machine
-it ran on, and its table exactly as measured. Targets not met stay in the table as not met.
+it ran on, and its table exactly as measured. Targets not met stay in the table as not met. Results are
+per machine (bench/results/ is not committed): a benchmark with no result here keeps the section the page
+already has, so running one benchmark and then the report rewrites only that one.
 """
 
 from __future__ import annotations
@@ -9,11 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import b1_fast_path, b2_batched, b3_online, b4_memory, b6_mapped, b7_trigger, e2e
+from . import b1_fast_path, b2_batched, b3_online, b4_memory, b6_mapped, b7_trigger, b8_partitions, b10_ddl_waits, e2e
 
 ROOT = Path(__file__).resolve().parent.parent
 ORDER = [("b1", b1_fast_path), ("b2", b2_batched), ("b3", b3_online), ("b4", b4_memory), ("b6", b6_mapped),
-         ("b7", b7_trigger), ("e2e", e2e)]
+         ("b7", b7_trigger), ("b8", b8_partitions), ("b10", b10_ddl_waits), ("e2e", e2e)]
 
 
 def _cell(value) -> str:
@@ -33,10 +35,30 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def existing_sections(page: Path) -> dict[str, str]:
+    """The page's current sections by heading ("## B3 online" -> its text up to the next heading)."""
+    sections: dict[str, str] = {}
+    if not page.is_file():
+        return sections
+    title, body = None, []
+    for line in page.read_text().splitlines():
+        if line.startswith("## "):
+            if title:
+                sections[title] = "\n".join(body).strip()
+            title, body = line[3:].strip(), []
+        elif title:
+            body.append(line)
+    if title:
+        sections[title] = "\n".join(body).strip()
+    return sections
+
+
 def main(intro: str | None = None) -> Path:
     if intro is None:
         summary = ROOT / "bench" / "summary.md"
         intro = summary.read_text().strip() if summary.is_file() else ""
+    out = ROOT / "docs" / "BENCHMARKS.md"
+    previous = existing_sections(out)
     results = {}
     for path in sorted((ROOT / "bench" / "results").glob("*.json")):
         data = json.loads(path.read_text())
@@ -61,7 +83,9 @@ def main(intro: str | None = None) -> Path:
         lines += [f"## {title}", "", body, ""]
         data = results.get(key) or results.get({"e2e": "b5"}.get(key, key))
         if data is None:
-            lines += ["_Not measured yet._", ""]
+            kept = previous.get(title, "").splitlines()
+            measured = next((i for i, line in enumerate(kept) if line.startswith("|")), None)
+            lines += ["\n".join(kept[measured:]).strip() if measured is not None else "_Not measured yet._", ""]
             continue
         if "rows" in data:
             lines += [table(data["rows"]), ""]
@@ -72,7 +96,6 @@ def main(intro: str | None = None) -> Path:
         for note in data.get("notes", []):
             lines.append(f"- {note}")
         lines += ["", f"Command: `{data.get('command')}`", ""]
-    out = ROOT / "docs" / "BENCHMARKS.md"
     out.parent.mkdir(exist_ok=True)
     out.write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {out}")

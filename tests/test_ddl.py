@@ -33,3 +33,22 @@ def test_a_dry_run_executes_and_journals_nothing(db):
         rb.close()
     assert db.scalar("SELECT obj_description('templates'::regclass)") is None
     assert db.scalar("SELECT count(*) FROM tenancy_runbook.statement_journal") == 0
+
+
+def test_a_steps_lock_mode_is_the_strongest_its_lock_text_names():
+    """The ladder clears autovacuum and names long transactions by the mode a step takes: a step whose text
+    was not one of ddl's constants (the rollout triggers: CREATE TRIGGER and DROP DEFAULT in one step) went
+    without clearing and waited behind autovacuum (B10)."""
+    from runbook_helpers.db import ddl
+    from runbook_helpers.tenancy import rollout
+
+    def mode(lock):
+        return Step("p", "t", "a", sql.SQL("SELECT 1"), lock, "why").lock_mode
+
+    assert mode(rollout.LOCK) == "AccessExclusiveLock"
+    assert mode(ddl.SHARE_ROW_EXCLUSIVE_META) == "ShareRowExclusiveLock"
+    assert mode("SHARE UPDATE EXCLUSIVE on this partition only (reads and writes continue)") == "ShareUpdateExclusiveLock"
+    assert mode(ddl.ROW_EXCLUSIVE_BATCH) == "RowExclusiveLock" and mode("ACCESS SHARE") == "AccessShareLock"
+    assert mode(ddl.NEW_OBJECT) is None
+    assert Step("p", "t", "a", sql.SQL("SELECT 1"), rollout.LOCK, "why").waits_for_autovacuum
+    assert not Step("p", "t", "a", sql.SQL("SELECT 1"), ddl.ROW_EXCLUSIVE_BATCH, "why").waits_for_autovacuum

@@ -13,6 +13,7 @@ re-run continues from whatever did commit.
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -37,14 +38,23 @@ SHARE_ROW_EXCLUSIVE_META = "SHARE ROW EXCLUSIVE on table and tenants (metadata o
 ROW_EXCLUSIVE_BATCH = "ROW EXCLUSIVE, row locks per batch (reads and writes continue)"
 NEW_OBJECT = "none on existing tables (creates a new object)"
 
-# The lock mode each level above takes on the step's table, for the checks that depend on it.
-LOCK_MODES = {
-    ACCESS_EXCLUSIVE_META: "AccessExclusiveLock",
-    SHARE_UPDATE_EXCLUSIVE: "ShareUpdateExclusiveLock",
-    SHARE_ROW_EXCLUSIVE_META: "ShareRowExclusiveLock",
-    ROW_EXCLUSIVE_BATCH: "RowExclusiveLock",
-    NEW_OBJECT: None,
-}
+# PostgreSQL's table lock modes, weakest first, as pg_locks names them. A step's lock text names the modes it
+# takes (on its table, sometimes also on another one: "SHARE ROW EXCLUSIVE on this partition and tenants");
+# the strongest mode named is what the checks go by, which errs on the side of clearing the table.
+PG_LOCK_MODES = {"ACCESS SHARE": "AccessShareLock", "ROW SHARE": "RowShareLock", "ROW EXCLUSIVE": "RowExclusiveLock",
+                 "SHARE UPDATE EXCLUSIVE": "ShareUpdateExclusiveLock", "SHARE": "ShareLock",
+                 "SHARE ROW EXCLUSIVE": "ShareRowExclusiveLock", "EXCLUSIVE": "ExclusiveLock",
+                 "ACCESS EXCLUSIVE": "AccessExclusiveLock"}
+_MODE_NAMES = re.compile(r"\b(" + "|".join(sorted(PG_LOCK_MODES, key=len, reverse=True)) + r")\b")
+
+
+def strongest_lock_mode(lock: str) -> str | None:
+    """The strongest pg_locks mode a lock text names (None: it names none, e.g. a new object)."""
+    named = [PG_LOCK_MODES[m] for m in _MODE_NAMES.findall(lock)]
+    order = list(PG_LOCK_MODES.values())
+    return max(named, key=order.index) if named else None
+
+
 # Modes that conflict with autovacuum and queue every application statement behind them while they wait.
 QUEUEING_MODES = {"AccessExclusiveLock", "ShareRowExclusiveLock"}
 # Modes that conflict with autovacuum's SHARE UPDATE EXCLUSIVE. PostgreSQL cancels a plain autovacuum only
@@ -76,8 +86,8 @@ class Step:
 
     @property
     def lock_mode(self) -> str | None:
-        """The pg_locks mode this step takes on its table (None: a new object, or a lock text not listed)."""
-        return LOCK_MODES.get(self.lock)
+        """The strongest pg_locks mode this step's lock text names (None: a new object)."""
+        return strongest_lock_mode(self.lock)
 
     @property
     def queues_the_application(self) -> bool:
