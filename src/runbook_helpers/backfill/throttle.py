@@ -51,6 +51,7 @@ class Throttle:
     TICK_S = 0.5         # the controller decides at most this often ...
     MIN_SAMPLES = 8      # ... on at least this many canary commits since its last change
     PACE_STEP_S = 0.05
+    FIRST_SAMPLE_S = 5.0  # the first batch waits this long at most for the first sample (standbys, lock waiters)
 
     def __init__(self, engine, table_oid: int, params, log: Callable[[str], None], *,
                  ledger_schema: str | None = None, batch: tuple[int, int, int] | None = None):
@@ -77,6 +78,7 @@ class Throttle:
         self._changed_at = 0.0
         self._decided_at = 0.0
         self._stop = threading.Event()
+        self._sampled = threading.Event()  # the first sample is in: no batch starts before it
         self._lock = threading.Lock()
         self._engine = engine
         self._threads = []
@@ -118,7 +120,7 @@ class Throttle:
             with self._engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                 replicas = p.max_replica_lag_s is not None and not conn.exec_driver_sql(
                     "SELECT pg_is_in_recovery()").scalar()
-                while not self._stop.wait(self.SAMPLE_S):
+                while not self._stop.is_set():
                     waiters, stalled, dead = conn.exec_driver_sql(self.SAMPLE_SQL, {
                         "pids": sorted(self.pids), "stall_s": stall_s, "oid": self.table_oid}).one()
                     self.waiters, self.stalled, self.dead_ratio = int(waiters), int(stalled), float(dead or 0.0)
@@ -129,8 +131,12 @@ class Throttle:
                             self.pace_s = max(0.0, self.pace_s - 0.002)  # 20 ms per second
                     if replicas:
                         self._sample_replicas(conn.exec_driver_sql(self.REPLICA_SQL).all())
+                    self._sampled.set()
+                    self._stop.wait(self.SAMPLE_S)
         except Exception as exc:  # throttling is advisory: never fail the backfill over it
             self.log(f"  throttle sampling stopped: {exc}")
+        finally:
+            self._sampled.set()
 
     def _sample_replicas(self, rows) -> None:
         now = time.monotonic()
@@ -249,6 +255,7 @@ class Throttle:
         if not self.enabled:
             return
         started = time.monotonic()
+        self._sampled.wait(self.FIRST_SAMPLE_S)
         if self.pace_s:
             time.sleep(self.pace_s)
         reason = self.over_limit()
