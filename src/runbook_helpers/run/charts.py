@@ -189,10 +189,12 @@ def rows_per_tenant(counts: pd.DataFrame, top: int = 15) -> Image:
     return png(fig)
 
 
-def backfill_pace(progress: pd.DataFrame, budget_p99_ms: float | None = None,
-                  max_replica_lag_s: float | None = None) -> Image:
+def backfill_pace(progress: pd.DataFrame, throttle=None) -> Image:
     """What paced the batched backfill, per batch: the signal (the canary's p99 commit latency against the
-    budget), the choice (batch size, pause before each batch) and the outcome (rows/s; standby replay lag)."""
+    budget), the choice (batch size, pause before each batch) and the outcome (rows/s; standby replay lag).
+    `throttle`: the backfill.throttle params, for the budget and the lag bound lines."""
+    budget_p99_ms = getattr(throttle, "budget_p99_ms", None)
+    max_replica_lag_s = getattr(throttle, "max_replica_lag_s", None)
     fig = Figure(figsize=(SIZE[0] * 1.5, SIZE[1] * 2), dpi=DPI)
     signal, choice, outcome = (fig.add_subplot(3, 1, i) for i in (1, 2, 3))
     if not len(progress) or "batch_size" not in progress:

@@ -325,9 +325,7 @@ def _write_pace(folder: Path, env: str, run_id: str) -> str | None:
 
     def write(frame, at: Path) -> None:
         frame.to_csv(at / "backfill_pace.csv", index=False)
-        throttle = frame.attrs["throttle"]
-        (at / "backfill_pace.png").write_bytes(
-            charts.backfill_pace(frame, throttle.budget_p99_ms, throttle.max_replica_lag_s).data)
+        (at / "backfill_pace.png").write_bytes(charts.backfill_pace(frame, frame.attrs["throttle"]).data)
 
     def describe(frame) -> str:
         tables = frame.groupby("table_name")["batch"].count()
