@@ -75,6 +75,7 @@ class Throttle:
         self.max_replica_lag_s: float | None = None  # the largest seen while this throttle ran (None: no standby)
         self._canary: collections.deque[tuple[float, float]] = collections.deque()
         self._wal: collections.deque[tuple[float, float]] = collections.deque()
+        self._unreadable: set[str] = set()
         self._changed_at = 0.0
         self._decided_at = 0.0
         self._stop = threading.Event()
@@ -149,6 +150,10 @@ class Throttle:
         lags = {}
         for name, behind, replay_lag, _ in rows:
             if behind is None:  # without pg_monitor (or pg_read_all_stats) the positions read as NULL
+                if name not in self._unreadable:
+                    self._unreadable.add(name)
+                    self.log(f"  throttle: cannot read the replay position of standby {name} (grant pg_monitor to "
+                             f"the migration role); its lag is not watched")
                 continue
             if behind <= 0:
                 lags[name] = 0.0          # everything replayed: a replay_lag still shown is stale

@@ -226,6 +226,8 @@ def backfill_pace(progress: pd.DataFrame, throttle=None) -> Image:
     signal.legend(fontsize=7)
     choice.set_ylabel("rows per batch")
     pace_axis.set_ylabel("pause before each batch, ms")
+    pace_axis.set_ylim(bottom=0)
+    outcome.set_ylim(bottom=0)
     choice.set_title("Choice: batch size (solid) and pace (dashed)")
     choice.legend(fontsize=7, loc="upper left")
     pace_axis.legend(fontsize=7, loc="upper right")
