@@ -112,9 +112,9 @@ class BatchedBackfill:
         before = rb.ledger.checkpoint(rb.control, self.st.name)
         self.progress = rb.progress(self.label, remaining, every_s=self.params.progress_every_s)
         passes = 0
-        p = self.params
-        with Throttle(rb.engine, self.st.oid, p.throttle, rb.log, ledger_schema=rb.params.ledger_schema,
-                      batch=(p.batch_size, p.min_batch_size, p.max_batch_size)) as throttle:
+        bp = self.params
+        with Throttle(rb.engine, self.st.oid, bp.throttle, rb.log, ledger_schema=rb.params.ledger_schema,
+                      batch=(bp.batch_size, bp.min_batch_size, bp.max_batch_size)) as throttle:
             self.progress.status = throttle.status
             while remaining:
                 self._run_parts([p for p in parts if p["finished_at"] is None], throttle)
