@@ -11,7 +11,13 @@ also counts for the transactions it delayed; each is assigned to the phase it st
 backfill phase, then its constrain phase. Naive, on an identical copy: SET DEFAULT (so the inserts keep
 working), one UPDATE of every row, SET NOT NULL and ADD FOREIGN KEY directly.
 
-Reproduce: .venv/bin/python -m bench b3   (BENCH_B3_RATE=200 transactions/s, BENCH_B2_ROWS=5000000)
+The runbook side runs in two variants on identical copies: with the latency budget controller at 50 ms
+(backfill.throttle.budget_p99_ms, the default), and at its fastest setting (every throttle off: no budget,
+no stall pacing, no lock-waiter or replica pauses). Each phase row carries the backfill's throughput
+(rows/s) next to the writer's p99 and max, for the throughput-against-p99 table.
+
+Reproduce: .venv/bin/python -m bench b3   (BENCH_B3_RATE=200 transactions/s, BENCH_B2_ROWS=5000000;
+BENCH_B3_ONLY=budget|fastest|naive runs one side, e.g. BENCH_B3_ONLY=budget,naive)
 """
 
 from __future__ import annotations
@@ -62,19 +68,29 @@ def phase_stats(transactions, start: float, end: float) -> dict:
             "max_ms": max(latencies) if latencies else 0.0}
 
 
-def runbook_side(db: str, rate: int) -> tuple[list, Writer]:
+# the runbook's variants: backfill params over base.yaml's (BENCH_B3_BACKFILL adds to both)
+VARIANTS = {
+    "budget": {"throttle": {"budget_p99_ms": 50}},
+    "fastest": {"throttle": {"budget_p99_ms": None, "app_stall_ms": None, "max_lock_waiters": None,
+                             "max_replica_lag_s": None}, "pause_ms": 0},
+}
+
+
+def runbook_side(db: str, rate: int, variant: dict) -> tuple[list, Writer]:
     import json
-    overrides = common.only("workflows", **json.loads(os.environ.get("BENCH_B3_BACKFILL", "{}")))
+    backfill = {**variant, **json.loads(os.environ.get("BENCH_B3_BACKFILL", "{}"))}
+    overrides = common.only("workflows", **backfill)
     common.run("inspect", db, overrides)
     common.run("seed", db, overrides)
     writer = Writer(db, rate)
     writer.start()
     time.sleep(4)  # a quiet period first: the writer's own baseline
-    phases = [("quiet", time.time() - 3.5, time.time())]
+    phases = [("quiet", time.time() - 3.5, time.time(), None)]
     for name in ("backfill", "constrain"):
         t0 = time.time()
-        common.run(name, db, overrides)
-        phases.append((name, t0, time.time()))
+        out = common.run(name, db, overrides)
+        rows = int(out["report"].summary["rows updated"].sum()) if name == "backfill" else None
+        phases.append((name, t0, time.time(), rows))
     writer.stop()
     return phases, writer
 
@@ -86,15 +102,15 @@ def naive_side(db: str, rate: int) -> tuple[list, Writer]:
         writer = Writer(db, rate)
         writer.start()
         time.sleep(4)
-        phases = [("quiet", time.time() - 3.5, time.time())]
+        phases = [("quiet", time.time() - 3.5, time.time(), None)]
         conn.execute(f"ALTER TABLE workflows ALTER COLUMN tenant_id SET DEFAULT {int(tenant)}")
         for name, statement in (
                 ("single UPDATE", f"UPDATE workflows SET tenant_id = {int(tenant)} WHERE tenant_id IS NULL"),
                 ("SET NOT NULL", "ALTER TABLE workflows ALTER COLUMN tenant_id SET NOT NULL"),
                 ("ADD FOREIGN KEY", "ALTER TABLE workflows ADD FOREIGN KEY (tenant_id) REFERENCES tenants(id)")):
             t0 = time.time()
-            conn.execute(statement)
-            phases.append((name, t0, time.time()))
+            done = conn.execute(statement).rowcount
+            phases.append((name, t0, time.time(), done if name == "single UPDATE" else None))
         writer.stop()
     return phases, writer
 
@@ -105,21 +121,24 @@ def main() -> dict:
     tpl = b2_batched.template()
     sized = "" if rows == 5_000_000 else f"BENCH_B2_ROWS={rows} "
     report = common.Report("B3 online", f"{sized}python -m bench b3")
-    sides = (("runbook", runbook_side), ("naive", naive_side))
+    sides = [(f"runbook {v}", v, lambda db, rate, v=v: runbook_side(db, rate, VARIANTS[v])) for v in VARIANTS]
+    sides.append(("naive", "naive", naive_side))
     if os.environ.get("BENCH_B3_ONLY"):
-        sides = tuple(s for s in sides if s[0] == os.environ["BENCH_B3_ONLY"])
-    for approach, side in sides:
-        db = common.clone(tpl, f"bench_b3_{approach}")
+        wanted = os.environ["BENCH_B3_ONLY"].split(",")
+        sides = [s for s in sides if s[1] in wanted or (s[1] in VARIANTS and "runbook" in wanted)]
+    for approach, key, side in sides:
+        db = common.clone(tpl, f"bench_b3_{key}")
         try:
             phases, writer = side(db, rate)
             transactions = writer.transactions()
         finally:
             common.drop(db)
-        for name, start, end in phases:
+        for name, start, end, rows_done in phases:
             stats = phase_stats(transactions, start, end)
-            judged = approach == "runbook" and name != "quiet"
+            judged = approach == "runbook budget" and name != "quiet"
             met = (stats["errors"] == 0 and stats["p99_ms"] <= TARGET_P99_MS and stats["max_ms"] <= TARGET_MAX_MS)
-            report.add(approach=approach, phase=name, seconds=round(end - start, 1), **{
+            report.add(approach=approach, phase=name, seconds=round(end - start, 1),
+                       rows_per_s=round(rows_done / max(end - start, 1e-9)) if rows_done else None, **{
                 k: (round(v, 1) if isinstance(v, float) else v) for k, v in stats.items()},
                 target=f"0 errors, p99 <= {TARGET_P99_MS:.0f}, max <= {TARGET_MAX_MS:.0f} ms" if judged else "",
                 met=met if judged else "")

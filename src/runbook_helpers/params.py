@@ -71,6 +71,10 @@ class ThrottleParams(_Strict):
     max_dead_ratio: float | None = Field(default=None, gt=0)  # pause while dead/live tuples exceed this
     pause_ms: int = Field(default=250, ge=0)
     max_pause_s: float = Field(default=30, ge=0)             # then carry on, and say so
+    # the application's budget: the canary's p99 commit latency; a controller sizes and paces the batches to
+    # keep it (null: off, batch size from target_batch_ms and pace from app_stall_ms alone)
+    budget_p99_ms: float | None = Field(default=50, gt=0)
+    max_replica_lag_s: float | None = Field(default=5, gt=0)  # pause while a streaming standby replays this late
 
 
 class BackfillParams(_Strict):

@@ -282,7 +282,7 @@ def apply(rb) -> BackfillReport:
     step_results += executor.run_all([s for tp in table_plans for s in tp.triggers])
     for tp in table_plans:
         step_results += executor.run_all([s for s in tp.fill if s.lock != ROW_EXCLUSIVE_BATCH])
-        updated, batches, paused = 0, 0, 0.0
+        updated, batches, paused, worst_lag = 0, 0, 0.0, None
         if tp.strategy in ("batched", "mapped") and not rb.dry_run:
             assignment = tp.assignment
             if tp.strategy == "mapped" and not tp.state.has_column:
@@ -301,6 +301,8 @@ def apply(rb) -> BackfillReport:
                 job = BatchedBackfill(rb, target, system_id, assignment, core_table=tp.state.name)
                 outcome = job.run(total)
                 updated, batches, paused = updated + outcome.rows, batches + outcome.batches, paused + outcome.paused_s
+                if outcome.max_replica_lag_s is not None:
+                    worst_lag = max(worst_lag or 0.0, outcome.max_replica_lag_s)
                 progress.append(job.progress.frame())
         added = not tp.state.has_column
         by_default = int(baseline.get(tp.state.name, 0)) if added and not rb.dry_run else 0
@@ -308,11 +310,13 @@ def apply(rb) -> BackfillReport:
         summary.append({"table": tp.state.name, "strategy": tp.strategy,
                         "rows by default": by_default, "rows updated": updated, "batches": batches,
                         "outcome": "dry run" if rb.dry_run else ("nothing to do" if not tp.steps else "done"),
-                        "seconds": round(time.monotonic() - started[tp.state.name], 2), "throttled s": round(paused, 2)})
+                        "seconds": round(time.monotonic() - started[tp.state.name], 2), "throttled s": round(paused, 2),
+                        "max replica lag s": None if worst_lag is None else round(worst_lag, 2)})
     frame = pd.DataFrame(summary, columns=["table", "strategy", "rows by default", "rows updated", "batches",
-                                           "outcome", "seconds", "throttled s"])
+                                           "outcome", "seconds", "throttled s", "max replica lag s"])
     prog = pd.concat(progress, ignore_index=True) if progress else pd.DataFrame(
-        columns=["label", "elapsed_s", "rows_done", "batch_rows", "batch_s"])
+        columns=["label", "elapsed_s", "rows_done", "batch_rows", "batch_s", "batch_size", "pace_ms", "canary_p99_ms",
+                 "replica_lag_s"])
     return BackfillReport(frame, prog, results_frame(step_results))
 
 
