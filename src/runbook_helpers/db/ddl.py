@@ -69,6 +69,9 @@ class Step:
     # phase left in force that new writes would meet (the NOT VALID constraint whose VALIDATE failed)
     diagnose: sql.Composable | None = None
     on_error: sql.Composable | None = None
+    # True: clear the table first although the lock does not queue the application (a VACUUM, which a plain
+    # autovacuum on the table would keep waiting: ours does its work)
+    clears_autovacuum: bool = False
 
     @property
     def lock_mode(self) -> str | None:
@@ -198,7 +201,7 @@ class Executor:
         for attempt in range(1, attempts + 1):
             lock_timeout = self.lock_timeout_ms(attempt)
             try:
-                if step.queues_the_application:
+                if step.queues_the_application or (step.clears_autovacuum and step.table is not None):
                     self._clear_the_table(step, reported)
                 if pending_cleanup:
                     self._try(cleanup, self._render(cleanup), blockers, lock_timeout)
