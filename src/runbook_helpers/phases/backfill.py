@@ -479,6 +479,9 @@ def apply(rb) -> BackfillReport:
         vacuum.settle_statistics(rb.engine, rb.control)  # the batches' dead rows counted before, not after
     for tp in table_plans:  # pass 4: VACUUM (ANALYZE) what the batches rewrote
         for step, relation in zip(tp.after, tp.after_relations):
+            if rb.dry_run:
+                step_results.append(executor.run(step))
+                continue
             with rb.engine.connect() as conn:
                 oid = catalog.relation_oid(conn, tp.state.schema, relation)
             with vacuum.VacuumProgress(rb.engine, oid, f"backfill {relation}", rb.params.backfill.progress_every_s,
