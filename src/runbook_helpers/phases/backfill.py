@@ -317,6 +317,7 @@ class CostReport:
     warnings: list[str]
     wal_bytes: float
     checkpoints: int
+    rate: str  # where the time's rate comes from
 
     def _repr_html_(self) -> str:
         notes = "".join(f"<li>{line}</li>" for line in self.warnings)
@@ -372,7 +373,7 @@ def cost(rb, table_plans: list[TablePlan] | None = None) -> CostReport:
     rows.append(_cost_row("total", "", total, "", rate))
     seconds = sum(rate.seconds(c) for c in costs)
     return CostReport(pd.DataFrame(rows, columns=COST_COLUMNS), _cost_warnings(total, seconds, forced, srv, rate),
-                      total.wal_bytes, forced)
+                      total.wal_bytes, forced, rate.source)
 
 
 def _cost_row(name: str, strategy: str, c: cost_model.Cost, how: str, rate: cost_model.Rate) -> dict:
