@@ -121,6 +121,25 @@ def test_a_warning_line_counts_the_checkpoints_the_wal_forces(db):
     assert f"forces about {forced} checkpoints" in line and "checkpoints are occurring too frequently" in line
 
 
+def test_room_that_fillfactor_keeps_makes_the_updates_hot_and_the_table_does_not_grow(db):
+    """fillfactor 50: every rewritten row fits on its own page (HOT, no index entry): the plan says no growth,
+    and the heap indeed keeps its size."""
+    _grow_knowledge_bases(db, 20_000)
+    db.execute("ALTER TABLE knowledge_bases SET (fillfactor = 50)")
+    db.execute("VACUUM (FULL, ANALYZE) knowledge_bases")  # the pages half full (test set-up, not online)
+    db.run("inspect", "seed")
+    heap = db.scalar("SELECT pg_relation_size('knowledge_bases')")
+    rb = db.session("backfill", params=params_mod.override(db.params, {"backfill": {"vacuum_after": False}}))
+    try:
+        kb = backfill.cost(rb).table.set_index("table").loc["knowledge_bases"]
+        backfill.apply(rb)
+    finally:
+        rb.close()
+    assert kb["HOT updates (%)"] == 100 and kb["heap growth (MB)"] == 0 and kb["index growth (MB)"] == 0
+    assert db.scalar("SELECT pg_relation_size('knowledge_bases')") == heap
+    assert db.scalar("SELECT count(*) FROM knowledge_bases WHERE tenant_id IS NULL") == 0
+
+
 def _vacuums(db, table: str) -> int:
     return db.scalar("SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = %s", (table,))
 

@@ -7,8 +7,9 @@ The model, per table whose rows the batches rewrite (a fast default rewrites not
   (1 − null_frac)) plus the 24-byte tuple header, 8 bytes for the bigint tenant_id a rewritten row stores
   and 4 for its line pointer; without statistics (never analyzed), pg_relation_size / reltuples.
 - **HOT**: an update stays on its page (no index entries, no growth) only while no index covers tenant_id
-  and the page has room: the room per page is what the pages hold beyond their live tuples (fillfactor
-  below 100 leaves it). The share of HOT updates is that room over the space the page's rewritten rows need.
+  and the page has room: the room per page is what fillfactor keeps free (100 − fillfactor %); free space
+  left by deletes is not known without pgstattuple and is counted as none (so HOT comes out low, WAL and
+  growth high). The share of HOT updates is that room over the space the page's rewritten rows need.
 - **WAL records**: per rewritten row one heap update record (about 70 bytes of headers plus the new tuple's
   data; a HOT update logs only the changed bytes, about 80 bytes in all), for a row that moves to another
   page two lock records of its old version (108 bytes), and per index one insert record (about 45 bytes
@@ -224,8 +225,7 @@ def estimate(s: Shape, rows: int, srv: Server, cycles: float = 1.0) -> Cost:
     bs = srv.block_size
     pages = max(1.0, s.heap_bytes / bs)
     live = max(s.live_rows, float(rows))
-    old_tuple = (s.heap_bytes - pages * PAGE_HEADER) / live if s.heap_bytes else s.tuple_bytes
-    room = max(0.0, bs - PAGE_HEADER - old_tuple * (live / pages))  # per page, beyond its live tuples
+    room = bs * (100 - s.fillfactor) / 100.0  # per page: what fillfactor keeps free for updates
     per_page = rows / pages
     hot_possible = not any(ix.covers_tenant for ix in s.indexes)
     hot_share = min(1.0, room / (s.tuple_bytes * per_page)) if hot_possible else 0.0

@@ -529,7 +529,8 @@ def assert_filled(rb) -> str:
 
 def undo_steps(rb, conn, before) -> list[Step]:
     """What reverses backfill, from the pre-change snapshot: tenant_id dropped where it did not exist before;
-    where it did (a partly applied 0001), its default and every row's value of before put back."""
+    where it did (a partly applied 0001), its default and every row's value of before put back. The VACUUM
+    (ANALYZE) after the batches needs no undo: it removed only dead row versions and refreshed statistics."""
     out: list[Step] = []
     states = table_states.core_states(rb, conn)
     for name, st in states.items():  # the triggers first: nothing may assign or record while the rest is undone
