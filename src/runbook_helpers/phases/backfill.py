@@ -275,6 +275,7 @@ def plans(rb) -> list[TablePlan]:
             out.append(TablePlan(st, strategy, nulls, column_steps(st, system_id),
                                  rollout_steps(rb, conn, st, system_id, before.get(name)), fill, assignment, to_map,
                                  after, relations))
+    rb._backfill_plans = (time.monotonic(), out)  # for cost() of the plan just shown (not for apply)
     return out
 
 
@@ -307,6 +308,7 @@ def strategies(rb) -> pd.DataFrame:
 COST_COLUMNS = ["table", "strategy", "rows to rewrite", "rows from", "HOT updates (%)", "WAL (MB)",
                 "full-page images (MB)", "time (s)", "heap growth (MB)", "index growth (MB)", "row size from"]
 MB = 1024 * 1024
+PLAN_REUSE_S = 60.0  # cost() reuses a plan this recent (its counts are full scans); apply always plans afresh
 
 
 @dataclass
@@ -345,8 +347,12 @@ def _relations(conn, tp: TablePlan) -> list[tuple[TableState, int]]:
 def cost(rb, table_plans: list[TablePlan] | None = None) -> CostReport:
     """What the batches will cost, per table and in all, before anything runs: rows to rewrite (exact), WAL
     (with full-page images), time at the measured rate, heap and index growth; and how many checkpoints the
-    WAL forces against max_wal_size (a warning, never a refusal). Reads only the catalog and pg_stats."""
-    table_plans = plans(rb) if table_plans is None else table_plans
+    WAL forces against max_wal_size (a warning, never a refusal). Reads only the catalog and pg_stats, and
+    the counts of the plan this session made in the last minute (the plan just shown), else a fresh plan's."""
+    if table_plans is None:
+        made, recent = getattr(rb, "_backfill_plans", (None, None))
+        fresh = made is not None and time.monotonic() - made < PLAN_REUSE_S
+        table_plans = recent if fresh else plans(rb)
     ledger = rb.params.ledger_schema
     with rb.engine.connect() as conn:
         srv = cost_model.server(conn)
