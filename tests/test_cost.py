@@ -158,8 +158,8 @@ def _no_autovacuum(db) -> None:
     db.execute("ALTER TABLE knowledge_bases SET (autovacuum_enabled = off)")  # only the runbook's VACUUM counts
 
 
-def test_backfill_vacuums_each_rewritten_table_after_its_batches(db):
-    db.run("inspect", "seed")
+def test_backfill_vacuums_each_rewritten_table_after_its_batches(migrated_db):
+    db = migrated_db("inspect", "seed")
     _no_autovacuum(db)
     before = _vacuums(db, "knowledge_bases")
     rb = db.session("backfill", dry_run=True)
@@ -182,8 +182,8 @@ def test_backfill_vacuums_each_rewritten_table_after_its_batches(db):
     assert db.scalar(journal) == 1 and _vacuums(db, "knowledge_bases") == before + 1
 
 
-def test_with_vacuum_after_false_the_dead_versions_stay_for_autovacuum(db):
-    db.run("inspect", "seed")
+def test_with_vacuum_after_false_the_dead_versions_stay_for_autovacuum(migrated_db):
+    db = migrated_db("inspect", "seed")
     _no_autovacuum(db)
     before = _vacuums(db, "knowledge_bases")
     params = params_mod.override(db.params, {"backfill": {"vacuum_after": False}})
@@ -192,8 +192,8 @@ def test_with_vacuum_after_false_the_dead_versions_stay_for_autovacuum(db):
     assert _dead(db, "knowledge_bases") > 0 and _not_all_visible(db, "knowledge_bases") > 0
 
 
-def test_a_run_killed_between_the_batches_and_the_vacuum_vacuums_on_the_re_run(db):
-    db.run("inspect", "seed")
+def test_a_run_killed_between_the_batches_and_the_vacuum_vacuums_on_the_re_run(migrated_db):
+    db = migrated_db("inspect", "seed")
     _no_autovacuum(db)
     before = _vacuums(db, "knowledge_bases")
     db.run("backfill", params=params_mod.override(db.params, {"backfill": {"vacuum_after": False}}))
