@@ -37,7 +37,9 @@ The model, per table whose rows the batches rewrite (a fast default rewrites not
 
 Not modelled: wal_level = logical (old key logged), wal_compression, hint-bit images of pages a read
 touches first after a checkpoint (data checksums or wal_log_hints), btree bottom-up deletion.
-Checked against the measured WAL of a real backfill (tests/test_cost.py: within 0.5x to 2x).
+Checked against the measured WAL of a real backfill of 150k rows (tests/test_cost.py): within 0.8x to 1.25x of
+the table's own WAL records (pg_waldump), 0.5x to 2x of the server's (pg_current_wal_lsn; other databases
+write too). Measured there: estimated 107.4 MB, the table's records 105.6 MB, the server's 107.7 MB.
 """
 
 from __future__ import annotations
