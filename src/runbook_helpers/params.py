@@ -87,6 +87,7 @@ class BackfillParams(_Strict):
     pause_ms: int = Field(default=0, ge=0)
     progress_every_s: float = Field(default=5.0, gt=0)
     max_passes: int = Field(default=3, gt=0)
+    vacuum_after: bool = True                                # VACUUM (ANALYZE) each table the batches rewrote
     throttle: ThrottleParams = ThrottleParams()
 
 

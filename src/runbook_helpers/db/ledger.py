@@ -1,7 +1,8 @@
 """The runbook's own schema inside the target database: runs, phase runs, baseline, checkpoints, journal,
 and the rollout window's record of the application's writes (capture_start, app_writes, rollout_assists,
 capture_end; written by the rollout triggers, see tenancy/rollout.py); the backfill throttle's canary row
-(its commit latency is the budget's signal) and the pace it chose per batch (backfill_pace, archived).
+(its commit latency is the budget's signal) and the pace it chose per batch (backfill_pace, archived); the
+core tables' sizes before backfill (table_sizes, for validate's before and after).
 
 It lives next to the data it describes, so a resumed run on another machine finds the same checkpoints,
 and the audit trail survives the laptop that ran it. Every table is created with IF NOT EXISTS;
@@ -120,6 +121,14 @@ CREATE TABLE IF NOT EXISTS {schema}.drizzle_records (
   created_at bigint NOT NULL,
   recorded_at timestamptz NOT NULL DEFAULT now()
 );
+CREATE TABLE IF NOT EXISTS {schema}.table_sizes (
+  table_name text PRIMARY KEY,
+  heap_bytes bigint NOT NULL,
+  index_bytes bigint NOT NULL,
+  total_bytes bigint NOT NULL,
+  measured_at timestamptz NOT NULL DEFAULT now(),
+  run_id text
+);
 CREATE TABLE IF NOT EXISTS {schema}.rollout_assists (
   table_name text NOT NULL,
   key jsonb NOT NULL,
@@ -222,6 +231,22 @@ class Ledger:
                                                     "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (table_name) DO NOTHING",
                                               t="baseline"), (table, row_count, fingerprint, columns, run_id))
         return result.rowcount == 1
+
+    # -- sizes before backfill: recorded once, at the start of its first run, never overwritten
+    def record_sizes(self, conn: Connection, table: str, heap: int, indexes: int, total: int,
+                     run_id: str | None) -> bool:
+        result = conn.exec_driver_sql(self._q(conn, "INSERT INTO {t} (table_name, heap_bytes, index_bytes, total_bytes, "
+                                                    "run_id) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (table_name) DO "
+                                                    "NOTHING", t="table_sizes"), (table, heap, indexes, total, run_id))
+        return result.rowcount == 1
+
+    def sizes(self, conn: Connection) -> pd.DataFrame:
+        cols = ["table_name", "heap_bytes", "index_bytes", "total_bytes", "measured_at", "run_id"]
+        if not self.exists(conn) or relation_oid(conn, self.schema, "table_sizes") is None:
+            return pd.DataFrame(columns=cols)
+        rows = conn.exec_driver_sql(self._q(conn, "SELECT table_name, heap_bytes, index_bytes, total_bytes, measured_at, "
+                                                  "run_id FROM {t} ORDER BY table_name", t="table_sizes")).all()
+        return pd.DataFrame(rows, columns=cols)
 
     # -- backfill checkpoints: one row per part (a worker's key range) of a table
     def parts(self, conn: Connection, table: str) -> list[dict[str, Any]]:
