@@ -107,6 +107,12 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
         ident = database.identity(control)
         database.check_expected_identity(params, ident)
         database.try_advisory_lock(control, database.RUN_LOCK, "runbook run")
+        secrets = database.known_secrets(params) if not params.database.embedded else []
+        # holding the run lock, no other runner of this database is writing a folder: an unclosed one is dead
+        unclosed = archive.scan_unfinished_runs(params.archive.dir, env, secrets)
+        for old, findings in unclosed.items():
+            for p in findings:
+                log(f"SECRET FOUND in the unclosed run {old.name}: {p}")
         run_id = uuid.uuid4().hex[:8]
         started = datetime.now(timezone.utc)
         folder = archive.run_folder(params.archive.dir, env, started, run_id)
@@ -170,7 +176,6 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
         conflicts_note = _write_conflicts(folder, env, run_id)
         writes_note = _write_app_writes(folder, env, run_id)
         drizzle_note = _write_drizzle_schema(folder, params, env, run_id) if "validate" in wanted else None
-        secrets = database.secrets_in(database.conninfo(params, start=False)) if not params.database.embedded else []
         result.problems = archive.scan_for_secrets(folder, secrets)
         if result.problems:
             result.status = "failed"
@@ -187,6 +192,7 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
             "phases": result.phases,
             "headline": _headline(engine, params),
             "secret_scan": result.problems or "clean",
+            "unclosed_runs_secret_scan": {old.name: f for old, f in unclosed.items()} or "clean",
             "tenancy_lint": lint_note,
             "legacy_ambiguities": ambiguities_note,
             "tenant_conflicts": conflicts_note,
