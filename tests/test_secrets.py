@@ -305,3 +305,23 @@ def test_unfinished_runs_are_those_without_a_manifest_or_still_running(tmp_path)
     assert (base / "c" / "x.txt").read_text() == "secret-value-1"
     assert os.path.exists(base / "d" / "manifest.json")
     assert Path(base / "a" / "x.txt").read_text() == "[REDACTED]"
+
+
+def test_a_failed_phases_error_reaches_neither_terminal_nor_manifest_with_the_password(db, home):
+    """A notebook cell that raises with the DSN in its message: the runner's error line and the manifest's
+    phase record hold it redacted (the executed notebook is redacted by the scan, which fails the run)."""
+    password = "Phase-Error-pw-2718"
+    notebook = home / "notebooks" / "01_inspect.ipynb"
+    book = json.loads(notebook.read_text())
+    book["cells"].insert(3, {"cell_type": "code", "execution_count": None, "id": "leaky", "metadata": {},
+                             "outputs": [], "source": ["import os\n",
+                                                       "raise RuntimeError(os.environ['RUNBOOK_STAGING_DSN'])"]})
+    notebook.write_text(json.dumps(book))
+    result = runbook_cli("run", "--env", "staging", "--phases", "inspect", "--dry-run",
+                         env={"RUNBOOK_STAGING_DSN": staging_dsn(db, password=password), "RUNBOOK_HOME": str(home)})
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "RuntimeError: [REDACTED]" in result.stdout
+    assert password not in result.stdout + result.stderr
+    folder = next((home / "runs" / "staging").iterdir())
+    manifest = (folder / "manifest.json").read_text()
+    assert password not in manifest and "RuntimeError: [REDACTED]" in manifest

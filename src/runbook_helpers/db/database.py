@@ -60,9 +60,9 @@ def known_secrets(params: Params) -> list[str]:
 
 
 def scrub(message: str, secrets: list[str]) -> str:
-    for secret in sorted(secrets, key=len, reverse=True):
-        message = message.replace(secret, "***")
-    return re.sub(r"(password=)\S+", r"\1***", message)
+    """The message with every form of every secret (db/secrets.py) and any password= value replaced by ***."""
+    data, _ = db_secrets.redact(message.encode("utf-8"), secrets, b"***")
+    return re.sub(r"(password=)\S+", r"\1***", data.decode("utf-8", errors="replace"))
 
 
 def _where(settings: dict[str, str]) -> str:

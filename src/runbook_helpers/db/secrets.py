@@ -235,6 +235,37 @@ def needles(secret: str) -> list[Needle]:
     return sorted(seen.values(), key=lambda n: len(n.data), reverse=True)
 
 
+def all_needles(secrets: list[str]) -> list[Needle]:
+    """Every form of every secret, each byte string once, longest first (a DSN is redacted before the
+    password inside it)."""
+    unique: dict[bytes, Needle] = {}
+    for secret in secrets:
+        if secret:
+            for needle in needles(secret):
+                unique.setdefault(needle.data, needle)
+    return sorted(unique.values(), key=lambda n: len(n.data), reverse=True)
+
+
+def redact(data: bytes, secrets: list[str], replacement: bytes = b"[REDACTED]",
+           found: list[Needle] | None = None) -> tuple[bytes, list[str]]:
+    """`data` with every form of every secret replaced, and the encodings that were found (in order of first
+    appearance). `found` may pass all_needles(secrets), computed once for many files."""
+    import re
+
+    candidates = found if found is not None else all_needles(secrets)
+    present = [n for n in candidates if n.data in data]  # a fast substring test first; the regex for hits only
+    if not present:
+        return data, []
+    encoding = {n.data: n.encoding for n in present}
+    pattern = re.compile(b"|".join(rb"(?<![A-Za-z0-9])" + re.escape(n.data) + rb"(?![A-Za-z0-9])" if n.whole_token
+                                   else re.escape(n.data) for n in present))
+    names: list[str] = []
+    for match in pattern.finditer(data):
+        if encoding[match.group(0)] not in names:
+            names.append(encoding[match.group(0)])
+    return (pattern.sub(replacement, data) if names else data), names
+
+
 # --- text that may quote a malformed DSN ---------------------------------------------------------------
 def fragments(dsn: str) -> list[str]:
     """The pieces of a DSN an error message could quote when libpq could not parse it (split on the

@@ -82,41 +82,15 @@ def export_html(notebook: Path) -> Path:
     return target
 
 
-def _needles(secrets: list[str]) -> list[db_secrets.Needle]:
-    """Every form of every secret, each byte string once, longest first (a DSN is redacted before the
-    password inside it)."""
-    unique: dict[bytes, db_secrets.Needle] = {}
-    for secret in secrets:
-        for needle in db_secrets.needles(secret):
-            unique.setdefault(needle.data, needle)
-    return sorted(unique.values(), key=lambda n: len(n.data), reverse=True)
-
-
-def _pattern(needles: list[db_secrets.Needle]) -> re.Pattern:
-    parts = [rb"(?<![A-Za-z0-9])" + re.escape(n.data) + rb"(?![A-Za-z0-9])" if n.whole_token else re.escape(n.data)
-             for n in needles]
-    return re.compile(b"|".join(parts))
-
-
 def scan_for_secrets(folder: Path, secrets: list[str]) -> list[str]:
     """Files holding a secret (in any encoding db/secrets.py knows) or an inline-password URL; each hit is
     redacted in place. A finding names the file and the encodings found, never the secret."""
-    needles = _needles([s for s in secrets if s])
-    encoding = {n.data: n.encoding for n in needles}
+    needles = db_secrets.all_needles(secrets)
     findings = []
     for path in sorted(folder.rglob("*")):
         if not path.is_file():
             continue
-        data = path.read_bytes()
-        found: list[str] = []
-        present = [n for n in needles if n.data in data]  # a fast substring test first; the regex for hits only
-        if present:
-            pattern = _pattern(present)
-            for match in pattern.finditer(data):
-                if encoding[match.group(0)] not in found:
-                    found.append(encoding[match.group(0)])
-            if found:
-                data = pattern.sub(b"[REDACTED]", data)
+        data, found = db_secrets.redact(path.read_bytes(), secrets, found=needles)
         url_hits = INLINE_PASSWORD.findall(data)
         if found or url_hits:
             data = INLINE_PASSWORD.sub(b"[REDACTED-URL]@", data)
@@ -124,6 +98,13 @@ def scan_for_secrets(folder: Path, secrets: list[str]) -> list[str]:
             what = f"a secret of this run ({', '.join(found)})" if found else "a URL with an inline password"
             findings.append(f"{path.relative_to(folder).as_posix()}: contained {what} (redacted)")
     return findings
+
+
+def redact_text(text: str, secrets: list[str]) -> str:
+    """A text bound for the terminal or the manifest (a phase's error), with every form of every secret and
+    every inline-password URL replaced."""
+    data, _ = db_secrets.redact(text.encode("utf-8"), secrets)
+    return INLINE_PASSWORD.sub(b"[REDACTED-URL]@", data).decode("utf-8", errors="replace")
 
 
 def unfinished_runs(archive_dir: str, env: str) -> list[Path]:

@@ -107,7 +107,7 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
         ident = database.identity(control)
         database.check_expected_identity(params, ident)
         database.try_advisory_lock(control, database.RUN_LOCK, "runbook run")
-        secrets = database.known_secrets(params) if not params.database.embedded else []
+        secrets = _secrets(env)
         # holding the run lock, no other runner of this database is writing a folder: an unclosed one is dead
         unclosed = archive.scan_unfinished_runs(params.archive.dir, env, secrets)
         for old, findings in unclosed.items():
@@ -210,6 +210,12 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
         finally:
             control.close()
             engine.dispose()
+
+
+def _secrets(env: str) -> list[str]:
+    """Every secret of the env's connection (none for an embedded server, which has no password)."""
+    params = params_mod.load(env)
+    return [] if params.database.embedded else database.known_secrets(params)
 
 
 def _terminate(signum, frame) -> None:
@@ -363,6 +369,8 @@ def _run_phase(phase: str, folder: Path, env: str, dry_run: bool, run_id: str, t
     except Exception as exc:  # kernel died, timeout, notebook missing
         record["status"] = "failed"
         record["error"] = f"{type(exc).__name__}: {exc}"
+    if "error" in record:  # the exception text may quote a secret; it goes to the terminal and the manifest
+        record["error"] = archive.redact_text(record["error"], _secrets(env))
     record["finished_at"] = datetime.now(timezone.utc).isoformat()
     record["seconds"] = round(time.monotonic() - t0, 2)
     line = f"  {phase} {record['status']} in {record['seconds']:.1f} s"
