@@ -181,7 +181,7 @@ def test_archive_scan_redacts_and_reports_a_planted_secret(tmp_path):
     (tmp_path / "clean.html").write_text("<p>nothing here</p>")
     (tmp_path / "log.txt").write_text("url postgresql://app:pw123@db.internal/app")
     findings = archive.scan_for_secrets(tmp_path, ["hunter2-password"])
-    assert findings == ["01_inspect.ipynb: contained a secret of this run (redacted)",
+    assert findings == ["01_inspect.ipynb: contained a secret of this run (plain) (redacted)",
                         "log.txt: contained a URL with an inline password (redacted)"]
     assert "hunter2" not in (tmp_path / "01_inspect.ipynb").read_text()
     assert "pw123" not in (tmp_path / "log.txt").read_text()

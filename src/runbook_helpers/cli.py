@@ -238,7 +238,36 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("runbook: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: its traceback, but never with any part of a DSN or password in it
+        print(scrubbed_traceback(exc, getattr(args, "env", None)), file=sys.stderr)
+        return 1
     return 2
+
+
+def scrubbed_traceback(exc: BaseException, env: str | None) -> str:
+    """The traceback of an unexpected error, with every secret of the env's connection (and every piece of
+    its DSN, which may be malformed) replaced by ***."""
+    import os
+    import traceback
+
+    from .db import database, secrets
+
+    text = "".join(traceback.format_exception(exc))
+    found: list[str] = []
+    dsn_vars = [name for name in os.environ if name.endswith("_DSN")]
+    try:
+        params = params_mod.load(env) if env else None
+        if params is not None and not params.database.embedded:
+            dsn_vars.insert(0, params.database.dsn_env)
+            found += database.known_secrets(params)
+    except Exception:  # noqa: BLE001 - the DSN may be what is broken; its pieces are scrubbed below
+        pass
+    for name in dict.fromkeys(dsn_vars):
+        value = os.environ.get(name, "")
+        if value:
+            found += [value, *secrets.fragments(value)]
+    found += [os.environ[v] for v in ("PGPASSWORD", "PGSSLPASSWORD") if os.environ.get(v)]
+    return "runbook: internal error (a bug; secrets scrubbed):\n" + database.scrub(text, found)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ only ever held in memory: the engine's URL is the bare dialect name.
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -20,6 +20,8 @@ from sqlalchemy.engine import Connection, Engine
 
 from ..errors import RunbookError
 from ..params import Params, dsn_from_environment
+from . import dsn as dsn_shape
+from . import secrets as db_secrets
 from .server import EmbeddedServer
 
 MIN_SERVER_VERSION = 130000
@@ -40,31 +42,43 @@ def conninfo(params: Params, database: str | None = None, start: bool = True) ->
             server.start()
         return server.url(database or params.database.name)
     dsn = dsn_from_environment(params)
+    dsn_shape.parse(dsn, f"${params.database.dsn_env}")  # a malformed DSN: one line, none of its content
     if database:
         return make_conninfo(dsn, dbname=database)
     return dsn
 
 
 def secrets_in(dsn: str) -> list[str]:
-    """The parts of a DSN that must never be written anywhere: password, and the DSN itself."""
-    found = [dsn]
-    try:
-        password = conninfo_to_dict(dsn).get("password")
-    except psycopg.ProgrammingError:
-        password = None
-    if not password and "://" in dsn:
-        password = urlsplit(dsn).password
-        if password:
-            found.append(unquote(password))
-    if password:
-        found.append(str(password))
-    return [s for s in dict.fromkeys(found) if s]
+    """The parts of a connection that must never be written anywhere: the DSN itself, its password, and
+    every password libpq would take for it from PGPASSWORD, .pgpass or a service file (db/secrets.py)."""
+    return db_secrets.connection_secrets(dsn)
+
+
+def known_secrets(params: Params) -> list[str]:
+    """Every secret of the env's connection, for the archive's scan and for scrubbing error text."""
+    return db_secrets.connection_secrets(conninfo(params, start=False))
 
 
 def scrub(message: str, secrets: list[str]) -> str:
-    for secret in sorted(secrets, key=len, reverse=True):
-        message = message.replace(secret, "***")
-    return re.sub(r"(password=)\S+", r"\1***", message)
+    """The message with every form of every secret (db/secrets.py) and any password= value replaced by ***."""
+    data, _ = db_secrets.redact(message.encode("utf-8"), secrets, b"***")
+    return re.sub(r"(password=)\S+", r"\1***", data.decode("utf-8", errors="replace"))
+
+
+def _where(settings: dict[str, str]) -> str:
+    """'host db.internal, port 5433' from the connection's settings (libpq's defaults where none is set)."""
+    host = settings.get("host") or settings.get("hostaddr") or os.environ.get("PGHOST") or "localhost (default socket)"
+    port = settings.get("port") or os.environ.get("PGPORT") or "5432"
+    return f"host {host}, port {port}"
+
+
+def connection_failure(exc: Exception, settings: dict[str, str], secrets: list[str]) -> str:
+    """libpq's whole message on one line, scrubbed of every secret: each line (the server's reason, libpq's
+    hint, one per host tried) is kept; only psycopg's 'connection failed:' prefix goes."""
+    lines = [" ".join(line.split()) for line in str(exc).splitlines()]
+    text = " ".join(line for line in lines if line) or repr(exc)
+    text = re.sub(r"^connection failed:\s*", "", text)
+    return scrub(text, secrets)
 
 
 def session_settings(params: Params) -> dict[str, str]:
@@ -169,7 +183,8 @@ def connect_raw(params: Params, database: str | None = None, phase: str | None =
             prepare_threshold=None,
         )
     except psycopg.OperationalError as exc:
-        reason = scrub(str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc), secrets_in(info))
+        settings = dsn_shape.parse(info, _source(params))
+        reason = connection_failure(exc, settings, db_secrets.connection_secrets(info))
         if "unsupported startup parameter" in reason:  # pgbouncer's answer to the options carrying the settings
             raise pooler_refusal(params, f"it answered {reason.split('FATAL:')[-1].strip()!r} to the startup "
                                          f"options that carry the runbook's session settings") from None
@@ -179,7 +194,8 @@ def connect_raw(params: Params, database: str | None = None, phase: str | None =
                 f"build the demo database with `runbook demo-db --env {params.env}`"
             ) from None
         source = "the embedded server" if params.database.embedded else f"${params.database.dsn_env}"
-        raise RunbookError(f"cannot connect to the {params.env} database named by {source}: {reason}") from None
+        raise RunbookError(f"cannot connect to the {params.env} database named by {source} ({_where(settings)}): "
+                           f"{reason}") from None
     try:
         _, pooled = session_probe(conn)
         if pooled:

@@ -3,8 +3,9 @@
 runs/<env>/<UTC timestamp>-<run id>/ holds each executed notebook, an HTML rendering of each, and
 manifest.json. The manifest records the sha256 of every file and of the previous run's manifest of the
 same env, so the records form a chain. Before the manifest is written, every file is scanned for the
-secrets of this run (the DSN, its password, URLs with an inline password); a hit is redacted on disk and
-fails the run.
+secrets of this run (the DSN, every password libpq could use for it, in every encoding db/secrets.py
+knows; URLs with an inline password); a hit is redacted on disk and fails the run. A folder a killed runner
+left without a manifest is scanned by the next run (scan_unfinished_runs).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import paths
+from ..db import secrets as db_secrets
 
 MANIFEST = "manifest.json"
 # The lookbehind starts a match only where a URL scheme can start: without it, every long base64 run in
@@ -81,23 +83,65 @@ def export_html(notebook: Path) -> Path:
 
 
 def scan_for_secrets(folder: Path, secrets: list[str]) -> list[str]:
-    """Files holding a secret (or an inline-password URL); each hit is redacted in place."""
-    needles = [s.encode("utf-8") for s in secrets if s and len(s) >= 4]
+    """Files holding a secret (in any encoding db/secrets.py knows) or an inline-password URL; each hit is
+    redacted in place. A finding names the file and the encodings found, never the secret."""
+    needles = db_secrets.all_needles(secrets)
     findings = []
     for path in sorted(folder.rglob("*")):
         if not path.is_file():
             continue
-        data = path.read_bytes()
-        hit = [n for n in needles if n in data]
+        data, found = db_secrets.redact(path.read_bytes(), secrets, found=needles)
         url_hits = INLINE_PASSWORD.findall(data)
-        if hit or url_hits:
-            for needle in sorted(hit, key=len, reverse=True):
-                data = data.replace(needle, b"[REDACTED]")
+        if found or url_hits:
             data = INLINE_PASSWORD.sub(b"[REDACTED-URL]@", data)
             path.write_bytes(data)
-            what = "a secret of this run" if hit else "a URL with an inline password"
+            what = f"a secret of this run ({', '.join(found)})" if found else "a URL with an inline password"
             findings.append(f"{path.relative_to(folder).as_posix()}: contained {what} (redacted)")
     return findings
+
+
+def redact_text(text: str, secrets: list[str]) -> str:
+    """A text bound for the terminal or the manifest (a phase's error), with every form of every secret and
+    every inline-password URL replaced."""
+    data, _ = db_secrets.redact(text.encode("utf-8"), secrets)
+    return INLINE_PASSWORD.sub(b"[REDACTED-URL]@", data).decode("utf-8", errors="replace")
+
+
+def unfinished_runs(archive_dir: str, env: str) -> list[Path]:
+    """Run folders of the env that no runner closed: no manifest (the runner was killed) or a manifest whose
+    status is still 'running'."""
+    base = _base(archive_dir) / env
+    if not base.is_dir():
+        return []
+    found = []
+    for folder in sorted(p for p in base.iterdir() if p.is_dir()):
+        manifest = folder / MANIFEST
+        if not manifest.is_file():
+            found.append(folder)
+            continue
+        try:
+            status = json.loads(manifest.read_text(encoding="utf-8")).get("status")
+        except (OSError, ValueError):
+            status = None
+        if status == "running":
+            found.append(folder)
+    return found
+
+
+def scan_unfinished_runs(archive_dir: str, env: str, secrets: list[str],
+                         skip: Path | None = None) -> dict[Path, list[str]]:
+    """Scan (and redact) every run folder of the env that a killed or interrupted runner left unclosed; the
+    findings per folder ({} when all are clean). Redaction is idempotent, so a folder scanned again (before
+    its manifest is written) reports nothing new. Called by the runner at start; `skip` is the caller's own
+    folder."""
+    results = {}
+    for folder in unfinished_runs(archive_dir, env):
+        if skip is not None and folder.resolve() == skip.resolve():
+            continue
+        findings = scan_for_secrets(folder, secrets)
+        if findings:
+            results[folder] = findings
+    return results
 
 
 def git_commit(root: Path | None = None) -> str | None:

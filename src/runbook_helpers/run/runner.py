@@ -107,6 +107,12 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
         ident = database.identity(control)
         database.check_expected_identity(params, ident)
         database.try_advisory_lock(control, database.RUN_LOCK, "runbook run")
+        secrets = _secrets(env)
+        # holding the run lock, no other runner of this database is writing a folder: an unclosed one is dead
+        unclosed = archive.scan_unfinished_runs(params.archive.dir, env, secrets)
+        for old, findings in unclosed.items():
+            for p in findings:
+                log(f"SECRET FOUND in the unclosed run {old.name}: {p}")
         run_id = uuid.uuid4().hex[:8]
         started = datetime.now(timezone.utc)
         folder = archive.run_folder(params.archive.dir, env, started, run_id)
@@ -172,7 +178,6 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
         pace_note = _write_pace(folder, env, run_id) if "backfill" in wanted else None
         sizes_note = _write_table_sizes(folder, env, run_id) if "validate" in wanted else None
         drizzle_note = _write_drizzle_schema(folder, params, env, run_id) if "validate" in wanted else None
-        secrets = database.secrets_in(database.conninfo(params, start=False)) if not params.database.embedded else []
         result.problems = archive.scan_for_secrets(folder, secrets)
         if result.problems:
             result.status = "failed"
@@ -189,6 +194,7 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
             "phases": result.phases,
             "headline": _headline(engine, params),
             "secret_scan": result.problems or "clean",
+            "unclosed_runs_secret_scan": {old.name: f for old, f in unclosed.items()} or "clean",
             "tenancy_lint": lint_note,
             "legacy_ambiguities": ambiguities_note,
             "tenant_conflicts": conflicts_note,
@@ -208,6 +214,12 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
         finally:
             control.close()
             engine.dispose()
+
+
+def _secrets(env: str) -> list[str]:
+    """Every secret of the env's connection (none for an embedded server, which has no password)."""
+    params = params_mod.load(env)
+    return [] if params.database.embedded else database.known_secrets(params)
 
 
 def _terminate(signum, frame) -> None:
@@ -393,6 +405,8 @@ def _run_phase(phase: str, folder: Path, env: str, dry_run: bool, run_id: str, t
     except Exception as exc:  # kernel died, timeout, notebook missing
         record["status"] = "failed"
         record["error"] = f"{type(exc).__name__}: {exc}"
+    if "error" in record:  # the exception text may quote a secret; it goes to the terminal and the manifest
+        record["error"] = archive.redact_text(record["error"], _secrets(env))
     record["finished_at"] = datetime.now(timezone.utc).isoformat()
     record["seconds"] = round(time.monotonic() - t0, 2)
     line = f"  {phase} {record['status']} in {record['seconds']:.1f} s"
