@@ -5,13 +5,12 @@ and no backend keeps working for a dead client."""
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+import warm_worker
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -60,9 +59,9 @@ def run_worker(db, phases: str, fault: str | None = None, marker: Path | None = 
         env["RUNBOOK_FAULT"] = fault
     if marker:
         env["RUNBOOK_FAULT_MARKER"] = str(marker)
-    proc = subprocess.Popen([sys.executable, "-c", WORKER, db.name, phases] + ([json.dumps(overrides)] if overrides
-                            else []), env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a process of its own, forked from a warm one (tests/warm_worker.py) rather than paying its imports each time
+    proc = warm_worker.popen(WORKER, [db.name, phases] + ([json.dumps(overrides)] if overrides else []), env=env,
+                             cwd=ROOT)
     if wait:
         out, err = proc.communicate(timeout=300)
         return proc.returncode, out, err

@@ -18,6 +18,7 @@ from runbook_helpers.phases import rollback
 from test_drizzle import folder_with_0002, recorded_frame
 from runbook_helpers.errors import RunbookError
 from runbook_helpers.phases import inspect, seed
+from runbook_helpers.run.session import PHASES
 
 NAMESPACE = uuid.UUID("6f1d3a4e-2b7c-4e0a-9c55-1d2e3f405162")  # params/base.yaml legacy.tenant_uuid_namespace
 ORG_USER_ROLES = {"owner": "owner", "admin": "admin", "editor": "member", "viewer": "viewer"}
@@ -30,6 +31,12 @@ def mapped(db):
     """The test database with the ci params as they are (legacy mapping, RLS and composite keys on)."""
     db.params = params_mod.override(db.params, LEGACY_ON)
     return db
+
+
+@pytest.fixture
+def mapped_migrated(migrated_db, ci_params):
+    """A copy of the test database migrated through every phase with the legacy mapping on (as `mapped`)."""
+    return migrated_db(*PHASES, params=params_mod.override(ci_params, LEGACY_ON))
 
 
 def rows(db, query, args=None):
@@ -212,10 +219,9 @@ def test_a_legacy_role_missing_from_the_map_stops_inspect(mapped):
     assert rows(db, "SELECT to_regnamespace('tenancy_runbook') IS NULL")[0][0] is True
 
 
-def test_rollback_deletes_what_the_mapping_inserted_and_restores_the_legacy_schema(mapped):
-    db = mapped
-    legacy_schema = db.schema_dump(exclude_ledger=True)
-    db.run()
+def test_rollback_deletes_what_the_mapping_inserted_and_restores_the_legacy_schema(mapped, mapped_migrated):
+    legacy_schema = mapped.schema_dump(exclude_ledger=True)  # the template, as mapped_migrated was before
+    db = mapped_migrated
     with db.session("rollback") as rb:
         assert rollback.foreign_rows(rb).empty  # the mapped tenants are the runbook's own
         rollback.apply(rb)
@@ -226,9 +232,8 @@ def test_rollback_deletes_what_the_mapping_inserted_and_restores_the_legacy_sche
     assert db.schema_dump(exclude_ledger=True) == legacy_schema
 
 
-def test_rollback_still_refuses_for_rows_of_a_tenant_the_application_created(mapped):
-    db = mapped
-    db.run()
+def test_rollback_still_refuses_for_rows_of_a_tenant_the_application_created(mapped_migrated):
+    db = mapped_migrated
     db.execute("INSERT INTO tenants (name) VALUES ('signed up after the migration')")
     db.execute("UPDATE knowledge_bases SET tenant_id = (SELECT max(id) FROM tenants) WHERE id = 1")
     with db.session("rollback") as rb:
@@ -237,14 +242,13 @@ def test_rollback_still_refuses_for_rows_of_a_tenant_the_application_created(map
     assert rows(db, "SELECT count(*) FROM users")[0][0] > 0
 
 
-def test_after_constrain_a_remap_moves_parent_and_child_together(mapped):
+def test_after_constrain_a_remap_moves_parent_and_child_together(mapped_migrated):
     """A workflow and its rule written on the System Tenant behind the rollout trigger (as a replication
     subscriber would) after the migration: a backfill re-run moves the workflow to its org's tenant, and the
     rule follows through the composite key's ON UPDATE CASCADE. That needs the foreign keys to act: the
     backfill skips the application's triggers (session_replication_role = replica, which also silences
     foreign keys) only while no foreign key includes tenant_id."""
-    db = mapped
-    db.run()
+    db = mapped_migrated
     system = db.scalar("SELECT id FROM tenants WHERE uuid = '00000000-0000-4000-8000-000000000001'")
     with db.connect(autocommit=True) as conn:
         conn.execute("SET session_replication_role = replica")

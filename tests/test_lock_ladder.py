@@ -135,16 +135,17 @@ def fast_autovacuum(server):
         conn.execute("SELECT pg_reload_conf()")
 
 
-def slow_vacuum_table(db, name: str, *, autovacuum: bool) -> None:
-    """A table that autovacuum processes at a crawl (one page per 100 ms) once it is its turn."""
+def slow_vacuum_table(db, name: str, *, autovacuum: bool, rows: int = 6000) -> None:
+    """A table that autovacuum processes at a crawl (up to 400 ms per page it dirties) once it is its turn;
+    `rows` sets how long it crawls (about 35 rows per page)."""
     with db.connect(autocommit=True) as conn:
         conn.execute(sql.SQL(
             "CREATE TABLE {} (id int PRIMARY KEY, pad text) WITH (autovacuum_enabled = {}, "
             "autovacuum_vacuum_threshold = 0, autovacuum_vacuum_scale_factor = 0, "
             "autovacuum_vacuum_cost_delay = 100, autovacuum_vacuum_cost_limit = 1)").format(
                 sql.Identifier(name), sql.SQL("true" if autovacuum else "false")))
-        conn.execute(sql.SQL("INSERT INTO {} SELECT i, repeat('x', 200) FROM generate_series(1, 6000) i").format(
-            sql.Identifier(name)))
+        conn.execute(sql.SQL("INSERT INTO {} SELECT i, repeat('x', 200) FROM generate_series(1, %s) i").format(
+            sql.Identifier(name)), (rows,))
 
 
 def wait_for_worker(db, name: str, seconds: float = 90) -> tuple[int, str]:
@@ -217,7 +218,9 @@ def test_an_anti_wraparound_autovacuum_is_waited_for_with_its_progress_never_can
     """A real anti-wraparound autovacuum (table freeze age lowered, 110k xids burnt): the step waits for it,
     reports its heap progress, and applies once it has finished; the worker is never cancelled."""
     db.run("inspect")
-    slow_vacuum_table(db, "av_wrap", autovacuum=False)  # only an anti-wraparound vacuum will run on it
+    # only an anti-wraparound vacuum will run on it; ~60 pages: it crawls ~25 s, the step's progress report
+    # comes every 10 s
+    slow_vacuum_table(db, "av_wrap", autovacuum=False, rows=2000)
     with db.connect(autocommit=True) as conn:
         # freeze_min_age 0: the vacuum freezes every row, so its end shows in relfrozenxid
         conn.execute("ALTER TABLE av_wrap SET (autovacuum_freeze_max_age = 100000, autovacuum_freeze_min_age = 0)")
