@@ -15,10 +15,15 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from conftest import ROOT, drop_database, staging_dsn
-from runbook_helpers import params as params_mod
+from conftest import ROOT, TEMPLATE_ROWS, TEMPLATE_SCALE, Db, drop_database, staging_dsn
+from runbook_helpers import demo, params as params_mod
+from runbook_helpers.db import server as server_mod
+from runbook_helpers.db.ddl import ACCESS_EXCLUSIVE_META, Step
+from runbook_helpers.db.server import EmbeddedServer
 from runbook_helpers.errors import RunbookError
 from runbook_helpers.run.session import PHASES
+from test_lock_ladder import wait_for_worker
+from test_lock_ladder import fast_autovacuum  # noqa: F401 (a fixture)
 
 DSN_ENV = "RUNBOOK_LEAST_PRIVILEGE_TEST_DSN"
 SNIPPET_MARK = "<!-- migration-role.sql: the test runs this block as it is -->"
@@ -142,3 +147,72 @@ def test_a_later_phase_stops_before_its_first_change_when_a_privilege_went_missi
     assert f"the migration role {roles.migrator} lacks privileges this run needs" in message
     assert f"ownership of the core tables owned by {roles.owner}" in message and "Nothing was changed." in message
     assert db.schema_dump() == before
+
+
+PG15 = [b for b in server_mod.system_bin_dirs() if server_mod.major_version(b) == 15]
+
+
+@pytest.mark.slow
+@pytest.mark.pg_other
+@pytest.mark.skipif(not PG15, reason="PostgreSQL 15 is not installed under /usr/lib/postgresql (Debian: "
+                                     "apt-get install postgresql-15)")
+def test_the_whole_runbook_as_the_minimal_migration_role_on_postgresql_15(ci_params, tmp_path, monkeypatch):
+    """On 15: no WITH SET / INHERIT options, no pg_signal_autovacuum_worker. A server
+    of its own (its own env folder), so it never stops the one tests/test_pg_other.py starts."""
+    srv = EmbeddedServer("ci_least_privilege", PG15[0])
+    srv.start()
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    try:
+        demo.build(srv.url(), name, system_uuid=str(ci_params.system_tenant.uuid), rows=TEMPLATE_ROWS,
+                   scale=TEMPLATE_SCALE, log=lambda *_: None)
+        db = Db(srv, name, ci_params)
+        roles = Roles(db, tmp_path)
+        try:
+            roles.create()
+            results = db.run(*PHASES, params=roles.params(monkeypatch))
+            pre = results["inspect"]["preflight"].set_index("check")
+            assert pre.loc["privileges of the migration role", "status"] == "ok"
+            row = pre.loc["may cancel a plain autovacuum in the way"]
+            assert row["status"] == "warn" and "before PostgreSQL 18 only a superuser may" in row["detail"]
+            assert "passed" in results["validate"]["verdict"]
+        finally:
+            roles.drop()
+    finally:
+        srv.stop()
+
+
+@pytest.mark.usefixtures("fast_autovacuum")
+def test_a_role_that_may_not_cancel_autovacuum_waits_for_postgresql_to_cancel_it(db, roles, monkeypatch):
+    """Without pg_signal_autovacuum_worker, pg_cancel_backend of an autovacuum worker fails with 42501, which
+    failed the step; now the ladder says so and waits (a try longer than deadlock_timeout: PostgreSQL cancels
+    the autovacuum itself), and preflight warns up front."""
+    roles.create()
+    db.execute(f'REVOKE pg_signal_autovacuum_worker FROM "{roles.migrator}"')
+    params = roles.params(monkeypatch, {"locks": {"first_lock_timeout_ms": 3000, "lock_timeout_ms": 3000,
+                                                  "retry": {"attempts": 2, "backoff_ms": 50, "backoff_max_ms": 100}}})
+    pre = db.run("inspect", params=params)["inspect"]["preflight"].set_index("check")
+    row = pre.loc["may cancel a plain autovacuum in the way"]
+    assert row["status"] == "warn" and row["fix"] == f'GRANT pg_signal_autovacuum_worker TO {roles.migrator}'
+    with psycopg.connect(staging_dsn(db, user=roles.migrator), autocommit=True) as conn:  # the role owns it
+        slow_vacuum_table_on(conn, "av_priv")
+    db.execute("DELETE FROM av_priv WHERE id % 2 = 0")
+    pid, _ = wait_for_worker(db, "av_priv")
+    rb = db.session("seed", params=params)
+    try:
+        executor = rb.executor()
+        result = executor.run(Step("seed", "av_priv", "add a column", sql.SQL("ALTER TABLE av_priv ADD COLUMN probe int"),
+                                   ACCESS_EXCLUSIVE_META, "catalog change only"))
+    finally:
+        rb.close()
+    assert result.outcome == "applied"
+    assert any(f"autovacuum pid {pid} is on the table and this role may not cancel it" in line
+               for line in executor.cleared), executor.cleared
+
+
+def slow_vacuum_table_on(conn, name: str) -> None:
+    conn.execute(sql.SQL(
+        "CREATE TABLE {} (id int PRIMARY KEY, pad text) WITH (autovacuum_vacuum_threshold = 0, "
+        "autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_cost_delay = 100, autovacuum_vacuum_cost_limit = 1)"
+    ).format(sql.Identifier(name)))
+    conn.execute(sql.SQL("INSERT INTO {} SELECT i, repeat('x', 200) FROM generate_series(1, 6000) i").format(
+        sql.Identifier(name)))

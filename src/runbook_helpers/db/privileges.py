@@ -255,14 +255,14 @@ def _roles(conn: Connection, needs: Needs, role: dict, me: str, skip: set) -> li
 
 
 def can_cancel_autovacuum(conn: Connection) -> tuple[bool, str]:
-    """Whether pg_cancel_backend may reach an autovacuum worker: superuser; 18+: pg_signal_autovacuum_worker;
-    before 16: pg_signal_backend (16 and 17 let only superusers signal a process without a role)."""
+    """Whether pg_cancel_backend may reach an autovacuum worker, which runs under no role: a superuser, or on
+    18+ a member of pg_signal_autovacuum_worker. pg_signal_backend does not reach a process without a role
+    (refused on 18 and on 15.18 alike: "must be a superuser to cancel superuser query")."""
     role = attributes(conn)
-    v = role["version"]
     if role["rolsuper"]:
         return True, "superuser"
-    if v >= 180000:
-        return _has_privileges_of(conn, "pg_signal_autovacuum_worker"), "pg_signal_autovacuum_worker"
-    if v >= 160000:
-        return False, "superuser only on PostgreSQL 16 and 17"
-    return _has_privileges_of(conn, "pg_signal_backend"), "pg_signal_backend"
+    if role["version"] >= 180000:
+        if _has_privileges_of(conn, "pg_signal_autovacuum_worker"):
+            return True, "pg_signal_autovacuum_worker"
+        return False, "needs pg_signal_autovacuum_worker"
+    return False, "before PostgreSQL 18 only a superuser may"

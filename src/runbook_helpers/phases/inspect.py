@@ -121,7 +121,9 @@ def _privilege_rows(rb, conn, add) -> None:
     add("may cancel a plain autovacuum in the way", OK if can else WARN,
         f"{user}: {how}" if can else f"{user} may not ({how}): a DDL statement behind a plain autovacuum waits until "
         f"PostgreSQL cancels it (deadlock_timeout) and may use up a try of the lock ladder",
-        "" if can else "GRANT pg_signal_autovacuum_worker (18+) or pg_signal_backend (13-15) to the migration role")
+        "" if can else (f"GRANT pg_signal_autovacuum_worker TO {user}" if rb.identity.server_version_num >= 180000
+                        else "PostgreSQL 18 has pg_signal_autovacuum_worker for it; meanwhile lock_timeout_ms above "
+                             "deadlock_timeout (1 s) lets PostgreSQL cancel it"))
 
 
 def _partition_readiness(rb, conn, core: dict) -> tuple[str, str, str]:
