@@ -28,7 +28,7 @@ from sqlalchemy.engine import Connection, Engine
 from .. import faults
 from ..errors import LockNotAcquired, RunbookError
 from ..params import LockParams
-from . import catalog, lock_holders
+from . import catalog, lock_holders, privileges
 from .sqltext import render
 
 # Lock levels, spelled the way the PostgreSQL docs spell them, with what they mean for the application.
@@ -312,12 +312,20 @@ class Executor:
         per step: they are what the ladder's tries will wait for)."""
         deadline = time.monotonic() + self.locks.wraparound_wait_s
         next_line = 0.0
+        may_cancel = None
         while True:
             with self.engine.connect() as conn:
                 sessions = lock_holders.sessions_on_table(conn, step.table)
                 wraparound = [s for s in sessions if s.is_wraparound_vacuum]
                 for s in sessions:
                     if s.is_autovacuum and not s.is_wraparound_vacuum:
+                        if may_cancel is None:
+                            may_cancel, how = privileges.can_cancel_autovacuum(conn)
+                        if not may_cancel:  # pg_cancel_backend would fail the step with 42501
+                            self._say(f"  {step.table}: {step.action}: autovacuum pid {s.pid} is on the table and this "
+                                      f"role may not cancel it ({how}); PostgreSQL cancels it once the statement "
+                                      f"has waited deadlock_timeout")
+                            continue
                         done = lock_holders.cancel_backend(conn, s.pid)
                         self._say(f"  {step.table}: {step.action}: cancelled autovacuum pid {s.pid} on the table "
                                   f"({s.query!r}){'' if done else ' (it had already ended)'}; it runs again later")

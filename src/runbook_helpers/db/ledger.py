@@ -18,7 +18,7 @@ import pandas as pd
 from psycopg import sql
 from sqlalchemy.engine import Connection
 
-from .catalog import relation_oid
+from .catalog import relation_oid, schema_exists
 from .sqltext import render
 
 TABLES_SQL = """
@@ -182,8 +182,11 @@ class Ledger:
         from ..errors import RunbookError
 
         script = sql.SQL(TABLES_SQL).format(schema=sql.Identifier(self.schema))
+        statements = render(conn, script).split(";\n")
+        if schema_exists(conn, self.schema):  # CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even then
+            statements = statements[1:]
         try:
-            for statement in render(conn, script).split(";\n"):
+            for statement in statements:
                 conn.exec_driver_sql(statement)
         except DBAPIError as exc:
             reason = getattr(getattr(exc.orig, "diag", None), "message_primary", None) or str(exc.orig)

@@ -52,6 +52,7 @@ from ..errors import RunbookError
 from ..legacy import conflicts, mapping
 from ..tenancy import rollout
 from . import original_schema
+from . import privileges
 from . import state as table_states
 
 PHASE = "backfill"
@@ -439,6 +440,7 @@ def apply(rb) -> BackfillReport:
     if system_id is None and not rb.dry_run:
         raise RunbookError("the System Tenant does not exist yet: run 02_seed first. Nothing was changed.")
     if not rb.dry_run:
+        privileges.require(rb)
         conflicts.require_resolved(rb)
     executor = rb.executor()
     summary, progress, step_results = [], [], []

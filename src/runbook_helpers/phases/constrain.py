@@ -54,6 +54,7 @@ from ..errors import RunbookError
 from ..legacy import conflicts
 from ..tenancy import distribution, rls
 from . import original_schema
+from . import privileges
 from . import state as table_states
 
 PHASE = "constrain"
@@ -304,6 +305,8 @@ def apply(rb) -> pd.DataFrame:
     """Table by table, re-reading the catalog before each, so an interrupted run resumes cleanly. A failure
     says what is already in force on the application's writes."""
     rb.require_baseline()
+    if not rb.dry_run:
+        privileges.require(rb)
     if not rb.dry_run and any(s.diagnose is not None for s in _steps(rb)):
         # a VALIDATE is still to run: rows as they are now must stay within their tenants, or it would fail
         conflicts.require_resolved(rb, actual=True)

@@ -12,11 +12,12 @@ from sqlalchemy.exc import DBAPIError
 
 from .. import drizzle
 from ..db import catalog, database, fingerprint, partitions
+from ..db import privileges as db_privileges
 from ..db.ddl import plan_frame
 from ..db.names import TENANT_COLUMN
 from ..errors import RunbookError
 from ..legacy import conflicts, mapping
-from . import backfill, constrain, original_schema, seed
+from . import backfill, constrain, original_schema, privileges, seed
 from . import state as table_states
 
 PHASE = "inspect"
@@ -56,21 +57,7 @@ def preflight(rb) -> pd.DataFrame:
             else f"{len(core)} core and {len(shared)} shared tables found",
             "correct the table names in the params file named, or replace the inherited mapping in your env "
             "(core_tables: !replace, see base.yaml)" if missing else "")
-        cannot = [f"{n} (owner {s.owner})" for n, s in core.items() if s.exists and not s.can_alter]
-        add("privilege to alter core tables", FAIL if cannot else OK,
-            f"{ident.user} cannot alter: {', '.join(cannot)}" if cannot else f"{ident.user} may alter every core table",
-            "connect as the tables' owner (or a member of its role)" if cannot else "")
-        if not catalog.schema_exists(conn, rb.params.ledger_schema):
-            can = catalog.has_database_create(conn)
-            add("privilege to create the ledger schema", OK if can else FAIL,
-                f"{ident.user} {'may' if can else 'may not'} create schema {rb.params.ledger_schema}",
-                "" if can else f"GRANT CREATE ON DATABASE {ident.database} TO {ident.user}")
-        need_create = any(catalog.relation_oid(conn, rb.schema, t) is None for t in seed.CONVENTIONS)
-        if need_create:
-            can = catalog.has_schema_create(conn, rb.schema)
-            add("privilege to create tables", OK if can else FAIL,
-                f"{ident.user} {'may' if can else 'may not'} create in schema {rb.schema}",
-                "" if can else f"GRANT CREATE ON SCHEMA {rb.schema} TO {ident.user}")
+        _privilege_rows(rb, conn, add)
         wrong_type = [f"{n} ({s.column_type})" for n, s in core.items() if s.has_column and s.column_type != "bigint"]
         add("existing tenant_id columns are bigint", FAIL if wrong_type else OK,
             f"tenant_id of another type: {', '.join(wrong_type)}" if wrong_type else "no conflicting tenant_id column",
@@ -103,25 +90,13 @@ def preflight(rb) -> pd.DataFrame:
             "a role that may SET session_replication_role" if batched and not skip else "")
     if p.rls.enabled:
         with rb.engine.connect() as conn:
-            role = conn.execute(text("SELECT rolsuper, rolbypassrls, rolcreaterole FROM pg_roles "
+            role = conn.execute(text("SELECT rolsuper, rolbypassrls FROM pg_roles "
                                      "WHERE rolname = current_user")).mappings().one()
-            app = conn.execute(text("SELECT 1 FROM pg_roles WHERE rolname = :r"), {"r": p.rls.app_role}).first()
         bypass = role["rolsuper"] or role["rolbypassrls"]
         add("migration role bypasses row level security", OK if bypass else FAIL,
             f"{ident.user} is {'superuser' if role['rolsuper'] else ('BYPASSRLS' if bypass else 'subject to RLS')}",
             "" if bypass else f"ALTER ROLE {ident.user} BYPASSRLS (counts and fingerprints must see every row once "
                               f"FORCE ROW LEVEL SECURITY is on)")
-        can_create = app is not None or role["rolsuper"] or role["rolcreaterole"]
-        add("application role exists or can be created", OK if can_create else FAIL,
-            f"role {p.rls.app_role} {'exists' if app else 'will be created'}",
-            "" if can_create else f"CREATE ROLE {p.rls.app_role} NOLOGIN, or grant CREATEROLE")
-        if app is not None and not role["rolsuper"]:
-            with rb.engine.connect() as conn:
-                member = conn.execute(text("SELECT pg_has_role(current_user, :r, 'MEMBER')"),
-                                      {"r": p.rls.app_role}).scalar()
-            add("isolation suite can act as the application role", OK if member else FAIL,
-                f"{ident.user} {'is' if member else 'is not'} a member of {p.rls.app_role}",
-                "" if member else f"GRANT {p.rls.app_role} TO {ident.user} (the suite uses SET ROLE)")
     else:
         add("row level security", OK, "off (rls.enabled: false)")
     if mapping.enabled(p) and not missing:
@@ -129,6 +104,26 @@ def preflight(rb) -> pd.DataFrame:
     if not missing:
         add("no conflicts between tenants", *_conflict_readiness(rb))
     return pd.DataFrame(rows, columns=["check", "status", "detail", "fix"])
+
+
+def _privilege_rows(rb, conn, add) -> None:
+    """One FAIL row per privilege the plan needs and the migration role lacks (each with its GRANT), else one ok
+    row; a warning when a plain autovacuum in the way cannot be cancelled."""
+    lacking = [m for m in db_privileges.missing(conn, privileges.needs(rb, conn)) if m.privilege != "BYPASSRLS"]
+    user = rb.identity.user
+    for m in lacking:
+        add(f"privilege: {m.privilege}", FAIL, m.detail, m.grant)
+    if not lacking:
+        superuser = db_privileges.attributes(conn)["rolsuper"]
+        add("privileges of the migration role", OK, f"{user} is superuser" if superuser else
+            f"{user} holds every privilege the plan needs (ledger, schema, table owners, roles, statistics)")
+    can, how = db_privileges.can_cancel_autovacuum(conn)
+    add("may cancel a plain autovacuum in the way", OK if can else WARN,
+        f"{user}: {how}" if can else f"{user} may not ({how}): a DDL statement behind a plain autovacuum waits until "
+        f"PostgreSQL cancels it (deadlock_timeout) and may use up a try of the lock ladder",
+        "" if can else (f"GRANT pg_signal_autovacuum_worker TO {user}" if rb.identity.server_version_num >= 180000
+                        else "PostgreSQL 18 has pg_signal_autovacuum_worker for it; meanwhile lock_timeout_ms above "
+                             "deadlock_timeout (1 s) lets PostgreSQL cancel it"))
 
 
 def _partition_readiness(rb, conn, core: dict) -> tuple[str, str, str]:

@@ -22,6 +22,7 @@ from ..legacy import checks as legacy_checks
 from ..legacy import conflicts as legacy_conflicts
 from ..legacy import mapping as legacy_mapping
 from ..legacy import seed as legacy_seed
+from . import privileges
 from . import state as table_states
 
 PHASE = "seed"
@@ -189,6 +190,7 @@ def plan(rb) -> pd.DataFrame:
 def apply(rb) -> pd.DataFrame:
     """Run the plan (or only list it in a dry run); not while a conflict between tenants has no rule."""
     if not rb.dry_run:
+        privileges.require(rb)
         legacy_conflicts.require_resolved(rb)
     return results_frame(rb.executor().run_all(steps(rb)))
 
