@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from . import params as params_mod
 from .errors import RunbookError
@@ -75,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = sub.add_parser("audit", help="list archived runs, or verify one against its manifest and the chain")
     audit.add_argument("action", choices=["list", "verify"])
-    audit.add_argument("run", nargs="?", help="verify: the run folder's name, its run id, or its path")
+    audit.add_argument("run", nargs="?", help="verify: the run folder's name, its run id, or its path (default: "
+                       "every run of the env, and the ledger against the archive)")
     _env_arg(audit)
     return parser
 
@@ -169,27 +171,60 @@ def _drizzle(action: str, env: str, tags: list[str], dry_run: bool) -> int:
         rb.close()
 
 
+def _audit_ledger(params):
+    """The env's control connection for the audit (None, with a note, when the database cannot be reached: the
+    archive alone is still checked)."""
+    from .db import database
+    if params.database.embedded and not database.server_for(params).status().running:
+        print(f"ledger not checked: the {params.env} embedded server is not running "
+              f"(`runbook db start --env {params.env}`)", file=sys.stderr)
+        return None, None
+    try:
+        engine = database.make_engine(params, phase="audit")
+        return engine, engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    except RunbookError as exc:
+        print(f"ledger not checked: {exc}", file=sys.stderr)
+        return None, None
+
+
 def _audit(action: str, env: str, run: str | None) -> int:
-    from .run import archive
+    from .run import accounting, archive
 
     params = params_mod.load(env)
+    engine, control = _audit_ledger(params)
+    try:
+        if control is not None:  # runs whose runner died are closed first, so they are listed and chained
+            accounting.close_died_runs(control, params, f"runbook audit {action}")
+        gaps = accounting.gaps(control, params)
+    finally:
+        if control is not None:
+            control.close()
+            engine.dispose()
     if action == "verify":
-        if not run:
-            raise RunbookError("audit verify needs a run: its folder name or run id (see `runbook audit list`)")
-        folder = archive.find_run(params.archive.dir, env, run)
-        problems = archive.verify(folder)
-        if problems:
-            print(f"{folder.name}: TAMPERED OR INCOMPLETE")
-            for p in problems:
-                print(f"  - {p}")
-            return 1
-        print(f"{folder.name}: every file matches its manifest, and the manifest its predecessor in the chain")
-        return 0
+        folders = [archive.find_run(params.archive.dir, env, run)] if run else \
+            [Path(r["folder"]) for r in archive.list_runs(params.archive.dir, env)]
+        bad = False
+        for folder in folders:
+            problems = archive.verify(folder)
+            if problems:
+                bad = True
+                print(f"{folder.name}: TAMPERED OR INCOMPLETE")
+                for p in problems:
+                    print(f"  - {p}")
+            else:
+                print(f"{folder.name}: every file matches its manifest, and the manifest its predecessor in the chain")
+        if gaps:
+            print(f"env {env}: GAPS IN THE AUDIT TRAIL")
+            for g in gaps:
+                print(f"  - {g}")
+        return 1 if bad or gaps else 0
     runs = archive.list_runs(params.archive.dir, env)
     if not runs:
         print(f"no archived runs for env {env}")
     for r in runs:
-        print(f"{r['run']}  {r['status']:<9}  {'dry run ' if r['dry_run'] else ''}{r['phases']}  by {r['operator']}")
+        print(f"{r['run']}  {r['status']:<11}  {'dry run ' if r['dry_run'] else ''}{r['phases']}  by {r['operator']}")
+    for g in gaps:
+        print(f"gap: {g}")
     return 0
 
 

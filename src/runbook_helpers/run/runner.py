@@ -22,7 +22,7 @@ from .. import params as params_mod
 from ..db import database
 from ..db.ledger import Ledger
 from ..errors import RunbookError
-from . import archive
+from . import accounting, archive
 from .session import FINALIZE, PHASES, ROLLBACK, operator
 
 NOTEBOOKS = {
@@ -67,7 +67,10 @@ def parse_phases(text: str | None) -> list[str]:
 
 def _kernel_environment(env: str, run_id: str) -> dict[str, str]:
     return {"RUNBOOK_HEADLESS": "1", "RUNBOOK_RUN_ID": run_id, "RUNBOOK_ENV": env,
-            "RUNBOOK_HOME": str(paths.project_root()), "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+            "RUNBOOK_HOME": str(paths.project_root()), "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+            # the kernels' connection files (they hold the kernel's HMAC key) in the run's own folder, removed at
+            # the end of the run and, after the runner was killed, by the next command (run/accounting.py)
+            "JUPYTER_RUNTIME_DIR": str(accounting.kernel_runtime_dir(run_id))}
 
 
 def execute_notebook(source: Path, target: Path, parameters: dict[str, Any] | None,
@@ -108,6 +111,7 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
         database.check_expected_identity(params, ident)
         database.try_advisory_lock(control, database.RUN_LOCK, "runbook run")
         run_id = uuid.uuid4().hex[:8]
+        accounting.close_died_runs(control, params, f"run {run_id}", log)  # before this run's folder exists
         started = datetime.now(timezone.utc)
         folder = archive.run_folder(params.archive.dir, env, started, run_id)
         ledger = Ledger(params.ledger_schema)
@@ -128,6 +132,7 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
         log(f"run {run_id} on env {env} ({ident.database}, PostgreSQL {ident.server_version})"
             f"{' DRY RUN' if dry_run else ''}: {', '.join(wanted)}")
         os.environ.update(_kernel_environment(env, run_id))
+        accounting.kernel_runtime_dir(run_id).mkdir(parents=True, exist_ok=True)
         result = RunResult(run_id, folder, "succeeded")
         previous = signal.signal(signal.SIGTERM, _terminate)
         # HTML renderings are made in the background while the next notebook runs (nbconvert's first
@@ -148,11 +153,13 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
                     break
         except KeyboardInterrupt as exc:
             result.status = "interrupted"
-            result.phases.append({"name": phase, "status": "interrupted", "error": str(exc) or "interrupted",
+            why = str(exc) or "Ctrl-C"
+            result.phases.append({"name": phase, "status": "interrupted", "error": why,
                                   "notebook": NOTEBOOKS[phase]})
-            log(f"  {phase} interrupted ({exc or 'Ctrl-C'}); cancelling this run's statements on the server")
+            interrupted = phase
         finally:
             signal.signal(signal.SIGTERM, previous)
+            accounting.remove_kernel_runtime(run_id)  # the kernels' connection files, a killed kernel's too
             for record, rendering in renderings:
                 try:
                     rendering.result()
@@ -161,8 +168,13 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
             html.shutdown()
         if result.status != "succeeded":
             cancelled = cancel_run_backends(control, params, run_id)
-            log(f"  cancelled {cancelled} statement(s) this run still had running on the server" if cancelled
-                else "  no statement of this run is still running on the server")
+            if result.status == "interrupted":  # one line: what was cancelled
+                log(f"  {interrupted} interrupted ({why}): cancelled "
+                    + (f"{cancelled} statement(s) this run still had running on the server" if cancelled
+                       else "the phase; no statement of this run is still running on the server"))
+            else:
+                log(f"  cancelled {cancelled} statement(s) this run still had running on the server" if cancelled
+                    else "  no statement of this run is still running on the server")
             if recorded:
                 ledger.fail_open_phases(control, run_id)
         lint_note = _write_lint(folder, env, run_id)
