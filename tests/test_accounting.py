@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from conftest import ROOT, runbook_cli
@@ -146,3 +145,64 @@ def test_audit_closes_a_killed_run_and_verify_names_it_until_then(db, runner_hom
     assert f"run {run_id} died" in listed.stdout and f"{folder.name}  died" in listed.stdout, listed.stdout
     assert db.scalar("SELECT status FROM tenancy_runbook.runs WHERE run_id = %s", (run_id,)) == "died"
     assert cli(runner_home, "audit", "verify", run_id, "--env", "ci").returncode == 0
+
+
+def pause_in_seed(db, home: Path, tmp_path: Path) -> tuple[subprocess.Popen, str]:
+    """`runbook run` (papermill, real kernels) paused before seed's first statement; returns it and its run id."""
+    marker = tmp_path / "paused"
+    (tmp_path / "tmp").mkdir()  # the runner's TMPDIR: jupyter_client's default place for connection files
+    proc = start_runner(home, "run", "--env", "ci", "--phases", "inspect,seed", in_process=False,
+                        env={"RUNBOOK_FAULT": "ddl.before_step=*@pause", "RUNBOOK_FAULT_MARKER": str(marker),
+                             "TMPDIR": str(tmp_path / "tmp")})
+    wait_until(lambda: marker.exists() or proc.poll() is not None, "the run never reached seed", 240)
+    assert proc.poll() is None, proc.communicate()
+    (folder,) = run_folders(home)
+    return proc, folder.name.rsplit("-", 1)[-1]
+
+
+def kernel_files(run_id: str) -> list[Path]:
+    return sorted((ROOT / ".runbook" / "kernels" / run_id).glob("kernel-*.json"))
+
+
+def default_runtime_files() -> set[Path]:
+    from jupyter_core.paths import jupyter_runtime_dir
+    env = dict(os.environ)
+    env.pop("JUPYTER_RUNTIME_DIR", None)
+    folder = Path(subprocess.run([sys.executable, "-c", "from jupyter_core.paths import jupyter_runtime_dir as d; "
+                                  "print(d())"], env=env, capture_output=True, text=True).stdout.strip()
+                  or jupyter_runtime_dir())
+    return set(folder.glob("kernel-*.json"))
+
+
+def test_ctrl_c_ends_with_one_line_and_leaves_no_kernel_file(db, runner_home, tmp_path):
+    before = default_runtime_files()
+    proc, run_id = pause_in_seed(db, runner_home, tmp_path)
+    assert kernel_files(run_id), "the kernel's connection file is not in the run's own runtime folder"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in out + err and "zmq" not in (out + err).lower(), out + err
+    lines = [line for line in (out + err).splitlines() if "interrupted" in line or "cancel" in line]
+    assert len(lines) == 2, out + err  # what was cancelled, then the run's own last line (its archive)
+    assert lines[0].strip().startswith("seed interrupted (Ctrl-C): cancelled "), lines
+    assert "()" not in out + err
+    assert lines[1].startswith(f"run {run_id} interrupted; archive: ")
+    assert err.strip() == "", err
+    assert not (ROOT / ".runbook" / "kernels" / run_id).exists()
+    assert default_runtime_files() <= before
+    assert list((tmp_path / "tmp").glob("*.json")) == []
+
+
+def test_a_killed_runner_leaves_no_kernel_file_once_the_next_command_ran(db, runner_home, tmp_path):
+    before = default_runtime_files()
+    proc, run_id = pause_in_seed(db, runner_home, tmp_path)
+    assert kernel_files(run_id)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    # the orphaned kernel notices its parent is gone and exits (ipykernel's parent poller), freeing PHASE_LOCK
+    wait_until(lambda: not backends_of(db, run_id), "the orphaned kernel's session never ended", 60)
+    listed = cli(runner_home, "audit", "list", "--env", "ci")
+    assert f"run {run_id} died" in listed.stdout, listed.stdout + listed.stderr
+    assert not (ROOT / ".runbook" / "kernels" / run_id).exists()
+    assert default_runtime_files() <= before
+    assert list((tmp_path / "tmp").glob("*.json")) == []

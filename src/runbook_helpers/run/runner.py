@@ -73,13 +73,40 @@ def _kernel_environment(env: str, run_id: str) -> dict[str, str]:
             "JUPYTER_RUNTIME_DIR": str(accounting.kernel_runtime_dir(run_id))}
 
 
+KERNEL_LOG = "kernels.log"  # kept in the archive of a failed run (a kernel that died says why there)
+
+
+def _kernel_manager_class():
+    """jupyter_client's kernel manager, its connection file (which holds the kernel's HMAC key) in
+    $JUPYTER_RUNTIME_DIR: by default a kernel started by papermill writes it with tempfile.mkstemp into /tmp,
+    where a killed run leaves it for ever."""
+    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_core.paths import jupyter_runtime_dir
+    from traitlets import default
+
+    class RunKernelManager(AsyncKernelManager):
+        @default("connection_file")
+        def _connection_file_default(self) -> str:
+            return os.path.join(jupyter_runtime_dir(), f"kernel-{uuid.uuid4().hex}.json")
+
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            # the kernel process's own log (not its cells' output, which papermill records in the notebook) goes
+            # to KERNEL_LOG beside its connection file, not the operator's terminal: a run ended by Ctrl-C must
+            # not print the tracebacks of a kernel whose sockets were closed under it
+            with open(os.path.join(jupyter_runtime_dir(), KERNEL_LOG), "ab") as log:
+                kw["stderr"] = log
+                return await super()._async_launch_kernel(kernel_cmd, **kw)
+
+    return RunKernelManager
+
+
 def execute_notebook(source: Path, target: Path, parameters: dict[str, Any] | None,
                      timeout_s: int | None = None) -> None:
     import papermill
 
     papermill.execute_notebook(str(source), str(target), parameters=parameters, kernel_name="python3",
                                progress_bar=False, log_output=False, cwd=str(source.parent),
-                               execution_timeout=timeout_s)
+                               execution_timeout=timeout_s, kernel_manager_class=_kernel_manager_class())
 
 
 def _headline(engine, params) -> dict[str, Any]:
@@ -159,6 +186,8 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
             interrupted = phase
         finally:
             signal.signal(signal.SIGTERM, previous)
+            if result.status == "failed":
+                _keep_kernel_log(run_id, folder)
             accounting.remove_kernel_runtime(run_id)  # the kernels' connection files, a killed kernel's too
             for record, rendering in renderings:
                 try:
@@ -216,6 +245,13 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
         finally:
             control.close()
             engine.dispose()
+
+
+def _keep_kernel_log(run_id: str, folder: Path) -> None:
+    log = accounting.kernel_runtime_dir(run_id) / KERNEL_LOG
+    if log.is_file() and log.stat().st_size:
+        folder.mkdir(parents=True, exist_ok=True)
+        log.replace(folder / KERNEL_LOG)  # scanned for secrets with the rest of the archive
 
 
 def _terminate(signum, frame) -> None:
