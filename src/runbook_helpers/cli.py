@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("action", choices=["start", "stop", "status", "url", "reset"])
     _env_arg(db)
 
-    plan = sub.add_parser("plan", help="print what seed, backfill and constrain would do (changes nothing)")
+    plan = sub.add_parser("plan", help="print what seed, backfill and constrain would do (read-only: changes "
+                          "nothing, and runs beside a run in progress)")
     _env_arg(plan)
 
     notebooks = sub.add_parser("notebooks", help="re-execute the committed notebooks on a fresh demo database")
@@ -131,7 +132,7 @@ def _plan(env: str) -> int:
     from .phases import inspect
     from .run.session import PhaseSession
 
-    rb = PhaseSession("inspect", env, dry_run=True)
+    rb = PhaseSession("inspect", env, read_only=True)  # beside a run: no lock taken, nothing can be written
     try:
         frame = inspect.full_plan(rb)
     finally:
