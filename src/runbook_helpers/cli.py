@@ -1,4 +1,4 @@
-"""`runbook run|finalize|rollback|demo|demo-db|db|plan|notebooks|drizzle|audit`: the command line of the runbook.
+"""`runbook run|finalize|rollback|demo|demo-db|db|plan|notebooks|drizzle|baseline|audit`: the command line of the runbook.
 
 Every RunbookError is printed as `runbook: error: …` on stderr with exit status 2, never a traceback:
 those errors say what was wrong and what to do. A failed phase exits with status 1.
@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     drizzle.add_argument("tags", nargs="*", help="record: the journal tags, e.g. 0002_tenancy_end_state")
     drizzle.add_argument("--dry-run", action="store_true", help="record: list what would be recorded, change nothing")
     _env_arg(drizzle)
+
+    baseline = sub.add_parser("baseline", help="reset: forget the pre-migration baseline and schema snapshot (on a "
+                              "database that is not migrated, e.g. after a rollback), so the next inspect captures "
+                              "them anew; archived like a run")
+    baseline.add_argument("action", choices=["reset"])
+    baseline.add_argument("--yes", action="store_true", help="confirm on an env that requires it (prod)")
+    _env_arg(baseline)
 
     audit = sub.add_parser("audit", help="list archived runs, or verify one against its manifest and the chain")
     audit.add_argument("action", choices=["list", "verify"])
@@ -264,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
             return _notebooks(args.env)
         if args.command == "drizzle":
             return _drizzle(args.action, args.env, args.tags, args.dry_run)
+        if args.command == "baseline":
+            from .run import baseline
+            baseline.reset(args.env, yes=args.yes)
+            return 0
         if args.command == "audit":
             return _audit(args.action, args.env, args.run)
     except RunbookError as exc:

@@ -233,6 +233,10 @@ class Ledger:
                                                   "run_id FROM {t} ORDER BY table_name", t="baseline")).all()
         return pd.DataFrame(rows, columns=cols)
 
+    def forget_baseline(self, conn: Connection) -> int:
+        """Delete the baseline (`runbook baseline reset`); returns the tables it held."""
+        return conn.exec_driver_sql(self._q(conn, "DELETE FROM {t}", t="baseline")).rowcount
+
     def record_baseline(self, conn: Connection, table: str, row_count: int, fingerprint: str,
                         columns: list[str], run_id: str | None) -> bool:
         """Insert once; never overwrite. Returns True if this call captured it."""

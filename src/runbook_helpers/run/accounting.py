@@ -77,7 +77,8 @@ def _reached_text(phases: list[dict[str, Any]], statement: dict[str, Any] | None
     return text_
 
 
-def _write(folder: Path, params, data: dict[str, Any]) -> str:
+def write_record(folder: Path, params, data: dict[str, Any]) -> str:
+    """Scan the folder for the env's secrets, then write its manifest into the chain; returns its sha256."""
     problems = _scan(folder, params)
     data["secret_scan"] = problems or "clean"
     return archive.write_manifest(folder, data)
@@ -100,7 +101,7 @@ def close_died_runs(control, params, closed_by: str, log: Callable[[str], None] 
         folder = _folder_of(params, run_id, row["started_at"])
         sha = None
         if not (folder / archive.MANIFEST).is_file():
-            sha = _write(folder, params, {
+            sha = write_record(folder, params, {
                 "run_id": run_id, "env": params.env, "operator": row["operator"], "dry_run": row["dry_run"],
                 "status": DIED, "started_at": row["started_at"], "finished_at": None,
                 "closed_at": now.isoformat(), "closed_by": closed_by,
@@ -127,7 +128,7 @@ def close_died_runs(control, params, closed_by: str, log: Callable[[str], None] 
         if run_id in known or any(name > folder.name for name in finished):
             continue
         notebooks = sorted(p.name for p in folder.glob("*.ipynb"))
-        _write(folder, params, {
+        write_record(folder, params, {
             "run_id": run_id, "env": params.env, "status": DIED, "closed_at": now.isoformat(),
             "closed_by": closed_by, "phases": [],
             "reached": {"summary": f"no open ledger row; notebooks written: {', '.join(notebooks) or 'none'}",
