@@ -11,12 +11,22 @@ also counts for the transactions it delayed; each is assigned to the phase it st
 backfill phase, then its constrain phase. Naive, on an identical copy: SET DEFAULT (so the inserts keep
 working), one UPDATE of every row, SET NOT NULL and ADD FOREIGN KEY directly.
 
-Reproduce: .venv/bin/python -m bench b3   (BENCH_B3_RATE=200 transactions/s, BENCH_B2_ROWS=5000000)
+The runbook side runs in several variants on identical copies: with the latency budget controller
+(backfill.throttle.budget_p99_ms) at 50 ms, the default and the one judged, and at other budgets for the
+curve, and at its fastest setting (every throttle off: no budget, no stall pacing, no lock-waiter or replica
+pauses). Every side runs BENCH_B3_ROUNDS times (3), the order alternating; each row is the median over the
+rounds with the spread. Each backfill row carries its throughput (rows/s) and its ratio to the naive single
+UPDATE's throughput in the same round, next to the writer's p99 and max: the throughput-against-p99 table,
+drawn as a chart below it.
+
+Reproduce: .venv/bin/python -m bench b3   (BENCH_B3_RATE=200 transactions/s, BENCH_B2_ROWS=5000000,
+BENCH_B3_ROUNDS=3, BENCH_B3_BUDGETS=25,50,100; BENCH_B3_ONLY=budget|fastest|naive|budget25,... runs some sides)
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import time
 
 import psycopg
@@ -27,6 +37,8 @@ from . import b2_batched, common
 
 TARGET_P99_MS = 50.0
 TARGET_MAX_MS = 200.0
+TARGET_THROUGHPUT = 0.5  # of one UPDATE's rows/s, under the same writer
+JUDGED_BUDGET = 50       # the default budget; its variant is judged against the targets
 CONNECTIONS = 4
 
 
@@ -62,19 +74,29 @@ def phase_stats(transactions, start: float, end: float) -> dict:
             "max_ms": max(latencies) if latencies else 0.0}
 
 
-def runbook_side(db: str, rate: int) -> tuple[list, Writer]:
+# the runbook's variants: backfill params over base.yaml's (BENCH_B3_BACKFILL adds to both)
+VARIANTS = {
+    "budget": {"throttle": {"budget_p99_ms": 50}},
+    "fastest": {"throttle": {"budget_p99_ms": None, "app_stall_ms": None, "max_lock_waiters": None,
+                             "max_replica_lag_s": None}, "pause_ms": 0},
+}
+
+
+def runbook_side(db: str, rate: int, variant: dict) -> tuple[list, Writer]:
     import json
-    overrides = common.only("workflows", **json.loads(os.environ.get("BENCH_B3_BACKFILL", "{}")))
+    backfill = {**variant, **json.loads(os.environ.get("BENCH_B3_BACKFILL", "{}"))}
+    overrides = common.only("workflows", **backfill)
     common.run("inspect", db, overrides)
     common.run("seed", db, overrides)
     writer = Writer(db, rate)
     writer.start()
     time.sleep(4)  # a quiet period first: the writer's own baseline
-    phases = [("quiet", time.time() - 3.5, time.time())]
+    phases = [("quiet", time.time() - 3.5, time.time(), None)]
     for name in ("backfill", "constrain"):
         t0 = time.time()
-        common.run(name, db, overrides)
-        phases.append((name, t0, time.time()))
+        out = common.run(name, db, overrides)
+        rows = int(out["report"].summary["rows updated"].sum()) if name == "backfill" else None
+        phases.append((name, t0, time.time(), rows))
     writer.stop()
     return phases, writer
 
@@ -86,47 +108,128 @@ def naive_side(db: str, rate: int) -> tuple[list, Writer]:
         writer = Writer(db, rate)
         writer.start()
         time.sleep(4)
-        phases = [("quiet", time.time() - 3.5, time.time())]
+        phases = [("quiet", time.time() - 3.5, time.time(), None)]
         conn.execute(f"ALTER TABLE workflows ALTER COLUMN tenant_id SET DEFAULT {int(tenant)}")
         for name, statement in (
                 ("single UPDATE", f"UPDATE workflows SET tenant_id = {int(tenant)} WHERE tenant_id IS NULL"),
                 ("SET NOT NULL", "ALTER TABLE workflows ALTER COLUMN tenant_id SET NOT NULL"),
                 ("ADD FOREIGN KEY", "ALTER TABLE workflows ADD FOREIGN KEY (tenant_id) REFERENCES tenants(id)")):
             t0 = time.time()
-            conn.execute(statement)
-            phases.append((name, t0, time.time()))
+            done = conn.execute(statement).rowcount
+            phases.append((name, t0, time.time(), done if name == "single UPDATE" else None))
         writer.stop()
     return phases, writer
+
+
+def _budgets() -> list[int]:
+    return [int(b) for b in os.environ.get("BENCH_B3_BUDGETS", "25,50,100").split(",") if b.strip()]
+
+
+def sides() -> list[tuple[str, str, object]]:
+    """(approach, key, side): the runbook with each budget, at its fastest, and naive; BENCH_B3_ONLY filters."""
+    out = []
+    for budget in sorted(set(_budgets()) | {JUDGED_BUDGET}):
+        variant = {"throttle": {"budget_p99_ms": budget}}
+        out.append((f"runbook budget {budget} ms", f"budget{budget}",
+                    lambda db, rate, v=variant: runbook_side(db, rate, v)))
+    out.append(("runbook fastest", "fastest", lambda db, rate: runbook_side(db, rate, VARIANTS["fastest"])))
+    out.append(("naive", "naive", naive_side))
+    if os.environ.get("BENCH_B3_ONLY"):
+        wanted = os.environ["BENCH_B3_ONLY"].split(",")
+        out = [s for s in out if s[1] in wanted or (s[1] == f"budget{JUDGED_BUDGET}" and "budget" in wanted)
+               or (s[0].startswith("runbook") and "runbook" in wanted)]
+    return out
+
+
+def _spread(values: list[float]) -> str:
+    return f"{min(values):,.0f}-{max(values):,.0f}" if len(values) > 1 else ""
+
+
+def tradeoff_chart(points: list[tuple[str, float, float]], path) -> None:
+    """Backfill throughput against the application's p99, one point per variant and round."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label in dict.fromkeys(p[0] for p in points):
+        xs = [p[1] for p in points if p[0] == label]
+        ys = [p[2] for p in points if p[0] == label]
+        ax.scatter(xs, ys, label=label, s=36)
+    ax.axvline(TARGET_P99_MS, color="grey", linestyle="--", linewidth=1)
+    ax.text(TARGET_P99_MS, ax.get_ylim()[1] * 0.97, " p99 target", color="grey", va="top", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("application p99 during the backfill (ms, log scale)")
+    ax.set_ylabel("backfill rows/s")
+    ax.set_ylim(bottom=0)
+    ax.set_title("B3: backfill throughput against the application's p99")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> dict:
     rows = b2_batched.rows()
     rate = int(os.environ.get("BENCH_B3_RATE", "200"))
+    rounds = int(os.environ.get("BENCH_B3_ROUNDS", "3"))
     tpl = b2_batched.template()
     sized = "" if rows == 5_000_000 else f"BENCH_B2_ROWS={rows} "
     report = common.Report("B3 online", f"{sized}python -m bench b3")
-    sides = (("runbook", runbook_side), ("naive", naive_side))
-    if os.environ.get("BENCH_B3_ONLY"):
-        sides = tuple(s for s in sides if s[0] == os.environ["BENCH_B3_ONLY"])
-    for approach, side in sides:
-        db = common.clone(tpl, f"bench_b3_{approach}")
-        try:
-            phases, writer = side(db, rate)
-            transactions = writer.transactions()
-        finally:
-            common.drop(db)
-        for name, start, end in phases:
-            stats = phase_stats(transactions, start, end)
-            judged = approach == "runbook" and name != "quiet"
-            met = (stats["errors"] == 0 and stats["p99_ms"] <= TARGET_P99_MS and stats["max_ms"] <= TARGET_MAX_MS)
-            report.add(approach=approach, phase=name, seconds=round(end - start, 1), **{
-                k: (round(v, 1) if isinstance(v, float) else v) for k, v in stats.items()},
-                target=f"0 errors, p99 <= {TARGET_P99_MS:.0f}, max <= {TARGET_MAX_MS:.0f} ms" if judged else "",
-                met=met if judged else "")
-        if writer.aborted:
-            report.notes.append(f"{approach}: the workload saw {len(writer.aborted)} errors, e.g. "
-                                f"{writer.aborted[0][:160]}")
+    chosen = sides()
+    measured: dict[tuple[str, str], list[dict]] = {}
+    aborted: dict[str, list[str]] = {}
+    for round_ in range(1, rounds + 1):
+        order = chosen if round_ % 2 else chosen[::-1]  # alternate, so drift over the run hits every side alike
+        for approach, key, side in order:
+            db = common.clone(tpl, f"bench_b3_{key}")
+            try:
+                phases, writer = side(db, rate)
+                transactions = writer.transactions()
+            finally:
+                common.drop(db)
+            for name, start, end, rows_done in phases:
+                stats = phase_stats(transactions, start, end)
+                stats.update(round=round_, seconds=end - start,
+                             rows_per_s=rows_done / max(end - start, 1e-9) if rows_done else None)
+                measured.setdefault((approach, name), []).append(stats)
+            aborted.setdefault(approach, []).extend(writer.aborted)
+    naive_rate = {s["round"]: s["rows_per_s"] for s in measured.get(("naive", "single UPDATE"), [])}
+    judged_approach = f"runbook budget {JUDGED_BUDGET} ms"
+    points = []
+    for (approach, name), seen in measured.items():
+        p99 = [s["p99_ms"] for s in seen]
+        mx = [s["max_ms"] for s in seen]
+        rps = [s["rows_per_s"] for s in seen if s["rows_per_s"]]
+        ratios = [s["rows_per_s"] / naive_rate[s["round"]] for s in seen
+                  if s["rows_per_s"] and naive_rate.get(s["round"]) and approach != "naive"]
+        judged = approach == judged_approach and name in ("backfill", "constrain")
+        met = all(s["errors"] == 0 and s["p99_ms"] <= TARGET_P99_MS and s["max_ms"] <= TARGET_MAX_MS for s in seen)
+        if judged and name == "backfill" and ratios:
+            met = met and statistics.median(ratios) >= TARGET_THROUGHPUT
+        report.add(approach=approach, phase=name, rounds=len(seen),
+                   seconds=round(statistics.median(s["seconds"] for s in seen), 1),
+                   transactions=sum(s["transactions"] for s in seen), errors=sum(s["errors"] for s in seen),
+                   p99_ms=round(statistics.median(p99), 1), p99_spread=_spread(p99),
+                   max_ms=round(statistics.median(mx), 1), max_spread=_spread(mx),
+                   rows_per_s=round(statistics.median(rps)) if rps else None, rows_per_s_spread=_spread(rps) if rps else "",
+                   x_one_update=round(statistics.median(ratios), 2) if ratios else None,
+                   target=(f"0 errors, p99 <= {TARGET_P99_MS:.0f}, max <= {TARGET_MAX_MS:.0f} ms"
+                           + (f", >= {TARGET_THROUGHPUT}x one UPDATE" if name == "backfill" else "")) if judged else "",
+                   met=met if judged else "")
+        if name == "backfill" or (approach == "naive" and name == "single UPDATE"):
+            label = "naive (one UPDATE)" if approach == "naive" else approach
+            points += [(label, s["p99_ms"], s["rows_per_s"]) for s in seen if s["rows_per_s"]]
+    if points:
+        chart = common.RESULTS.parent.parent / "docs" / "b3_tradeoff.png"
+        tradeoff_chart(points, chart)
+        report.notes.append("the trade-off, one point per variant and round: ![B3 trade-off](b3_tradeoff.png)")
+    for approach, errors in aborted.items():
+        if errors:
+            report.notes.append(f"{approach}: the workload saw {len(errors)} errors, e.g. {errors[0][:160]}")
     report.notes.append(f"writer: the legacy workload (runbook_helpers/workload.py) as legacy_app on {CONNECTIONS} "
                         f"connections, {rate} transactions/s in all on a fixed schedule; latency counted from each "
-                        f"transaction's scheduled start")
+                        f"transaction's scheduled start; {rows:,} rows; {rounds} rounds, the order of the sides "
+                        f"alternating; medians, spread min-max over the rounds; x_one_update: the backfill's rows/s "
+                        f"over the naive single UPDATE's in the same round")
     return report.save_and_print()

@@ -162,7 +162,10 @@ def test_plan_lists_every_statement_with_its_lock(db):
     kb = plan[(plan["table"] == "knowledge_bases") & (plan["phase"] == "backfill")]
     assert list(kb["action"]) == ["install the rollout triggers",
                                   "open the record of the application's writes (one read of every row)",
-                                  "fill NULL tenant_id in batches of 2,000 (keyset on (id))"]
+                                  "fill NULL tenant_id in batches of 2,000 (keyset on (id))",
+                                  # issue 15: then a plain VACUUM (ANALYZE) of the rows the batches rewrote
+                                  "VACUUM (ANALYZE): clear the dead row versions the batches left, refresh the "
+                                  "statistics"]
     # ACCESS EXCLUSIVE only ever for metadata-only statements
     exclusive = plan[plan["lock"].str.startswith("ACCESS EXCLUSIVE")]
     assert (exclusive["lock"].str.contains("metadata only")).all()

@@ -19,7 +19,9 @@ BEFORE = json.loads((Path(__file__).parent / "fixtures" / "params_resolved_befor
 # the rules for conflicts between tenants. "*" matches any list index.
 ADDED = [("legacy", "source"), ("validate", "smoke_queries", "*", "writes"), ("rls", "isolation_accept"),
          ("cross_tenant",), ("locks", "first_lock_timeout_ms"), ("locks", "wraparound_wait_s"),
-         ("locks", "report_transactions_older_than_ms")]
+         ("locks", "report_transactions_older_than_ms"), ("backfill", "throttle", "budget_p99_ms"),
+         ("backfill", "throttle", "max_replica_lag_s"),
+         ("backfill", "vacuum_after")]  # issue 15: a VACUUM (ANALYZE) after the batches (new behaviour, on)
 # Defaults issue 15 changed on purpose (the lock ladder: short waits first, many tries): old -> new, where an env
 # kept the old default.
 CHANGED = {("locks", "lock_timeout_ms"): (2000, 500), ("locks", "retry", "attempts"): (6, 20),

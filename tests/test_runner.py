@@ -90,6 +90,17 @@ def test_run_dry_run_then_for_real_then_again(server):
     assert '+  pgPolicy("tenant_legacy_access"' in (folder / "drizzle_schema.diff").read_text()
     assert manifest["drizzle_schema"].startswith("drizzle_schema.md and drizzle_schema.diff")
     assert manifest["application_writes"] is None  # nothing wrote during this run
+    # what paced the batched backfill (knowledge_bases, and the tables the legacy mapping moves), per batch:
+    # archived as CSV and chart
+    with open(folder / "backfill_pace.csv", newline="") as f:
+        pace = list(csv.DictReader(f))
+    batches = {t: sum(r["table_name"] == t for r in pace) for t in {r["table_name"] for r in pace}}
+    assert "knowledge_bases" in batches and set(batches) <= set(manifest["params"]["core_tables"])
+    assert all(int(r["batch_size"]) > 0 and float(r["pace_ms"]) >= 0 for r in pace)
+    assert any(r["canary_p99_ms"] for r in pace)
+    assert (folder / "backfill_pace.png").read_bytes()[:4] == b"\x89PNG"
+    assert manifest["backfill_pace"] == "backfill_pace.csv and backfill_pace.png: " + ", ".join(
+        f"{t}: {n} batches" for t, n in sorted(batches.items()))
     assert manifest["server"]["database"] == "tenancy_demo" and manifest["server"]["version"]
     assert manifest["params"]["system_tenant"]["uuid"] == "00000000-0000-4000-8000-000000000001"
     assert manifest["headline"]["baseline_rows"] > 90_000

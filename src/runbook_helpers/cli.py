@@ -142,10 +142,12 @@ def _plan(env: str) -> int:
     rb = PhaseSession("inspect", env, read_only=True)  # beside a run: no lock taken, nothing can be written
     try:
         frame = inspect.full_plan(rb)
+        cost = inspect.cost(rb)
     finally:
         rb.close()
     with pd.option_context("display.max_colwidth", 120, "display.width", 200, "display.max_rows", 500):
         print(frame[["phase", "table", "action", "lock", "statement"]].to_string(index=False))
+        print(f"\nwhat backfill's batches will cost:\n{cost!r}")
     return 0
 
 

@@ -71,6 +71,10 @@ class ThrottleParams(_Strict):
     max_dead_ratio: float | None = Field(default=None, gt=0)  # pause while dead/live tuples exceed this
     pause_ms: int = Field(default=250, ge=0)
     max_pause_s: float = Field(default=30, ge=0)             # then carry on, and say so
+    # the application's budget: the canary's p99 commit latency; a controller sizes and paces the batches to
+    # keep it (null: off, batch size from target_batch_ms and pace from app_stall_ms alone)
+    budget_p99_ms: float | None = Field(default=50, gt=0)
+    max_replica_lag_s: float | None = Field(default=5, gt=0)  # pause while a streaming standby replays this late
 
 
 class BackfillParams(_Strict):
@@ -83,6 +87,7 @@ class BackfillParams(_Strict):
     pause_ms: int = Field(default=0, ge=0)
     progress_every_s: float = Field(default=5.0, gt=0)
     max_passes: int = Field(default=3, gt=0)
+    vacuum_after: bool = True                                # VACUUM (ANALYZE) each table the batches rewrote
     throttle: ThrottleParams = ThrottleParams()
 
 

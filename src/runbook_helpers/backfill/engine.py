@@ -5,10 +5,11 @@ split into `workers` disjoint parts, one checkpoint row each. A worker walks its
 short transaction per batch: `UPDATE … SET tenant_id = <id> WHERE key in (last, upper] AND tenant_id IS
 NULL`, and its checkpoint row is updated in the same transaction, so a kill anywhere loses nothing and a
 re-run resumes every part where it stopped. Batch size adapts toward `target_batch_ms`, so row locks
-are held briefly whatever the row width. Before each batch the worker asks the throttle, which samples
-the server every 250 ms: it pauses while more sessions than allowed wait on the backfill's locks, or
-while dead tuples outrun autovacuum. Keys are never loaded into memory: each batch's upper bound comes
-from one index-ordered OFFSET query.
+are held briefly whatever the row width. Before each batch the worker asks the throttle (throttle.py): it
+bounds the batch size and sets the pace that keep the application's latency budget (the canary), and
+pauses while more sessions than allowed wait on the backfill's locks, while dead tuples outrun autovacuum,
+or while a standby replays too far behind. Keys are never loaded into memory: each batch's upper bound
+comes from one index-ordered OFFSET query.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Outcome:
     batches: int
     passes: int
     paused_s: float
+    max_replica_lag_s: float | None = None  # the worst standby replay lag seen meanwhile (None: no standby)
 
 
 class BatchedBackfill:
@@ -110,7 +112,10 @@ class BatchedBackfill:
         before = rb.ledger.checkpoint(rb.control, self.st.name)
         self.progress = rb.progress(self.label, remaining, every_s=self.params.progress_every_s)
         passes = 0
-        with Throttle(rb.engine, self.st.oid, self.params.throttle, rb.log) as throttle:
+        bp = self.params
+        with Throttle(rb.engine, self.st.oid, bp.throttle, rb.log, ledger_schema=rb.params.ledger_schema,
+                      batch=(bp.batch_size, bp.min_batch_size, bp.max_batch_size)) as throttle:
+            self.progress.status = throttle.status
             while remaining:
                 self._run_parts([p for p in parts if p["finished_at"] is None], throttle)
                 passes += 1
@@ -128,11 +133,13 @@ class BatchedBackfill:
                 rb.ledger.next_pass(rb.control, self.st.name, remaining)
                 parts = rb.ledger.parts(rb.control, self.st.name)
                 self.progress.total += remaining
-            paused = throttle.paused_s
+            paused, worst_lag = throttle.paused_s, throttle.max_replica_lag_s
         self.progress.close()
+        rb.ledger.record_pace(rb.control, rb.run_id, [
+            {"table_name": self.st.name, "batch": i + 1, **row} for i, row in enumerate(self.progress.history)])
         after = rb.ledger.checkpoint(rb.control, self.st.name)
         return Outcome(after["rows_updated"] - (before or {}).get("rows_updated", 0),
-                       after["batches"] - (before or {}).get("batches", 0), passes, paused)
+                       after["batches"] - (before or {}).get("batches", 0), passes, paused, worst_lag)
 
     def _run_parts(self, parts: list[dict], throttle: Throttle) -> None:
         if len(parts) <= 1:
@@ -199,11 +206,13 @@ class BatchedBackfill:
                 while not self._stop.is_set():
                     throttle.wait(self.label)
                     faults.point("backfill.before_batch", self.st.name)
-                    upper, last = self.space.next_upper(conn, cursor, limit, size)
+                    ask = throttle.batch_size(size)  # at most what the application's budget allows now
+                    upper, last = self.space.next_upper(conn, cursor, limit, ask)
                     conn.commit()
                     statement, args = self.space.update(conn, cursor, upper, self.assign)
                     seconds = self._batch(conn, statement, args, part["part"],
-                                          upper if upper is not None else cursor)
+                                          upper if upper is not None else cursor,
+                                          {"batch_size": ask, **throttle.snapshot()})
                     if last:
                         with conn.begin():  # the worker's own connection: rb.control is not shared across threads
                             rb.ledger.finish_part(conn, self.st.name, part["part"])
@@ -211,7 +220,7 @@ class BatchedBackfill:
                     cursor = upper
                     if p.target_batch_ms:
                         factor = min(2.0, max(0.5, p.target_batch_ms / max(1.0, seconds * 1000)))
-                        size = int(min(p.max_batch_size, max(p.min_batch_size, size * factor)))
+                        size = int(min(p.max_batch_size, max(p.min_batch_size, ask * factor)))
                     if p.pause_ms:
                         time.sleep(p.pause_ms / 1000.0)
             finally:
@@ -222,7 +231,8 @@ class BatchedBackfill:
                     driver.execute("RESET session_replication_role")
                     driver.commit()
 
-    def _batch(self, conn: Connection, statement: str, args: list, part: int, new_last: Key) -> float:
+    def _batch(self, conn: Connection, statement: str, args: list, part: int, new_last: Key,
+               extra: dict | None = None) -> float:
         """One batch and its checkpoint in one transaction; lock timeouts climb the retry ladder."""
         rb = self.rb
         retry = rb.params.locks.retry
@@ -248,5 +258,5 @@ class BatchedBackfill:
                 time.sleep(min(retry.backoff_ms * 2 ** (attempt - 1), retry.backoff_max_ms) / 1000.0)
         seconds = time.monotonic() - started
         with self._progress_lock:
-            self.progress.advance(rows, batch_rows=rows, batch_s=seconds)
+            self.progress.advance(rows, batch_rows=rows, batch_s=seconds, **(extra or {}))
         return seconds

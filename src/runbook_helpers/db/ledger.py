@@ -1,6 +1,8 @@
 """The runbook's own schema inside the target database: runs, phase runs, baseline, checkpoints, journal,
 and the rollout window's record of the application's writes (capture_start, app_writes, rollout_assists,
-capture_end; written by the rollout triggers, see tenancy/rollout.py).
+capture_end; written by the rollout triggers, see tenancy/rollout.py); the backfill throttle's canary row
+(its commit latency is the budget's signal) and the pace it chose per batch (backfill_pace, archived); the
+core tables' sizes before backfill (table_sizes, for validate's before and after).
 
 It lives next to the data it describes, so a resumed run on another machine finds the same checkpoints,
 and the audit trail survives the laptop that ran it. Every table is created with IF NOT EXISTS;
@@ -119,6 +121,14 @@ CREATE TABLE IF NOT EXISTS {schema}.drizzle_records (
   created_at bigint NOT NULL,
   recorded_at timestamptz NOT NULL DEFAULT now()
 );
+CREATE TABLE IF NOT EXISTS {schema}.table_sizes (
+  table_name text PRIMARY KEY,
+  heap_bytes bigint NOT NULL,
+  index_bytes bigint NOT NULL,
+  total_bytes bigint NOT NULL,
+  measured_at timestamptz NOT NULL DEFAULT now(),
+  run_id text
+);
 CREATE TABLE IF NOT EXISTS {schema}.rollout_assists (
   table_name text NOT NULL,
   key jsonb NOT NULL,
@@ -126,6 +136,26 @@ CREATE TABLE IF NOT EXISTS {schema}.rollout_assists (
   last_at timestamptz NOT NULL DEFAULT now(),
   times bigint NOT NULL DEFAULT 1,
   PRIMARY KEY (table_name, key)
+);
+CREATE TABLE IF NOT EXISTS {schema}.canary (
+  id integer PRIMARY KEY,
+  beats bigint NOT NULL DEFAULT 0,
+  beat_at timestamptz
+);
+INSERT INTO {schema}.canary (id) VALUES (1) ON CONFLICT (id) DO NOTHING;
+CREATE TABLE IF NOT EXISTS {schema}.backfill_pace (
+  run_id text,
+  table_name text NOT NULL,
+  batch integer NOT NULL,
+  elapsed_s float8 NOT NULL,
+  rows_done bigint NOT NULL,
+  batch_rows bigint NOT NULL,
+  batch_s float8 NOT NULL,
+  batch_size integer NOT NULL,
+  pace_ms float8 NOT NULL,
+  canary_p99_ms float8,
+  replica_lag_s float8,
+  recorded_at timestamptz NOT NULL DEFAULT now()
 )
 """
 
@@ -245,6 +275,22 @@ class Ledger:
                                               t="baseline"), (table, row_count, fingerprint, columns, run_id))
         return result.rowcount == 1
 
+    # -- sizes before backfill: recorded once, at the start of its first run, never overwritten
+    def record_sizes(self, conn: Connection, table: str, heap: int, indexes: int, total: int,
+                     run_id: str | None) -> bool:
+        result = conn.exec_driver_sql(self._q(conn, "INSERT INTO {t} (table_name, heap_bytes, index_bytes, total_bytes, "
+                                                    "run_id) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (table_name) DO "
+                                                    "NOTHING", t="table_sizes"), (table, heap, indexes, total, run_id))
+        return result.rowcount == 1
+
+    def sizes(self, conn: Connection) -> pd.DataFrame:
+        cols = ["table_name", "heap_bytes", "index_bytes", "total_bytes", "measured_at", "run_id"]
+        if not self.exists(conn) or relation_oid(conn, self.schema, "table_sizes") is None:
+            return pd.DataFrame(columns=cols)
+        rows = conn.exec_driver_sql(self._q(conn, "SELECT table_name, heap_bytes, index_bytes, total_bytes, measured_at, "
+                                                  "run_id FROM {t} ORDER BY table_name", t="table_sizes")).all()
+        return pd.DataFrame(rows, columns=cols)
+
     # -- backfill checkpoints: one row per part (a worker's key range) of a table
     def parts(self, conn: Connection, table: str) -> list[dict[str, Any]]:
         if not self.exists(conn):
@@ -288,6 +334,28 @@ class Ledger:
                                            "batches = batches + 1, updated_at = clock_timestamp() "
                                            "WHERE table_name = %s AND part = %s", t="backfill_checkpoints"),
                              (json.dumps(last_key), rows, table, part))
+
+    PACE_COLUMNS = ["table_name", "batch", "elapsed_s", "rows_done", "batch_rows", "batch_s", "batch_size", "pace_ms",
+                    "canary_p99_ms", "replica_lag_s"]
+
+    def record_pace(self, conn: Connection, run_id: str | None, rows: list[dict]) -> None:
+        """The throttle's signal and choice per batch of one table (the progress history), for the archive."""
+        if not rows:
+            return
+        cols = self.PACE_COLUMNS
+        statement = self._q(conn, "INSERT INTO {t} (run_id, " + ", ".join(cols) + ") VALUES (%s" + ", %s" * len(cols)
+                            + ")", t="backfill_pace")
+        conn.exec_driver_sql(statement, [(run_id, *(r.get(c) for c in cols)) for r in rows])
+
+    def pace(self, conn: Connection, run_id: str | None) -> pd.DataFrame:
+        """What record_pace stored for one run (None: the interactive sessions')."""
+        cols = ["run_id"] + self.PACE_COLUMNS
+        if relation_oid(conn, self.schema, "backfill_pace") is None:
+            return pd.DataFrame(columns=cols)
+        rows = conn.exec_driver_sql(self._q(conn, "SELECT " + ", ".join(cols) + " FROM {t} WHERE run_id IS NOT DISTINCT "
+                                                  "FROM %s ORDER BY recorded_at, table_name, batch", t="backfill_pace"),
+                                    (run_id,)).all()
+        return pd.DataFrame(rows, columns=cols)
 
     def finish_part(self, conn: Connection, table: str, part: int) -> None:
         conn.exec_driver_sql(self._q(conn, "UPDATE {t} SET finished_at = clock_timestamp(), updated_at = clock_timestamp() "

@@ -23,11 +23,16 @@ In three passes, so that every trigger finds the columns it reads:
      tenant the trigger (or the writer) gave them. A partitioned table is walked leaf partition by leaf
      partition, each with its own checkpoint, as for the batched strategy.
    - done: the column is filled already.
+4. each table whose rows the batches rewrote: VACUUM (ANALYZE) (db/vacuum.py; plain VACUUM, reads and writes
+   continue), unless backfill.vacuum_after is false. The plan says first what the batches will cost (cost():
+   rows, WAL, time, growth, checkpoints; the model is backfill/cost.py), and apply records every core table's
+   size before it changes anything (validate shows before and after).
 The triggers stay for the rollout window: 06_finalize removes them once the application writes tenant_id.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 
@@ -35,9 +40,10 @@ import pandas as pd
 from psycopg import sql
 
 from .. import faults
+from ..backfill import cost as cost_model
 from ..backfill.assignment import Assignment, system_assignment
 from ..backfill.engine import BatchedBackfill
-from ..db import catalog, partitions, reconcile
+from ..db import catalog, partitions, reconcile, sizes, vacuum
 from ..db.catalog import TableState
 from ..db.ddl import ACCESS_EXCLUSIVE_META, ROW_EXCLUSIVE_BATCH, UNDO_PHASE, Step, plan_frame, results_frame
 from ..db.names import TENANT_COLUMN
@@ -177,10 +183,21 @@ class TablePlan:
     fill: list[Step] = field(default_factory=list)      # pass 3: the record opens, then the batches
     assignment: Assignment | None = None
     to_map: int | None = None  # mapped tables: rows still to move to their org's tenant
+    after: list[Step] = field(default_factory=list)     # pass 4: VACUUM (ANALYZE) of what the batches rewrote
+    after_relations: list[str] = field(default_factory=list)  # the relation each of those vacuums
 
     @property
     def steps(self) -> list[Step]:
-        return self.columns + self.triggers + self.fill
+        return self.columns + self.triggers + self.fill + self.after
+
+    @property
+    def rows_to_rewrite(self) -> int:
+        """Rows the batches will write a new version of (exact: counted by the plan)."""
+        if self.strategy == "batched":
+            return int(self.null_count or 0)
+        if self.strategy == "mapped":
+            return int(self.to_map or 0)
+        return 0
 
 
 def _mapped(rb, conn, st: TableState, system_id: int | None) -> tuple[str, int | None, Assignment | None, int]:
@@ -194,6 +211,37 @@ def _mapped(rb, conn, st: TableState, system_id: int | None) -> tuple[str, int |
     else:  # before seed (a dry run): the rows whose org is a real tenant, and any NULLs
         pending = mapping.rows_to_map(conn, rb.params, st.name) + (nulls or 0)
     return ("mapped" if pending else strategy_for(st, system_id, nulls)), nulls, assignment, pending
+
+
+VACUUM_DUE_SQL = """
+SELECT EXISTS (SELECT 1 FROM {ckpt} c WHERE c.table_name = %s AND c.rows_updated > 0 AND c.finished_at IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM {journal} j WHERE j.phase = %s AND j.statement = %s AND j.outcome = 'applied'
+                  AND j.finished_at >= c.finished_at))
+"""
+
+
+def vacuum_steps(rb, conn, st: TableState, strategy: str, leaves: list[str]) -> tuple[list[Step], list[str]]:
+    """Pass 4, unless backfill.vacuum_after is false: VACUUM (ANALYZE) of each relation the batches will
+    rewrite, and of each one an earlier run rewrote without vacuuming it after (killed in between): its
+    checkpoint finished after the journal's last VACUUM of it."""
+    if not rb.params.backfill.vacuum_after:
+        return [], []
+    names = (leaves or [leaf.name for leaf in partitions.leaves(partitions.tree(conn, st))]) if st.partitioned \
+        else [st.name]
+    ledger = rb.params.ledger_schema
+    known = rb.ledger.exists(conn) and catalog.relation_oid(conn, ledger, "backfill_checkpoints") is not None
+    out: list[tuple[Step, str]] = []
+    for name in names:
+        what = f" (partition {name})" if name != st.name else ""
+        step = vacuum.vacuum_step(PHASE, st.name, sql.Identifier(st.schema, name), what)
+        due = strategy in ("batched", "mapped") and (name in leaves or not st.partitioned)
+        if not due and known:
+            due = bool(conn.exec_driver_sql(render(conn, sql.SQL(VACUUM_DUE_SQL).format(
+                ckpt=sql.Identifier(ledger, "backfill_checkpoints"), journal=sql.Identifier(ledger, "statement_journal"))),
+                (name, PHASE, render(conn, step.statement))).scalar())
+        if due:
+            out.append((step, name))
+    return [s for s, _ in out], [n for _, n in out]
 
 
 def plans(rb) -> list[TablePlan]:
@@ -223,16 +271,19 @@ def plans(rb) -> list[TablePlan]:
                                                   catalog.null_tenant_count(conn, rb.schema, leaf.name))]
             fill = capture_steps(rb, conn, after, system_id) + fill_step(
                 after, system_id, strategy, rb.params.batch_size_for(name), assignment, leaves)
+            after, relations = vacuum_steps(rb, conn, st, strategy, leaves)
             out.append(TablePlan(st, strategy, nulls, column_steps(st, system_id),
-                                 rollout_steps(rb, conn, st, system_id, before.get(name)), fill, assignment, to_map))
+                                 rollout_steps(rb, conn, st, system_id, before.get(name)), fill, assignment, to_map,
+                                 after, relations))
+    rb._backfill_plans = (time.monotonic(), out)  # for cost() of the plan just shown (not for apply)
     return out
 
 
 def execution_order(table_plans: list[TablePlan]) -> list[Step]:
     """Every column first, then every trigger (a parent's trigger reads its children's column), then per
-    table the record and the batches."""
+    table the record and the batches, then the vacuums."""
     return ([s for tp in table_plans for s in tp.columns] + [s for tp in table_plans for s in tp.triggers]
-            + [s for tp in table_plans for s in tp.fill])
+            + [s for tp in table_plans for s in tp.fill] + [s for tp in table_plans for s in tp.after])
 
 
 def plan(rb) -> pd.DataFrame:
@@ -250,6 +301,127 @@ def strategies(rb) -> pd.DataFrame:
             for p in plans(rb)]
     return pd.DataFrame(rows, columns=["table", "strategy", "rows with NULL tenant_id",
                                        "rows to map to their org's tenant", "rollout trigger"])
+
+
+# --- the cost, before anything runs ---------------------------------------------------------------
+
+COST_COLUMNS = ["table", "strategy", "rows to rewrite", "rows from", "HOT updates (%)", "WAL (MB)",
+                "full-page images (MB)", "time (s)", "heap growth (MB)", "index growth (MB)", "row size from"]
+MB = 1024 * 1024
+PLAN_REUSE_S = 60.0  # cost() reuses a plan this recent (its counts are full scans); apply always plans afresh
+
+
+@dataclass
+class CostReport:
+    """Per table what the batches will cost (the model: backfill/cost.py), a totals row, and what it means
+    for the server: checkpoints forced, the rate the time assumes, growth VACUUM will not give back."""
+    table: pd.DataFrame
+    warnings: list[str]
+    wal_bytes: float
+    checkpoints: int
+    rate: str  # where the time's rate comes from
+
+    def _repr_html_(self) -> str:
+        notes = "".join(f"<li>{line}</li>" for line in self.warnings)
+        return self.table.to_html(index=False) + (f"<ul>{notes}</ul>" if notes else "")
+
+    def __repr__(self) -> str:
+        return self.table.to_string(index=False) + "".join(f"\n- {line}" for line in self.warnings)
+
+
+def _relations(conn, tp: TablePlan) -> list[tuple[TableState, int]]:
+    """The relations the batches rewrite with the rows each gets: a partitioned table's leaves share the
+    counted rows in proportion to their reltuples (the count is of the whole table)."""
+    rows = tp.rows_to_rewrite
+    if not tp.state.partitioned:
+        return [(tp.state, rows)]
+    leaves = [leaf.state for leaf in partitions.leaves(partitions.tree(conn, tp.state))]
+    weights = [max(leaf.estimated_rows, 0) for leaf in leaves]
+    total = sum(weights) or len(leaves)
+    shares = [int(rows * (w if sum(weights) else 1) / total) for w in weights]
+    if shares:
+        shares[-1] += rows - sum(shares)
+    return list(zip(leaves, shares))
+
+
+def cost(rb, table_plans: list[TablePlan] | None = None) -> CostReport:
+    """What the batches will cost, per table and in all, before anything runs: rows to rewrite (exact), WAL
+    (with full-page images), time at the measured rate, heap and index growth; and how many checkpoints the
+    WAL forces against max_wal_size (a warning, never a refusal). Reads only the catalog and pg_stats, and
+    the counts of the plan this session made in the last minute (the plan just shown), else a fresh plan's."""
+    if table_plans is None:
+        made, recent = getattr(rb, "_backfill_plans", (None, None))
+        fresh = made is not None and time.monotonic() - made < PLAN_REUSE_S
+        table_plans = recent if fresh else plans(rb)
+    ledger = rb.params.ledger_schema
+    with rb.engine.connect() as conn:
+        srv = cost_model.server(conn)
+        measured = sql.Identifier(ledger, "backfill_checkpoints") \
+            if catalog.relation_oid(conn, ledger, "backfill_checkpoints") is not None else None
+        rate = cost_model.rate(conn, measured)
+        work = []
+        for tp in table_plans:
+            key = key_columns(tp.state, rb.params.core_tables[tp.state.name].key)
+            rels = _relations(conn, tp) if tp.rows_to_rewrite else []
+            work.append((tp, [(cost_model.shape(conn, rel, key, srv.block_size), n) for rel, n in rels if n]))
+    costs, forced = cost_model.estimate_run([item for _, items in work for item in items], srv, rate)
+    rows, at = [], 0
+    total = cost_model.NOTHING
+    for tp, items in work:
+        c = cost_model.NOTHING
+        for one in costs[at:at + len(items)]:
+            c = c + one
+        at += len(items)
+        total = total + c
+        how = {"batched": "exact: NULL tenant_id counted", "mapped": "exact: rows to map counted"}.get(
+            tp.strategy, "none: " + ("metadata only" if tp.strategy == "fast default" else "nothing to do"))
+        rows.append(_cost_row(tp.state.name, tp.strategy, c, how, rate))
+    rows.append(_cost_row("total", "", total, "", rate))
+    seconds = sum(rate.seconds(c) for c in costs)
+    return CostReport(pd.DataFrame(rows, columns=COST_COLUMNS), _cost_warnings(total, seconds, forced, srv, rate),
+                      total.wal_bytes, forced, rate.source)
+
+
+def _cost_row(name: str, strategy: str, c: cost_model.Cost, how: str, rate: cost_model.Rate) -> dict:
+    return {"table": name, "strategy": strategy, "rows to rewrite": c.rows, "rows from": how,
+            "HOT updates (%)": round(100 * c.hot_share), "WAL (MB)": round(c.wal_bytes / MB, 1),
+            "full-page images (MB)": round(c.fpi_bytes / MB, 1),
+            "time (s)": round(rate.seconds(c), 1),
+            "heap growth (MB)": round(c.heap_growth / MB, 1), "index growth (MB)": round(c.index_growth / MB, 1),
+            "row size from": c.width_from}
+
+
+def _cost_warnings(total: cost_model.Cost, seconds: float, forced: int, srv: cost_model.Server,
+                   rate: cost_model.Rate) -> list[str]:
+    if not total.rows:
+        return ["no rows to rewrite: the backfill changes metadata only (no WAL to speak of, no growth)"]
+    wal, budget = total.wal_bytes, srv.wal_per_checkpoint
+    out = [f"time at {rate.source}"]
+    line = (f"WAL: about {wal / MB:,.0f} MB, {wal / srv.max_wal_size:.1f}x max_wal_size ({srv.max_wal_size / MB:,.0f} "
+            f"MB; a checkpoint starts every {budget / MB:,.0f} MB of WAL = max_wal_size / (1 + "
+            f"checkpoint_completion_target {srv.checkpoint_completion_target:g}))")
+    if forced and wal >= budget:
+        every = seconds / forced if forced else 0
+        line += f": it forces about {forced} checkpoint{'s' if forced != 1 else ''}, one every {every:,.0f} s"
+        if every < srv.checkpoint_warning_s:
+            line += (f", under checkpoint_warning ({srv.checkpoint_warning_s} s): the server log will say "
+                     f"\"checkpoints are occurring too frequently\". Each checkpoint makes the next change of every "
+                     f"page log a full-page image again. For the run, raise max_wal_size to about "
+                     f"{math.ceil(wal * (1 + srv.checkpoint_completion_target) / 1024 ** 3)} GB, or slow the batches "
+                     f"(backfill.pause_ms, backfill.throttle)")
+    else:
+        line += ": no checkpoint forced by WAL volume" + (
+            f" ({forced} by checkpoint_timeout)" if forced else "")
+    out.append(line)
+    out.append(f"replicas and WAL archiving receive the same {wal / MB:,.0f} MB")
+    if srv.wal_compression not in ("off", "false", "0"):
+        out.append(f"wal_compression is {srv.wal_compression}: the full-page images will be smaller than estimated")
+    growth = total.heap_growth + total.index_growth
+    out.append(f"growth: about {growth / MB:,.0f} MB ({total.heap_growth / MB:,.0f} MB heap, "
+               f"{total.index_growth / MB:,.0f} MB indexes; {100 * total.hot_share:.0f}% of the updates stay on "
+               f"their page (HOT)). VACUUM after the batches makes the dead versions' space reusable; it does not "
+               f"shrink the files")
+    return out
 
 
 # --- applying ------------------------------------------------------------------------------------
@@ -277,12 +449,13 @@ def apply(rb) -> BackfillReport:
                            f"tenant): run 02_seed first. Nothing was changed.")
     if not rb.dry_run:
         rb.ledger.ensure(rb.control)  # a ledger from an older runbook gains the rollout window's tables
+        record_sizes(rb, table_plans)
     started = {tp.state.name: time.monotonic() for tp in table_plans}
     step_results += executor.run_all([s for tp in table_plans for s in tp.columns])
     step_results += executor.run_all([s for tp in table_plans for s in tp.triggers])
     for tp in table_plans:
         step_results += executor.run_all([s for s in tp.fill if s.lock != ROW_EXCLUSIVE_BATCH])
-        updated, batches, paused = 0, 0, 0.0
+        updated, batches, paused, worst_lag = 0, 0, 0.0, None
         if tp.strategy in ("batched", "mapped") and not rb.dry_run:
             assignment = tp.assignment
             if tp.strategy == "mapped" and not tp.state.has_column:
@@ -301,6 +474,8 @@ def apply(rb) -> BackfillReport:
                 job = BatchedBackfill(rb, target, system_id, assignment, core_table=tp.state.name)
                 outcome = job.run(total)
                 updated, batches, paused = updated + outcome.rows, batches + outcome.batches, paused + outcome.paused_s
+                if outcome.max_replica_lag_s is not None:
+                    worst_lag = max(worst_lag or 0.0, outcome.max_replica_lag_s)
                 progress.append(job.progress.frame())
         added = not tp.state.has_column
         by_default = int(baseline.get(tp.state.name, 0)) if added and not rb.dry_run else 0
@@ -308,12 +483,35 @@ def apply(rb) -> BackfillReport:
         summary.append({"table": tp.state.name, "strategy": tp.strategy,
                         "rows by default": by_default, "rows updated": updated, "batches": batches,
                         "outcome": "dry run" if rb.dry_run else ("nothing to do" if not tp.steps else "done"),
-                        "seconds": round(time.monotonic() - started[tp.state.name], 2), "throttled s": round(paused, 2)})
+                        "seconds": round(time.monotonic() - started[tp.state.name], 2), "throttled s": round(paused, 2),
+                        "max replica lag s": None if worst_lag is None else round(worst_lag, 2)})
+    if any(tp.after for tp in table_plans) and not rb.dry_run:
+        vacuum.settle_statistics(rb.engine, rb.control)  # the batches' dead rows counted before, not after
+    for tp in table_plans:  # pass 4: VACUUM (ANALYZE) what the batches rewrote
+        for step, relation in zip(tp.after, tp.after_relations):
+            if rb.dry_run:
+                step_results.append(executor.run(step))
+                continue
+            with rb.engine.connect() as conn:
+                oid = catalog.relation_oid(conn, tp.state.schema, relation)
+            with vacuum.VacuumProgress(rb.engine, oid, f"backfill {relation}", rb.params.backfill.progress_every_s,
+                                       rb.log):
+                step_results.append(executor.run(step))
     frame = pd.DataFrame(summary, columns=["table", "strategy", "rows by default", "rows updated", "batches",
-                                           "outcome", "seconds", "throttled s"])
+                                           "outcome", "seconds", "throttled s", "max replica lag s"])
     prog = pd.concat(progress, ignore_index=True) if progress else pd.DataFrame(
-        columns=["label", "elapsed_s", "rows_done", "batch_rows", "batch_s"])
+        columns=["label", "elapsed_s", "rows_done", "batch_rows", "batch_s", "batch_size", "pace_ms", "canary_p99_ms",
+                 "replica_lag_s"])
     return BackfillReport(frame, prog, results_frame(step_results))
+
+
+def record_sizes(rb, table_plans: list[TablePlan]) -> None:
+    """Every core table's size before backfill changes it, in the ledger (once: a re-run keeps the first)."""
+    with rb.engine.connect() as conn:
+        for tp in table_plans:
+            if tp.state.oid is not None:
+                size = sizes.measure(conn, tp.state.oid)
+                rb.ledger.record_sizes(rb.control, tp.state.name, size.heap, size.indexes, size.total, rb.run_id)
 
 
 def assert_filled(rb) -> str:
@@ -341,7 +539,8 @@ def assert_filled(rb) -> str:
 
 def undo_steps(rb, conn, before) -> list[Step]:
     """What reverses backfill, from the pre-change snapshot: tenant_id dropped where it did not exist before;
-    where it did (a partly applied 0001), its default and every row's value of before put back."""
+    where it did (a partly applied 0001), its default and every row's value of before put back. The VACUUM
+    (ANALYZE) after the batches needs no undo: it removed only dead row versions and refreshed statistics."""
     out: list[Step] = []
     states = table_states.core_states(rb, conn)
     for name, st in states.items():  # the triggers first: nothing may assign or record while the rest is undone
@@ -383,7 +582,8 @@ def forget(rb) -> None:
     """After the undo: the checkpoints describe rows that no longer carry a tenant, and the rollout window's
     record of the application's writes describes a window that is closed."""
     if rb.ledger.exists(rb.control):
-        for table in ("backfill_checkpoints", "capture_start", "capture_end", "app_writes", "rollout_assists"):
+        for table in ("backfill_checkpoints", "capture_start", "capture_end", "app_writes", "rollout_assists",
+                      "table_sizes"):
             if catalog.relation_oid(rb.control, rb.params.ledger_schema, table) is not None:
                 rb.control.exec_driver_sql(render(rb.control, sql.SQL("DELETE FROM {}").format(
                     sql.Identifier(rb.params.ledger_schema, table))))

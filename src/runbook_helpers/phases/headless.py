@@ -28,6 +28,7 @@ def run_phase(rb, since=None, force: bool = False) -> dict[str, Any]:
             out["drizzle"] = inspect.drizzle_status(rb)
             out["baseline"] = inspect.capture_baseline(rb, out["preflight"])
             out["plan"] = inspect.full_plan(rb)
+            out["cost"] = inspect.cost(rb)
             out["verdict"] = inspect.assert_ready(out["preflight"])
         elif rb.phase == "seed":
             out["shape"] = seed.shape_report(rb)
@@ -38,6 +39,7 @@ def run_phase(rb, since=None, force: bool = False) -> dict[str, Any]:
         elif rb.phase == "backfill":
             out["strategies"] = backfill.strategies(rb)
             out["plan"] = backfill.plan(rb)
+            out["cost"] = backfill.cost(rb)
             out["report"] = backfill.apply(rb)
             out["verdict"] = backfill.assert_filled(rb)
         elif rb.phase == "constrain":
@@ -52,6 +54,7 @@ def run_phase(rb, since=None, force: bool = False) -> dict[str, Any]:
             out["isolation"] = validate.isolation_suite(rb)
             out["verdict"] = validate.assert_all_passed(out["checks"], rb.dry_run, out["lint"], out["isolation"])
             out["writes"] = validate.application_writes(rb)
+            out["sizes"] = validate.sizes(rb)
             out["drizzle"] = validate.hand_over_to_drizzle(rb)
         elif rb.phase == "finalize":
             out["assists"] = finalize.assists(rb, since)

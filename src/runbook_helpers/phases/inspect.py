@@ -327,6 +327,11 @@ def full_plan(rb) -> pd.DataFrame:
         return plan_frame(steps, conn)
 
 
+def cost(rb) -> "backfill.CostReport":
+    """What backfill's batches will cost (rows, WAL, time, growth, checkpoints), before anything runs."""
+    return backfill.cost(rb)
+
+
 def plan_summary(plan: pd.DataFrame, inventory_frame: pd.DataFrame) -> pd.DataFrame:
     """Per core table: strategy and the number of statements per phase (deterministic: for nbval)."""
     core = inventory_frame[inventory_frame["kind"] == "core"]["table"].tolist()

@@ -13,7 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from .. import drizzle, drizzle_schema
-from ..db import catalog, fingerprint, partitions, reconcile
+from ..db import catalog, fingerprint, partitions, reconcile, sizes as table_sizes
 from ..db.ddl import UNDO_PHASE, Step
 from ..db.names import TENANT_COLUMN
 from ..db.sqltext import render
@@ -175,6 +175,43 @@ def application_write_keys(rb) -> pd.DataFrame:
         states = table_states.core_states(rb, conn)
     frames = [reconcile.writes(rb.engine, rb.params.ledger_schema, st) for st in states.values() if st.exists]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=reconcile.WRITE_COLUMNS)
+
+
+SIZE_COLUMNS = ["table", "rewritten", "heap before", "heap after", "indexes before", "indexes after", "total before",
+                "total after", "growth"]
+
+
+def sizes(rb) -> pd.DataFrame:
+    """Per core table, bytes on disk before backfill (recorded in the ledger when it started) and now: heap
+    (pg_relation_size), indexes (pg_indexes_size), in all (pg_total_relation_size, with TOAST); `rewritten`:
+    the batches wrote a new version of its rows (a fast default rewrites none). The archive keeps it as
+    table_sizes.csv."""
+    before = rb.ledger.sizes(rb.control).set_index("table_name")
+    checkpoints = rb.ledger.checkpoints(rb.control)
+    rewritten = set(checkpoints[checkpoints["rows_updated"] > 0]["table_name"]) if len(checkpoints) else set()
+    rows = []
+    with rb.engine.connect() as conn:
+        for name, st in table_states.core_states(rb, conn).items():
+            if not st.exists:
+                continue
+            now = table_sizes.measure(conn, st.oid)
+            names = {name} | {leaf.name for leaf in partitions.leaves(partitions.tree(conn, st))}
+            was = before.loc[name] if name in before.index else None
+            row = {"table": name, "rewritten": "yes" if names & rewritten else "no",
+                   "heap before": None if was is None else int(was["heap_bytes"]), "heap after": now.heap,
+                   "indexes before": None if was is None else int(was["index_bytes"]), "indexes after": now.indexes,
+                   "total before": None if was is None else int(was["total_bytes"]), "total after": now.total}
+            row["growth"] = _growth(row["total before"], now.total)
+            rows.append(row)
+    return pd.DataFrame(rows, columns=SIZE_COLUMNS)
+
+
+def _growth(before: int | None, after: int) -> str:
+    if before is None:
+        return "not recorded (backfill has not started)"
+    delta = after - before
+    share = f" ({100.0 * delta / before:+.0f}%)" if before else ""
+    return f"{delta / 1024 / 1024:+,.1f} MB{share}"
 
 
 def rows_per_tenant(rb) -> pd.DataFrame:

@@ -187,3 +187,57 @@ def rows_per_tenant(counts: pd.DataFrame, top: int = 15) -> Image:
     ax.set_title(f"Rows per tenant after the migration: the {len(keep)} largest of {len(totals)} tenants")
     fig.tight_layout()
     return png(fig)
+
+
+def backfill_pace(progress: pd.DataFrame, throttle=None) -> Image:
+    """What paced the batched backfill, per batch: the signal (the canary's p99 commit latency against the
+    budget), the choice (batch size, pause before each batch) and the outcome (rows/s; standby replay lag).
+    `throttle`: the backfill.throttle params, for the budget and the lag bound lines."""
+    budget_p99_ms = getattr(throttle, "budget_p99_ms", None)
+    max_replica_lag_s = getattr(throttle, "max_replica_lag_s", None)
+    fig = Figure(figsize=(SIZE[0] * 1.5, SIZE[1] * 2), dpi=DPI)
+    signal, choice, outcome = (fig.add_subplot(3, 1, i) for i in (1, 2, 3))
+    if not len(progress) or "batch_size" not in progress:
+        signal.text(0.5, 0.5, "no batched backfill in this run", ha="center", va="center")
+        for ax in (signal, choice, outcome):
+            ax.set_axis_off()
+        fig.tight_layout()
+        return png(fig)
+    label_col = "label" if "label" in progress else "table_name"
+    pace_axis, lag_axis = choice.twinx(), None
+    lags = progress["replica_lag_s"].astype(float) if "replica_lag_s" in progress else pd.Series(dtype=float)
+    if lags.notna().any():
+        lag_axis = outcome.twinx()
+    for label, part in progress.groupby(label_col, sort=True):
+        name = str(label).replace("backfill ", "")
+        xs = part["elapsed_s"].astype(float)
+        signal.plot(xs, part["canary_p99_ms"].astype(float), marker=".", label=name)
+        choice.step(xs, part["batch_size"].astype(float), where="post", label=f"{name}: batch size")
+        pace_axis.step(xs, part["pace_ms"].astype(float), where="post", linestyle="--", label=f"{name}: pace")
+        rate = part["rows_done"].astype(float).diff() / xs.diff()
+        outcome.plot(xs, rate.rolling(5, min_periods=1).mean(), label=f"{name}: rows/s")
+        if lag_axis is not None:
+            lag_axis.plot(xs, part["replica_lag_s"].astype(float), color="tab:red", linestyle=":",
+                          label=f"{name}: replica lag")
+    if budget_p99_ms is not None:
+        signal.axhline(budget_p99_ms, color="tab:red", linestyle="--", label=f"budget {budget_p99_ms:g} ms")
+    signal.set_ylabel("canary p99 ms")
+    signal.set_title("Signal: the canary's p99 commit latency (last 2 s) against the application's budget")
+    signal.legend(fontsize=7)
+    choice.set_ylabel("rows per batch")
+    pace_axis.set_ylabel("pause before each batch, ms")
+    pace_axis.set_ylim(bottom=0)
+    outcome.set_ylim(bottom=0)
+    choice.set_title("Choice: batch size (solid) and pace (dashed)")
+    choice.legend(fontsize=7, loc="upper left")
+    pace_axis.legend(fontsize=7, loc="upper right")
+    outcome.set_ylabel("rows/s")
+    outcome.set_xlabel("seconds since the table's backfill started")
+    outcome.set_title("Outcome: throughput" + (" and standby replay lag (dotted)" if lag_axis is not None else ""))
+    outcome.legend(fontsize=7, loc="upper left")
+    if lag_axis is not None:
+        lag_axis.set_ylabel("replay lag s")
+        if max_replica_lag_s is not None:
+            lag_axis.axhline(max_replica_lag_s, color="tab:red", linewidth=0.8)
+    fig.tight_layout()
+    return png(fig)

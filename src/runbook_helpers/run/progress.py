@@ -2,7 +2,9 @@
 
 Headless runs (papermill under `runbook run`) get no bar, only lines such as
 `backfill knowledge_bases: 4,000/8,000 rows (50%), 12,345 rows/s`, printed every few seconds and at the end.
-Every batch is also kept as a history row, which the backfill chart draws.
+Every batch is also kept as a history row, which the backfill chart draws. A `status` callable (the
+backfill throttle's) appends what paces the work to each line and to the bar: the canary's p99 against the
+budget, the batch size and pause chosen, the replicas' lag.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Progress:
         self.started = clock()
         self._last_line = self.started
         self.history: list[dict] = []
+        self.status: Callable[[], str] | None = None
         self._bar = tqdm(total=self.total, desc=label, unit="rows", leave=False, disable=not live,
                          mininterval=0.5)
 
@@ -35,7 +38,9 @@ class Progress:
 
     def line(self) -> str:
         pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
-        return f"{self.label}: {self.done:,}/{self.total:,} rows{pct}, {self.rate():,.0f} rows/s"
+        tail = self.status() if self.status is not None else ""
+        return f"{self.label}: {self.done:,}/{self.total:,} rows{pct}, {self.rate():,.0f} rows/s" + (
+            f"; {tail}" if tail else "")
 
     def advance(self, rows: int, **extra) -> None:
         self.done += rows
@@ -43,6 +48,8 @@ class Progress:
             self.total = self.done
             self._bar.total = self.total
         self._bar.update(rows)
+        if self.status is not None and not self._bar.disable:
+            self._bar.set_postfix_str(self.status(), refresh=False)
         now = self.clock()
         self.history.append({"label": self.label, "elapsed_s": now - self.started, "rows_done": self.done, **extra})
         if now - self._last_line >= self.every_s:

@@ -210,6 +210,8 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
         ambiguities_note = _write_ambiguities(folder, params, env, run_id)
         conflicts_note = _write_conflicts(folder, env, run_id)
         writes_note = _write_app_writes(folder, env, run_id)
+        pace_note = _write_pace(folder, env, run_id) if "backfill" in wanted else None
+        sizes_note = _write_table_sizes(folder, env, run_id) if "validate" in wanted else None
         drizzle_note = _write_drizzle_schema(folder, params, env, run_id) if "validate" in wanted else None
         secrets = database.secrets_in(database.conninfo(params, start=False)) if not params.database.embedded else []
         result.problems = archive.scan_for_secrets(folder, secrets)
@@ -232,6 +234,8 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
             "legacy_ambiguities": ambiguities_note,
             "tenant_conflicts": conflicts_note,
             "application_writes": writes_note,
+            "backfill_pace": pace_note,
+            "table_sizes": sizes_note,
             "drizzle_schema": drizzle_note,
         }
         result.manifest_sha256 = archive.write_manifest(folder, manifest)
@@ -357,6 +361,38 @@ def _write_app_writes(folder: Path, env: str, run_id: str) -> str | None:
     return _write_listing(folder, "validate", env, run_id, validate.application_write_keys,
                           lambda frame, at: frame.to_csv(at / "application_writes.csv", index=False), describe,
                           keep_empty=False)
+
+
+def _write_pace(folder: Path, env: str, run_id: str) -> str | None:
+    """backfill_pace.csv and backfill_pace.png: per batch of this run, the throttle's signal (the canary's p99,
+    standby lag) and choice (batch size, pace), and the throughput (None without a batched backfill)."""
+    from . import charts
+
+    def read(rb):
+        frame = rb.ledger.pace(rb.control, run_id)
+        frame.attrs["throttle"] = rb.params.backfill.throttle
+        return frame
+
+    def write(frame, at: Path) -> None:
+        frame.to_csv(at / "backfill_pace.csv", index=False)
+        (at / "backfill_pace.png").write_bytes(charts.backfill_pace(frame, frame.attrs["throttle"]).data)
+
+    def describe(frame) -> str:
+        tables = frame.groupby("table_name")["batch"].count()
+        return "backfill_pace.csv and backfill_pace.png: " + ", ".join(f"{t}: {n} batches" for t, n in tables.items())
+    return _write_listing(folder, "backfill", env, run_id, read, write, describe, keep_empty=False)
+
+
+def _write_table_sizes(folder: Path, env: str, run_id: str) -> str | None:
+    """table_sizes.csv: every core table's heap, indexes and total in bytes, before backfill and now."""
+    from ..phases import validate
+
+    def describe(frame) -> str:
+        grown = frame.dropna(subset=["total before"])
+        delta = int((grown["total after"] - grown["total before"]).sum()) if len(grown) else 0
+        return f"table_sizes.csv: {len(frame)} tables, {delta / 1024 / 1024:+,.1f} MB in all since backfill started"
+    return _write_listing(folder, "validate", env, run_id, validate.sizes,
+                          lambda frame, at: frame.to_csv(at / "table_sizes.csv", index=False), describe)
 
 
 def _write_drizzle_schema(folder: Path, params, env: str, run_id: str) -> str | None:

@@ -1,0 +1,225 @@
+"""The cost known before it runs (issue 15, item 4): the plan's estimate of rows, WAL, time and growth against
+a real backfill's measured WAL; the VACUUM (ANALYZE) after the batches; validate's sizes before and after."""
+
+import re
+import subprocess
+
+import pytest
+
+from conftest import CORE_ONLY
+from runbook_helpers import params as params_mod
+from runbook_helpers.backfill import cost as cost_model
+from runbook_helpers.phases import backfill, validate
+
+MB = 1024 * 1024
+BIG = 150_000  # rows added to knowledge_bases (tenant_id NULL): a WAL volume that dwarfs the phase's other writes
+
+
+def _lsn(db) -> int:
+    return int(db.scalar("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"))
+
+
+RELATIONS_SQL = """
+SELECT concat_ws('/', CASE c.reltablespace WHEN 0 THEN d.dattablespace ELSE c.reltablespace END, d.oid,
+                 pg_relation_filenode(c.oid))
+FROM pg_class c, pg_database d
+WHERE d.datname = current_database() AND (c.oid = %s::regclass OR c.oid IN (SELECT indexrelid FROM pg_index
+                                                                           WHERE indrelid = %s::regclass))
+"""
+
+
+def _wal_of(db, table: str, start: str, end: str) -> int:
+    """The bytes of the WAL records between two LSNs that touch `table` or its indexes (pg_waldump
+    --relation, once per relation): what other databases on the same server wrote meanwhile left out."""
+    waldump = [str(db.server.tool("pg_waldump")), "-p", str(db.server.data_dir / "pg_wal"), "-s", start, "-e", end]
+    total = 0
+    with db.connect() as conn:
+        relations = [r[0] for r in conn.execute(RELATIONS_SQL, (table, table))]
+    for relation in relations:
+        out = subprocess.run(waldump + [f"--relation={relation}", "--stats"], capture_output=True, text=True)
+        found = re.search(r"^Total\s+\d+\s+\d+ \[[^]]*\]\s+\d+ \[[^]]*\]\s+(\d+)", out.stdout, re.M)
+        assert found, f"pg_waldump --relation={relation}: {out.stderr[-500:] or out.stdout[-500:]}"
+        total += int(found.group(1))
+    return total
+
+
+def _grow_knowledge_bases(db, rows: int) -> None:
+    """Rows like the demo's (a jsonb document, a random uuid), tenant_id NULL: a partly applied 0001."""
+    db.execute("INSERT INTO knowledge_bases (uuid, org_id, name, documents, embedding_model) "
+               "SELECT gen_random_uuid(), 1 + i %% 7, 'Knowledge base ' || i, "
+               "jsonb_build_array(jsonb_build_object('title', 'Doc ' || i, 'pages', 1 + i %% 40)), "
+               "'text-embedding-' || (1 + i %% 3) FROM generate_series(1, %s) i", (rows,))
+    db.execute("VACUUM (ANALYZE) knowledge_bases")  # statistics for the model; hint bits set, as on a settled table
+
+
+def test_the_plans_estimate_is_within_a_factor_of_two_of_the_measured_wal(db):
+    _grow_knowledge_bases(db, BIG)
+    db.run("inspect", "seed")
+    nulls = db.scalar("SELECT count(*) FROM knowledge_bases WHERE tenant_id IS NULL")
+    params = params_mod.override(db.params, {"backfill": {"vacuum_after": False}})
+    rb = db.session("backfill", params=params)
+    # a temporary replication slot keeps the run's WAL for pg_waldump (other tests' DROP DATABASE checkpoints)
+    keep = db.connect(autocommit=True)
+    try:
+        keep.execute("SELECT pg_create_physical_replication_slot(%s, true, true)", (f"test_cost_{db.name}",))
+        report = backfill.cost(rb)
+        table = report.table.set_index("table")
+        kb = table.loc["knowledge_bases"]
+        assert kb["strategy"] == "batched" and kb["rows to rewrite"] == nulls  # exact: the plan's own count
+        assert kb["rows from"] == "exact: NULL tenant_id counted"
+        assert table.loc["workflows", "rows to rewrite"] == 0 and table.loc["workflows", "WAL (MB)"] == 0
+        assert table.loc["total", "rows to rewrite"] == nulls
+        assert kb["time (s)"] > 0 and kb["heap growth (MB)"] > 0 and kb["index growth (MB)"] > 0
+        assert any("max_wal_size" in line for line in report.warnings)
+        db.execute("CHECKPOINT")  # every page's next change logs a full-page image, as the model assumes
+        start, start_lsn = _lsn(db), db.scalar("SELECT pg_current_wal_lsn()::text")
+        backfill.apply(rb)
+        measured = _lsn(db) - start
+        end_lsn = db.scalar("SELECT pg_current_wal_flush_lsn()::text")
+        ours = _wal_of(db, "knowledge_bases", start_lsn, end_lsn)
+    finally:
+        rb.close()
+        keep.close()  # the temporary slot goes with its session
+    estimated = report.wal_bytes
+    # the whole server's WAL: other tests' databases write meanwhile, so the measure can only be too high
+    assert 0.5 * measured <= estimated <= 2.0 * measured, (
+        f"estimated {estimated / MB:.1f} MB, measured {measured / MB:.1f} MB")
+    # the records of the rewritten table alone: the model holds to within a quarter
+    assert 0.8 * ours <= estimated <= 1.25 * ours, (
+        f"estimated {estimated / MB:.1f} MB, knowledge_bases' WAL {ours / MB:.1f} MB (all: {measured / MB:.1f} MB)")
+    # the next plan on this database times its batches at the rate the ledger measured for these
+    rb = db.session("backfill", dry_run=True)
+    try:
+        assert backfill.cost(rb).rate.startswith(f"measured here: {nulls:,} rows of earlier batches")
+    finally:
+        rb.close()
+
+
+def test_a_warning_line_counts_the_checkpoints_the_wal_forces(db):
+    """Against the server's max_wal_size the plan says whether the WAL forces checkpoints; against a small one
+    (the DBA's 2M-row run) how many, how often, and that the server log will complain (a warning line: the
+    plan still runs)."""
+    _grow_knowledge_bases(db, 20_000)
+    db.run("inspect", "seed")
+    rb = db.session("backfill", dry_run=True)
+    try:
+        report = backfill.cost(rb)
+        with rb.engine.connect() as conn:
+            srv = cost_model.server(conn)
+            rate = cost_model.rate(conn, None)
+    finally:
+        rb.close()
+    assert report.checkpoints == 0 and report.wal_bytes < srv.wal_per_checkpoint
+    assert any("no checkpoint forced by WAL volume" in line for line in report.warnings)
+    assert rate.source.startswith("bench B2")  # nothing measured on this database yet
+    small = cost_model.Server(srv.block_size, 2 * MB, 0.9, 300, 30, True, "off")
+    total = report.table.set_index("table").loc["total"]
+    cost = cost_model.Cost(int(total["rows to rewrite"]), 0.0, report.wal_bytes, 0.0, 0.0, 0.0, "pg_stats")
+    forced = cost_model.checkpoints(cost.wal_bytes, 5.0, small)
+    assert forced == int(report.wal_bytes // (2 * MB / 1.9)) and forced >= 2
+    line = next(x for x in backfill._cost_warnings(cost, 5.0, forced, small, rate) if x.startswith("WAL: about"))
+    assert f"forces about {forced} checkpoints" in line and "checkpoints are occurring too frequently" in line
+
+
+def test_room_that_fillfactor_keeps_makes_the_updates_hot_and_the_table_does_not_grow(db):
+    """fillfactor 50: every rewritten row fits on its own page (HOT, no index entry): the plan says no growth,
+    and the heap indeed keeps its size."""
+    _grow_knowledge_bases(db, 20_000)
+    db.execute("ALTER TABLE knowledge_bases SET (fillfactor = 50)")
+    db.execute("VACUUM (FULL, ANALYZE) knowledge_bases")  # the pages half full (test set-up, not online)
+    db.run("inspect", "seed")
+    heap = db.scalar("SELECT pg_relation_size('knowledge_bases')")
+    rb = db.session("backfill", params=params_mod.override(db.params, {"backfill": {"vacuum_after": False}}))
+    try:
+        kb = backfill.cost(rb).table.set_index("table").loc["knowledge_bases"]
+        backfill.apply(rb)
+    finally:
+        rb.close()
+    assert kb["HOT updates (%)"] == 100 and kb["heap growth (MB)"] == 0 and kb["index growth (MB)"] == 0
+    assert db.scalar("SELECT pg_relation_size('knowledge_bases')") == heap
+    assert db.scalar("SELECT count(*) FROM knowledge_bases WHERE tenant_id IS NULL") == 0
+
+
+def _vacuums(db, table: str) -> int:
+    return db.scalar("SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = %s", (table,))
+
+
+def _dead(db, table: str) -> int:
+    return db.scalar("SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = %s", (table,))
+
+
+def _not_all_visible(db, table: str) -> int:
+    """Pages the visibility map does not mark all-visible: a page with dead row versions never is."""
+    db.execute("CREATE EXTENSION IF NOT EXISTS pg_visibility")
+    return db.scalar("SELECT count(*) FROM pg_visibility_map(%s::regclass) WHERE NOT all_visible", (table,))
+
+
+def _no_autovacuum(db) -> None:
+    db.execute("ALTER TABLE knowledge_bases SET (autovacuum_enabled = off)")  # only the runbook's VACUUM counts
+
+
+def test_backfill_vacuums_each_rewritten_table_after_its_batches(migrated_db):
+    db = migrated_db("inspect", "seed")
+    _no_autovacuum(db)
+    before = _vacuums(db, "knowledge_bases")
+    rb = db.session("backfill", dry_run=True)
+    try:
+        plan = backfill.plan(rb)
+    finally:
+        rb.close()
+    vacuums = plan[plan["statement"].str.startswith("VACUUM")]
+    assert list(vacuums["table"]) == ["knowledge_bases"]  # the only table the batches rewrite
+    assert vacuums["lock"].iloc[0].startswith("SHARE UPDATE EXCLUSIVE")
+    out = db.run("backfill")["backfill"]["report"]
+    assert out.summary.set_index("table").loc["knowledge_bases", "rows updated"] > 0
+    assert _vacuums(db, "knowledge_bases") == before + 1
+    assert _dead(db, "knowledge_bases") == 0 and _not_all_visible(db, "knowledge_bases") == 0
+    assert db.scalar("SELECT last_analyze IS NOT NULL FROM pg_stat_user_tables WHERE relname = 'knowledge_bases'")
+    # journaled like every statement, and not again on a re-run
+    journal = "SELECT count(*) FROM tenancy_runbook.statement_journal WHERE statement LIKE 'VACUUM%%' AND outcome = 'applied'"
+    assert db.scalar(journal) == 1
+    db.run("backfill")
+    assert db.scalar(journal) == 1 and _vacuums(db, "knowledge_bases") == before + 1
+
+
+def test_with_vacuum_after_false_the_dead_versions_stay_for_autovacuum(migrated_db):
+    db = migrated_db("inspect", "seed")
+    _no_autovacuum(db)
+    before = _vacuums(db, "knowledge_bases")
+    params = params_mod.override(db.params, {"backfill": {"vacuum_after": False}})
+    db.run("backfill", params=params)
+    assert _vacuums(db, "knowledge_bases") == before
+    assert _dead(db, "knowledge_bases") > 0 and _not_all_visible(db, "knowledge_bases") > 0
+
+
+def test_a_run_killed_between_the_batches_and_the_vacuum_vacuums_on_the_re_run(migrated_db):
+    db = migrated_db("inspect", "seed")
+    _no_autovacuum(db)
+    before = _vacuums(db, "knowledge_bases")
+    db.run("backfill", params=params_mod.override(db.params, {"backfill": {"vacuum_after": False}}))
+    db.run("backfill")  # nothing left to fill; the vacuum the first run did not do
+    assert _vacuums(db, "knowledge_bases") == before + 1
+    assert _dead(db, "knowledge_bases") == 0 and _not_all_visible(db, "knowledge_bases") == 0
+
+
+@pytest.fixture
+def migrated(migrated_db, ci_params):
+    return migrated_db("inspect", "seed", "backfill", "constrain", params=params_mod.override(ci_params, CORE_ONLY))
+
+
+def test_validate_reports_each_core_tables_size_before_and_after(migrated):
+    rb = migrated.session("validate", dry_run=True)
+    try:
+        frame = validate.sizes(rb).set_index("table")
+    finally:
+        rb.close()
+    assert set(frame.index) == set(migrated.params.tables)
+    for column in ("heap before", "heap after", "indexes before", "indexes after", "total before", "total after"):
+        assert (frame[column] > 0).all(), column
+    kb = frame.loc["knowledge_bases"]
+    assert kb["rewritten"] == "yes" and frame.loc["workflows", "rewritten"] == "no"
+    assert kb["heap after"] >= kb["heap before"] and kb["total after"] > kb["total before"]
+    # constrain's tenant_id index is there after, not before
+    assert (frame["indexes after"] > frame["indexes before"]).all()
+    recorded = migrated.scalar("SELECT count(*) FROM tenancy_runbook.table_sizes")
+    assert recorded == len(migrated.params.tables)
