@@ -1,4 +1,4 @@
-"""`runbook run|finalize|rollback|demo|demo-db|db|plan|notebooks|drizzle|audit`: the command line of the runbook.
+"""`runbook run|finalize|rollback|demo|demo-db|db|plan|notebooks|drizzle|baseline|audit`: the command line of the runbook.
 
 Every RunbookError is printed as `runbook: error: …` on stderr with exit status 2, never a traceback:
 those errors say what was wrong and what to do. A failed phase exits with status 1.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from . import params as params_mod
 from .errors import RunbookError
@@ -59,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("action", choices=["start", "stop", "status", "url", "reset"])
     _env_arg(db)
 
-    plan = sub.add_parser("plan", help="print what seed, backfill and constrain would do (changes nothing)")
+    plan = sub.add_parser("plan", help="print what seed, backfill and constrain would do (read-only: changes "
+                          "nothing, and runs beside a run in progress)")
     _env_arg(plan)
 
     notebooks = sub.add_parser("notebooks", help="re-execute the committed notebooks on a fresh demo database")
@@ -73,9 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     drizzle.add_argument("--dry-run", action="store_true", help="record: list what would be recorded, change nothing")
     _env_arg(drizzle)
 
+    baseline = sub.add_parser("baseline", help="reset: forget the pre-migration baseline and schema snapshot (on a "
+                              "database that is not migrated, e.g. after a rollback), so the next inspect captures "
+                              "them anew; archived like a run")
+    baseline.add_argument("action", choices=["reset"])
+    baseline.add_argument("--yes", action="store_true", help="confirm on an env that requires it (prod)")
+    _env_arg(baseline)
+
     audit = sub.add_parser("audit", help="list archived runs, or verify one against its manifest and the chain")
     audit.add_argument("action", choices=["list", "verify"])
-    audit.add_argument("run", nargs="?", help="verify: the run folder's name, its run id, or its path")
+    audit.add_argument("run", nargs="?", help="verify: the run folder's name, its run id, or its path (default: "
+                       "every run of the env, and the ledger against the archive)")
     _env_arg(audit)
     return parser
 
@@ -129,7 +139,7 @@ def _plan(env: str) -> int:
     from .phases import inspect
     from .run.session import PhaseSession
 
-    rb = PhaseSession("inspect", env, dry_run=True)
+    rb = PhaseSession("inspect", env, read_only=True)  # beside a run: no lock taken, nothing can be written
     try:
         frame = inspect.full_plan(rb)
         cost = inspect.cost(rb)
@@ -171,27 +181,60 @@ def _drizzle(action: str, env: str, tags: list[str], dry_run: bool) -> int:
         rb.close()
 
 
+def _audit_ledger(params):
+    """The env's control connection for the audit (None, with a note, when the database cannot be reached: the
+    archive alone is still checked)."""
+    from .db import database
+    if params.database.embedded and not database.server_for(params).status().running:
+        print(f"ledger not checked: the {params.env} embedded server is not running "
+              f"(`runbook db start --env {params.env}`)", file=sys.stderr)
+        return None, None
+    try:
+        engine = database.make_engine(params, phase="audit")
+        return engine, engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    except RunbookError as exc:
+        print(f"ledger not checked: {exc}", file=sys.stderr)
+        return None, None
+
+
 def _audit(action: str, env: str, run: str | None) -> int:
-    from .run import archive
+    from .run import accounting, archive
 
     params = params_mod.load(env)
+    engine, control = _audit_ledger(params)
+    try:
+        if control is not None:  # runs whose runner died are closed first, so they are listed and chained
+            accounting.close_died_runs(control, params, f"runbook audit {action}")
+        gaps = accounting.gaps(control, params)
+    finally:
+        if control is not None:
+            control.close()
+            engine.dispose()
     if action == "verify":
-        if not run:
-            raise RunbookError("audit verify needs a run: its folder name or run id (see `runbook audit list`)")
-        folder = archive.find_run(params.archive.dir, env, run)
-        problems = archive.verify(folder)
-        if problems:
-            print(f"{folder.name}: TAMPERED OR INCOMPLETE")
-            for p in problems:
-                print(f"  - {p}")
-            return 1
-        print(f"{folder.name}: every file matches its manifest, and the manifest its predecessor in the chain")
-        return 0
+        folders = [archive.find_run(params.archive.dir, env, run)] if run else \
+            [Path(r["folder"]) for r in archive.list_runs(params.archive.dir, env)]
+        bad = False
+        for folder in folders:
+            problems = archive.verify(folder)
+            if problems:
+                bad = True
+                print(f"{folder.name}: TAMPERED OR INCOMPLETE")
+                for p in problems:
+                    print(f"  - {p}")
+            else:
+                print(f"{folder.name}: every file matches its manifest, and the manifest its predecessor in the chain")
+        if gaps:
+            print(f"env {env}: GAPS IN THE AUDIT TRAIL")
+            for g in gaps:
+                print(f"  - {g}")
+        return 1 if bad or gaps else 0
     runs = archive.list_runs(params.archive.dir, env)
     if not runs:
         print(f"no archived runs for env {env}")
     for r in runs:
-        print(f"{r['run']}  {r['status']:<9}  {'dry run ' if r['dry_run'] else ''}{r['phases']}  by {r['operator']}")
+        print(f"{r['run']}  {r['status']:<11}  {'dry run ' if r['dry_run'] else ''}{r['phases']}  by {r['operator']}")
+    for g in gaps:
+        print(f"gap: {g}")
     return 0
 
 
@@ -230,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
             return _notebooks(args.env)
         if args.command == "drizzle":
             return _drizzle(args.action, args.env, args.tags, args.dry_run)
+        if args.command == "baseline":
+            from .run import baseline
+            baseline.reset(args.env, yes=args.yes)
+            return 0
         if args.command == "audit":
             return _audit(args.action, args.env, args.run)
     except RunbookError as exc:

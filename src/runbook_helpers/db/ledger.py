@@ -218,6 +218,45 @@ class Ledger:
         conn.exec_driver_sql(self._q(conn, "UPDATE {t} SET finished_at = now(), status = 'failed' "
                                            "WHERE run_id = %s AND status = 'running'", t="phase_runs"), (run_id,))
 
+    def open_runs(self, conn: Connection, env: str) -> list[dict[str, Any]]:
+        """Runs of `env` the ledger still has as 'running' (their runner is live, or it died)."""
+        if not self.exists(conn):
+            return []
+        rows = conn.exec_driver_sql(self._q(conn, "SELECT * FROM {t} WHERE env = %s AND status = 'running' "
+                                                  "ORDER BY started_at", t="runs"), (env,)).mappings().all()
+        return [dict(r) for r in rows]
+
+    def run_manifests(self, conn: Connection, env: str) -> list[tuple[str, str, str | None]]:
+        """(run id, status, manifest sha256) of every run of `env`, oldest first."""
+        return [tuple(r) for r in conn.exec_driver_sql(self._q(conn, "SELECT run_id, status, manifest_sha256 FROM {t} "
+                                                                     "WHERE env = %s ORDER BY started_at", t="runs"),
+                                                       (env,)).all()]
+
+    def reached(self, conn: Connection, run_id: str) -> dict[str, Any]:
+        """How far a run got, from its phase runs and statement journal: the phases it finished, the phase and
+        statement it was in."""
+        phases = conn.exec_driver_sql(self._q(conn, "SELECT phase, status, started_at, finished_at FROM {t} "
+                                                    "WHERE run_id = %s ORDER BY id", t="phase_runs"),
+                                      (run_id,)).mappings().all()
+        open_statements = conn.exec_driver_sql(
+            self._q(conn, "SELECT id, phase, table_name, action, statement, lock_mode, started_at, attempts FROM {t} "
+                          "WHERE run_id = %s AND outcome = 'running' ORDER BY id", t="statement_journal"),
+            (run_id,)).mappings().all()
+        return {"phases": [dict(p) for p in phases], "open_statements": [dict(s) for s in open_statements]}
+
+    def close_died_run(self, conn: Connection, run_id: str, status: str, manifest_sha256: str | None) -> None:
+        """Mark a run whose runner died, with its open phase runs and journal entries, as `status`."""
+        conn.exec_driver_sql(self._q(conn, "UPDATE {t} SET finished_at = clock_timestamp(), outcome = %s, "
+                                           "error = 'the runner died while this statement ran' "
+                                           "WHERE run_id = %s AND outcome = 'running'", t="statement_journal"),
+                             (status, run_id))
+        conn.exec_driver_sql(self._q(conn, "UPDATE {t} SET finished_at = clock_timestamp(), status = %s "
+                                           "WHERE run_id = %s AND status = 'running'", t="phase_runs"),
+                             (status, run_id))
+        conn.exec_driver_sql(self._q(conn, "UPDATE {t} SET finished_at = clock_timestamp(), status = %s, "
+                                           "manifest_sha256 = %s WHERE run_id = %s AND status = 'running'", t="runs"),
+                             (status, manifest_sha256, run_id))
+
     # -- baseline
     def baseline(self, conn: Connection) -> pd.DataFrame:
         cols = ["table_name", "row_count", "fingerprint", "columns", "captured_at", "run_id"]
@@ -226,6 +265,10 @@ class Ledger:
         rows = conn.exec_driver_sql(self._q(conn, "SELECT table_name, row_count, fingerprint, columns, captured_at, "
                                                   "run_id FROM {t} ORDER BY table_name", t="baseline")).all()
         return pd.DataFrame(rows, columns=cols)
+
+    def forget_baseline(self, conn: Connection) -> int:
+        """Delete the baseline (`runbook baseline reset`); returns the tables it held."""
+        return conn.exec_driver_sql(self._q(conn, "DELETE FROM {t}", t="baseline")).rowcount
 
     def record_baseline(self, conn: Connection, table: str, row_count: int, fingerprint: str,
                         columns: list[str], run_id: str | None) -> bool:

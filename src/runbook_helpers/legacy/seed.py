@@ -137,7 +137,10 @@ def steps(rb, conn: Connection, tables_ready: bool) -> list[Step]:
                         f"a duplicate email is listed, never merged)", users, "ROW EXCLUSIVE on users (inserts only)",
                         "inserts keyed by the legacy uuid with ON CONFLICT DO NOTHING; re-runs insert nothing"))
     memberships, pending_memberships = _memberships(p)
-    n = _count(conn, pending_memberships) if ready else _count(conn, sql.SQL(
+    # memberships join the ledger's maps, which the tenants and users steps above fill: while either is planned
+    # (a first run, or the first after a rollback emptied the maps) they are counted from the legacy pairs
+    upstream = any(step.table in ("tenants", "users") for step in out)
+    n = _count(conn, pending_memberships) if ready and not upstream else _count(conn, sql.SQL(
         "WITH {} SELECT count(*) FROM pairs WHERE org_exists").format(mapping.pairs_cte(p)))
     if n:
         sources = ", ".join(m.label for m in mapping.source(p).memberships)

@@ -66,6 +66,15 @@ def _t(schema: str, name: str) -> sql.Composed:
     return sql.Identifier(schema, name)
 
 
+def forget(conn: Connection, schema: str) -> int:
+    """Delete the snapshot (`runbook baseline reset`, on a database that is back to it); returns the rows deleted."""
+    deleted = 0
+    for name in ("legacy_tables", "legacy_tenant_values", "legacy_objects"):
+        if catalog.relation_oid(conn, schema, name) is not None:
+            deleted += conn.exec_driver_sql(render(conn, sql.SQL("DELETE FROM {}").format(_t(schema, name)))).rowcount
+    return deleted
+
+
 def captured(conn: Connection, schema: str) -> set[str]:
     if catalog.relation_oid(conn, schema, "legacy_tables") is None:
         return set()

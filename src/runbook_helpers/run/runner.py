@@ -22,7 +22,7 @@ from .. import params as params_mod
 from ..db import database
 from ..db.ledger import Ledger
 from ..errors import RunbookError
-from . import archive
+from . import accounting, archive
 from .session import FINALIZE, PHASES, ROLLBACK, operator
 
 NOTEBOOKS = {
@@ -67,7 +67,37 @@ def parse_phases(text: str | None) -> list[str]:
 
 def _kernel_environment(env: str, run_id: str) -> dict[str, str]:
     return {"RUNBOOK_HEADLESS": "1", "RUNBOOK_RUN_ID": run_id, "RUNBOOK_ENV": env,
-            "RUNBOOK_HOME": str(paths.project_root()), "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+            "RUNBOOK_HOME": str(paths.project_root()), "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+            # the kernels' connection files (they hold the kernel's HMAC key) in the run's own folder, removed at
+            # the end of the run and, after the runner was killed, by the next command (run/accounting.py)
+            "JUPYTER_RUNTIME_DIR": str(accounting.kernel_runtime_dir(run_id))}
+
+
+KERNEL_LOG = "kernels.log"  # kept in the archive of a failed run (a kernel that died says why there)
+
+
+def _kernel_manager_class():
+    """jupyter_client's kernel manager, its connection file (which holds the kernel's HMAC key) in
+    $JUPYTER_RUNTIME_DIR: by default a kernel started by papermill writes it with tempfile.mkstemp into /tmp,
+    where a killed run leaves it for ever."""
+    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_core.paths import jupyter_runtime_dir
+    from traitlets import default
+
+    class RunKernelManager(AsyncKernelManager):
+        @default("connection_file")
+        def _connection_file_default(self) -> str:
+            return os.path.join(jupyter_runtime_dir(), f"kernel-{uuid.uuid4().hex}.json")
+
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            # the kernel process's own log (not its cells' output, which papermill records in the notebook) goes
+            # to KERNEL_LOG beside its connection file, not the operator's terminal: a run ended by Ctrl-C must
+            # not print the tracebacks of a kernel whose sockets were closed under it
+            with open(os.path.join(jupyter_runtime_dir(), KERNEL_LOG), "ab") as log:
+                kw["stderr"] = log
+                return await super()._async_launch_kernel(kernel_cmd, **kw)
+
+    return RunKernelManager
 
 
 def execute_notebook(source: Path, target: Path, parameters: dict[str, Any] | None,
@@ -76,7 +106,7 @@ def execute_notebook(source: Path, target: Path, parameters: dict[str, Any] | No
 
     papermill.execute_notebook(str(source), str(target), parameters=parameters, kernel_name="python3",
                                progress_bar=False, log_output=False, cwd=str(source.parent),
-                               execution_timeout=timeout_s)
+                               execution_timeout=timeout_s, kernel_manager_class=_kernel_manager_class())
 
 
 def _headline(engine, params) -> dict[str, Any]:
@@ -114,6 +144,7 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
             for p in findings:
                 log(f"SECRET FOUND in the unclosed run {old.name}: {p}")
         run_id = uuid.uuid4().hex[:8]
+        accounting.close_died_runs(control, params, f"run {run_id}", log)  # before this run's folder exists
         started = datetime.now(timezone.utc)
         folder = archive.run_folder(params.archive.dir, env, started, run_id)
         ledger = Ledger(params.ledger_schema)
@@ -134,6 +165,7 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
         log(f"run {run_id} on env {env} ({ident.database}, PostgreSQL {ident.server_version})"
             f"{' DRY RUN' if dry_run else ''}: {', '.join(wanted)}")
         os.environ.update(_kernel_environment(env, run_id))
+        accounting.kernel_runtime_dir(run_id).mkdir(parents=True, exist_ok=True)
         result = RunResult(run_id, folder, "succeeded")
         previous = signal.signal(signal.SIGTERM, _terminate)
         # HTML renderings are made in the background while the next notebook runs (nbconvert's first
@@ -154,11 +186,15 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
                     break
         except KeyboardInterrupt as exc:
             result.status = "interrupted"
-            result.phases.append({"name": phase, "status": "interrupted", "error": str(exc) or "interrupted",
+            why = str(exc) or "Ctrl-C"
+            result.phases.append({"name": phase, "status": "interrupted", "error": why,
                                   "notebook": NOTEBOOKS[phase]})
-            log(f"  {phase} interrupted ({exc or 'Ctrl-C'}); cancelling this run's statements on the server")
+            interrupted = phase
         finally:
             signal.signal(signal.SIGTERM, previous)
+            if result.status == "failed":
+                _keep_kernel_log(run_id, folder)
+            accounting.remove_kernel_runtime(run_id)  # the kernels' connection files, a killed kernel's too
             for record, rendering in renderings:
                 try:
                     rendering.result()
@@ -167,8 +203,13 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
             html.shutdown()
         if result.status != "succeeded":
             cancelled = cancel_run_backends(control, params, run_id)
-            log(f"  cancelled {cancelled} statement(s) this run still had running on the server" if cancelled
-                else "  no statement of this run is still running on the server")
+            if result.status == "interrupted":  # one line: what was cancelled
+                log(f"  {interrupted} interrupted ({why}): cancelled "
+                    + (f"{cancelled} statement(s) this run still had running on the server" if cancelled
+                       else "the phase; no statement of this run is still running on the server"))
+            else:
+                log(f"  cancelled {cancelled} statement(s) this run still had running on the server" if cancelled
+                    else "  no statement of this run is still running on the server")
             if recorded:
                 ledger.fail_open_phases(control, run_id)
         lint_note = _write_lint(folder, env, run_id)
@@ -220,6 +261,13 @@ def _secrets(env: str) -> list[str]:
     """Every secret of the env's connection (none for an embedded server, which has no password)."""
     params = params_mod.load(env)
     return [] if params.database.embedded else database.known_secrets(params)
+
+
+def _keep_kernel_log(run_id: str, folder: Path) -> None:
+    log = accounting.kernel_runtime_dir(run_id) / KERNEL_LOG
+    if log.is_file() and log.stat().st_size:
+        folder.mkdir(parents=True, exist_ok=True)
+        log.replace(folder / KERNEL_LOG)  # scanned for secrets with the rest of the archive
 
 
 def _terminate(signum, frame) -> None:

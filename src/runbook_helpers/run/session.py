@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pandas as pd
+from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -47,19 +48,24 @@ def headless() -> bool:
 
 class PhaseSession:
     def __init__(self, phase: str, env: str | None = None, *, dry_run: bool = False, run_id: str | None = None,
-                 database_name: str | None = None, params: Params | None = None, log=print):
+                 database_name: str | None = None, params: Params | None = None, log=print, read_only: bool = False):
+        """`read_only`: a look beside a run (`runbook plan`): a dry run whose connections are read-only
+        (default_transaction_read_only), and which takes neither single-runner lock, so a run in progress does
+        not refuse it and it cannot change anything that run relies on."""
         if phase not in PHASES + [FINALIZE, ROLLBACK]:
             raise RunbookError(f"unknown phase {phase!r}; phases are {', '.join(PHASES)} (and {FINALIZE}, {ROLLBACK})")
         self.phase = phase
         self.params = params or params_mod.load(env or default_env())
         self.env = self.params.env
-        self.dry_run = bool(dry_run)
+        self.dry_run = bool(dry_run) or read_only
         self.run_id = run_id or None
         self.log = log
         self.schema = self.params.schema_
         self.ledger = Ledger(self.params.ledger_schema)
         self.started_at = datetime.now(timezone.utc)
         self.engine: Engine = database.make_engine(self.params, database_name, phase, self.run_id)
+        if read_only:
+            event.listen(self.engine, "connect", _read_only_session)
         self.control: Connection = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         self._phase_run: int | None = None
         self._closed = False
@@ -72,9 +78,10 @@ class PhaseSession:
                     f"newer (fast column defaults, SET NOT NULL proven by a valid CHECK). Nothing was changed."
                 )
             under_runner = self.run_id is not None and os.environ.get("RUNBOOK_RUN_ID") == self.run_id
-            if not under_runner:
+            if not under_runner and not read_only:
                 database.try_advisory_lock(self.control, database.RUN_LOCK, "runbook run")
-            database.try_advisory_lock(self.control, database.PHASE_LOCK, "runbook phase")
+            if not read_only:
+                database.try_advisory_lock(self.control, database.PHASE_LOCK, "runbook phase")
             # a cross_tenant `wins: parent` rule makes that foreign key its table's parent, for every phase
             self.params = conflicts.resolved(self.control, self.params)
             if not self.dry_run and self.ledger.exists(self.control):
@@ -193,6 +200,13 @@ class PhaseSession:
                 self.fail(f"{type(error).__name__}: {error}")
 
         shell.events.register("post_run_cell", after_cell)
+
+
+def _read_only_session(dbapi_connection, _record) -> None:
+    autocommit = dbapi_connection.autocommit
+    dbapi_connection.autocommit = True
+    dbapi_connection.execute("SET default_transaction_read_only = on")
+    dbapi_connection.autocommit = autocommit
 
 
 def open_phase(phase: str, env: str | None = None, dry_run: bool = False, run_id: str | None = None,
