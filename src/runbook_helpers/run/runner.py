@@ -87,6 +87,8 @@ def _kernel_manager_class():
     class RunKernelManager(AsyncKernelManager):
         @default("connection_file")
         def _connection_file_default(self) -> str:
+            # jupyter's own default folder (outside a run: `runbook notebooks`) need not exist on a fresh machine
+            os.makedirs(jupyter_runtime_dir(), mode=0o700, exist_ok=True)
             return os.path.join(jupyter_runtime_dir(), f"kernel-{uuid.uuid4().hex}.json")
 
         async def _async_launch_kernel(self, kernel_cmd, **kw):
