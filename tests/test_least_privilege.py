@@ -99,12 +99,22 @@ def test_the_whole_runbook_as_the_minimal_migration_role(db, roles, monkeypatch)
     assert pre.loc["privileges of the migration role", "status"] == "ok"
     assert f"{roles.migrator} holds every privilege" in pre.loc["privileges of the migration role", "detail"]
     assert "passed" in results["validate"]["verdict"]
-    assert_rolls_back_as_the_role(db, params, before)
+    assert_rolls_back(db, params, before)
 
 
-def assert_rolls_back_as_the_role(db, params, before: str) -> None:
-    """99_rollback as the minimal role: every undo applied (the grants to the application and legacy roles
-    revoked, whoever recorded them as grantor) and the schema, privileges included, as it was."""
+def test_a_superuser_rolls_back_what_the_minimal_role_granted(db, roles, monkeypatch):
+    """The grants the role made record it as grantor (the view's SELECT, the sequences' USAGE): a superuser's
+    REVOKE runs as the owner and would leave them; each is revoked as its grantor instead."""
+    roles.create()
+    before = db.schema_dump(exclude_ledger=True)
+    db.run(*PHASES, params=roles.params(monkeypatch))
+    assert_rolls_back(db, db.params, before)  # db.params: as the superuser
+
+
+def assert_rolls_back(db, params, before: str) -> None:
+    """99_rollback with these params (as the minimal role, unless said otherwise): every undo applied (the
+    grants to the application and legacy roles revoked, whoever recorded them as grantor) and the schema,
+    privileges included, as it was."""
     assert db.schema_dump(exclude_ledger=True) != before
     rb = db.session("rollback", params=params)
     try:
@@ -195,7 +205,7 @@ def test_the_whole_runbook_as_the_minimal_migration_role_on_postgresql_15(ci_par
             row = pre.loc["may cancel a plain autovacuum in the way"]
             assert row["status"] == "warn" and "before PostgreSQL 18 only a superuser may" in row["detail"]
             assert "passed" in results["validate"]["verdict"]
-            assert_rolls_back_as_the_role(db, params, before)
+            assert_rolls_back(db, params, before)
         finally:
             roles.drop()
     finally:

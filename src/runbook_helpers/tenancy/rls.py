@@ -246,14 +246,15 @@ def view_grant_undo_steps(conn: Connection, journal_actions: list[str]) -> list[
         found = VIEW_GRANT.match(action)
         if found:
             role, view = found.groups()
-            held = conn.execute(text(
-                "SELECT EXISTS (SELECT 1 FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a JOIN pg_roles r "
-                "ON r.oid = a.grantee WHERE c.oid = to_regclass(:v) AND r.rolname = :r AND a.privilege_type = "
-                "'SELECT')"), {"v": view, "r": role}).scalar()
-            if not held:
+            grantors = conn.execute(text(
+                "SELECT DISTINCT pg_get_userbyid(a.grantor) FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a "
+                "JOIN pg_roles r ON r.oid = a.grantee WHERE c.oid = to_regclass(:v) AND r.rolname = :r "
+                "AND a.privilege_type = 'SELECT' ORDER BY 1"), {"v": view, "r": role}).scalars().all()
+            if not grantors:
                 continue
+            held = [{"kind": "view", "name": view, "grantor": g, "privileges": ["SELECT"]} for g in grantors]
             out.append(Step(UNDO_PHASE, None, f"revoke {role}'s SELECT on view {view}",
-                            sql.SQL("REVOKE SELECT ON {} FROM {}").format(sql.SQL(view), sql.Identifier(role)),
+                            revoke_as_grantors(conn, None, held, role),
                             "none (privileges only)", "the runbook granted it; the view goes back to before"))
     return out
 
@@ -313,7 +314,7 @@ PRIVILEGE_NAMES = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE",
                              "USAGE", "CREATE"})
 
 
-def revoke_as_grantors(conn: Connection, schema: str, held, role: str) -> sql.Composable | None:
+def revoke_as_grantors(conn: Connection, schema: str | None, held, role: str) -> sql.Composable | None:
     """REVOKE each privilege as the role that granted it. A REVOKE removes only the grants its grantor made,
     and PostgreSQL picks that grantor itself: the owner for a superuser or a member of the owner role revoking
     ALL, the migration role where it holds the grant option itself (its GRANT USAGE on the owner's sequences).
@@ -327,8 +328,10 @@ def revoke_as_grantors(conn: Connection, schema: str, held, role: str) -> sql.Co
             continue
         if grant["grantor"] != me:
             parts.append(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(grant["grantor"])))
-        target = (sql.SQL("SCHEMA {}").format(sql.Identifier(grant["name"])) if grant["kind"] == "schema" else
-                  sql.SQL("{} {}").format(sql.SQL(grant["kind"].upper()), sql.Identifier(schema, grant["name"])))
+        target = {"schema": lambda: sql.SQL("SCHEMA {}").format(sql.Identifier(grant["name"])),
+                  "sequence": lambda: sql.SQL("SEQUENCE {}").format(sql.Identifier(schema, grant["name"])),
+                  "table": lambda: sql.SQL("TABLE {}").format(sql.Identifier(schema, grant["name"])),
+                  "view": lambda: sql.SQL("TABLE {}").format(sql.SQL(grant["name"]))}[grant["kind"]]()  # regclass text
         parts.append(sql.SQL("REVOKE {} ON {} FROM {}").format(sql.SQL(", ").join(map(sql.SQL, privileges)), target,
                                                             sql.Identifier(role)))
         if grant["grantor"] != me:
