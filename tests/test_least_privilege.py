@@ -21,6 +21,7 @@ from runbook_helpers.db import server as server_mod
 from runbook_helpers.db.ddl import ACCESS_EXCLUSIVE_META, Step
 from runbook_helpers.db.server import EmbeddedServer
 from runbook_helpers.errors import RunbookError
+from runbook_helpers.phases import rollback
 from runbook_helpers.run.session import PHASES
 from test_lock_ladder import wait_for_worker
 from test_lock_ladder import fast_autovacuum  # noqa: F401 (a fixture)
@@ -92,11 +93,38 @@ def test_the_whole_runbook_as_the_minimal_migration_role(db, roles, monkeypatch)
                        (db.params.tables,))
     assert owners == [roles.owner]  # handed over by the snippet
     params = roles.params(monkeypatch)
+    before = db.schema_dump(exclude_ledger=True)
     results = db.run(*PHASES, params=params)
     pre = results["inspect"]["preflight"].set_index("check")
     assert pre.loc["privileges of the migration role", "status"] == "ok"
     assert f"{roles.migrator} holds every privilege" in pre.loc["privileges of the migration role", "detail"]
     assert "passed" in results["validate"]["verdict"]
+    assert_rolls_back(db, params, before)
+
+
+def test_a_superuser_rolls_back_what_the_minimal_role_granted(db, roles, monkeypatch):
+    """The grants the role made record it as grantor (the view's SELECT, the sequences' USAGE): a superuser's
+    REVOKE runs as the owner and would leave them; each is revoked as its grantor instead."""
+    roles.create()
+    before = db.schema_dump(exclude_ledger=True)
+    db.run(*PHASES, params=roles.params(monkeypatch))
+    assert_rolls_back(db, db.params, before)  # db.params: as the superuser
+
+
+def assert_rolls_back(db, params, before: str) -> None:
+    """99_rollback with these params (as the minimal role, unless said otherwise): every undo applied (the
+    grants to the application and legacy roles revoked, whoever recorded them as grantor) and the schema,
+    privileges included, as it was."""
+    assert db.schema_dump(exclude_ledger=True) != before
+    rb = db.session("rollback", params=params)
+    try:
+        applied = rollback.apply(rb)
+        verdict = rollback.assert_rolled_back(rb)
+    finally:
+        rb.close()
+    assert set(applied["outcome"]) == {"applied"}
+    assert verdict == "the database is back to its shape before the migration"
+    assert db.schema_dump(exclude_ledger=True) == before
 
 
 def revoke_the_four(db, roles) -> None:
@@ -169,12 +197,15 @@ def test_the_whole_runbook_as_the_minimal_migration_role_on_postgresql_15(ci_par
         roles = Roles(db, tmp_path)
         try:
             roles.create()
-            results = db.run(*PHASES, params=roles.params(monkeypatch))
+            params = roles.params(monkeypatch)
+            before = db.schema_dump(exclude_ledger=True)
+            results = db.run(*PHASES, params=params)
             pre = results["inspect"]["preflight"].set_index("check")
             assert pre.loc["privileges of the migration role", "status"] == "ok"
             row = pre.loc["may cancel a plain autovacuum in the way"]
             assert row["status"] == "warn" and "before PostgreSQL 18 only a superuser may" in row["detail"]
             assert "passed" in results["validate"]["verdict"]
+            assert_rolls_back(db, params, before)
         finally:
             roles.drop()
     finally:

@@ -246,14 +246,15 @@ def view_grant_undo_steps(conn: Connection, journal_actions: list[str]) -> list[
         found = VIEW_GRANT.match(action)
         if found:
             role, view = found.groups()
-            held = conn.execute(text(
-                "SELECT EXISTS (SELECT 1 FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a JOIN pg_roles r "
-                "ON r.oid = a.grantee WHERE c.oid = to_regclass(:v) AND r.rolname = :r AND a.privilege_type = "
-                "'SELECT')"), {"v": view, "r": role}).scalar()
-            if not held:
+            grantors = conn.execute(text(
+                "SELECT DISTINCT pg_get_userbyid(a.grantor) FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a "
+                "JOIN pg_roles r ON r.oid = a.grantee WHERE c.oid = to_regclass(:v) AND r.rolname = :r "
+                "AND a.privilege_type = 'SELECT' ORDER BY 1"), {"v": view, "r": role}).scalars().all()
+            if not grantors:
                 continue
+            held = [{"kind": "view", "name": view, "grantor": g, "privileges": ["SELECT"]} for g in grantors]
             out.append(Step(UNDO_PHASE, None, f"revoke {role}'s SELECT on view {view}",
-                            sql.SQL("REVOKE SELECT ON {} FROM {}").format(sql.SQL(view), sql.Identifier(role)),
+                            revoke_as_grantors(conn, None, held, role),
                             "none (privileges only)", "the runbook granted it; the view goes back to before"))
     return out
 
@@ -294,6 +295,50 @@ def partition_states(conn: Connection, states: dict) -> dict:
     return out
 
 
+# every privilege the role holds on the spec tables, the schema's sequences and the schema, with its grantor
+GRANTS_HELD_SQL = text("""
+SELECT CASE c.relkind WHEN 'S' THEN 'sequence' ELSE 'table' END AS kind, c.relname AS name,
+       pg_get_userbyid(a.grantor) AS grantor, array_agg(a.privilege_type ORDER BY a.privilege_type) AS privileges
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace CROSS JOIN LATERAL aclexplode(c.relacl) a
+WHERE n.nspname = :s AND (c.relname = ANY(:t) OR c.relkind = 'S')
+  AND a.grantee = (SELECT oid FROM pg_roles WHERE rolname = :r)
+GROUP BY 1, 2, 3
+UNION ALL
+SELECT 'schema', n.nspname, pg_get_userbyid(a.grantor), array_agg(a.privilege_type ORDER BY a.privilege_type)
+FROM pg_namespace n CROSS JOIN LATERAL aclexplode(n.nspacl) a
+WHERE n.nspname = :s AND a.grantee = (SELECT oid FROM pg_roles WHERE rolname = :r)
+GROUP BY 1, 2, 3
+ORDER BY 1, 2, 3
+""")
+PRIVILEGE_NAMES = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER", "MAINTAIN",
+                             "USAGE", "CREATE"})
+
+
+def revoke_as_grantors(conn: Connection, schema: str | None, held, role: str) -> sql.Composable | None:
+    """REVOKE each privilege as the role that granted it. A REVOKE removes only the grants its grantor made,
+    and PostgreSQL picks that grantor itself: the owner for a superuser or a member of the owner role revoking
+    ALL, the migration role where it holds the grant option itself (its GRANT USAGE on the owner's sequences).
+    So each grant goes as the exact privileges it gave, under SET LOCAL ROLE to its grantor (the migration role
+    may act as itself and as the owner role; a superuser as anyone). None: nothing held."""
+    me = conn.execute(text("SELECT current_user")).scalar()
+    parts: list[sql.Composable] = []
+    for grant in held:
+        privileges = [p for p in grant["privileges"] if p in PRIVILEGE_NAMES]
+        if not privileges:
+            continue
+        if grant["grantor"] != me:
+            parts.append(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(grant["grantor"])))
+        target = {"schema": lambda: sql.SQL("SCHEMA {}").format(sql.Identifier(grant["name"])),
+                  "sequence": lambda: sql.SQL("SEQUENCE {}").format(sql.Identifier(schema, grant["name"])),
+                  "table": lambda: sql.SQL("TABLE {}").format(sql.Identifier(schema, grant["name"])),
+                  "view": lambda: sql.SQL("TABLE {}").format(sql.SQL(grant["name"]))}[grant["kind"]]()  # regclass text
+        parts.append(sql.SQL("REVOKE {} ON {} FROM {}").format(sql.SQL(", ").join(map(sql.SQL, privileges)), target,
+                                                            sql.Identifier(role)))
+        if grant["grantor"] != me:
+            parts.append(sql.SQL("RESET ROLE"))
+    return sql.SQL("; ").join(parts) if parts else None
+
+
 def undo_steps(conn: Connection, schema: str, states: dict, views_before: dict[str, list[str]],
                granted_roles: list[str], tables: list[str]) -> list[Step]:
     """Back to before: the runbook's policies dropped, FORCE and RLS off, views back to their recorded options,
@@ -325,23 +370,17 @@ def undo_steps(conn: Connection, schema: str, states: dict, views_before: dict[s
         targets = [t for t in tables if catalog.relation_oid(conn, schema, t) is not None]
         if conn.execute(text("SELECT 1 FROM pg_roles WHERE rolname = :r"), {"r": role}).first() is None:
             continue
-        holds = conn.execute(text(
-            "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "  CROSS JOIN LATERAL aclexplode(c.relacl) a WHERE n.nspname = :s AND (c.relname = ANY(:t) "
-            "  OR c.relkind = 'S') AND a.grantee = (SELECT oid FROM pg_roles WHERE rolname = :r)) "
-            "OR EXISTS (SELECT 1 FROM pg_namespace n CROSS JOIN LATERAL aclexplode(n.nspacl) a "
-            "  WHERE n.nspname = :s AND a.grantee = (SELECT oid FROM pg_roles WHERE rolname = :r))"),
-            {"r": role, "s": schema, "t": targets}).scalar()
-        if not holds:
+        held = conn.execute(GRANTS_HELD_SQL, {"r": role, "s": schema, "t": targets}).mappings().all()
+        if not held:
             continue
-        out.append(Step(UNDO_PHASE, None, f"revoke what {role} was granted",
-                        sql.SQL("REVOKE ALL ON {} FROM {}").format(sql.SQL(", ").join(
-                            sql.Identifier(schema, t) for t in targets), sql.Identifier(role)),
-                        "none (privileges only)", "the role itself stays: roles belong to the whole server"))
-        out.append(Step(UNDO_PHASE, None, f"revoke {role}'s usage of the schema and its sequences",
-                        sql.SQL("REVOKE ALL ON ALL SEQUENCES IN SCHEMA {s} FROM {r}; REVOKE USAGE ON SCHEMA {s} "
-                                "FROM {r}").format(s=sql.Identifier(schema), r=sql.Identifier(role)),
-                        "none (privileges only)", "locks no table"))
+        revokes = ((f"revoke what {role} was granted", [g for g in held if g["kind"] == "table"],
+                    "the role itself stays: roles belong to the whole server"),
+                   (f"revoke {role}'s usage of the schema and its sequences",
+                    [g for g in held if g["kind"] != "table"], "locks no table"))
+        for action, grants, why in revokes:
+            statement = revoke_as_grantors(conn, schema, grants, role)
+            if statement is not None:
+                out.append(Step(UNDO_PHASE, None, action, statement, "none (privileges only)", why))
     return out
 
 
