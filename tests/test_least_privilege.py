@@ -22,6 +22,7 @@ from runbook_helpers.db.ddl import ACCESS_EXCLUSIVE_META, Step
 from runbook_helpers.db.server import EmbeddedServer
 from runbook_helpers.errors import RunbookError
 from runbook_helpers.phases import rollback
+from runbook_helpers.phases.headless import run_phase
 from runbook_helpers.run.session import PHASES
 from test_lock_ladder import wait_for_worker
 from test_lock_ladder import fast_autovacuum  # noqa: F401 (a fixture)
@@ -99,6 +100,10 @@ def test_the_whole_runbook_as_the_minimal_migration_role(db, roles, monkeypatch)
     assert pre.loc["privileges of the migration role", "status"] == "ok"
     assert f"{roles.migrator} holds every privilege" in pre.loc["privileges of the migration role", "detail"]
     assert "passed" in results["validate"]["verdict"]
+    # 06_finalize as the role too (forced: no application release to wait for here), then the rollback undoes it
+    finalized = run_phase(db.session("finalize", params=params), force=True)
+    assert len(finalized["applied"]) and set(finalized["applied"]["outcome"]) == {"applied"}, finalized["applied"]
+    assert db.scalar("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'tenancy_rollout%%'") == 0
     assert_rolls_back(db, params, before)
 
 
