@@ -8,16 +8,14 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg import sql
 
-from conftest import ROOT, create_database, drop_database, runbook_cli
-from runbook_helpers import demo as demo_mod
+from conftest import ROOT, runbook_cli
 from runbook_helpers.run import archive
 from runbook_helpers.db import database
 from runbook_helpers.legacy import checks as legacy_checks
 from runbook_helpers.phases.headless import run_phase
 from runbook_helpers.db.server import EmbeddedServer
-from runbook_helpers.run.session import PhaseSession
+from runbook_helpers.run.session import PHASES, PhaseSession
 
 # Every test that uses the ci demo database or runs/ci lives in this file: `--dist loadfile` runs a file on one
 # worker, so they never meet, and the rest of the suite runs beside them on the other.
@@ -44,43 +42,6 @@ def app_schema(url: str, server: EmbeddedServer) -> str:
     out = subprocess.run([str(server.tool("pg_dump")), "--schema-only", "--exclude-schema=tenancy_runbook", "-d", url],
                          capture_output=True, text=True, check=True).stdout
     return "\n".join(l for l in out.splitlines() if not l.startswith(("\\restrict", "\\unrestrict")))
-
-
-_DEMO_COPIES: dict[tuple[str, ...], str] = {}  # phases run in process -> the saved copy of tenancy_demo
-
-
-def fresh_demo(server: EmbeddedServer, *phases: str) -> str:
-    """tenancy_demo as `runbook demo-db --env ci` builds it, then migrated in process through `phases`.
-    The first call per set of phases builds it (the CLI, then the phases) and saves a copy; later calls
-    clone that copy back (CREATE DATABASE … TEMPLATE, with demo-db's marker comment, which a clone does
-    not carry): the same catalog, rows and ledger, without the rebuild."""
-    url = server.url("tenancy_demo")
-    copy = _DEMO_COPIES.get(phases)
-    if copy is None:
-        if phases:
-            fresh_demo(server)
-        else:
-            assert runbook_cli("demo-db", "--env", "ci").returncode == 0
-        for phase in phases:  # not the subject of the tests that ask for them: the runs with notebooks are
-            run_phase(PhaseSession(phase, "ci", log=lambda *_: None))
-        copy = f"tenancy_demo_copy_{len(_DEMO_COPIES)}"
-        drop_database(server, copy)
-        create_database(server, copy, "tenancy_demo")
-        _DEMO_COPIES[phases] = copy
-    else:
-        drop_database(server, "tenancy_demo")
-        create_database(server, "tenancy_demo", copy)
-        with psycopg.connect(server.url(), autocommit=True) as admin:
-            admin.execute(sql.SQL("COMMENT ON DATABASE tenancy_demo IS {}").format(sql.Literal(demo_mod.MARKER)))
-    return url
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _drop_demo_copies(server):
-    yield
-    for copy in _DEMO_COPIES.values():
-        drop_database(server, copy)
-    _DEMO_COPIES.clear()
 
 
 def test_run_dry_run_then_for_real_then_again(server):
@@ -178,7 +139,7 @@ def test_run_dry_run_then_for_real_then_again(server):
 
 
 def test_a_failing_phase_stops_the_run_with_its_error(server):
-    fresh_demo(server)
+    assert runbook_cli("demo-db", "--env", "ci").returncode == 0
     before = existing_runs()
     result = runbook_cli("run", "--env", "ci", "--phases", "validate,backfill")
     assert result.returncode == 1
@@ -232,7 +193,10 @@ def test_sigterm_cancels_the_statement_on_the_server_and_a_rerun_resumes(server,
     import subprocess
     import sys
 
-    url = fresh_demo(server, "inspect", "seed", "backfill")  # not the subject: the run SIGTERMed in constrain is
+    assert runbook_cli("demo-db", "--env", "ci").returncode == 0
+    url = server.url("tenancy_demo")
+    for phase in ("inspect", "seed", "backfill"):  # not the subject: the run SIGTERMed in constrain is
+        run_phase(PhaseSession(phase, "ci", log=lambda *_: None))
     marker = tmp_path / "paused"
     env = dict(os.environ, RUNBOOK_FAULT="ddl.before_step=validate the NOT NULL check@pause",
                RUNBOOK_FAULT_MARKER=str(marker))
@@ -272,10 +236,10 @@ def test_sigterm_cancels_the_statement_on_the_server_and_a_rerun_resumes(server,
 
 
 def test_finalize_then_rollback_cli_restores_the_legacy_schema(server):
-    legacy = app_schema(fresh_demo(server), server)
-    # migrated without notebooks (the runs above prove those); finalize and rollback are the subject
-    url = fresh_demo(server, "inspect", "seed", "backfill")
-    for phase in ("constrain", "validate"):
+    assert runbook_cli("demo-db", "--env", "ci").returncode == 0
+    url = server.url("tenancy_demo")
+    legacy = app_schema(url, server)
+    for phase in PHASES:  # migrated without notebooks (the runs above prove those); finalize and rollback are the subject
         run_phase(PhaseSession(phase, "ci", log=lambda *_: None))
     assert app_schema(url, server) != legacy
     bad = runbook_cli("finalize", "--env", "ci", "--since", "last tuesday")
@@ -300,7 +264,10 @@ def test_finalize_then_rollback_cli_restores_the_legacy_schema(server):
 
 def test_a_cell_timeout_cancels_the_statement_on_the_server_and_a_rerun_resumes(server, home):
     """papermill's cell timeout ends the kernel; the statement it was waiting on must not live on."""
-    url = fresh_demo(server, "inspect", "seed", "backfill")
+    assert runbook_cli("demo-db", "--env", "ci").returncode == 0
+    url = server.url("tenancy_demo")
+    for phase in ("inspect", "seed", "backfill"):
+        run_phase(PhaseSession(phase, "ci", log=lambda *_: None))
     (home / ".runbook").symlink_to(ROOT / ".runbook")  # the same ci server, with edited params
     ci = home / "params" / "ci.yaml"
     # every try waits 120 s: so the statement waits, not the ladder
