@@ -132,7 +132,7 @@ def db(server, template, ci_params) -> Db:
     drop_database(server, name)
 
 
-_MIGRATED: dict[str, str] = {}  # params and phases -> this worker's migrated template database
+_MIGRATED: dict[str, str] = {}  # params, phases and schema -> this worker's migrated template database
 
 
 @pytest.fixture
@@ -140,18 +140,24 @@ def migrated_db(server, template, ci_params):
     """A fresh copy of the test template migrated through `phases` with `params` (default: the tests' ci
     params). The migration runs once per worker and set of params into a template of its own; each test gets
     a CREATE DATABASE … TEMPLATE copy of it, in a fraction of the time the phases take. The copy is the same
-    database in every respect the tests read: catalog, rows, ledger, triggers."""
+    database in every respect the tests read: catalog, rows, ledger, triggers. With `schema` (SQL) the start is
+    not the demo template but an empty database that SQL builds, as a test of another schema would."""
     made: list[str] = []
 
-    def make(*phases: str, params=None) -> Db:
+    def make(*phases: str, params=None, schema: str | None = None) -> Db:
         p = params or ci_params
-        key = hashlib.sha256((p.model_dump_json() + "|" + ",".join(phases)).encode()).hexdigest()[:10]
+        key = hashlib.sha256((p.model_dump_json() + "|" + ",".join(phases) + "|" + (schema or "")).encode()
+                             ).hexdigest()[:10]
         source = _MIGRATED.get(key)
         if source is None:
             source = f"runbook_test_migrated_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}_{key}"
             drop_database(server, source)
-            create_database(server, source, template)
-            Db(server, source, p).run(*phases, params=p)
+            create_database(server, source, None if schema else template)
+            if schema:
+                with psycopg.connect(server.url(source), autocommit=True) as conn:
+                    conn.execute(schema)
+            if phases:  # none: the schema as built (Db.run without phases would run them all)
+                Db(server, source, p).run(*phases, params=p)
             _MIGRATED[key] = source
         name = f"t_{uuid.uuid4().hex[:12]}"
         create_database(server, name, source)

@@ -123,10 +123,12 @@ def leaf_state(db):
 
 
 @pytest.fixture
-def migrated(pdb):
-    pdb.legacy_schema = app_schema(pdb)
-    pdb.run("inspect", "seed", "backfill", "constrain")
-    return pdb
+def migrated(migrated_db, ci_params):
+    """pdb migrated through constrain: a copy of this worker's migrated template of the schema."""
+    p = partition_params(ci_params)
+    db = migrated_db("inspect", "seed", "backfill", "constrain", params=p, schema=SCHEMA)
+    db.legacy_schema = app_schema(migrated_db(params=p, schema=SCHEMA))
+    return db
 
 
 def test_migrated_end_to_end_with_rls_and_composite_keys(migrated):

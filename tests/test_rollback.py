@@ -43,8 +43,8 @@ def test_round_trip_restores_schema_and_data_exactly(db):
     db.run("inspect", "seed", "backfill", "constrain", "validate")
 
 
-def test_rollback_refuses_while_other_tenants_own_rows_and_changes_nothing(db):
-    db.run("inspect", "seed", "backfill", "constrain")
+def test_rollback_refuses_while_other_tenants_own_rows_and_changes_nothing(migrated_db):
+    db = migrated_db("inspect", "seed", "backfill", "constrain")
     other = db.scalar("INSERT INTO tenants (uuid, name) VALUES (gen_random_uuid(), 'Acme') RETURNING id")
     db.execute("UPDATE knowledge_bases SET tenant_id = %s WHERE id IN (SELECT id FROM knowledge_bases ORDER BY id LIMIT 3)", (other,))
     before = app_schema(db)
@@ -57,8 +57,8 @@ def test_rollback_refuses_while_other_tenants_own_rows_and_changes_nothing(db):
     assert verdict.startswith("the database is back")
 
 
-def test_a_dry_run_rollback_changes_nothing(db):
-    db.run("inspect", "seed", "backfill", "constrain")
+def test_a_dry_run_rollback_changes_nothing(migrated_db):
+    db = migrated_db("inspect", "seed", "backfill", "constrain")
     before = app_schema(db), app_rows(db)
     rb = db.session("rollback", dry_run=True)
     try:
