@@ -175,6 +175,8 @@ def main() -> dict:
     rounds = int(os.environ.get("BENCH_B3_ROUNDS", "3"))
     tpl = b2_batched.template()
     sized = "" if rows == 5_000_000 else f"BENCH_B2_ROWS={rows} "
+    sized += "".join(f"{k}={os.environ[k]} " for k in ("BENCH_B3_BUDGETS", "BENCH_B3_ROUNDS", "BENCH_B3_ONLY")
+                     if os.environ.get(k))
     report = common.Report("B3 online", f"{sized}python -m bench b3")
     chosen = sides()
     measured: dict[tuple[str, str], list[dict]] = {}
