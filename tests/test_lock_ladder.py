@@ -160,6 +160,21 @@ def wait_for_worker(db, name: str, seconds: float = 90) -> tuple[int, str]:
     pytest.fail(f"no autovacuum worker started on {name} within {seconds} s")
 
 
+# four tries of 50 to 200 ms: far shorter than PostgreSQL's own cancel of autovacuum after deadlock_timeout
+FOUR_SHORT_TRIES = {"locks": {"first_lock_timeout_ms": 50, "lock_timeout_ms": 200,
+                              "retry": {"attempts": 4, "backoff_ms": 50, "backoff_max_ms": 100}}}
+
+
+def run_on_a_short_ladder(db, step: Step):
+    """(result, executor) of one step run by a seed session on FOUR_SHORT_TRIES."""
+    rb = db.session("seed", params=params_mod.override(db.params, FOUR_SHORT_TRIES))
+    try:
+        executor = rb.executor()
+        return executor.run(step), executor
+    finally:
+        rb.close()
+
+
 def test_a_plain_autovacuum_on_the_table_is_cancelled_and_the_step_applies_at_once(db, fast_autovacuum):
     """Without the cancel, every short try times out before PostgreSQL's own deadlock_timeout cancel."""
     db.run("inspect")
@@ -167,16 +182,9 @@ def test_a_plain_autovacuum_on_the_table_is_cancelled_and_the_step_applies_at_on
     db.execute("DELETE FROM av_probe WHERE id % 2 = 0")
     pid, query = wait_for_worker(db, "av_probe")
     assert "(to prevent wraparound)" not in query
-    p = params_mod.override(db.params, {"locks": {"first_lock_timeout_ms": 50, "lock_timeout_ms": 200,
-                                                  "retry": {"attempts": 4, "backoff_ms": 50, "backoff_max_ms": 100}}})
-    rb = db.session("seed", params=p)
-    try:
-        executor = rb.executor()
-        step = Step("seed", "av_probe", "add a column", sql.SQL("ALTER TABLE av_probe ADD COLUMN probe int"),
-                    ACCESS_EXCLUSIVE_META, "catalog change only")
-        result = executor.run(step)
-    finally:
-        rb.close()
+    result, executor = run_on_a_short_ladder(db, Step(
+        "seed", "av_probe", "add a column", sql.SQL("ALTER TABLE av_probe ADD COLUMN probe int"),
+        ACCESS_EXCLUSIVE_META, "catalog change only"))
     assert result.outcome == "applied" and result.attempts == 1 and result.seconds < 1.0
     assert any(f"cancelled autovacuum pid {pid}" in line for line in executor.cleared), executor.cleared
     assert db.scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND query LIKE '%%av_probe%%'",
@@ -197,17 +205,9 @@ def test_a_validate_behind_a_plain_autovacuum_cancels_it_instead_of_exhausting_t
     db.execute("DELETE FROM av_scan WHERE id % 2 = 0")
     pid, query = wait_for_worker(db, "av_scan")
     assert "(to prevent wraparound)" not in query
-    p = params_mod.override(db.params, {"locks": {"first_lock_timeout_ms": 50, "lock_timeout_ms": 200,
-                                                  "retry": {"attempts": 4, "backoff_ms": 50, "backoff_max_ms": 100}}})
-    rb = db.session("seed", params=p)
-    try:
-        executor = rb.executor()
-        step = Step("seed", "av_scan", "validate a check", sql.SQL("ALTER TABLE av_scan VALIDATE CONSTRAINT "
-                                                                    "av_scan_positive"),
-                    SHARE_UPDATE_EXCLUSIVE, "scans without blocking reads or writes", long_scan=True)
-        result = executor.run(step)
-    finally:
-        rb.close()
+    result, executor = run_on_a_short_ladder(db, Step(
+        "seed", "av_scan", "validate a check", sql.SQL("ALTER TABLE av_scan VALIDATE CONSTRAINT av_scan_positive"),
+        SHARE_UPDATE_EXCLUSIVE, "scans without blocking reads or writes", long_scan=True))
     assert result.outcome == "applied" and result.attempts == 1, result
     assert any(f"cancelled autovacuum pid {pid}" in line for line in executor.cleared), executor.cleared
     assert not any("long transaction" in line for line in executor.cleared), executor.cleared
@@ -230,8 +230,7 @@ def test_an_anti_wraparound_autovacuum_is_waited_for_with_its_progress_never_can
         conn.execute("CALL burn_xids(110000)")
     pid, query = wait_for_worker(db, "av_wrap")
     assert "(to prevent wraparound)" in query
-    p = params_mod.override(db.params, {"locks": {"first_lock_timeout_ms": 50, "lock_timeout_ms": 200,
-                                                  "retry": {"attempts": 4, "backoff_ms": 50, "backoff_max_ms": 100}}})
+    p = params_mod.override(db.params, FOUR_SHORT_TRIES)
     step = Step("seed", "av_wrap", "add a column", sql.SQL("ALTER TABLE av_wrap ADD COLUMN probe int"),
                 ACCESS_EXCLUSIVE_META, "catalog change only")
     impatient = db.session("seed", params=params_mod.override(p, {"locks": {"wraparound_wait_s": 1}}))

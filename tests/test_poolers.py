@@ -110,32 +110,29 @@ def held_runbook_locks(db) -> int:
                      (database.LOCK_CLASS,))
 
 
-def test_default_pgbouncer_is_refused_at_connect_with_a_clear_message(db, bouncer, monkeypatch):
-    b = bouncer("transaction", ignore_options=False)
-    params = pooled_params(db, b, monkeypatch)
+def refusal(db, bouncer: "Bouncer", monkeypatch) -> str:
+    """The message a phase session through this pooler is refused with; the refusal changed nothing."""
     before = db.schema_dump()
     with pytest.raises(RunbookError) as refused:
-        PhaseSession("inspect", params=params, log=lambda *_: None)
-    message = str(refused.value)
+        PhaseSession("inspect", params=pooled_params(db, bouncer, monkeypatch), log=lambda *_: None)
+    assert db.schema_dump() == before and not ledger_exists(db)
+    return str(refused.value)
+
+
+def test_default_pgbouncer_is_refused_at_connect_with_a_clear_message(db, bouncer, monkeypatch):
+    message = refusal(db, bouncer("transaction", ignore_options=False), monkeypatch)
     assert "unsupported startup parameter: options" in message
     assert "connection pooler" in message and "pgbouncer" in message
     assert f"Connect directly to PostgreSQL: in ${DSN_ENV} put the PostgreSQL server's own host and port" in message
     assert "not pgbouncer's 6432" in message and "Nothing was changed." in message
-    assert db.schema_dump() == before and not ledger_exists(db)
 
 
 def test_transaction_pooler_ignoring_options_is_refused_before_anything_runs(db, bouncer, monkeypatch):
-    b = bouncer("transaction", ignore_options=True)
-    params = pooled_params(db, b, monkeypatch)
-    before = db.schema_dump()
-    with pytest.raises(RunbookError) as refused:
-        PhaseSession("inspect", params=params, log=lambda *_: None)
-    message = str(refused.value)
+    message = refusal(db, bouncer("transaction", ignore_options=True), monkeypatch)
     assert "reached through a connection pooler in transaction or statement mode" in message
     assert ("two connections open at the same time ran on one backend" in message
             or "backend pid changed" in message or "session setting (SET)" in message), message
     assert "not pgbouncer's 6432" in message and "Nothing was changed." in message
-    assert db.schema_dump() == before and not ledger_exists(db)
     assert held_runbook_locks(db) == 0
 
 
