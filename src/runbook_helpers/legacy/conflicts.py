@@ -158,7 +158,7 @@ def _terms(conn: Connection, p, actual: bool = False) -> _Terms:
     system_id = catalog.system_tenant_id(conn, p.schema_, p.system_tenant.uuid) \
         if catalog.relation_oid(conn, p.schema_, "tenants") is not None else None
     return _Terms(legacy, system_id, legacy and system_id is not None and mapping.map_tables_exist(conn, p),
-                  {t: catalog.table_state(conn, p.schema_, t).has_column for t in p.tables}, actual)
+                  {t: st.has_column for t, st in catalog.table_states(conn, p.schema_, p.tables).items()}, actual)
 
 
 def _key_text(row: str, cols: list[str]) -> sql.Composable:

@@ -15,8 +15,7 @@ def tenants_oid(conn: Connection, schema: str) -> int | None:
 
 
 def core_states(rb, conn: Connection) -> dict[str, TableState]:
-    oid = tenants_oid(conn, rb.schema)
-    return {t: catalog.table_state(conn, rb.schema, t, oid) for t in rb.params.tables}
+    return catalog.table_states(conn, rb.schema, rb.params.tables, tenants_oid(conn, rb.schema))
 
 
 def core_state(rb, conn: Connection, table: str) -> TableState:
@@ -24,7 +23,7 @@ def core_state(rb, conn: Connection, table: str) -> TableState:
 
 
 def shared_states(rb, conn: Connection) -> dict[str, TableState]:
-    return {t: catalog.table_state(conn, rb.schema, t) for t in rb.params.shared_tables}
+    return catalog.table_states(conn, rb.schema, rb.params.shared_tables)
 
 
 def system_tenant_id(rb) -> int | None:

@@ -102,8 +102,7 @@ def run(rb, conn: Connection | None = None) -> pd.DataFrame:
         rows.append({"rule": rule, "object": obj, "finding": finding, "status": PASS if ok else FAIL, "reason": ""})
 
     tenants_oid = catalog.relation_oid(conn, schema, "tenants")
-    for name in tables:
-        st = catalog.table_state(conn, schema, name, tenants_oid)
+    for name, st in catalog.table_states(conn, schema, tables, tenants_oid).items():
         if not st.exists:
             add("tenant table exists", name, "missing", False)
             continue

@@ -268,8 +268,7 @@ def steps(rb, conn: Connection) -> list[Step]:
     system = catalog.system_tenant_id(conn, rb.schema, p.system_tenant.uuid)
     legacy = (p.rls.legacy_role, p.rls.legacy_access, sql.SQL("<System Tenant id>") if system is None
               else sql.Literal(int(system))) if p.rls.legacy_role else None
-    for name in p.tables:
-        st = catalog.table_state(conn, rb.schema, name, tenants_oid)
+    for name, st in catalog.table_states(conn, rb.schema, p.tables, tenants_oid).items():
         out += table_steps(st, p.rls.setting, policies(conn, st.oid) if st.oid else [], views.get(name, []), legacy)
         for part in partitions.tree(conn, st, tenants_oid):  # see partition_states
             out += table_steps(part.state, p.rls.setting, policies(conn, part.state.oid), [], legacy)
