@@ -105,6 +105,24 @@ def test_killed_at_a_point_then_rerun_completes(db, fault, what):
     assert assert_complete_and_intact(db) > 0
 
 
+def test_killed_while_inspect_records_the_tenant_ids_of_before_then_rerun_records_them_all(db):
+    """Rollback puts back the tenant_id a table had before the migration from inspect's record of it: a run killed
+    while recording must not leave the table marked as recorded with only part of its values."""
+    with db.connect() as conn:
+        before = conn.execute("SELECT count(*) FROM knowledge_bases WHERE tenant_id IS NOT NULL").fetchone()[0]
+    assert before > 0  # the demo's partly applied migration 0001
+    code, out, err = run_worker(db, "inspect", "inspect.after_tenant_values=knowledge_bases@kill")
+    assert code == -signal.SIGKILL, f"the fault point was never reached: {code} {out} {err[-2000:]}"
+    code, out, err = run_worker(db, "inspect")
+    assert code == 0, err[-3000:]
+    with db.connect() as conn:
+        recorded = conn.execute("SELECT count(*) FROM tenancy_runbook.legacy_tenant_values "
+                                "WHERE table_name = 'knowledge_bases'").fetchone()[0]
+        tables = conn.execute("SELECT count(*) FROM tenancy_runbook.legacy_tables").fetchone()[0]
+    assert recorded == before
+    assert tables == len(db.params.tables)
+
+
 def wait_for(path: Path, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
     while not path.exists():

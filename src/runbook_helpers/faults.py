@@ -11,7 +11,8 @@ the process passes <point> with a detail matching the glob. Actions:
                 batch's own transaction), e.g. to corrupt a row as a runbook bug would
 Unset, a failpoint costs one dictionary lookup. Points: backfill.before_batch, backfill.mid_batch (inside
 the batch's transaction, after its UPDATE), backfill.after_batch, backfill.after_table,
-ddl.before_step and ddl.after_step (detail: the step's action).
+ddl.before_step and ddl.after_step (detail: the step's action), inspect.after_tenant_values (detail: the
+table whose tenant_id values of before were just recorded).
 """
 
 from __future__ import annotations

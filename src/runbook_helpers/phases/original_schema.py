@@ -18,6 +18,7 @@ from psycopg import sql
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
+from .. import faults
 from ..db import catalog
 from ..db.names import TENANT_COLUMN
 from ..db.sqltext import render
@@ -99,20 +100,21 @@ def capture(rb) -> list[str]:
                 "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = :oid"),
                 {"oid": st.oid})]
             acl = conn.execute(text("SELECT relacl::text FROM pg_class WHERE oid = :oid"), {"oid": st.oid}).scalar()
+            if st.has_column and st.pk_columns:
+                # one statement, before the table's record: a run killed in between records the values again
+                # (ON CONFLICT DO NOTHING) instead of leaving the table recorded with only part of its values
+                keys = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in st.pk_columns)
+                control.exec_driver_sql(render(control, sql.SQL(
+                    "INSERT INTO {v} (table_name, key, tenant_id) SELECT %s, json_build_array({keys})::jsonb, {col} "
+                    "FROM {t} WHERE {col} IS NOT NULL ON CONFLICT DO NOTHING").format(
+                        v=_t(ledger_schema, "legacy_tenant_values"), keys=keys, col=sql.Identifier(TENANT_COLUMN),
+                        t=st.qualified)), (name,))
+                faults.point("inspect.after_tenant_values", name)
             control.exec_driver_sql(render(control, sql.SQL(
                 "INSERT INTO {} (table_name, had_tenant_column, tenant_column_not_null, tenant_column_default, "
                 "key_columns, constraints, indexes, acl) VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s, %s) "
                 "ON CONFLICT DO NOTHING").format(_t(ledger_schema, "legacy_tables"))),
                 (name, st.has_column, st.not_null, st.default, st.pk_columns, json.dumps(constraints), indexes, acl))
-            if st.has_column and st.pk_columns:
-                keys = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in st.pk_columns)
-                rows = conn.exec_driver_sql(render(conn, sql.SQL(
-                    "SELECT json_build_array({keys})::text, {col} FROM {t} WHERE {col} IS NOT NULL").format(
-                        keys=keys, col=sql.Identifier(TENANT_COLUMN), t=st.qualified))).all()
-                for key, tenant in rows:
-                    control.exec_driver_sql(render(control, sql.SQL(
-                        "INSERT INTO {} (table_name, key, tenant_id) VALUES (%s, %s::jsonb, %s) ON CONFLICT DO NOTHING"
-                    ).format(_t(ledger_schema, "legacy_tenant_values"))), (name, key, tenant))
             recorded.append(name)
         if not done:
             _capture_objects(rb, conn, control)
