@@ -6,12 +6,14 @@ import json
 import os
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 import warm_worker
 from conftest import ROOT
+from runbook_helpers import params as params_mod
 
 pytestmark = pytest.mark.slow
 
@@ -31,24 +33,32 @@ print("completed")
 """
 FORWARD = "inspect,seed,backfill,constrain"
 
-# (fault spec, what it simulates): >= 10 distinct points through backfill and constrain
+# (fault spec, what it simulates, the phase it is in): >= 10 distinct points through backfill and constrain
 KILL_POINTS = [
-    ("backfill.before_batch=knowledge_bases#2", "between batches"),
-    ("backfill.mid_batch=knowledge_bases#3", "mid-batch: the UPDATE done, its checkpoint not committed"),
-    ("backfill.after_batch=knowledge_bases#1", "right after a batch committed"),
-    ("backfill.after_table=models", "between tables"),
-    ("ddl.after_step=add tenant_id with the System Tenant for every existing row#3", "between fast-default columns"),
-    ("ddl.after_step=install the rollout triggers*#2", "between tables' rollout triggers"),
-    ("ddl.after_step=open the record of the application's writes*#2", "between the records' openings"),
-    ("ddl.after_step=add CHECK (tenant_id IS NOT NULL) NOT VALID#2", "NOT VALID check added, not validated"),
-    ("ddl.after_step=set tenant_id NOT NULL#1", "NOT NULL set, the CHECK still there"),
-    ("ddl.after_step=add foreign key to tenants NOT VALID#4", "foreign key NOT VALID"),
-    ("ddl.before_step=build the tenant_id index#2", "just before an index build"),
-    ("ddl.after_step=build the unique index on (tenant_id, id)#3", "composite index built, not yet a constraint"),
-    ("ddl.after_step=add rules_tenant_id_workflow_id_workflows_tenant_id_id_fk NOT VALID", "composite FK NOT VALID"),
-    ("ddl.after_step=create the SELECT tenant policy#2", "RLS half set up: one policy"),
-    ("ddl.after_step=enable row level security#5", "RLS enabled, not forced"),
+    ("backfill.before_batch=knowledge_bases#2", "between batches", "backfill"),
+    ("backfill.mid_batch=knowledge_bases#3", "mid-batch: the UPDATE done, its checkpoint not committed", "backfill"),
+    ("backfill.after_batch=knowledge_bases#1", "right after a batch committed", "backfill"),
+    ("backfill.after_table=models", "between tables", "backfill"),
+    ("ddl.after_step=add tenant_id with the System Tenant for every existing row#3", "between fast-default columns",
+     "backfill"),
+    ("ddl.after_step=install the rollout triggers*#2", "between tables' rollout triggers", "backfill"),
+    ("ddl.after_step=open the record of the application's writes*#2", "between the records' openings", "backfill"),
+    ("ddl.after_step=add CHECK (tenant_id IS NOT NULL) NOT VALID#2", "NOT VALID check added, not validated",
+     "constrain"),
+    ("ddl.after_step=set tenant_id NOT NULL#1", "NOT NULL set, the CHECK still there", "constrain"),
+    ("ddl.after_step=add foreign key to tenants NOT VALID#4", "foreign key NOT VALID", "constrain"),
+    ("ddl.before_step=build the tenant_id index#2", "just before an index build", "constrain"),
+    ("ddl.after_step=build the unique index on (tenant_id, id)#3", "composite index built, not yet a constraint",
+     "constrain"),
+    ("ddl.after_step=add rules_tenant_id_workflow_id_workflows_tenant_id_id_fk NOT VALID", "composite FK NOT VALID",
+     "constrain"),
+    ("ddl.after_step=create the SELECT tenant policy#2", "RLS half set up: one policy", "constrain"),
+    ("ddl.after_step=enable row level security#5", "RLS enabled, not forced", "constrain"),
 ]
+# what the worker runs with (WORKER): the phases before a kill point's phase are run once per worker into a template
+# with the same params (tests/conftest.py's migrated_db), so each test starts where its killed run's phase begins
+WORKER_PARAMS = params_mod.override(params_mod.load("ci"), {"backfill": {"batch_size": 300, "target_batch_ms": None}})
+BEFORE = {"backfill": ("inspect", "seed"), "constrain": ("inspect", "seed", "backfill")}
 
 
 def run_worker(db, phases: str, fault: str | None = None, marker: Path | None = None, wait: bool = True,
@@ -96,8 +106,11 @@ def assert_complete_and_intact(db):
     return checked
 
 
-@pytest.mark.parametrize("fault,what", KILL_POINTS, ids=[k[0] for k in KILL_POINTS])
-def test_killed_at_a_point_then_rerun_completes(db, fault, what):
+@pytest.mark.parametrize("fault,what,phase", KILL_POINTS, ids=[k[0] for k in KILL_POINTS])
+def test_killed_at_a_point_then_rerun_completes(migrated_db, ci_params, fault, what, phase):
+    # the killed run still runs every phase (FORWARD): those before `phase` find nothing left to do, so the kill
+    # point's count (#n) counts the same steps as from the legacy database
+    db = replace(migrated_db(*BEFORE[phase], params=WORKER_PARAMS), params=ci_params)
     code, out, err = run_worker(db, FORWARD, f"{fault}@kill")
     assert code == -signal.SIGKILL, f"the fault point was never reached ({what}): {code} {out} {err[-2000:]}"
     code, out, err = run_worker(db, FORWARD)
