@@ -17,9 +17,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## fresh demo database + the whole runbook on it, archived under runs/local/
 	$(BIN)/runbook demo --env local
 
-test: $(STAMP)  ## pytest against real PostgreSQL (two workers, then the serial tests), then nbval
-	$(BIN)/pytest -q -n 2 --dist loadfile -m "not serial" tests
-	$(BIN)/pytest -q -m serial tests
+test: $(STAMP)  ## pytest against real PostgreSQL (two workers), then nbval
+	$(BIN)/pytest -q -n 2 --dist loadfile tests
 	RUNBOOK_ENV=ci $(BIN)/pytest -q $(NBVAL) notebooks
 
 lab: $(STAMP)  ## open the notebooks in JupyterLab (env from RUNBOOK_ENV, default local)

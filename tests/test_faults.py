@@ -6,13 +6,16 @@ import json
 import os
 import signal
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 import warm_worker
-from conftest import ROOT
+from conftest import ROOT, TEMPLATE_ROWS, TEMPLATE_SCALE, Db, create_database, drop_database
+from runbook_helpers import demo
+from runbook_helpers.db.server import EmbeddedServer
 from runbook_helpers import params as params_mod
 
 pytestmark = pytest.mark.slow
@@ -183,21 +186,43 @@ def test_killed_while_a_statement_runs_on_the_server(db, tmp_path, step, lock):
     assert_complete_and_intact(db)
 
 
-@pytest.mark.serial  # restarts the server every test uses
+RESTART_ENV = "ci_restart"  # a server of its own (.runbook/ci_restart/), so the other tests never see it restart
+
+
+@pytest.fixture(scope="module")
+def restart_server(ci_params):
+    srv = EmbeddedServer(RESTART_ENV)
+    srv.start()
+    drop_database(srv, "restart_template")
+    demo.build(srv.url(), "restart_template", system_uuid=str(ci_params.system_tenant.uuid), rows=TEMPLATE_ROWS,
+               scale=TEMPLATE_SCALE, log=lambda *_: None)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def restart_db(restart_server, ci_params):
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    create_database(restart_server, name, "restart_template")
+    yield Db(restart_server, name, params_mod.override(ci_params, {"env": RESTART_ENV}))
+    drop_database(restart_server, name)
+
+
 @pytest.mark.parametrize("fault", ["backfill.after_batch=knowledge_bases#2", "ddl.after_step=set tenant_id NOT NULL#3"])
-def test_server_restarted_mid_phase_then_rerun_completes(db, server, tmp_path, fault):
+def test_server_restarted_mid_phase_then_rerun_completes(restart_db, restart_server, tmp_path, fault):
+    db, server, on_it = restart_db, restart_server, {"env": RESTART_ENV}
     # The test database was cloned from the template (CREATE DATABASE ... STRATEGY WAL_LOG) a moment ago: until
     # the next checkpoint its sequences hand out values without WAL-logging them, and crash recovery restores
     # the copied page, so tenants_id_seq would go back under the tenants seed inserted. A real database has
     # been checkpointed since it was created; so is this one before the crash.
     db.execute("CHECKPOINT")
     marker = tmp_path / "paused"
-    proc = run_worker(db, FORWARD, f"{fault}@hang", marker, wait=False)
+    proc = run_worker(db, FORWARD, f"{fault}@hang", marker, wait=False, overrides=on_it)
     wait_for(marker)
     server.stop(mode="immediate")
     proc.kill()
     proc.wait(30)
     server.start()
-    code, out, err = run_worker(db, FORWARD)
+    code, out, err = run_worker(db, FORWARD, overrides=on_it)
     assert code == 0, err[-3000:]
     assert_complete_and_intact(db)
