@@ -2,6 +2,10 @@
 application role, and the legacy role kept to the contract params declare (every tenant, or the System
 Tenant's rows)."""
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import psycopg
 import pytest
 
@@ -84,6 +88,104 @@ def test_set_tenant_binds_the_value(migrated):
             rls.set_tenant(conn, "1; DROP TABLE rules")
         conn.rollback()
         assert conn.execute("SELECT current_setting('app.current_tenant_id', true)").fetchone()[0] == ""
+
+
+@pytest.mark.parametrize("attempt", ["1; DROP TABLE rules", "1' OR '1'='1", "42; RESET ROLE", "1 OR 1=1", 3.5, True,
+                                     2 ** 63, "", [1]])
+def test_set_tenant_refuses_what_is_not_an_integer_before_sending_anything(migrated, attempt):
+    """SET LOCAL cannot take a bound parameter: set_tenant checks the id is a bigint before it quotes it."""
+    with migrated.connect() as conn:
+        rls.set_tenant(conn, 7)
+        with pytest.raises(ValueError, match="tenant id"):
+            rls.set_tenant(conn, attempt)
+        assert conn.execute("SELECT current_setting('app.current_tenant_id'), current_user, "
+                            "to_regclass('rules') IS NOT NULL").fetchone() == ("7", "postgres", True)
+
+
+def test_the_setting_statement_quotes_any_text_as_one_literal(migrated):
+    """The suite sends garbage on purpose ('abc', '1 OR 1=1'): whatever the text, it arrives as the setting's value,
+    never as SQL (psycopg.sql.Literal, not spliced text)."""
+    hostile = "1'; DROP TABLE rules; SELECT '"
+    with migrated.connect() as conn:
+        for statement in rls.tenant_setting_statements("app.current_tenant_id", hostile, citus=False):
+            assert statement.as_string(conn).startswith('SET LOCAL "app"."current_tenant_id" = ')
+            conn.execute(statement)
+        assert conn.execute("SELECT current_setting('app.current_tenant_id')").fetchone()[0] == hostile
+        conn.rollback()
+    assert migrated.scalar("SELECT to_regclass('rules') IS NOT NULL")
+
+
+def test_the_citus_form_runs_on_plain_postgresql_and_isolation_holds(migrated):
+    """What set_tenant sends where the catalog shows Citus: SET LOCAL citus.propagate_set_commands = 'local', then
+    SET LOCAL of the tenant. On plain PostgreSQL citus.* is an unknown placeholder: it is accepted as a custom
+    setting for the transaction, and the tenant's SET LOCAL isolates as set_config did."""
+    system = migrated.scalar("SELECT id FROM tenants WHERE uuid = %s", (SYSTEM,))
+    other = migrated.scalar("INSERT INTO tenants (uuid, name) VALUES (gen_random_uuid(), 'citus form') RETURNING id")
+    migrated.execute("UPDATE templates SET tenant_id = %s WHERE id <= 3", (other,))
+    total = migrated.scalar("SELECT count(*) FROM templates")
+    with migrated.connect() as conn:
+        conn.execute("SET LOCAL ROLE app_user")
+        for statement in rls.tenant_setting_statements("app.current_tenant_id", str(other), citus=True):
+            conn.execute(statement)
+        assert conn.execute("SELECT current_setting('citus.propagate_set_commands'), "
+                            "current_setting('app.current_tenant_id')").fetchone() == ("local", str(other))
+        assert conn.execute("SELECT count(*), min(tenant_id), max(tenant_id) FROM templates").fetchone() == (
+            3, other, other)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):  # another tenant's row: refused by the policy
+            conn.execute("INSERT INTO templates (uuid, name, category, tenant_id) "
+                         "VALUES (gen_random_uuid(), 'x', 'x', %s)", (system,))
+        conn.rollback()
+        conn.execute("SET LOCAL ROLE app_user")
+        for statement in rls.tenant_setting_statements("app.current_tenant_id", str(system), citus=True):
+            conn.execute(statement)
+        assert conn.execute("SELECT count(*) FROM templates").fetchone()[0] == total - 3
+        conn.commit()
+        # SET LOCAL ends with its transaction: a reused connection sees nothing, and Citus' setting is gone too
+        conn.execute("SET LOCAL ROLE app_user")
+        assert conn.execute("SELECT count(*), current_setting('citus.propagate_set_commands', true) "
+                            "FROM templates").fetchone() == (0, "")
+        assert rls.has_citus(conn) is False
+
+
+FAKE_CITUS_CONTROL = "comment = 'stands in for Citus: only its name in pg_extension'\ndefault_version = '0'\n" \
+                     "relocatable = true\n"
+
+
+def test_the_form_follows_the_catalog_fact_alone(migrated):
+    """set_tenant picks the Citus form from pg_extension alone: the same database, once an extension named citus is
+    in its catalog (an empty stand-in, from a control file outside the installation: extension_control_path,
+    PostgreSQL 18+), gets SET LOCAL citus.propagate_set_commands = 'local' first. Detected once per connection."""
+    with migrated.connect() as conn:
+        if conn.info.server_version < 180000:
+            pytest.skip("extension_control_path needs PostgreSQL 18+ (the stand-in extension's control file)")
+        rls.set_tenant(conn, 5)
+        assert conn.execute("SELECT current_setting('citus.propagate_set_commands', true)").fetchone()[0] is None
+        conn.rollback()
+        assert rls.has_citus(conn) is False
+    home = Path(tempfile.mkdtemp(prefix="stand-in-citus-"))  # readable by the server's own OS user
+    ext = home / "extension"
+    ext.mkdir()
+    (ext / "citus.control").write_text(FAKE_CITUS_CONTROL)
+    (ext / "citus--0.sql").write_text("-- nothing: the catalog row is what set_tenant reads\n")
+    with migrated.connect(autocommit=True) as admin:
+        admin.execute(psycopg.sql.SQL("SET extension_control_path = {}").format(
+            psycopg.sql.Literal(f"$system:{home}")))
+        for path in (home, ext, *ext.iterdir()):
+            path.chmod(0o755)
+        try:
+            admin.execute("CREATE EXTENSION citus")
+        finally:
+            shutil.rmtree(home)
+    with migrated.connect() as conn:
+        assert rls.has_citus(conn) is True
+        rls.set_tenant(conn, 5)
+        assert conn.execute("SELECT current_setting('citus.propagate_set_commands'), "
+                            "current_setting('app.current_tenant_id')").fetchone() == ("local", "5")
+        conn.rollback()
+        conn.execute("SET LOCAL ROLE app_user")
+        rls.set_tenant(conn, migrated.scalar("SELECT id FROM tenants WHERE uuid = %s", (SYSTEM,)))
+        assert conn.execute("SELECT count(*) FROM templates").fetchone()[0] == migrated.scalar(
+            "SELECT count(*) FROM templates")
 
 
 def legacy_counts(db, role: str) -> tuple[int, int]:

@@ -33,6 +33,7 @@ from psycopg import sql
 
 from ..db import catalog
 from ..db.names import TENANT_COLUMN
+from . import rls
 
 COLUMNS = ["case", "table", "expected", "actual", "passed"]
 
@@ -97,6 +98,13 @@ class Suite:
         self.fresh_count = 0
 
     # -- helpers
+    def set_setting(self, cur, value: str) -> None:
+        """The tenant setting as the application sends it (rls.set_tenant's statements: SET LOCAL, on Citus after
+        citus.propagate_set_commands = 'local'), with any text as the value: the garbage cases send garbage."""
+        conn = cur if isinstance(cur, psycopg.Connection) else cur.connection
+        for statement in rls.tenant_setting_statements(self.setting, value, rls.has_citus(conn)):
+            cur.execute(statement)
+
     def add(self, case: str, table: str, expected: Any, actual: Any, passed: bool) -> None:
         self.results.append({"case": case, "table": table, "expected": str(expected), "actual": str(actual),
                              "passed": bool(passed)})
@@ -109,7 +117,7 @@ class Suite:
             try:
                 cur.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(self.role)))
                 if tenant is not None:
-                    cur.execute("SELECT set_config(%s, %s, true)", (self.setting, tenant))
+                    self.set_setting(cur, tenant)
                 cur.execute(statement, args)
                 value = cur.rowcount if raw else (cur.fetchone()[0] if cur.description else cur.rowcount)
                 return ("rows", value)
@@ -401,7 +409,7 @@ class Suite:
             self.add(label, table.name, expected, self.describe(out), ok)
         with conn.cursor() as cur:  # SET LOCAL in a savepoint that is rolled back leaves '' behind
             cur.execute("SAVEPOINT revert")
-            cur.execute("SELECT set_config(%s, %s, true)", (self.setting, str(t["A"])))
+            self.set_setting(cur, str(t["A"]))
             cur.execute("ROLLBACK TO SAVEPOINT revert")
         out = self.as_app(conn, None, self.count(table))
         self.add("setting reverted after SET LOCAL", table.name, "0 rows, no error", self.describe(out),
@@ -436,7 +444,7 @@ class Suite:
             cur.execute("SAVEPOINT copy")
             try:
                 cur.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(self.role)))
-                cur.execute("SELECT set_config(%s, %s, true)", (self.setting, str(t["A"])))
+                self.set_setting(cur, str(t["A"]))
                 lines = 0
                 with cur.copy(sql.SQL("COPY {} TO STDOUT").format(table.ident)) as copy:
                     for _ in copy.rows():
@@ -504,7 +512,7 @@ class Suite:
                 if not force:
                     cur.execute(sql.SQL("ALTER TABLE {} NO FORCE ROW LEVEL SECURITY").format(table.ident))
                 cur.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(table.owner)))
-                cur.execute("SELECT set_config(%s, %s, true)", (self.setting, tenant))
+                self.set_setting(cur, tenant)
                 cur.execute(self.count(table, where))
                 return ("rows", cur.fetchone()[0])
             except psycopg.Error as exc:
@@ -534,7 +542,7 @@ class Suite:
             conn.rollback()
             self.add("setting never set in this session", table.name, "0 rows, no error", f"{never} rows", never == 0)
             conn.execute(role)
-            conn.execute("SELECT set_config(%s, %s, true)", (self.setting, str(tenant)))
+            self.set_setting(conn, str(tenant))
             during = conn.execute(self.count(table)).fetchone()[0]
             conn.commit()
             conn.execute(role)
