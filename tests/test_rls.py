@@ -2,13 +2,10 @@
 application role, and the legacy role kept to the contract params declare (every tenant, or the System
 Tenant's rows)."""
 
-import shutil
-import tempfile
-from pathlib import Path
-
 import psycopg
 import pytest
 
+from conftest import install_stand_in_citus
 from runbook_helpers import params as params_mod
 from runbook_helpers.tenancy import rls
 
@@ -147,35 +144,16 @@ def test_the_citus_form_runs_on_plain_postgresql_and_isolation_holds(migrated):
         assert rls.has_citus(conn) is False
 
 
-FAKE_CITUS_CONTROL = "comment = 'stands in for Citus: only its name in pg_extension'\ndefault_version = '0'\n" \
-                     "relocatable = true\n"
-
-
 def test_the_form_follows_the_catalog_fact_alone(migrated):
     """set_tenant picks the Citus form from pg_extension alone: the same database, once an extension named citus is
     in its catalog (an empty stand-in, from a control file outside the installation: extension_control_path,
     PostgreSQL 18+), gets SET LOCAL citus.propagate_set_commands = 'local' first. Detected once per connection."""
     with migrated.connect() as conn:
-        if conn.info.server_version < 180000:
-            pytest.skip("extension_control_path needs PostgreSQL 18+ (the stand-in extension's control file)")
         rls.set_tenant(conn, 5)
         assert conn.execute("SELECT current_setting('citus.propagate_set_commands', true)").fetchone()[0] is None
         conn.rollback()
         assert rls.has_citus(conn) is False
-    home = Path(tempfile.mkdtemp(prefix="stand-in-citus-"))  # readable by the server's own OS user
-    ext = home / "extension"
-    ext.mkdir()
-    (ext / "citus.control").write_text(FAKE_CITUS_CONTROL)
-    (ext / "citus--0.sql").write_text("-- nothing: the catalog row is what set_tenant reads\n")
-    with migrated.connect(autocommit=True) as admin:
-        admin.execute(psycopg.sql.SQL("SET extension_control_path = {}").format(
-            psycopg.sql.Literal(f"$system:{home}")))
-        for path in (home, ext, *ext.iterdir()):
-            path.chmod(0o755)
-        try:
-            admin.execute("CREATE EXTENSION citus")
-        finally:
-            shutil.rmtree(home)
+    install_stand_in_citus(migrated)
     with migrated.connect() as conn:
         assert rls.has_citus(conn) is True
         rls.set_tenant(conn, 5)
