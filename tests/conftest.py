@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,6 +176,32 @@ def empty_db(server, ci_params) -> Db:
     create_database(server, name, None)
     yield Db(server, name, ci_params)
     drop_database(server, name)
+
+
+STAND_IN_CITUS_CONTROL = ("comment = 'stands in for Citus: only its name in pg_extension'\n"
+                          "default_version = '0'\nrelocatable = true\n")
+
+
+def install_stand_in_citus(db: Db) -> None:
+    """CREATE EXTENSION citus from an empty stand-in: the catalog fact (pg_extension has citus) that the runbook's
+    choice of the Citus forms rests on, and nothing of Citus itself. Its control file lives outside the
+    installation (extension_control_path names a directory whose extension/ holds it; PostgreSQL 18+), readable by
+    the server's own OS user, and is removed once the extension exists. Skips on older servers."""
+    home = Path(tempfile.mkdtemp(prefix="stand-in-citus-"))
+    try:
+        ext = home / "extension"
+        ext.mkdir()
+        (ext / "citus.control").write_text(STAND_IN_CITUS_CONTROL)
+        (ext / "citus--0.sql").write_text("-- nothing: the catalog row is what the runbook reads\n")
+        for path in (home, ext, *ext.iterdir()):
+            path.chmod(0o755)
+        with db.connect(autocommit=True) as admin:
+            if admin.info.server_version < 180000:
+                pytest.skip("the stand-in citus extension needs extension_control_path (PostgreSQL 18+)")
+            admin.execute(sql.SQL("SET extension_control_path = {}").format(sql.Literal(f"$system:{home}")))
+            admin.execute("CREATE EXTENSION citus")
+    finally:
+        shutil.rmtree(home)
 
 
 def staging_dsn(db, user: str = "postgres", password: str | None = None) -> str:

@@ -3,6 +3,7 @@ red when the protection it relies on is removed."""
 
 import pytest
 
+from conftest import install_stand_in_citus
 from runbook_helpers import params as params_mod
 from runbook_helpers.errors import RunbookError
 from runbook_helpers.phases import validate
@@ -97,6 +98,58 @@ def test_a_foreign_key_without_tenant_id_goes_red(migrated):
     migrated.execute("ALTER TABLE decision_tables DROP CONSTRAINT "
                      "decision_tables_tenant_id_model_id_models_tenant_id_id_fk")
     assert failing(suite(migrated)) == {("child row referencing another tenant's parent", "decision_tables -> models")}
+
+
+# What Citus enforces, in plain PostgreSQL: once a user has written rows in a transaction, no other user may query
+# or write in it ("cannot perform query on placements that were modified in this transaction by a different user").
+# A trigger notes the first writer of the transaction; a restrictive policy and the trigger refuse anyone else.
+ONE_USER_PER_TRANSACTION = """
+CREATE FUNCTION probe_note_writer() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF coalesce(current_setting('probe.writer', true), '') NOT IN ('', current_user) THEN
+    RAISE EXCEPTION 'written as % after % wrote in this transaction', current_user, current_setting('probe.writer');
+  END IF;
+  PERFORM set_config('probe.writer', current_user, true);
+  RETURN NULL;
+END $$;
+CREATE FUNCTION probe_one_user() RETURNS boolean LANGUAGE plpgsql STABLE AS $$
+BEGIN
+  IF coalesce(current_setting('probe.writer', true), '') NOT IN ('', current_user) THEN
+    RAISE EXCEPTION 'read as % what % wrote in this transaction', current_user, current_setting('probe.writer');
+  END IF;
+  RETURN true;
+END $$;
+"""
+
+
+def test_each_probe_transaction_is_one_users_alone(migrated):
+    """The probe rows are written by the role that probes (the application role; the table owner for the owner
+    cases), never by the migration role before a SET LOCAL ROLE: every case passes where one user per transaction
+    is enforced. Red without it: every case reading as the application role fails with 'read as app_user what
+    postgres wrote in this transaction'."""
+    migrated.execute(ONE_USER_PER_TRANSACTION)
+    for table in migrated.params.tables:
+        migrated.execute(f"CREATE TRIGGER zz_probe_note_writer AFTER INSERT OR UPDATE OR DELETE ON {table} "
+                         "FOR EACH ROW EXECUTE FUNCTION probe_note_writer()")
+        migrated.execute(f"CREATE POLICY zz_probe_one_user ON {table} AS RESTRICTIVE FOR SELECT USING (probe_one_user())")
+    results = suite(migrated)
+    assert results["passed"].all(), results[~results["passed"]].to_dict("records")
+    assert len(results) > 70
+
+
+def test_on_citus_a_nologin_application_role_is_named_not_probed(migrated):
+    """Citus opens its worker connections as the current user, so a NOLOGIN application role cannot run a query on
+    a distributed table: where pg_extension shows Citus (here an empty stand-in), the suite says what to do instead
+    of failing on every case. Nothing is written: no probe tenant is made."""
+    install_stand_in_citus(migrated)
+    tenants = migrated.scalar("SELECT count(*) FROM tenants")
+    results = suite(migrated)
+    assert len(results) == 1
+    row = results.iloc[0]
+    assert (row["case"], row["table"], bool(row["passed"])) == ("application role can reach the Citus workers",
+                                                              "app_user", False)
+    assert row["actual"].startswith("cannot run: app_user is NOLOGIN, and Citus opens its connections to the workers")
+    assert migrated.scalar("SELECT count(*) FROM tenants") == tenants
 
 
 # A small schema of real constraints: primary keys without a default, unique keys over several columns,

@@ -17,7 +17,7 @@ from runbook_helpers.legacy import checks as legacy_checks, mapping as legacy_ma
 from runbook_helpers.phases import rollback
 from test_drizzle import folder_with_0002, recorded_frame
 from runbook_helpers.errors import RunbookError
-from runbook_helpers.phases import inspect, seed
+from runbook_helpers.phases import inspect, seed, validate
 from runbook_helpers.run.session import PHASES
 
 NAMESPACE = uuid.UUID("6f1d3a4e-2b7c-4e0a-9c55-1d2e3f405162")  # params/base.yaml legacy.tenant_uuid_namespace
@@ -288,3 +288,24 @@ def test_a_legacy_user_whose_email_the_application_already_has_is_listed_not_mer
         frame = legacy_checks.ambiguities(rb)
     listed = frame[(frame["kind"] == legacy_checks.DUPLICATE_EMAIL) & (frame["key"] == "5")]
     assert list(listed["detail"]) == ["normalised email already used by another users row"]
+
+
+def test_a_child_moved_off_its_parents_tenant_fails_the_conservation_check(mapped_migrated):
+    """The check that children carry their parent's tenant is a join on tenant_id and the key (what Citus joins
+    shard to shard): a rule whose workflow sits under another tenant finds no parent there and is counted."""
+    db = mapped_migrated
+    check = "child rows carry their parent's tenant (workflows via workflow_id)"
+
+    def counted():
+        with db.session("validate") as rb:
+            frame = validate.checks(rb)
+        row = frame[(frame["check"] == check) & (frame["table"] == "rules")].iloc[0]
+        return row["actual"], bool(row["passed"])
+
+    assert counted() == ("0", True)
+    other = db.scalar("INSERT INTO tenants (uuid, name) VALUES (gen_random_uuid(), 'elsewhere') RETURNING id")
+    composite = db.scalar("SELECT conname FROM pg_constraint WHERE conrelid = 'rules'::regclass AND contype = 'f' "
+                          "AND confrelid = 'workflows'::regclass AND cardinality(conkey) = 2")
+    db.execute(sql.SQL("ALTER TABLE rules DROP CONSTRAINT {}").format(sql.Identifier(composite)))
+    db.execute_unrecorded("UPDATE rules SET tenant_id = %s WHERE id = (SELECT min(id) FROM rules)", (other,))
+    assert counted() == ("1", False)

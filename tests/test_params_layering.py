@@ -25,7 +25,12 @@ ADDED = [("legacy", "source"), ("validate", "smoke_queries", "*", "writes"), ("r
 # Defaults issue 15 changed on purpose (the lock ladder: short waits first, many tries): old -> new, where an env
 # kept the old default.
 CHANGED = {("locks", "lock_timeout_ms"): (2000, 500), ("locks", "retry", "attempts"): (6, 20),
-           ("locks", "retry", "backoff_ms"): (500, 100), ("locks", "retry", "backoff_max_ms"): (10000, 5000)}
+           ("locks", "retry", "backoff_ms"): (500, 100), ("locks", "retry", "backoff_max_ms"): (10000, 5000),
+           # issue 18: the demo's smoke query joins on tenant_id too, so Citus joins colocated shards (same rows)
+           ("validate", "smoke_queries", 1, "sql"): (
+               "SELECT r.id, r.name FROM rules r JOIN workflows w ON w.id = r.workflow_id WHERE w.id = 1",
+               "SELECT r.id, r.name FROM rules r JOIN workflows w ON w.tenant_id = r.tenant_id AND w.id = "
+               "r.workflow_id WHERE w.id = 1")}
 
 
 def _leaves(node, at=()):

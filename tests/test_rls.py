@@ -5,6 +5,7 @@ Tenant's rows)."""
 import psycopg
 import pytest
 
+from conftest import install_stand_in_citus
 from runbook_helpers import params as params_mod
 from runbook_helpers.tenancy import rls
 
@@ -84,6 +85,85 @@ def test_set_tenant_binds_the_value(migrated):
             rls.set_tenant(conn, "1; DROP TABLE rules")
         conn.rollback()
         assert conn.execute("SELECT current_setting('app.current_tenant_id', true)").fetchone()[0] == ""
+
+
+@pytest.mark.parametrize("attempt", ["1; DROP TABLE rules", "1' OR '1'='1", "42; RESET ROLE", "1 OR 1=1", 3.5, True,
+                                     2 ** 63, "", [1]])
+def test_set_tenant_refuses_what_is_not_an_integer_before_sending_anything(migrated, attempt):
+    """SET LOCAL cannot take a bound parameter: set_tenant checks the id is a bigint before it quotes it."""
+    with migrated.connect() as conn:
+        rls.set_tenant(conn, 7)
+        with pytest.raises(ValueError, match="tenant id"):
+            rls.set_tenant(conn, attempt)
+        assert conn.execute("SELECT current_setting('app.current_tenant_id'), current_user, "
+                            "to_regclass('rules') IS NOT NULL").fetchone() == ("7", "postgres", True)
+
+
+def test_the_setting_statement_quotes_any_text_as_one_literal(migrated):
+    """The suite sends garbage on purpose ('abc', '1 OR 1=1'): whatever the text, it arrives as the setting's value,
+    never as SQL (psycopg.sql.Literal, not spliced text)."""
+    hostile = "1'; DROP TABLE rules; SELECT '"
+    with migrated.connect() as conn:
+        for statement in rls.tenant_setting_statements("app.current_tenant_id", hostile, citus=False):
+            assert statement.as_string(conn).startswith('SET LOCAL "app"."current_tenant_id" = ')
+            conn.execute(statement)
+        assert conn.execute("SELECT current_setting('app.current_tenant_id')").fetchone()[0] == hostile
+        conn.rollback()
+    assert migrated.scalar("SELECT to_regclass('rules') IS NOT NULL")
+
+
+def test_the_citus_form_runs_on_plain_postgresql_and_isolation_holds(migrated):
+    """What set_tenant sends where the catalog shows Citus: SET LOCAL citus.propagate_set_commands = 'local', then
+    SET LOCAL of the tenant. On plain PostgreSQL citus.* is an unknown placeholder: it is accepted as a custom
+    setting for the transaction, and the tenant's SET LOCAL isolates as set_config did."""
+    system = migrated.scalar("SELECT id FROM tenants WHERE uuid = %s", (SYSTEM,))
+    other = migrated.scalar("INSERT INTO tenants (uuid, name) VALUES (gen_random_uuid(), 'citus form') RETURNING id")
+    migrated.execute("UPDATE templates SET tenant_id = %s WHERE id <= 3", (other,))
+    total = migrated.scalar("SELECT count(*) FROM templates")
+    with migrated.connect() as conn:
+        conn.execute("SET LOCAL ROLE app_user")
+        for statement in rls.tenant_setting_statements("app.current_tenant_id", str(other), citus=True):
+            conn.execute(statement)
+        assert conn.execute("SELECT current_setting('citus.propagate_set_commands'), "
+                            "current_setting('app.current_tenant_id')").fetchone() == ("local", str(other))
+        assert conn.execute("SELECT count(*), min(tenant_id), max(tenant_id) FROM templates").fetchone() == (
+            3, other, other)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):  # another tenant's row: refused by the policy
+            conn.execute("INSERT INTO templates (uuid, name, category, tenant_id) "
+                         "VALUES (gen_random_uuid(), 'x', 'x', %s)", (system,))
+        conn.rollback()
+        conn.execute("SET LOCAL ROLE app_user")
+        for statement in rls.tenant_setting_statements("app.current_tenant_id", str(system), citus=True):
+            conn.execute(statement)
+        assert conn.execute("SELECT count(*) FROM templates").fetchone()[0] == total - 3
+        conn.commit()
+        # SET LOCAL ends with its transaction: a reused connection sees nothing, and Citus' setting is gone too
+        conn.execute("SET LOCAL ROLE app_user")
+        assert conn.execute("SELECT count(*), current_setting('citus.propagate_set_commands', true) "
+                            "FROM templates").fetchone() == (0, "")
+        assert rls.has_citus(conn) is False
+
+
+def test_the_form_follows_the_catalog_fact_alone(migrated):
+    """set_tenant picks the Citus form from pg_extension alone: the same database, once an extension named citus is
+    in its catalog (an empty stand-in, from a control file outside the installation: extension_control_path,
+    PostgreSQL 18+), gets SET LOCAL citus.propagate_set_commands = 'local' first. Detected once per connection."""
+    with migrated.connect() as conn:
+        rls.set_tenant(conn, 5)
+        assert conn.execute("SELECT current_setting('citus.propagate_set_commands', true)").fetchone()[0] is None
+        conn.rollback()
+        assert rls.has_citus(conn) is False
+    install_stand_in_citus(migrated)
+    with migrated.connect() as conn:
+        assert rls.has_citus(conn) is True
+        rls.set_tenant(conn, 5)
+        assert conn.execute("SELECT current_setting('citus.propagate_set_commands'), "
+                            "current_setting('app.current_tenant_id')").fetchone() == ("local", "5")
+        conn.rollback()
+        conn.execute("SET LOCAL ROLE app_user")
+        rls.set_tenant(conn, migrated.scalar("SELECT id FROM tenants WHERE uuid = %s", (SYSTEM,)))
+        assert conn.execute("SELECT count(*) FROM templates").fetchone()[0] == migrated.scalar(
+            "SELECT count(*) FROM templates")
 
 
 def legacy_counts(db, role: str) -> tuple[int, int]:

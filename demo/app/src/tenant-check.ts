@@ -15,7 +15,10 @@ const org = Number(process.env.ORG_ID);
 
 const inside = await db.transaction(async (tx) => {
   if (tenant !== undefined) {
-    await tx.execute(sql`select set_config('app.current_tenant_id', ${String(tenant)}, true)`);
+    // SET LOCAL, the form that also reaches Citus workers (there after SET LOCAL citus.propagate_set_commands =
+    // 'local'); it takes no bound parameter, so the id is checked to be an integer before it goes in the statement
+    if (!Number.isSafeInteger(tenant)) throw new Error(`not a tenant id: ${process.env.TENANT_ID}`);
+    await tx.execute(sql.raw(`set local app.current_tenant_id = '${tenant}'`));
   }
   const rows = await tx.select({ tenantId: schema.workflows.tenantId }).from(schema.workflows);
   const values = { uuid: randomUUID(), name: `orm ${randomUUID()}`, orgId: org, definition: {} };

@@ -84,13 +84,17 @@ def key_match(alias: str, key_columns: list[str], key_types: list[str], key_json
 
 
 def _change_sql(st: catalog.TableState, ledger: str) -> sql.Composed:
-    present = sql.SQL("EXISTS (SELECT 1 FROM {t} AS t WHERE {match})").format(
-        t=st.qualified, match=key_match("t", st.pk_columns, st.pk_types, sql.SQL("w.key")))
+    """Each recorded write and whether its row is there now: a LEFT JOIN of the ledger (a local table) with the
+    core table on its primary key (one row at most), not a correlated subquery, which Citus cannot plan between a
+    local and a distributed table."""
+    present = sql.SQL("t.{} IS NOT NULL").format(sql.Identifier(st.pk_columns[0]))
     return sql.SQL(
         "SELECT w.key::text AS key, CASE WHEN w.old_hash IS NULL THEN CASE WHEN {p} THEN 'inserted' "
         "ELSE 'inserted, then deleted' END ELSE CASE WHEN {p} THEN 'updated' ELSE 'deleted' END END AS change, "
-        "w.first_at, w.last_at, w.writes FROM {log} AS w WHERE w.table_name = %s ORDER BY w.first_at, w.key").format(
-        p=present, log=sql.Identifier(ledger, "app_writes"))
+        "w.first_at, w.last_at, w.writes FROM {log} AS w LEFT JOIN {t} AS t ON {match} "
+        "WHERE w.table_name = %s ORDER BY w.first_at, w.key").format(
+        p=present, log=sql.Identifier(ledger, "app_writes"), t=st.qualified,
+        match=key_match("t", st.pk_columns, st.pk_types, sql.SQL("w.key")))
 
 
 def reconcile(engine: Engine, ledger: str, st: catalog.TableState) -> Reconciled | None:
@@ -113,8 +117,8 @@ def reconcile(engine: Engine, ledger: str, st: catalog.TableState) -> Reconciled
             (st.name, start["snapshot"])).one()
         cols = list(start["columns"])
         actual = conn.exec_driver_sql(render(conn, sql.SQL(
-            "SELECT count(*), coalesce(sum({h}::numeric), 0) FROM {t} AS t WHERE NOT EXISTS (SELECT 1 FROM {log} AS w "
-            "WHERE w.table_name = %s AND w.key = {key})").format(
+            "SELECT count(*), coalesce(sum({h}::numeric), 0) FROM {t} AS t LEFT JOIN {log} AS w "
+            "ON w.table_name = %s AND w.key = {key} WHERE w.key IS NULL").format(
             h=row_hash("t", cols), t=st.qualified, log=log, key=row_key("t", list(start["key_columns"])))),
             (st.name,)).one()
         changes = dict.fromkeys(CHANGES, 0)

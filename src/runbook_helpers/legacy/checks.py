@@ -231,12 +231,17 @@ def conservation(rb, baseline: pd.DataFrame, system_id: int | None) -> list[tupl
             seen.add((fk.child, fk.parent, tuple(cols)))
             if not all(catalog.table_state(conn, s, t).has_column for t in (fk.child, fk.parent)):
                 continue  # validate already fails on the missing tenant_id
+            # children whose parent is not in their own tenant: a join on tenant_id and the key (colocated once
+            # Citus distributes both by tenant_id; a join on the key alone needs a repartition join there). The
+            # foreign key keeps every parent present, so this counts exactly the children under another tenant.
             join = sql.SQL(" AND ").join(sql.SQL("pr.{} = ch.{}").format(sql.Identifier(r), sql.Identifier(c))
                                          for c, r in cols)
+            present = sql.SQL(" AND ").join(sql.SQL("ch.{} IS NOT NULL").format(sql.Identifier(c)) for c, _ in cols)
             differ = conn.exec_driver_sql(render(conn, sql.SQL(
-                "SELECT count(*) FROM {child} ch JOIN {parent} pr ON {join} WHERE ch.{c} IS DISTINCT FROM pr.{c}").format(
-                child=sql.Identifier(s, fk.child), parent=sql.Identifier(s, fk.parent), join=join,
-                c=sql.Identifier(TENANT_COLUMN)))).scalar()
+                "SELECT count(*) FROM {child} ch LEFT JOIN {parent} pr ON pr.{c} = ch.{c} AND {join} "
+                "WHERE {present} AND pr.{ref} IS NULL").format(
+                child=sql.Identifier(s, fk.child), parent=sql.Identifier(s, fk.parent), join=join, present=present,
+                c=sql.Identifier(TENANT_COLUMN), ref=sql.Identifier(cols[0][1])))).scalar()
             out.append((f"child rows carry their parent's tenant ({fk.parent} via {', '.join(c for c, _ in cols)})",
                         fk.child, 0, int(differ)))
     return out

@@ -56,8 +56,8 @@ def checks(rb) -> pd.DataFrame:
             nulls = catalog.null_tenant_count(conn, rb.schema, name)
             add("rows without tenant", name, 0, nulls)
             orphans = conn.exec_driver_sql(render(conn, sql.SQL(
-                "SELECT count(*) FROM {t} x WHERE x.{c} IS NOT NULL AND NOT EXISTS "
-                "(SELECT 1 FROM {tenants} tn WHERE tn.id = x.{c})").format(
+                "SELECT count(*) FROM {t} x LEFT JOIN {tenants} tn ON tn.id = x.{c} "
+                "WHERE x.{c} IS NOT NULL AND tn.id IS NULL").format(
                     t=sql.Identifier(rb.schema, name), c=sql.Identifier(TENANT_COLUMN),
                     tenants=sql.Identifier(rb.schema, "tenants")))).scalar()
             add("rows whose tenant does not exist", name, 0, orphans)

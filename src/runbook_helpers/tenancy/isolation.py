@@ -1,18 +1,25 @@
 """The isolation suite: attacks on tenant isolation, run as the application role, leaving nothing behind.
 
-Everything happens inside one transaction that is rolled back at the end: two probe tenants (A, B) are
-created next to the System Tenant, each gets copies of existing rows in every tenant table, and then,
-as the application role (SET LOCAL ROLE), each case tries to read or write what it must not. Each case
-runs in its own savepoint and reports expected, actual and passed. Two cases need real transactions
-(a pooled connection reused after a tenant's transaction; a session that never set the tenant) and use
-a second connection that only reads.
+Two probe tenants (A, B) are created next to the System Tenant and committed (the probing role's connections,
+on Citus its connections to the workers, must see them; they are deleted at the end, and a killed run's are
+recognised by their fixed uuids and removed by the next). Then one transaction, rolled back at the end, belongs
+to the application role from its first statement (SET LOCAL ROLE): it writes its own probe rows, copies of
+existing rows in every tenant table under each probe tenant's setting, and each case tries to read or write
+what it must not, in its own savepoint, reporting expected, actual and passed. Nothing in it is done as another
+user: Citus refuses a query on placements that another user modified in the same transaction. The owner cases
+run in transactions of the table owner's own, which writes its probe rows itself; two cases need real
+transactions (a pooled connection reused after a tenant's transaction; a session that never set the tenant) and
+use a second connection that only reads. On Citus the application role must be able to log in on the workers
+(Citus connects as the current user): a NOLOGIN role is reported, not probed.
 
 Probe rows are copies of existing rows with fresh keys: every column of every unique or primary key gets a
 new value (its sequence or identity where it has one, otherwise one of the right type: past the maximum for
 numbers and dates, gen_random_uuid() for uuid, a suffix for text), and every foreign key to another tenant
-table points at a probe row of the same probe tenant. Where no such copy can be inserted (a CHECK, an enum in
-a key, a trigger), existing rows without children are moved to the probe tenants instead, inside the same
-rolled-back transaction. A table where neither works says why ("cannot run: …"): that fails validate unless
+table points at a probe row of the same probe tenant. The rows to copy are read beforehand by the migration role
+(the probing role sees no other tenant's rows) and written as VALUES. Where no such copy can be inserted (a
+CHECK, an enum in a key, a trigger), existing rows without children are moved to the probe tenants instead
+(deleted under their tenant and inserted again under the probe tenant's, same keys), inside the same rolled-back
+transaction. A table where neither works says why ("cannot run: …"): that fails validate unless
 rls.isolation_accept accepts it with a reason, as rls.lint_accept does for lint findings.
 
 A negative control reads as the table owner with FORCE switched off: with tenant A set it must see tenant B's
@@ -21,8 +28,11 @@ rows too, which proves the probes would notice a leak. pytest removes each prote
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import re
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -33,6 +43,7 @@ from psycopg import sql
 
 from ..db import catalog
 from ..db.names import TENANT_COLUMN
+from . import rls
 
 COLUMNS = ["case", "table", "expected", "actual", "passed"]
 
@@ -47,6 +58,7 @@ class Column:
     max_length: int | None = None
     in_fk: bool = False      # in a foreign key of this table: it points at a parent, it is not made fresh
     nullable: bool = True
+    identity: str = ""       # pg_attribute.attidentity: 'a' GENERATED ALWAYS, 'd' BY DEFAULT
     top: Any = None          # the column's maximum, where fresh values go past it
 
 
@@ -64,6 +76,8 @@ class Table:
     values: dict[str, list[dict[str, str | None]]] = field(default_factory=dict)  # label -> every column as text
     problem: str | None = None
     mode: str = FRESH_ROWS   # how its probe rows came to be: inserted copies, or existing rows moved to the probe
+    templates: list[dict[str, str | None]] = field(default_factory=list)  # rows to copy, every column as text
+    candidates: list[tuple[tuple, int]] = field(default_factory=list)  # (key, tenant) of rows nothing references
 
 
 COLUMNS_SQL = """
@@ -78,7 +92,7 @@ SELECT a.attname, format_type(a.atttypid, a.atttypmod),
        CASE WHEN a.atttypid IN ('varchar'::regtype, 'bpchar'::regtype) AND a.atttypmod > 4 THEN a.atttypmod - 4 END,
        EXISTS (SELECT 1 FROM pg_constraint f WHERE f.conrelid = a.attrelid AND f.contype = 'f'
                AND a.attnum = ANY(f.conkey)),
-       NOT a.attnotnull
+       NOT a.attnotnull, a.attidentity::text
 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
 LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
 WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
@@ -97,6 +111,13 @@ class Suite:
         self.fresh_count = 0
 
     # -- helpers
+    def set_setting(self, cur, value: str) -> None:
+        """The tenant setting as the application sends it (rls.set_tenant's statements: SET LOCAL, on Citus after
+        citus.propagate_set_commands = 'local'), with any text as the value: the garbage cases send garbage."""
+        conn = cur if isinstance(cur, psycopg.Connection) else cur.connection
+        for statement in rls.tenant_setting_statements(self.setting, value, rls.has_citus(conn)):
+            cur.execute(statement)
+
     def add(self, case: str, table: str, expected: Any, actual: Any, passed: bool) -> None:
         self.results.append({"case": case, "table": table, "expected": str(expected), "actual": str(actual),
                              "passed": bool(passed)})
@@ -109,7 +130,7 @@ class Suite:
             try:
                 cur.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(self.role)))
                 if tenant is not None:
-                    cur.execute("SELECT set_config(%s, %s, true)", (self.setting, tenant))
+                    self.set_setting(cur, tenant)
                 cur.execute(statement, args)
                 value = cur.rowcount if raw else (cur.fetchone()[0] if cur.description else cur.rowcount)
                 return ("rows", value)
@@ -145,8 +166,31 @@ class Suite:
                               "c.conrelid AND a.attnum = k.attnum WHERE c.conrelid = %s AND c.contype = 'p'",
                               (oid[0],)).fetchone()[0]
             # a table without a primary key is probed by the physical row address instead
-            out.append(Table(name, sql.Identifier(self.rb.schema, name), list(pk or ["ctid"]), cols, oid[1]))
+            table = Table(name, sql.Identifier(self.rb.schema, name), list(pk or ["ctid"]), cols, oid[1])
+            order = sql.SQL(", ").join(sql.Identifier(c) for c in table.pk)
+            table.templates = [self.row_of(table, tuple(r))[1] for r in conn.execute(sql.SQL(
+                "SELECT {} FROM {} ORDER BY {} LIMIT 2").format(self.returning(table), table.ident, order)).fetchall()]
+            table.candidates = [(tuple(r[:-1]), r[-1]) for r in conn.execute(self.unreferenced(table)).fetchall()]
+            out.append(table)
         return out
+
+    def unreferenced(self, table: Table, limit: int = 16) -> sql.Composed:
+        """Keys and tenants of rows that no row of a tenant table references (for probes through existing rows).
+        Anti-joins on tenant_id and the key, not correlated subqueries: Citus joins colocated shards."""
+        joins, empty = [], []
+        for i, fk in enumerate(fk for fk in self.fks if fk.parent == table.name):
+            ref = sql.Identifier(f"ref{i}")
+            on = [sql.SQL("{}.{} = t.{}").format(ref, sql.Identifier(c), sql.Identifier(r))
+                  for c, r in zip(fk.cols, fk.ref_cols)]
+            if TENANT_COLUMN not in fk.cols:
+                on.insert(0, sql.SQL("{}.{c} = t.{c}").format(ref, c=sql.Identifier(TENANT_COLUMN)))
+            joins.append(sql.SQL("LEFT JOIN {} AS {} ON {}").format(
+                sql.Identifier(self.rb.schema, fk.child), ref, sql.SQL(" AND ").join(on)))
+            empty.append(sql.SQL("{}.{} IS NULL").format(ref, sql.Identifier(fk.cols[0])))
+        keys = sql.SQL(", ").join(sql.SQL("t.{}::text").format(sql.Identifier(c)) for c in table.pk)
+        return sql.SQL("SELECT DISTINCT {k}, t.{c} FROM {t} AS t {j} WHERE {w} ORDER BY {k} LIMIT {n}").format(
+            k=keys, c=sql.Identifier(TENANT_COLUMN), t=table.ident, j=sql.SQL(" ").join(joins),
+            w=sql.SQL(" AND ").join(empty) if empty else sql.SQL("true"), n=sql.Literal(limit))
 
     @staticmethod
     def _needs_fresh(col: Column) -> bool:
@@ -154,11 +198,10 @@ class Suite:
         is always given."""
         return col.in_unique and not col.in_fk and col.name != TENANT_COLUMN
 
-    def fresh_value(self, col: Column) -> sql.Composable | None:
+    def fresh_value(self, col: Column, template: dict[str, str | None]) -> sql.Composable | None:
         """A new value of the column's type for a copy (None: the column's default gives one, or the type has no
         generator and the copy repeats the value). Numbers and dates are literals computed up front, as the
         migration role: under row level security a max() would see one tenant's rows only."""
-        ident = sql.Identifier(col.name)
         self.fresh_count += 1
         step = FRESH_GAP + self.fresh_count
         if col.has_default:
@@ -173,11 +216,12 @@ class Suite:
             return sql.Literal(col.top + delta)
         if col.category == "S":
             tag = sql.SQL("md5(gen_random_uuid()::text)")
+            original = sql.SQL("{}::text").format(sql.Literal(template.get(col.name)))
             if col.max_length is None:
-                return sql.SQL("src.{} || ' probe ' || {}").format(ident, tag)
+                return sql.SQL("{} || ' probe ' || {}").format(original, tag)
             keep = max(col.max_length - 9, 0)
-            return sql.SQL("left(left(src.{}, {}) || '~' || {}, {})").format(
-                ident, sql.Literal(keep), tag, sql.Literal(col.max_length))
+            return sql.SQL("left(left({}, {}) || '~' || {}, {})").format(
+                original, sql.Literal(keep), tag, sql.Literal(col.max_length))
         return None
 
     def returning(self, table: Table) -> sql.Composed:
@@ -190,28 +234,34 @@ class Suite:
         values = dict(zip(names, row))
         return tuple(values[c] for c in table.pk), values
 
-    def clone_sql(self, table: Table, template_where: sql.Composable, overrides: dict[str, sql.Composable],
-                  offset: int = 0) -> sql.Composed:
-        """INSERT a copy of one existing row, with fresh keys (fresh_value) and the values the test gives."""
-        targets, values = [], []
+    @staticmethod
+    def literal(col: Column, template: dict[str, str | None]) -> sql.Composed:
+        """The template row's value of the column, as a literal of the column's type (format_type's name)."""
+        return sql.SQL("{}::{}").format(sql.Literal(template.get(col.name)), sql.SQL(col.type))
+
+    def clone_sql(self, table: Table, template: dict[str, str | None], overrides: dict[str, sql.Composable],
+                  fresh: bool = True) -> sql.Composed:
+        """INSERT a copy of one row (its values as text, read beforehand), with fresh keys (fresh_value) and the
+        values the test gives (fresh=False: the same keys, for a row moved by deleting and re-inserting it). A VALUES list, not INSERT … SELECT: the writer (the probing role, under row level
+        security) cannot read the template row, which belongs to another tenant."""
+        targets, values, always = [], [], False
         for col in table.columns:
             ident = sql.Identifier(col.name)
             if col.name in overrides:
                 value = overrides[col.name]
-            elif self._needs_fresh(col):
-                value = self.fresh_value(col)
+            elif fresh and self._needs_fresh(col):
+                value = self.fresh_value(col, template)
                 if value is None and col.has_default:
                     continue  # serial ids and the like: take the next value
-                value = value if value is not None else sql.SQL("src.{}").format(ident)
+                value = value if value is not None else self.literal(col, template)
             else:
-                value = sql.SQL("src.{}").format(ident)
+                value = self.literal(col, template)
             targets.append(ident)
             values.append(value)
-        order = sql.SQL(", ").join(sql.SQL("src.{}").format(sql.Identifier(c)) for c in table.pk)
-        return sql.SQL("INSERT INTO {t} ({cols}) SELECT {vals} FROM {t} AS src WHERE {where} "
-                       "ORDER BY {order} LIMIT 1 OFFSET {offset} RETURNING {ret}").format(
-            t=table.ident, cols=sql.SQL(", ").join(targets), vals=sql.SQL(", ").join(values), where=template_where,
-            order=order, offset=sql.Literal(offset), ret=self.returning(table))
+            always = always or col.identity == "a"
+        return sql.SQL("INSERT INTO {t} ({cols}) {override}VALUES ({vals}) RETURNING {ret}").format(
+            t=table.ident, cols=sql.SQL(", ").join(targets), vals=sql.SQL(", ").join(values),
+            override=sql.SQL("OVERRIDING SYSTEM VALUE " if always else ""), ret=self.returning(table))
 
     def parent_overrides(self, table: Table, by_name: dict[str, Table], label: str, copy: int
                          ) -> dict[str, sql.Composable]:
@@ -272,78 +322,129 @@ class Suite:
         table.rows, table.values = {}, {}
         for label in ("A", "B"):
             table.rows[label], table.values[label] = [], []
+            self.set_setting(cur, str(tenants[label]))  # the writer's own tenant: its policies let the row in
             for copy in range(2):
+                if copy >= len(table.templates):
+                    raise LookupError("the table has no row to copy")
                 overrides = {TENANT_COLUMN: sql.Literal(tenants[label]),
                              **self.parent_overrides(table, by_name, label, copy)}
-                cur.execute(self.clone_sql(table, sql.SQL("true"), overrides, offset=copy))
+                cur.execute(self.clone_sql(table, table.templates[copy], overrides))
                 self._keep(table, label, cur.fetchone())
 
     def _existing_rows(self, cur, table: Table, by_name: dict[str, Table], tenants: dict[str, int]) -> None:
         """Four existing rows that no row references, moved to the probe tenants (two each) with their foreign
-        keys pointing at the probe tenant's parents. Rows the application holds locked are skipped, not waited
-        for; the move is rolled back with everything else."""
+        keys pointing at the probe tenant's parents: deleted under their own tenant and inserted again, same keys,
+        under the probe tenant's (the writer's policies allow no UPDATE from one tenant to another). Rows the
+        application holds locked are skipped, not waited for; the move is rolled back with everything else."""
         table.rows, table.values = {"A": [], "B": []}, {"A": [], "B": []}
-        alone = [sql.SQL("NOT EXISTS (SELECT 1 FROM {c} AS ref WHERE {cond})").format(
-            c=sql.Identifier(self.rb.schema, fk.child), cond=sql.SQL(" AND ").join(
-                sql.SQL("ref.{} = t.{}").format(sql.Identifier(c), sql.Identifier(r))
-                for c, r in zip(fk.cols, fk.ref_cols))) for fk in self.fks if fk.parent == table.name]
-        keys = sql.SQL(", ").join(sql.SQL("t.{}::text").format(sql.Identifier(c)) for c in table.pk)
-        cur.execute(sql.SQL("SELECT {k} FROM {t} AS t WHERE {w} ORDER BY {k} LIMIT 4 FOR UPDATE SKIP LOCKED").format(
-            k=keys, t=table.ident, w=sql.SQL(" AND ").join(alone) if alone else sql.SQL("true")))
-        found = cur.fetchall()
-        if len(found) < 4:
-            raise LookupError(f"{len(found)} rows that no other row references (4 needed)")
-        for i, key in enumerate(found):
-            label = "A" if i < 2 else "B"
-            sets = {TENANT_COLUMN: sql.Literal(tenants[label]), **self.parent_overrides(table, by_name, label, i % 2)}
+        moved = 0
+        for key, tenant in table.candidates:
+            if moved == 4:
+                break
             where, args = self.pk_where(table, key)
-            cur.execute(sql.SQL("UPDATE {} SET {} WHERE ").format(table.ident, sql.SQL(", ").join(
-                sql.SQL("{} = {}").format(sql.Identifier(c), v) for c, v in sets.items())) + where
-                + sql.SQL(" RETURNING ") + self.returning(table), args)
+            self.set_setting(cur, str(tenant))
+            cur.execute(sql.SQL("SELECT 1 FROM {} WHERE ").format(table.ident) + where + sql.SQL(
+                " FOR UPDATE SKIP LOCKED"), args)
+            if cur.fetchone() is None:
+                continue
+            cur.execute(sql.SQL("DELETE FROM {} WHERE ").format(table.ident) + where + sql.SQL(" RETURNING ")
+                        + self.returning(table), args)
+            _, values = self.row_of(table, tuple(cur.fetchone()))
+            label = "A" if moved < 2 else "B"
+            self.set_setting(cur, str(tenants[label]))
+            sets = {TENANT_COLUMN: sql.Literal(tenants[label]),
+                    **self.parent_overrides(table, by_name, label, moved % 2)}
+            cur.execute(self.clone_sql(table, values, sets, fresh=False))
             self._keep(table, label, cur.fetchone())
+            moved += 1
+        if moved < 4:
+            raise LookupError(f"{moved} rows that no other row references (4 needed)")
+
+    # -- the transactions
+    @contextmanager
+    def transaction_as(self, role: str):
+        """A transaction in which `role` does everything, from its first statement: Citus refuses a query on
+        placements another user modified in the same transaction ("cannot perform query on placements that were
+        modified in this transaction by a different user"), so no probe writes as the migration role and then reads
+        as another. Always rolled back."""
+        raw = self.rb.engine.raw_connection()
+        conn: psycopg.Connection = raw.driver_connection
+        try:
+            conn.autocommit = False
+            conn.execute("SET LOCAL lock_timeout = %s" % int(self.p.locks.lock_timeout_ms))
+            conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(role)))
+            yield conn
+        finally:
+            try:
+                conn.rollback()
+            finally:
+                raw.close()
+
+    def probe_tenant_uuids(self) -> dict[str, uuid.UUID]:
+        """Fixed per System Tenant, so a run that was killed leaves tenants the next run recognises and removes."""
+        return {label: uuid.uuid5(PROBE_NAMESPACE, f"{self.p.system_tenant.uuid}:{label}") for label in ("A", "B")}
+
+    def create_probe_tenants(self) -> dict[str, int]:
+        """The two probe tenants, committed (by the migration role, the only one that may write tenants): the
+        probing role's own connections, on Citus its connections to the workers, must see them. They own no row
+        outside the rolled-back probe transactions; remove_probe_tenants deletes them afterwards."""
+        self.remove_probe_tenants()
+        tenants_table = sql.Identifier(self.rb.schema, "tenants")
+        out = {}
+        with self.rb.engine.begin() as committed:
+            conn: psycopg.Connection = committed.connection.driver_connection
+            for label, key in self.probe_tenant_uuids().items():
+                out[label] = conn.execute(sql.SQL("INSERT INTO {} (uuid, name) VALUES (%s, %s) RETURNING id").format(
+                    tenants_table), (key, f"isolation probe {label}")).fetchone()[0]
+            self.missing_tenant = conn.execute(sql.SQL("SELECT coalesce(max(id), 0) + 1000 FROM {}").format(
+                tenants_table)).fetchone()[0]
+        return out
+
+    def remove_probe_tenants(self) -> None:
+        with self.rb.engine.begin() as committed:
+            committed.connection.driver_connection.execute(sql.SQL("DELETE FROM {} WHERE uuid = ANY(%s)").format(
+                sql.Identifier(self.rb.schema, "tenants")), (list(self.probe_tenant_uuids().values()),))
 
     # -- the cases
     def run(self) -> pd.DataFrame:
         with self.rb.engine.connect() as catalog_conn:
             self.fks = catalog.foreign_keys(catalog_conn, self.rb.schema, self.p.tables)
             system = catalog.system_tenant_id(catalog_conn, self.rb.schema, self.p.system_tenant.uuid)
-        tables: list[Table] = []
-        tenants: dict[str, int] = {}
-        raw = self.rb.engine.raw_connection()
-        conn: psycopg.Connection = raw.driver_connection
+            citus = rls.has_citus(catalog_conn)
+            can_login = catalog_conn.exec_driver_sql("SELECT rolcanlogin FROM pg_roles WHERE rolname = %s",
+                                                     (self.role,)).scalar()
+            tables = self.tables(catalog_conn.connection.driver_connection)  # as the migration role: every row
+        if citus and not can_login:
+            self.add(WORKER_LOGIN, self.role, "a role that can log in on every node",
+                     f"cannot run: {self.role} is NOLOGIN, and Citus opens its connections to the workers as the "
+                     f"current user (ALTER ROLE {self.role} LOGIN, and let the coordinator authenticate as it on the "
+                     "workers: pg_hba.conf there, a .pgpass or certificate in citus.node_conninfo)", False)
+            return accept(pd.DataFrame(self.results, columns=COLUMNS), self.p.rls.isolation_accept)
         try:
-            conn.autocommit = False
-            conn.execute("SET LOCAL lock_timeout = %s" % int(self.p.locks.lock_timeout_ms))
-            a = conn.execute("INSERT INTO {} (uuid, name) VALUES (gen_random_uuid(), 'isolation probe A') "
-                             "RETURNING id".format(sql.Identifier(self.rb.schema, "tenants").as_string(conn))).fetchone()[0]
-            b = conn.execute("INSERT INTO {} (uuid, name) VALUES (gen_random_uuid(), 'isolation probe B') "
-                             "RETURNING id".format(sql.Identifier(self.rb.schema, "tenants").as_string(conn))).fetchone()[0]
-            tenants = {"A": a, "B": b, "S": system}
-            tables = self.tables(conn)
-            self.seed_probe_rows(conn, tables, tenants)
-            for table in tables:
-                if table.problem:
-                    self.add(PROBE_ROWS, table.name, "2 per probe tenant", table.problem, False)
-                    continue
-                how = "copies with fresh keys" if table.mode == FRESH_ROWS else "existing rows moved to the probe tenants"
-                self.add(PROBE_ROWS, table.name, "2 per probe tenant", f"2 per probe tenant ({how})", True)
-                self.table_cases(conn, table, tenants)
-            usable = [t for t in tables if not t.problem]
+            tenants = {**self.create_probe_tenants(), "S": system}
+            with self.transaction_as(self.role) as conn:
+                self.seed_probe_rows(conn, tables, tenants)
+                self.set_setting(conn, "")  # the probe rows' tenant cleared: every case sets its own
+                for table in tables:
+                    if table.problem:
+                        self.add(PROBE_ROWS, table.name, "2 per probe tenant", table.problem, False)
+                        continue
+                    how = "copies with fresh keys" if table.mode == FRESH_ROWS else \
+                        "existing rows moved to the probe tenants"
+                    self.add(PROBE_ROWS, table.name, "2 per probe tenant", f"2 per probe tenant ({how})", True)
+                    self.table_cases(conn, table, tenants)
+                usable = [t for t in tables if not t.problem]
+                if usable:
+                    fresh = [t for t in usable if t.mode == FRESH_ROWS] or usable
+                    self.setting_cases(conn, usable[0], tenants)
+                    self.upsert_case(conn, fresh[0], tenants)
+                    self.copy_case(conn, usable[0], tenants)
+                    self.child_case(conn, tables, tenants)
             if usable:
-                fresh = [t for t in usable if t.mode == FRESH_ROWS] or usable
-                self.setting_cases(conn, usable[0], tenants)
-                self.upsert_case(conn, fresh[0], tenants)
-                self.copy_case(conn, usable[0], tenants)
-                self.child_case(conn, tables, tenants)
-                self.owner_cases(conn, usable[0], tenants)
+                self.owner_cases(usable[0], tables, tenants)
+                self.pooled_case(usable[0], tenants)
         finally:
-            try:
-                conn.rollback()
-            finally:
-                raw.close()
-        usable = [t for t in tables if not t.problem]
-        if usable:
-            self.pooled_case(usable[0], tenants)
+            self.remove_probe_tenants()
         return accept(pd.DataFrame(self.results, columns=COLUMNS), self.p.rls.isolation_accept)
 
     def count(self, table: Table, where: sql.Composable | None = None) -> sql.Composed:
@@ -362,8 +463,7 @@ class Suite:
         self.add("cross-tenant UPDATE by key", table.name, "0 rows", self.describe(out), out == ("rows", 0))
         out = self.as_app(conn, a, sql.SQL("DELETE FROM {} WHERE ").format(table.ident) + where, args, raw=True)
         self.add("cross-tenant DELETE by key", table.name, "0 rows", self.describe(out), out == ("rows", 0))
-        src = sql.SQL(" AND ").join(sql.SQL("src.{} = {}").format(sql.Identifier(c), sql.Literal(v))
-                                    for c, v in zip(table.pk, table.rows["A"][0]))
+        src = table.values["A"][0]  # tenant A's first probe row, copied
         out = self.as_app(conn, a, self.clone_sql(table, src, {TENANT_COLUMN: sql.Literal(b)}))
         self.add("INSERT with another tenant's id", table.name, "error 42501 (row level security)", self.describe(out),
                  out[0] == "error" and out[1] == "42501")
@@ -385,8 +485,7 @@ class Suite:
                  f"UPDATE {self.describe(out)}, DELETE {self.describe(deleted)}, INSERT {self.describe(inserted)}", ok)
 
     def setting_cases(self, conn, table: Table, t: dict[str, int]) -> None:
-        missing = str(conn.execute("SELECT coalesce(max(id), 0) + 1000 FROM {}".format(
-            sql.Identifier(self.rb.schema, "tenants").as_string(conn))).fetchone()[0])
+        missing = str(self.missing_tenant)
         for label, value, expect_error in (("setting empty", "", False), ("setting garbage 'abc'", "abc", True),
                                            ("setting garbage '1 OR 1=1'", "1 OR 1=1", True),
                                            ("setting '-1'", "-1", False),
@@ -401,7 +500,7 @@ class Suite:
             self.add(label, table.name, expected, self.describe(out), ok)
         with conn.cursor() as cur:  # SET LOCAL in a savepoint that is rolled back leaves '' behind
             cur.execute("SAVEPOINT revert")
-            cur.execute("SELECT set_config(%s, %s, true)", (self.setting, str(t["A"])))
+            self.set_setting(cur, str(t["A"]))
             cur.execute("ROLLBACK TO SAVEPOINT revert")
         out = self.as_app(conn, None, self.count(table))
         self.add("setting reverted after SET LOCAL", table.name, "0 rows, no error", self.describe(out),
@@ -409,8 +508,7 @@ class Suite:
 
     def upsert_case(self, conn, table: Table, t: dict[str, int]) -> None:
         b_key = dict(zip(table.pk, table.rows["B"][0]))
-        src = sql.SQL(" AND ").join(sql.SQL("src.{} = {}").format(sql.Identifier(c), sql.Literal(v))
-                                    for c, v in zip(table.pk, table.rows["A"][0]))
+        src = table.values["A"][0]  # tenant A's first probe row, copied
         overrides = {c: sql.Literal(v) for c, v in b_key.items() if c != TENANT_COLUMN}
         overrides[TENANT_COLUMN] = sql.Literal(t["A"])
         insert = self.clone_sql(table, src, overrides)
@@ -419,24 +517,26 @@ class Suite:
             sql.SQL(", ").join(map(sql.Identifier, table.pk)), sql.Identifier(TENANT_COLUMN),
             sql.Identifier(TENANT_COLUMN)).as_string(conn)
         text = re.sub(r" RETURNING .*$", conflict, text)
-        before = self._row_text(conn, table, table.rows["B"][0])
+        before = self._row_text(conn, table, table.rows["B"][0], t["B"])
         out = self.as_app(conn, str(t["A"]), text, raw=True)
-        after = self._row_text(conn, table, table.rows["B"][0])
+        after = self._row_text(conn, table, table.rows["B"][0], t["B"])
         self.add("INSERT … ON CONFLICT DO UPDATE onto another tenant's key", table.name,
                  "the other tenant's row unchanged", f"{self.describe(out)}; other tenant's row "
                  f"{'unchanged' if before == after else 'CHANGED'}", before == after and before is not None)
 
-    def _row_text(self, conn, table: Table, key: tuple) -> str | None:
+    def _row_text(self, conn, table: Table, key: tuple, tenant: int) -> str | None:
+        """The row as its own tenant sees it (the probe transaction is the probing role's alone)."""
         where, args = self.pk_where(table, key)
-        row = conn.execute(sql.SQL("SELECT t::text FROM {} t WHERE ").format(table.ident) + where, args).fetchone()
-        return row[0] if row else None
+        out = self.as_app(conn, str(tenant), sql.SQL("SELECT (SELECT t::text FROM {} t WHERE ").format(table.ident)
+                          + where + sql.SQL(")"), args)
+        return out[1] if out[0] == "rows" else None
 
     def copy_case(self, conn, table: Table, t: dict[str, int]) -> None:
         with conn.cursor() as cur:
             cur.execute("SAVEPOINT copy")
             try:
                 cur.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(self.role)))
-                cur.execute("SELECT set_config(%s, %s, true)", (self.setting, str(t["A"])))
+                self.set_setting(cur, str(t["A"]))
                 lines = 0
                 with cur.copy(sql.SQL("COPY {} TO STDOUT").format(table.ident)) as copy:
                     for _ in copy.rows():
@@ -466,8 +566,7 @@ class Suite:
         b_parent = parent.values["B"][0]
         refs = {col: sql.Literal(b_parent[ref]) for col, ref in zip(fk.cols, fk.ref_cols) if col != TENANT_COLUMN}
         if child.mode == FRESH_ROWS:
-            src = sql.SQL(" AND ").join(sql.SQL("src.{} = {}").format(sql.Identifier(c), sql.Literal(v))
-                                        for c, v in zip(child.pk, child.rows["A"][0]))
+            src = child.values["A"][0]
             statement, args = self.clone_sql(child, src, {TENANT_COLUMN: sql.Literal(t["A"]), **refs}), None
         else:  # through an existing row: tenant A's own row pointed at tenant B's parent
             where, args = self.pk_where(child, child.rows["A"][0])
@@ -478,11 +577,12 @@ class Suite:
                  "error 23503 (foreign key includes tenant_id)", self.describe(out),
                  out[0] == "error" and out[1] == "23503")
 
-    def owner_cases(self, conn, table: Table, t: dict[str, int]) -> None:
-        bypass = conn.execute("SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = %s",
-                              (table.owner,)).fetchone()[0]
+    def owner_cases(self, table: Table, tables: list[Table], t: dict[str, int]) -> None:
+        with self.rb.engine.connect() as catalog_conn:
+            bypass = catalog_conn.exec_driver_sql("SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = %s",
+                                                  (table.owner,)).scalar()
         if not bypass:
-            out = self._as_owner(conn, table, str(t["A"]), force=True)
+            out = self._as_owner(table, tables, t, force=True)
             self.add("table owner isolated too (FORCE)", table.name, "2 rows", self.describe(out), out == ("rows", 2))
         else:
             self.add("table owner isolated too (FORCE)", table.name, "an owner subject to RLS",
@@ -490,27 +590,37 @@ class Suite:
                      set(self.p.rls.bypass_roles) | {self.rb.identity.user})
         probes = sql.SQL("{} IN ({}, {})").format(sql.Identifier(TENANT_COLUMN), sql.Literal(t["A"]),
                                                     sql.Literal(t["B"]))
-        out = self._as_owner(conn, table, str(t["A"]), force=False, where=probes)
+        out = self._as_owner(table, tables, t, force=False, where=probes)
         self.add("negative control: owner without FORCE sees both tenants' rows", table.name, "4 rows",
                  self.describe(out), out == ("rows", 4))
 
-    def _as_owner(self, conn, table: Table, tenant: str, force: bool, where: sql.Composable | None = None):
-        """Counts as the table owner with tenant A set. The control counts only the probe tenants' rows: they
-        are the probe's own (a live application cannot change the figure) and the count is quick while
-        ALTER TABLE … NO FORCE holds the table."""
-        with conn.cursor() as cur:
-            cur.execute("SAVEPOINT owner")
+    def _as_owner(self, table: Table, tables: list[Table], t: dict[str, int], force: bool,
+                  where: sql.Composable | None = None):
+        """Counts as the table owner with tenant A set, in a transaction of the owner's own: it writes its probe
+        rows itself (the table's and its parents'), and switches FORCE off itself for the control, first, before
+        any row is written. The control counts only the probe tenants' rows: they are the probe's own (a live
+        application cannot change the figure) and the count is quick while ALTER TABLE … NO FORCE holds the table."""
+        wanted = {table.name}
+        while True:  # the table and every tenant table it points at, their parents too
+            more = {fk.parent for fk in self.fks if fk.child in wanted and fk.parent in {x.name for x in tables}}
+            if more <= wanted:
+                break
+            wanted |= more
+        mine = [dataclasses.replace(x, rows={}, values={}, problem=None, mode=FRESH_ROWS)
+                for x in tables if x.name in wanted]
+        with self.transaction_as(table.owner) as conn, conn.cursor() as cur:
             try:
                 if not force:
                     cur.execute(sql.SQL("ALTER TABLE {} NO FORCE ROW LEVEL SECURITY").format(table.ident))
-                cur.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(table.owner)))
-                cur.execute("SELECT set_config(%s, %s, true)", (self.setting, tenant))
+                self.seed_probe_rows(conn, mine, t)
+                problem = next((x.problem for x in mine if x.problem), None)
+                if problem:
+                    return ("error", "probe rows", problem)
+                self.set_setting(cur, str(t["A"]))
                 cur.execute(self.count(table, where))
                 return ("rows", cur.fetchone()[0])
             except psycopg.Error as exc:
                 return ("error", exc.sqlstate, exc.diag.message_primary)
-            finally:
-                cur.execute("ROLLBACK TO SAVEPOINT owner")
 
     def pooled_case(self, table: Table, t: dict[str, int]) -> None:
         """Real transactions on a fresh connection (reads only): a tenant's setting must not outlive its
@@ -534,7 +644,7 @@ class Suite:
             conn.rollback()
             self.add("setting never set in this session", table.name, "0 rows, no error", f"{never} rows", never == 0)
             conn.execute(role)
-            conn.execute("SELECT set_config(%s, %s, true)", (self.setting, str(tenant)))
+            self.set_setting(conn, str(tenant))
             during = conn.execute(self.count(table)).fetchone()[0]
             conn.commit()
             conn.execute(role)
@@ -555,6 +665,8 @@ class Suite:
 
 
 PROBE_ROWS = "probe rows created"
+WORKER_LOGIN = "application role can reach the Citus workers"
+PROBE_NAMESPACE = uuid.UUID("6f0b1c3e-2b7a-5d4e-9a61-0c2f4e8d7b15")  # uuid5 namespace of the probe tenants' uuids
 CHILD_CASE = "child row referencing another tenant's parent"
 
 

@@ -21,7 +21,9 @@ application opened before RLS was enabled keep working, and rollback removes it 
 
 from __future__ import annotations
 
+import operator
 import re
+import weakref
 from typing import Any
 
 from psycopg import sql
@@ -408,13 +410,77 @@ def role_problems(conn: Connection, schema: str, role: str, tables: list[str]) -
     return problems
 
 
-def set_tenant(conn, tenant_id: int | None, setting: str = "app.current_tenant_id") -> None:
-    """Set the tenant for the current transaction only (set_config(…, true)), the value bound, never spliced.
+CITUS_SQL = "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')"
+_CITUS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # psycopg connection -> has Citus
 
+
+def _driver_connection(conn):
+    """The psycopg connection under a SQLAlchemy Connection (or the psycopg connection itself)."""
+    if hasattr(conn, "exec_driver_sql"):
+        return conn.connection.dbapi_connection
+    return conn
+
+
+def has_citus(conn) -> bool:
+    """Whether the server the connection talks to has the Citus extension (pg_extension), asked once per
+    connection and remembered for its lifetime (a connection opened before CREATE EXTENSION citus keeps the
+    plain form: reconnect the application's pools after installing Citus)."""
+    driver = _driver_connection(conn)
+    known = _CITUS.get(driver)
+    if known is None:
+        known = bool((conn.exec_driver_sql(CITUS_SQL).scalar() if hasattr(conn, "exec_driver_sql")
+                      else conn.execute(CITUS_SQL).fetchone()[0]))
+        _CITUS[driver] = known
+    return known
+
+
+def tenant_setting_statements(setting: str, value: str, citus: bool) -> list[sql.Composed]:
+    """SET LOCAL <setting> = '<value>' for the current transaction, the value quoted as a literal by the driver
+    (SET takes no bound parameter). On Citus it is preceded by SET LOCAL citus.propagate_set_commands = 'local',
+    which makes the coordinator send the transaction's SET LOCALs to the workers: a set_config(…, true) stays on
+    the coordinator, and the shards' policies then see no tenant (0 rows, no insert of its own). On plain
+    PostgreSQL the citus.* name is an unknown placeholder setting, so the same statements would also run there;
+    they are sent only where the catalog shows Citus (has_citus)."""
+    name = sql.SQL(".").join(sql.Identifier(part) for part in setting.split("."))
+    statements = [sql.SQL("SET LOCAL {} = {}").format(name, sql.Literal(str(value)))]
+    if citus:
+        statements.insert(0, sql.SQL("SET LOCAL citus.propagate_set_commands = 'local'"))
+    return statements
+
+
+BIGINT = (-(2 ** 63), 2 ** 63 - 1)
+
+
+def tenant_value(tenant_id) -> str:
+    """The tenant id as the text the setting holds: an integer in bigint's range (an int, or a string of digits),
+    '' for None (no tenant: the policies fail closed). Anything else raises ValueError before anything is sent."""
+    if tenant_id is None:
+        return ""
+    if isinstance(tenant_id, str) and re.fullmatch(r"-?[0-9]{1,19}", tenant_id.strip()):
+        number = int(tenant_id)
+    elif isinstance(tenant_id, bool):
+        raise ValueError(f"a tenant id is an integer, not {tenant_id!r}")
+    else:
+        try:
+            number = operator.index(tenant_id)
+        except TypeError:
+            raise ValueError(f"a tenant id is an integer, not {tenant_id!r}") from None
+    if not BIGINT[0] <= number <= BIGINT[1]:
+        raise ValueError(f"a tenant id is a bigint, {number} is out of range")
+    return str(number)
+
+
+def set_tenant(conn, tenant_id: int | None, setting: str = "app.current_tenant_id") -> None:
+    """Set the tenant for the current transaction only, in the form that also reaches Citus workers.
+
+    Sends `SET LOCAL app.current_tenant_id = '<id>'`, preceded on a server with Citus by
+    `SET LOCAL citus.propagate_set_commands = 'local'`. The id is checked to be an integer and quoted as a
+    literal through psycopg.sql.Literal (SET cannot take a bound parameter), never spliced as text.
     `conn` is a psycopg or SQLAlchemy connection inside a transaction; None clears the tenant.
     """
-    value = "" if tenant_id is None else str(int(tenant_id))
-    if hasattr(conn, "exec_driver_sql"):
-        conn.exec_driver_sql("SELECT set_config(%s, %s, true)", (setting, value))
-    else:
-        conn.execute("SELECT set_config(%s, %s, true)", (setting, value))
+    value = tenant_value(tenant_id)
+    for statement in tenant_setting_statements(setting, value, has_citus(conn)):
+        if hasattr(conn, "exec_driver_sql"):  # SQLAlchemy: through its connection, so it sees the transaction
+            conn.exec_driver_sql(statement.as_string(_driver_connection(conn)))
+        else:
+            conn.execute(statement)
