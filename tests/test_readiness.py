@@ -6,7 +6,6 @@ from pathlib import Path
 
 from psycopg import sql
 
-from conftest import ROOT  # noqa: F401 (the tests' package root on sys.path)
 from runbook_helpers import params as params_mod
 from runbook_helpers.db.ddl import ACCESS_EXCLUSIVE_META, Step
 from runbook_helpers.phases import distribute, inspect
