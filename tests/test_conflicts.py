@@ -14,7 +14,7 @@ from runbook_helpers import params as params_mod
 from runbook_helpers.errors import RunbookError
 from runbook_helpers.legacy import conflicts
 from runbook_helpers.phases import inspect
-from runbook_helpers.tenancy import distribution, lint
+from runbook_helpers.tenancy import lint, readiness
 
 SHOP_SQL = """
 CREATE TABLE org (id bigserial PRIMARY KEY, uuid uuid NOT NULL UNIQUE, name text NOT NULL, slug text NOT NULL UNIQUE,
@@ -203,7 +203,7 @@ def test_child_wins_keeps_the_plain_foreign_key_and_the_application_writes_acros
     assert "rental_tenant_id_inventory_id_inventory_tenant_id_id_fk" in fks   # the parent's twin is there
     with db.session("validate") as rb:
         findings = lint.run(rb).set_index("object")
-        ready = distribution.readiness(rb).set_index("object")
+        ready = readiness.readiness(rb).set_index("object")
     assert (findings.loc[RULE_KEY, "status"], findings.loc[RULE_KEY, "reason"]) == (lint.ACCEPTED, reason)
     assert "an accepted cross-tenant reference" in ready.loc[RULE_KEY, "finding"]
     assert set(legacy_insert_works(db).values()) == {"ok"}

@@ -1,13 +1,13 @@
 """Distribution readiness and the composite-key step: online, resumable, and keeping each foreign key's
 ON DELETE behaviour."""
 
-from runbook_helpers.tenancy import distribution
+from runbook_helpers.tenancy import readiness as readiness_mod
 from runbook_helpers import params as params_mod
 
 
 def readiness(db, params=None):
     with db.session("inspect", params=params) as rb:
-        return distribution.readiness(rb)
+        return readiness_mod.readiness(rb)
 
 
 def test_readiness_before_and_after_composite_keys(db):

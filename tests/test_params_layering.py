@@ -21,7 +21,10 @@ ADDED = [("legacy", "source"), ("validate", "smoke_queries", "*", "writes"), ("r
          ("cross_tenant",), ("locks", "first_lock_timeout_ms"), ("locks", "wraparound_wait_s"),
          ("locks", "report_transactions_older_than_ms"), ("backfill", "throttle", "budget_p99_ms"),
          ("backfill", "throttle", "max_replica_lag_s"),
-         ("backfill", "vacuum_after")]  # issue 15: a VACUUM (ANALYZE) after the batches (new behaviour, on)
+         ("backfill", "vacuum_after"),  # issue 15: a VACUUM (ANALYZE) after the batches (new behaviour, on)
+         # issue 18: 07_distribute's params (a phase of its own, run only on a Citus coordinator)
+         ("distribution", "application_keys_agreed"), ("distribution", "reference_tables"),
+         ("distribution", "triggers")]
 # Defaults issue 15 changed on purpose (the lock ladder: short waits first, many tries): old -> new, where an env
 # kept the old default.
 CHANGED = {("locks", "lock_timeout_ms"): (2000, 500), ("locks", "retry", "attempts"): (6, 20),

@@ -253,6 +253,16 @@ def test_finalize_then_rollback_cli_restores_the_legacy_schema(server):
     assert (folder / "06_finalize.ipynb").exists() and (folder / "06_finalize.html").exists()
     with psycopg.connect(url) as conn:
         assert conn.execute("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'tenancy_rollout_%'").fetchone()[0] == 0
+    # 07_distribute: refused without Citus before anything runs (no run folder, nothing changed); its dry run runs
+    # the notebook and shows the plan
+    finalized, before = app_schema(url, server), existing_runs()
+    refused = runbook_cli("distribute", "--env", "ci")
+    assert refused.returncode == 2 and refused.stderr.startswith("runbook: error: this server has no citus extension")
+    assert existing_runs() == before and app_schema(url, server) == finalized
+    dry = runbook_cli("distribute", "--env", "ci", "--dry-run")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert [p["name"] for p in json.loads((latest_run(before) / "manifest.json").read_text())["phases"]] == ["distribute"]
+    assert app_schema(url, server) == finalized
     before = existing_runs()
     result = runbook_cli("rollback", "--env", "ci")
     assert result.returncode == 0, result.stdout + result.stderr

@@ -1,4 +1,4 @@
-"""`runbook run|finalize|rollback|demo|demo-db|db|plan|notebooks|drizzle|baseline|audit`: the command line of the runbook.
+"""`runbook run|finalize|distribute|rollback|demo|demo-db|db|plan|notebooks|drizzle|baseline|audit`: the command line of the runbook.
 
 Every RunbookError is printed as `runbook: error: …` on stderr with exit status 2, never a traceback:
 those errors say what was wrong and what to do. A failed phase exits with status 1.
@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     finalize.add_argument("--force", action="store_true",
                           help="close the window although recent writes still needed the trigger")
     finalize.add_argument("--yes", action="store_true", help="confirm on an env that requires it (prod)")
+
+    distribute = sub.add_parser("distribute", help="shard the tenant tables by tenant_id with Citus (07_distribute), "
+                                "after finalize, on a Citus coordinator only; archived like a run")
+    _env_arg(distribute)
+    distribute.add_argument("--dry-run", action="store_true", help="show the plan and what stops it, change nothing "
+                            "(on any server)")
+    distribute.add_argument("--yes", action="store_true", help="confirm on an env that requires it (prod)")
 
     demo = sub.add_parser("demo", help="fresh demo database, then the whole runbook on it")
     _env_arg(demo, "local")
@@ -149,6 +156,21 @@ def _plan(env: str) -> int:
         print(frame[["phase", "table", "action", "lock", "statement"]].to_string(index=False))
         print(f"\nwhat backfill's batches will cost:\n{cost!r}")
     return 0
+
+
+def _refuse_without_citus(env: str) -> None:
+    """`runbook distribute` on a server that is not a Citus coordinator: refused before anything runs."""
+    from .db import database
+    from .tenancy import citus
+
+    engine = database.make_engine(params_mod.load(env), phase="runner")
+    try:
+        with engine.connect() as conn:
+            refusal = citus.server(conn).refusal
+    finally:
+        engine.dispose()
+    if refusal:
+        raise RunbookError(refusal + " (`runbook distribute --dry-run` shows the plan on any server)")
 
 
 def _notebooks(env: str) -> int:
@@ -256,6 +278,12 @@ def main(argv: list[str] | None = None) -> int:
             parse_since(args.since)  # a bad time fails here, before anything runs
             result = runner.run(args.env, "finalize", dry_run=args.dry_run, yes=args.yes, force=args.force,
                                 since=args.since)
+            return 0 if result.ok else (130 if result.status == "interrupted" else 1)
+        if args.command == "distribute":
+            from .run import runner
+            if not args.dry_run:
+                _refuse_without_citus(args.env)  # before anything runs, the ledger included
+            result = runner.run(args.env, "distribute", dry_run=args.dry_run, yes=args.yes)
             return 0 if result.ok else (130 if result.status == "interrupted" else 1)
         if args.command == "demo":
             from .run import runner

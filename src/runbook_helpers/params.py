@@ -154,6 +154,17 @@ class RlsParams(_Strict):
 
 class DistributionParams(_Strict):
     composite_keys: bool = False  # primary keys and foreign keys between tenant tables become (tenant_id, …)
+    # 07_distribute (Citus): the application no longer relies on id (or a unique key) alone — every query names
+    # tenant_id, no REFERENCES t(id) from outside, no ON CONFLICT (id) — so the primary key and unique keys may
+    # become (tenant_id, …); until then the phase stops before its first change
+    application_keys_agreed: bool = False
+    # tables outside the spec that tenant tables reference (workflows.created_by -> "user"): replicated to every
+    # node as reference tables, as tenants, users, user_tenants and the shared tables are
+    reference_tables: list[str] = []
+    # tenant tables with triggers of the application's: stop (Citus refuses to distribute them), or
+    # enable_unsafe (citus.enable_unsafe_triggers for their distribution: Citus creates the trigger on every
+    # shard; safe for a trigger that only changes NEW, as an updated_at trigger does)
+    triggers: Literal["stop", "enable_unsafe"] = "stop"
 
 
 class CrossTenantRule(_Strict):

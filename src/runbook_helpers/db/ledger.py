@@ -2,7 +2,9 @@
 and the rollout window's record of the application's writes (capture_start, app_writes, rollout_assists,
 capture_end; written by the rollout triggers, see tenancy/rollout.py); the backfill throttle's canary row
 (its commit latency is the budget's signal) and the pace it chose per batch (backfill_pace, archived); the
-core tables' sizes before backfill (table_sizes, for validate's before and after).
+core tables' sizes before backfill (table_sizes, for validate's before and after); what 07_distribute changed
+(distribution_changes: the keys it swapped and the foreign keys it dropped, with their definitions, so a
+resumed run re-adds them and 99_rollback knows it cannot undo them).
 
 It lives next to the data it describes, so a resumed run on another machine finds the same checkpoints,
 and the audit trail survives the laptop that ran it. Every table is created with IF NOT EXISTS;
@@ -136,6 +138,14 @@ CREATE TABLE IF NOT EXISTS {schema}.rollout_assists (
   last_at timestamptz NOT NULL DEFAULT now(),
   times bigint NOT NULL DEFAULT 1,
   PRIMARY KEY (table_name, key)
+);
+CREATE TABLE IF NOT EXISTS {schema}.distribution_changes (
+  kind text NOT NULL,
+  table_name text NOT NULL,
+  name text NOT NULL,
+  definition text NOT NULL,
+  recorded_at timestamptz NOT NULL DEFAULT now(),
+  PRIMARY KEY (kind, table_name, name)
 );
 CREATE TABLE IF NOT EXISTS {schema}.canary (
   id integer PRIMARY KEY,

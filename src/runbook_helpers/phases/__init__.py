@@ -3,4 +3,4 @@ steps that undo what the phase did (composed by rollback).
 
 Imports db, backfill, tenancy, legacy, drizzle and the foundation modules; never run or cli."""
 
-from . import backfill, constrain, finalize, inspect, rollback, seed, validate  # noqa: F401
+from . import backfill, constrain, distribute, finalize, inspect, rollback, seed, validate  # noqa: F401

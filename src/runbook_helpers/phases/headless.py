@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import RunbookError
-from . import backfill, constrain, finalize, inspect, rollback, seed, validate
+from . import backfill, constrain, distribute, finalize, inspect, rollback, seed, validate
 
 
 def run_phase(rb, since=None, force: bool = False) -> dict[str, Any]:
@@ -62,6 +62,14 @@ def run_phase(rb, since=None, force: bool = False) -> dict[str, Any]:
             out["applied"] = finalize.apply(rb, since=since, force=force)
             out["status"] = finalize.status(rb)
             out["verdict"] = finalize.assert_finalized(rb)
+        elif rb.phase == "distribute":
+            out["target"] = distribute.target(rb)
+            out["blockers"] = distribute.blockers(rb)
+            out["plan"] = distribute.plan(rb)
+            out["cost"] = distribute.cost(rb)
+            out["applied"] = distribute.apply(rb)
+            out["status"] = distribute.status(rb)
+            out["verdict"] = distribute.assert_distributed(rb)
         elif rb.phase == "rollback":
             out["foreign rows"] = rollback.foreign_rows(rb)
             out["plan"] = rollback.plan(rb)

@@ -351,6 +351,8 @@ def lint_summary(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def distribution_readiness(rb) -> pd.DataFrame:
-    """Ready for sharding by tenant_id? (distribution.composite_keys makes keys composite in constrain)"""
-    from ..tenancy import distribution
-    return distribution.readiness(rb)
+    """Ready for sharding by tenant_id with Citus? Each finding with what to do; 07_distribute's plan is checked for
+    statement shapes Citus refuses (distribution.composite_keys makes keys composite in constrain)."""
+    from ..tenancy import readiness
+    from . import distribute
+    return readiness.readiness(rb, planned=distribute.analyse(rb).steps)

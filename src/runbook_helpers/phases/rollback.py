@@ -22,11 +22,12 @@ from ..db.names import TENANT_COLUMN
 from ..db.sqltext import render
 from ..errors import RunbookError
 from ..legacy import mapping
-from . import backfill, constrain, finalize, original_schema, seed, validate
+from . import backfill, constrain, distribute, finalize, original_schema, seed, validate
 from . import state as table_states
 
 PHASE = "rollback"
-UNDO_ORDER = (finalize, validate, constrain, backfill, seed)  # the phases in reverse; inspect writes only the ledger
+# the phases in reverse; inspect writes only the ledger; distribute's undo refuses once it changed anything
+UNDO_ORDER = (distribute, finalize, validate, constrain, backfill, seed)
 
 
 def foreign_rows(rb) -> pd.DataFrame:

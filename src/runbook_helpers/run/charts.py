@@ -241,3 +241,18 @@ def backfill_pace(progress: pd.DataFrame, throttle=None) -> Image:
             lag_axis.axhline(max_replica_lag_s, color="tab:red", linewidth=0.8)
     fig.tight_layout()
     return png(fig)
+
+
+def distribution_cost(cost: pd.DataFrame) -> Image:
+    """What Citus copies per table (07_distribute's cost): distributed tables blue, reference tables grey."""
+    fig, ax = _figure()
+    data = cost[cost["table"] != "(all)"].sort_values("bytes")
+    colors = ["tab:blue" if b.startswith("distributed") else "tab:gray" for b in data["becomes"]]
+    bars = ax.barh(data["table"], data["bytes"].astype(float) / 1024, color=colors)
+    for bar, size in zip(bars, data["size"]):
+        ax.annotate(f" {size}", (bar.get_width(), bar.get_y() + bar.get_height() / 2), va="center", fontsize=8)
+    ax.margins(x=0.15)
+    ax.set_xlabel("kB Citus copies (pg_total_relation_size; a reference table goes to every node)")
+    ax.set_title("Data moved by distribution (blue: by tenant_id, grey: reference tables)")
+    fig.tight_layout()
+    return png(fig)

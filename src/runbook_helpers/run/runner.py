@@ -23,7 +23,7 @@ from ..db import database
 from ..db.ledger import Ledger
 from ..errors import RunbookError
 from . import accounting, archive
-from .session import FINALIZE, PHASES, ROLLBACK, operator
+from .session import DISTRIBUTE, FINALIZE, PHASES, ROLLBACK, operator
 
 NOTEBOOKS = {
     "inspect": "01_inspect.ipynb",
@@ -32,6 +32,7 @@ NOTEBOOKS = {
     "constrain": "04_constrain.ipynb",
     "validate": "05_validate.ipynb",
     "finalize": "06_finalize.ipynb",
+    "distribute": "07_distribute.ipynb",
     "rollback": "99_rollback.ipynb",
 }
 
@@ -54,7 +55,7 @@ def parse_phases(text: str | None) -> list[str]:
     if not text:
         return list(PHASES)
     wanted = [p.strip() for p in text.split(",") if p.strip()]
-    for alone in (ROLLBACK, FINALIZE):
+    for alone in (ROLLBACK, FINALIZE, DISTRIBUTE):
         if alone in wanted:
             if wanted != [alone]:
                 raise RunbookError(f"{alone} runs alone: `runbook {alone} --env ENV`")

@@ -30,6 +30,7 @@ from .progress import Progress
 PHASES = ["inspect", "seed", "backfill", "constrain", "validate"]
 FINALIZE = "finalize"  # closes the rollout window: run alone, by `runbook finalize`, once the application
                        # writes tenant_id itself
+DISTRIBUTE = "distribute"  # shards by tenant_id with Citus, after finalize: run alone, by `runbook distribute`
 ROLLBACK = "rollback"  # not part of a run's order: run alone, by `runbook rollback`
 
 
@@ -52,8 +53,9 @@ class PhaseSession:
         """`read_only`: a look beside a run (`runbook plan`): a dry run whose connections are read-only
         (default_transaction_read_only), and which takes neither single-runner lock, so a run in progress does
         not refuse it and it cannot change anything that run relies on."""
-        if phase not in PHASES + [FINALIZE, ROLLBACK]:
-            raise RunbookError(f"unknown phase {phase!r}; phases are {', '.join(PHASES)} (and {FINALIZE}, {ROLLBACK})")
+        if phase not in PHASES + [FINALIZE, DISTRIBUTE, ROLLBACK]:
+            raise RunbookError(f"unknown phase {phase!r}; phases are {', '.join(PHASES)} (and {FINALIZE}, {DISTRIBUTE}, "
+                               f"{ROLLBACK})")
         self.phase = phase
         self.params = params or params_mod.load(env or default_env())
         self.env = self.params.env

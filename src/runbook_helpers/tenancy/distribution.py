@@ -1,8 +1,7 @@
-"""Distribution readiness (for sharding by tenant_id, e.g. Citus) and the opt-in composite-key step.
+"""The opt-in composite-key step, and the catalog reads distribution readiness (tenancy/readiness.py) shares.
 
 A sharded PostgreSQL co-locates rows by tenant_id, so every primary key, unique key and foreign key
-between tenant tables must include it; shared tables become reference tables; ids must not run out.
-The report says what is ready. With distribution.composite_keys, constrain adds the composite keys
+between tenant tables must include it; shared tables become reference tables; ids must not run out. With distribution.composite_keys, constrain adds the composite keys
 beside the ones the application relies on, online, and removes none:
 
   1. CREATE UNIQUE INDEX CONCURRENTLY on (tenant_id, <primary key>)       SHARE UPDATE EXCLUSIVE
@@ -24,7 +23,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import pandas as pd
 from psycopg import sql
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
@@ -288,61 +286,3 @@ JOIN pg_sequence q ON q.seqrelid = s.oid
 WHERE d.deptype IN ('a', 'i') AND n.nspname = :schema AND c.relname = ANY(:tables)
 ORDER BY 1, 2
 """)
-
-
-def readiness(rb) -> pd.DataFrame:
-    """For sharding by tenant_id: each check with what was found and whether it is ready."""
-    rows: list[dict] = []
-    p = rb.params
-
-    def add(check: str, obj: str, finding: str, ready: bool) -> None:
-        rows.append({"check": check, "object": obj, "finding": finding, "ready": ready})
-
-    with rb.engine.connect() as conn:
-        tenants_oid = catalog.relation_oid(conn, rb.schema, "tenants")
-        for name in p.tables:
-            st = catalog.table_state(conn, rb.schema, name, tenants_oid)
-            if not st.exists:
-                continue
-            add("tenant_id is bigint", name, st.column_type or "absent (backfill adds it as bigint)",
-                st.column_type in (None, "bigint"))
-            held = [] if TENANT_COLUMN in st.pk_columns or not st.pk_columns else \
-                external_references(conn, rb.schema, st.oid, p.tables)
-            composite = [TENANT_COLUMN] + st.pk_columns in unique_constraints(conn, st.oid).values()
-            add("primary key includes tenant_id", name, f"({', '.join(st.pk_columns) or 'none'})" + (
-                f"; UNIQUE ({TENANT_COLUMN}, {', '.join(st.pk_columns)}) is in place: making it the primary key is "
-                f"a later, explicit step (the application relies on the key as it is)" if composite else "") + (
-                f"; referenced from outside the spec by {', '.join(held)}" if held else ""),
-                TENANT_COLUMN in st.pk_columns)
-            if st.partitioned:
-                add("partitioned tables: composite keys hold the partition key", name,
-                    f"partitioned by {partitions.key_definition(conn, st.oid)}; " + (
-                        f"UNIQUE ({TENANT_COLUMN}, {', '.join(st.pk_columns)}) holds every level's partition key (the "
-                        f"primary key must), so it and the foreign keys to it can be built per partition and attached"
-                        if st.pk_columns else "no primary key: PostgreSQL takes a unique key on a partitioned table "
-                        "only with every partition key column in it; add one that includes them, then re-run"),
-                    bool(st.pk_columns))
-        for u in catalog.unique_without_tenant(conn, rb.schema, p.tables).itertuples():
-            if u.kind == "primary key":
-                continue
-            add("unique keys include tenant_id", f"{u.table}.{u.name}", f"({u.columns})", False)
-        fks = catalog.foreign_keys(conn, rb.schema, p.tables)
-        plain = accepted_references(p)
-        for fk in fks:
-            if fk.parent == "tenants":
-                continue
-            twin = None if TENANT_COLUMN in fk.cols else covering(fk, fks)
-            reason = plain.get(f"{fk.child}.{fk.name}") if twin is None else None
-            add("foreign keys between tenant tables include tenant_id", f"{fk.child}.{fk.name}",
-                f"({', '.join(fk.cols)}) -> {fk.parent}" + (
-                    f"; {twin.name} enforces it with tenant_id: dropping this one is a later, explicit step"
-                    if twin else "") + (
-                    f"; an accepted cross-tenant reference (cross_tenant.foreign_keys: wins: child): {reason}; "
-                    f"it stays a plain foreign key, which a sharded deployment cannot co-locate" if reason else ""),
-                TENANT_COLUMN in fk.cols)
-        for table in p.shared_tables:
-            add("shared tables as reference tables", table, "candidate reference table (replicated to every node)",
-                True)
-        for r in conn.execute(SEQUENCES_SQL, {"schema": rb.schema, "tables": p.tables}).mappings():
-            add("sequences are bigint", f"{r['table']}.{r['sequence']}", r["type"], r["type"] == "bigint")
-    return pd.DataFrame(rows, columns=["check", "object", "finding", "ready"])

@@ -1,0 +1,125 @@
+"""07_distribute, the Citus operations, in the only order Citus accepted (issue 18):
+
+  1. drop every foreign key among the tenant tables and the reference tables, recording its definition in the
+     ledger in the same transaction: create_reference_table('tenants') would otherwise turn every table connected
+     to tenants by a foreign key into a Citus local table, and colocate_with is refused after that
+  2. create_reference_table(t) for tenants, users, user_tenants, the shared tables and distribution.reference_tables
+  3. create_distributed_table(t, 'tenant_id', colocate_with => <the first tenant table>) for every tenant table
+     (with SET LOCAL citus.enable_unsafe_triggers where the table has the application's triggers and
+     distribution.triggers is enable_unsafe)
+  4. every recorded foreign key re-added NOT VALID (no scan), then VALIDATE (both accepted on distributed tables)
+
+Citus copies each table's rows while it distributes it; the plan shows pg_total_relation_size per table as the
+estimate of what moves. create_distributed_table and create_reference_table are never stubbed: without Citus the
+phase refuses before this module's steps run.
+"""
+
+from __future__ import annotations
+
+import re
+
+from psycopg import sql
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+from ..db import catalog
+from ..db.ddl import SHARE_UPDATE_EXCLUSIVE, Step
+from ..db.names import TENANT_COLUMN
+from ..db.sqltext import render
+from . import citus
+
+PHASE = "distribute"
+DROP_LOCK = "ACCESS EXCLUSIVE on the table and the referenced table (metadata only, milliseconds)"
+ADD_LOCK = "SHARE ROW EXCLUSIVE on the table and the referenced table (metadata only, milliseconds)"
+COPY_LOCK = "EXCLUSIVE on the table while Citus copies its rows to the shards (reads continue, writes wait)"
+
+
+def _ledger(ledger_schema: str) -> sql.Composed:
+    return sql.Identifier(ledger_schema, "distribution_changes")
+
+
+def recorded_foreign_keys(conn: Connection, ledger_schema: str) -> list[citus.Reference]:
+    """The foreign keys step 1 dropped (their definitions), for a resumed run to re-add."""
+    if catalog.relation_oid(conn, ledger_schema, "distribution_changes") is None:
+        return []
+    rows = conn.exec_driver_sql(render(conn, sql.SQL(
+        "SELECT table_name, name, definition FROM {} WHERE kind = 'foreign key' ORDER BY recorded_at, table_name, name"
+    ).format(_ledger(ledger_schema)))).all()
+    return [citus.Reference(t, n, _parent(d), [], d, False) for t, n, d in rows]
+
+
+def _parent(definition: str) -> str:
+    found = re.search(r"REFERENCES\s+((?:\"[^\"]+\"|[^\s(]+)(?:\.(?:\"[^\"]+\"|[^\s(]+))?)", definition)
+    return found.group(1).split(".")[-1].strip('"') if found else ""
+
+
+def size(conn: Connection, schema: str, table: str) -> int:
+    return int(conn.execute(text("SELECT pg_total_relation_size(format('%I.%I', CAST(:s AS text), CAST(:t AS text))"
+                                 "::regclass)"), {"s": schema, "t": table}).scalar() or 0)
+
+
+def cycle(fks: list[citus.Reference], inside: set[str]) -> list[citus.Reference]:
+    """The foreign keys that must be dropped around distribution: both sides among the tables Citus takes."""
+    return [f for f in fks if f.child in inside and f.parent in inside]
+
+
+def drop_steps(schema: str, ledger_schema: str, fks: list[citus.Reference]) -> list[Step]:
+    out = []
+    for fk in fks:
+        record = sql.SQL("INSERT INTO {} (kind, table_name, name, definition) VALUES ('foreign key', {}, {}, {}) "
+                         "ON CONFLICT DO NOTHING").format(_ledger(ledger_schema), sql.Literal(fk.child),
+                                                          sql.Literal(fk.name), sql.Literal(fk.definition))
+        drop = sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(sql.Identifier(schema, fk.child),
+                                                                  sql.Identifier(fk.name))
+        out.append(Step(PHASE, fk.child, f"drop {fk.name} until the tables are distributed", record + sql.SQL("; ")
+                        + drop, DROP_LOCK, "catalog change only; its definition is recorded in the ledger in the same "
+                        "transaction and it comes back NOT VALID, then validated, after distribution"))
+    return out
+
+
+def reference_steps(schema: str, tables: list[str], sizes: dict[str, int]) -> list[Step]:
+    return [Step(PHASE, t, f"make {t} a reference table (copies {sizes.get(t, 0):,} bytes to every node)",
+                 sql.SQL("SELECT create_reference_table({})").format(sql.Literal(f'{_quoted(schema)}.{_quoted(t)}')),
+                 COPY_LOCK, "Citus's own copy; the table stays whole on every node", long_scan=True)
+            for t in tables]
+
+
+def distribute_steps(schema: str, tables: list[str], colocate_with: str | None, sizes: dict[str, int],
+                     unsafe_triggers: set[str]) -> list[Step]:
+    """create_distributed_table by tenant_id, each table colocated with the first."""
+    out = []
+    for t in tables:
+        name = sql.Literal(f"{_quoted(schema)}.{_quoted(t)}")
+        call = sql.SQL("SELECT create_distributed_table({}, {})").format(name, sql.Literal(TENANT_COLUMN)) \
+            if colocate_with is None else sql.SQL("SELECT create_distributed_table({}, {}, colocate_with => {})").format(
+                name, sql.Literal(TENANT_COLUMN), sql.Literal(f"{_quoted(schema)}.{_quoted(colocate_with)}"))
+        why = "Citus's own copy into colocated shards: a tenant's rows of every table on one node"
+        if t in unsafe_triggers:
+            call = sql.SQL("SET LOCAL citus.enable_unsafe_triggers = on; ") + call
+            why += "; its triggers are created on every shard (distribution.triggers: enable_unsafe)"
+        out.append(Step(PHASE, t, f"distribute {t} by {TENANT_COLUMN} (moves {sizes.get(t, 0):,} bytes)", call,
+                        COPY_LOCK, why, long_scan=True))
+        colocate_with = colocate_with or t
+    return out
+
+
+def readd_steps(schema: str, fks: list[citus.Reference], present: dict[str, citus.Reference]) -> list[Step]:
+    """Each foreign key NOT VALID where it is missing, then VALIDATE where it is not validated."""
+    out = []
+    for fk in fks:
+        table = sql.Identifier(schema, fk.child)
+        have = present.get(fk.key)
+        if have is None:
+            definition = re.sub(r"\s+NOT VALID\s*$", "", fk.definition)
+            out.append(Step(PHASE, fk.child, f"re-add {fk.name} NOT VALID", sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {} "
+                            "NOT VALID").format(table, sql.Identifier(fk.name), sql.SQL(definition)), ADD_LOCK,
+                            "NOT VALID skips the scan; new writes are checked at once"))
+        if have is None or not have.validated:
+            out.append(Step(PHASE, fk.child, f"validate {fk.name}", sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
+                table, sql.Identifier(fk.name)), SHARE_UPDATE_EXCLUSIVE, "scans without blocking reads or writes",
+                long_scan=True))
+    return out
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
