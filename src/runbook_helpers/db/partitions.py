@@ -45,8 +45,9 @@ def tree(conn: Connection, st: TableState, tenants_oid: int | None = None) -> li
     the parent's schema (the runbook's spec names one schema)."""
     if not st.exists or not st.partitioned:
         return []
-    return [Partition(catalog.table_state(conn, st.schema, r["name"], tenants_oid), r["parent"], r["level"],
-                      r["isleaf"], r["bound"]) for r in conn.execute(TREE_SQL, {"oid": st.oid}).mappings()]
+    rows = conn.execute(TREE_SQL, {"oid": st.oid}).mappings().all()
+    states = catalog.table_states(conn, st.schema, [r["name"] for r in rows], tenants_oid)
+    return [Partition(states[r["name"]], r["parent"], r["level"], r["isleaf"], r["bound"]) for r in rows]
 
 
 def leaves(parts: list[Partition]) -> list[Partition]:

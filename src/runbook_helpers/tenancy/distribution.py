@@ -116,7 +116,7 @@ def steps(conn: Connection, schema: str, tables: list[str], recorded: frozenset[
     none; a failed VALIDATE of a twin drops it again unless it is in `recorded` (there before the migration):
     NOT VALID, it would refuse the application's new cross-tenant rows while the phase is stopped."""
     tenants_oid = catalog.relation_oid(conn, schema, "tenants")
-    states = {t: catalog.table_state(conn, schema, t, tenants_oid) for t in tables}
+    states = catalog.table_states(conn, schema, tables, tenants_oid)
     out: list[Step] = []
     for name, st in states.items():
         if not st.exists or not st.pk_columns or TENANT_COLUMN in st.pk_columns:

@@ -54,8 +54,7 @@ def _swap_todo(key: citus.UniqueKey, tables, fks, plain) -> str:
 
 def _tables(conn: Connection, rb, tables, keys, fks, plain, add) -> None:
     tenants_oid = catalog.relation_oid(conn, rb.schema, "tenants")
-    for name in tables:
-        st = catalog.table_state(conn, rb.schema, name, tenants_oid)
+    for name, st in catalog.table_states(conn, rb.schema, tables, tenants_oid).items():
         add("tenant_id is bigint", name, st.column_type or "absent (backfill adds it as bigint)",
             st.column_type in (None, "bigint"), "" if st.column_type in (None, "bigint") else
             "the distribution column must have one type in every colocated table: make it bigint")
