@@ -170,6 +170,17 @@ _KERNEL_IDLE = """() => {
 }"""
 _PENDING_CELLS = """() => Array.from(document.querySelectorAll('.jp-NotebookPanel .jp-CodeCell .jp-InputPrompt'))
   .filter(p => p.textContent.includes('*')).length"""
+_ALL_RAN = """() => {
+  const cells = window.jupyterapp.shell.currentWidget.content.model.cells;
+  let unrun = 0, failed = false;
+  for (let i = 0; i < cells.length; i++) {
+    const cell = cells.get(i);
+    if (cell.type !== 'code') continue;
+    if (cell.executionCount === null) unrun++;
+    if (cell.outputs.toJSON().some(o => o.output_type === 'error')) failed = true;
+  }
+  return unrun === 0 || failed;
+}"""
 _MODEL_ERRORS = """() => {
   const cells = window.jupyterapp.shell.currentWidget.content.model.cells;
   const found = [];
@@ -199,8 +210,8 @@ def open_notebook(page, lab: Lab, notebook: str, timeout_s: float = 60) -> None:
 
 
 def run_all_cells(page, timeout_s: float = 240) -> None:
-    """Lab's menu Run > Run All Cells, as a person would; returns once no cell is queued or running and the kernel is
-    idle (Lab stops queueing at the first cell that raises)."""
+    """Lab's menu Run > Run All Cells, as a person would; returns once no cell is queued or running, the kernel is
+    idle, and every code cell ran or one raised (Lab drops the cells queued after it)."""
     page.locator(".lm-MenuBar-item", has_text="Run").first.click()
     page.locator(".lm-Menu-item", has_text="Run All Cells").first.click()
     deadline = time.monotonic() + timeout_s
@@ -209,7 +220,8 @@ def run_all_cells(page, timeout_s: float = 240) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"Run All Cells: cells still running after {timeout_s:.0f} s")
         page.wait_for_timeout(250)
-        settled = settled + 1 if page.evaluate(_PENDING_CELLS) == 0 and page.evaluate(_KERNEL_IDLE) else 0
+        done = page.evaluate(_PENDING_CELLS) == 0 and page.evaluate(_KERNEL_IDLE) and page.evaluate(_ALL_RAN)
+        settled = settled + 1 if done else 0
 
 
 def model_errors(page) -> list[str]:
@@ -233,6 +245,13 @@ def _gist(traceback: str) -> str:
     """A traceback in a line: its first (the exception's name) and its last (name: message)."""
     lines = [line.strip() for line in traceback.splitlines() if line.strip().strip("-")]
     return lines[0] if len(lines) < 2 else f"{lines[0]} … {lines[-1]}"[:400]
+
+
+def stderr_outputs(page) -> list[str]:
+    """Outputs shown as stderr (the pink boxes) that are not tracebacks: warnings, progress bars, empty strips."""
+    texts = page.evaluate(f"""() => Array.from(document.querySelectorAll(
+        '.jp-OutputArea-output[data-mime-type="{ERROR_MIME}"]')).map(e => e.textContent)""")
+    return [text.strip()[:120] for text in texts if "Traceback" not in text]
 
 
 def broken_images(page) -> list[str]:

@@ -28,7 +28,8 @@ import pytest
 
 from runbook_helpers.run import archive as archive_mod
 from browser import (ARTIFACTS, LAB_SCROLLER, broken_images, chart_image, chromium, error_outputs, jupyter_lab,
-                     model_errors, open_notebook, plan_table, require_browser, run_all_cells, screenshot_pages)
+                     model_errors, open_notebook, plan_table, require_browser, run_all_cells, screenshot_pages,
+                     stderr_outputs)
 from conftest import Db, ci_home, copy_home, create_database, drop_database, runbook_cli
 
 pytestmark = pytest.mark.slow
@@ -204,6 +205,12 @@ def test_a_missing_broken_or_hidden_chart_is_detected(archive, page, tmp_path):
         plan_table(page)   # the rest of the page still passes
 
 
+def stderr_note(where: str, outputs: list[str]) -> str:
+    blank = sum(1 for text in outputs if not text)
+    return (f"{where}: {len(outputs)} stderr outputs that are not errors ({blank} empty)"
+            + (f", e.g. {next(t for t in outputs if t)!r}" if blank < len(outputs) else "")) if outputs else ""
+
+
 @pytest.mark.timeout(1800)
 def test_screenshots_of_every_notebook_in_lab_and_every_archived_page(server, template, ci_params, browser, tmp_path):
     if SCREENSHOTS != "all":
@@ -211,6 +218,7 @@ def test_screenshots_of_every_notebook_in_lab_and_every_archived_page(server, te
     out = ARTIFACTS / "all"
     shutil.rmtree(out, ignore_errors=True)
     problems: dict[str, list[str]] = {}
+    notes: list[str] = []   # stderr outputs that are not errors: shown for a person to judge, not failed on
     page = browser.new_page()
     with database_home(server, template, ci_params, tmp_path / "lab-home") as (home, _):
         with jupyter_lab(home / "notebooks", tmp_path / "lab-state", kernel_env(home)) as lab:
@@ -218,6 +226,7 @@ def test_screenshots_of_every_notebook_in_lab_and_every_archived_page(server, te
                 open_notebook(page, lab, notebook)
                 run_all_cells(page, timeout_s=900)
                 found = model_errors(page) + error_outputs(page) + [f"image not loaded: {s}" for s in broken_images(page)]
+                notes.append(stderr_note(f"lab/{notebook}", stderr_outputs(page)))
                 screenshot_pages(page, out / "lab", Path(notebook).stem, LAB_SCROLLER)
                 lab.shut_down_kernels()
                 if found:
@@ -230,9 +239,11 @@ def test_screenshots_of_every_notebook_in_lab_and_every_archived_page(server, te
         for html in sorted((home / "runs" / "ci").glob("*/*.html")):
             page.goto(html.as_uri())
             found = error_outputs(page) + [f"image not loaded: {s}" for s in broken_images(page)]
+            notes.append(stderr_note(f"html/{html.parent.name}/{html.name}", stderr_outputs(page)))
             screenshot_pages(page, out / "html", html.stem)
             if found:
                 problems[f"html/{html.parent.name}/{html.name}"] = found
     page.close()
+    print("\n".join(note for note in notes if note))
     print(f"screenshots of every notebook in JupyterLab: {out / 'lab'}; of every archived page: {out / 'html'}")
     assert problems == {}
