@@ -4,8 +4,8 @@ JupyterLab (the project's own `jupyter lab`) serves a copy of the notebooks whos
 this module, so its kernels never touch the shared ci demo database; 01_inspect is run with Lab's menu Run > Run
 All Cells, and must show no error, its plan table and its chart. An archive made by `runbook run --phases
 inspect` (papermill, on a database of its own) is opened from its file:// URL without any kernel, with the same
-checks. Two more tests show that the checks catch what they look for: a deliberately failing cell, and an
-archive whose chart is missing, broken or hidden.
+checks. Three more tests show that the checks catch what they look for: a deliberately failing cell in Lab, an
+archived page with an error output, and one whose chart is missing, broken or hidden.
 
 Screenshots land in tests/artifacts/browser/ (git-ignored). RUNBOOK_SCREENSHOTS=all adds a test that runs every
 notebook in Lab in runbook order (01 … 05, 06_finalize, 99_rollback) on one database and screenshots each, and
@@ -19,8 +19,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import nbformat
@@ -94,19 +96,21 @@ def lab_page(lab, page):
     lab.shut_down_kernels()   # each test's kernel ends with it: its sessions, its runbook lock
 
 
+@dataclass
+class Archive:
+    folder: Path                          # runs/ci/<timestamp>-<run id>/
+    run: subprocess.CompletedProcess      # the `runbook run` that made it
+
+
 @pytest.fixture(scope="module")
-def archive(server, template, ci_params, tmp_path_factory) -> Path:
+def archive(server, template, ci_params, tmp_path_factory) -> Archive:
     """The run folder of `runbook run --env ci --phases inspect` (papermill, nbconvert) on a database of its own.
     A failed run is archived too: the page test then shows what its reader would see, before the exit code."""
     with database_home(server, template, ci_params, tmp_path_factory.mktemp("archive-home")) as (home, _):
         result = runbook_cli("run", "--env", "ci", "--phases", "inspect", env={"RUNBOOK_HOME": str(home)})
         folders = [p for p in (home / "runs" / "ci").iterdir() if p.is_dir()]
         assert len(folders) == 1 and (folders[0] / "01_inspect.html").is_file(), result.stdout + result.stderr
-        ARCHIVE_RUN[folders[0]] = result
-        yield folders[0]
-
-
-ARCHIVE_RUN: dict[Path, object] = {}   # the archive's folder -> its `runbook run` (exit code, output)
+        yield Archive(folders[0], result)
 
 
 def test_01_inspect_in_jupyterlab_runs_clean_and_shows_its_plan_and_chart(lab, lab_db, lab_page):
@@ -133,7 +137,7 @@ def test_01_inspect_in_jupyterlab_runs_clean_and_shows_its_plan_and_chart(lab, l
 def test_archived_html_shows_the_plan_and_chart_without_a_kernel(archive, page):
     shots = ARTIFACTS / "html"
     shots.mkdir(parents=True, exist_ok=True)
-    page.goto((archive / "01_inspect.html").as_uri())
+    page.goto((archive.folder / "01_inspect.html").as_uri())
     try:
         errors = error_outputs(page)
         assert errors == [], "\n".join(errors)
@@ -144,8 +148,7 @@ def test_archived_html_shows_the_plan_and_chart_without_a_kernel(archive, page):
         assert broken_images(page) == []
     finally:
         print(f"screenshots of the archived 01_inspect.html: {shots}")
-    run = ARCHIVE_RUN[archive]
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert archive.run.returncode == 0, archive.run.stdout[-2000:] + archive.run.stderr[-2000:]
 
 
 def test_a_failing_cell_is_reported_as_an_error(lab, lab_page):
@@ -172,7 +175,7 @@ def test_a_failing_cell_is_reported_as_an_error(lab, lab_page):
 def test_an_error_in_an_archived_page_is_detected(archive, page, tmp_path):
     """The detection itself: the archived notebook with an error output in its plan cell, rendered as the archive
     renders it (nbconvert), opened without a kernel."""
-    notebook = nbformat.read(archive / "01_inspect.ipynb", as_version=4)
+    notebook = nbformat.read(archive.folder / "01_inspect.ipynb", as_version=4)
     (cell,) = [c for c in notebook.cells if c.cell_type == "code" and "full_plan(" in c.source]
     cell.outputs.append(nbformat.v4.new_output("error", ename="RunbookError", evalue="a deliberate failure",
                                                traceback=["Traceback (most recent call last):",
@@ -185,7 +188,7 @@ def test_an_error_in_an_archived_page_is_detected(archive, page, tmp_path):
 
 def test_a_missing_broken_or_hidden_chart_is_detected(archive, page, tmp_path):
     """The detection itself, on copies of a real archived page: the chart's PNG removed, cut, or hidden."""
-    source = (archive / "01_inspect.html").read_text()
+    source = (archive.folder / "01_inspect.html").read_text()
     images = re.findall(r'<img [^>]*src="data:image/png;base64,[^"]+"[^>]*>', source)
     assert len(images) == 1, "01_inspect.html should hold exactly one image, its chart"
     variants = {
