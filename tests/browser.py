@@ -301,6 +301,7 @@ def screenshot_pages(page, folder: Path, stem: str, scroller: str | None = None,
     would hold only the first screen."""
     folder.mkdir(parents=True, exist_ok=True)
     target = f"document.querySelector({json.dumps(scroller)})" if scroller else "document.scrollingElement"
+    visible_bottom = "box.getBoundingClientRect().bottom" if scroller else "window.innerHeight"
     shots, top = [], 0
     while len(shots) < limit:
         page.evaluate(f"y => {{ {target}.scrollTop = y; }}", top)
@@ -308,8 +309,12 @@ def screenshot_pages(page, folder: Path, stem: str, scroller: str | None = None,
         path = folder / f"{stem}-{len(shots):02d}.png"
         page.screenshot(path=str(path))
         shots.append(path)
-        height, client = page.evaluate(f"() => [{target}.scrollHeight, {target}.clientHeight]")
-        if top + client >= height:
+        height, client, last_cell_shown = page.evaluate(f"""() => {{
+            const box = {target}, cells = box.querySelectorAll('.jp-Cell');
+            const last = cells.length && cells[cells.length - 1].getBoundingClientRect().bottom;
+            return [box.scrollHeight, box.clientHeight, !!last && last <= {visible_bottom}];
+        }}""")
+        if top + client >= height or last_cell_shown:   # Lab leaves a screen of blank space past the last cell
             break
         top += client - 60   # a little overlap, so no line is cut in two unseen
     return shots
