@@ -210,12 +210,28 @@ def staging_dsn(db, user: str = "postgres", password: str | None = None) -> str:
     return db.url.replace("postgresql://postgres@", f"postgresql://{auth}@")
 
 
+def copy_home(target: Path) -> Path:
+    """A copy of the checkout's params, notebooks and demo in `target`, to run the CLI with edited files
+    (RUNBOOK_HOME)."""
+    for folder in ("params", "notebooks", "demo"):
+        shutil.copytree(ROOT / folder, target / folder)
+    return target
+
+
 @pytest.fixture
 def home(tmp_path) -> Path:
-    """A copy of the checkout's params, notebooks and demo, to run the CLI with edited files (RUNBOOK_HOME)."""
-    for folder in ("params", "notebooks", "demo"):
-        shutil.copytree(ROOT / folder, tmp_path / folder)
-    return tmp_path
+    return copy_home(tmp_path)
+
+
+def ci_home(home: Path, database: str) -> Path:
+    """`home` whose ci env is `database` on the ci server (the checkout's .runbook/ linked in), so a runner or a
+    kernel started with RUNBOOK_HOME=home and RUNBOOK_ENV=ci works on that database only."""
+    (home / ".runbook").symlink_to(ROOT / ".runbook")
+    ci = home / "params" / "ci.yaml"
+    text = ci.read_text()
+    assert "database:\n  embedded: true\n" in text
+    ci.write_text(text.replace("database:\n  embedded: true\n", f"database:\n  embedded: true\n  name: {database}\n"))
+    return home
 
 
 def runbook_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, runbook_cli
+from conftest import ROOT, ci_home, runbook_cli
 from runbook_helpers.db import database
 
 pytestmark = pytest.mark.slow
@@ -41,12 +41,7 @@ sys.exit(cli.main(sys.argv[1:]))
 @pytest.fixture
 def runner_home(db, home) -> Path:
     """RUNBOOK_HOME whose ci env is this test's database on the ci server."""
-    (home / ".runbook").symlink_to(ROOT / ".runbook")
-    ci = home / "params" / "ci.yaml"
-    text = ci.read_text()
-    assert "database:\n  embedded: true\n" in text
-    ci.write_text(text.replace("database:\n  embedded: true\n", f"database:\n  embedded: true\n  name: {db.name}\n"))
-    return home
+    return ci_home(home, db.name)
 
 
 def cli(home: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
