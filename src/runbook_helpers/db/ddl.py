@@ -180,8 +180,18 @@ class Step:
         return self.table is not None and self.lock_mode in QUEUEING_MODES
 
     @property
+    def clears(self) -> dict[str, str]:
+        """The relations the ladder clears before each try (autovacuum, long transactions named), with the mode
+        this step takes on each: every one it locks in a mode autovacuum conflicts with (a text lock: its table)."""
+        if self.table is None:
+            return {}
+        if isinstance(self.lock, Lock):
+            return {rel: mode for rel, mode in self.lock.relations(self.table).items() if mode in AUTOVACUUM_CONFLICTS}
+        return {self.table: self.lock_mode} if self.lock_mode in AUTOVACUUM_CONFLICTS else {}
+
+    @property
     def waits_for_autovacuum(self) -> bool:
-        return self.table is not None and self.lock_mode in AUTOVACUUM_CONFLICTS
+        return bool(self.clears)
 
 
 @dataclass
@@ -410,25 +420,28 @@ class Executor:
         next_line = 0.0
         may_cancel = None
         while True:
+            wraparound = []
             with self.engine.connect() as conn:
-                sessions = lock_holders.sessions_on_table(conn, step.table)
-                wraparound = [s for s in sessions if s.is_wraparound_vacuum]
-                for s in sessions:
-                    if s.is_autovacuum and not s.is_wraparound_vacuum:
-                        if may_cancel is None:
-                            may_cancel, how = privileges.can_cancel_autovacuum(conn)
-                        if not may_cancel:  # pg_cancel_backend would fail the step with 42501
-                            self._say(f"  {step.table}: {step.action}: autovacuum pid {s.pid} is on the table and this "
-                                      f"role may not cancel it ({how}); PostgreSQL cancels it once the statement "
-                                      f"has waited deadlock_timeout")
-                            continue
-                        done = lock_holders.cancel_backend(conn, s.pid)
-                        self._say(f"  {step.table}: {step.action}: cancelled autovacuum pid {s.pid} on the table "
-                                  f"({s.query!r}){'' if done else ' (it had already ended)'}; it runs again later")
-                    elif (step.queues_the_application and not s.is_autovacuum and s.pid not in reported
-                          and s.age_s * 1000 >= self.locks.report_transactions_older_than_ms):
-                        reported.add(s.pid)
-                        self._say(f"  {step.table}: {step.action}: before trying: long transaction {s.describe()}")
+                for relation, mode in step.clears.items():  # the table, and e.g. the table a foreign key references
+                    where = "the table" if relation == step.table else relation
+                    sessions = lock_holders.sessions_on_table(conn, relation)
+                    wraparound += [s for s in sessions if s.is_wraparound_vacuum]
+                    for s in sessions:
+                        if s.is_autovacuum and not s.is_wraparound_vacuum:
+                            if may_cancel is None:
+                                may_cancel, how = privileges.can_cancel_autovacuum(conn)
+                            if not may_cancel:  # pg_cancel_backend would fail the step with 42501
+                                self._say(f"  {step.table}: {step.action}: autovacuum pid {s.pid} is on {where} and "
+                                          f"this role may not cancel it ({how}); PostgreSQL cancels it once the "
+                                          f"statement has waited deadlock_timeout")
+                                continue
+                            done = lock_holders.cancel_backend(conn, s.pid)
+                            self._say(f"  {step.table}: {step.action}: cancelled autovacuum pid {s.pid} on {where} "
+                                      f"({s.query!r}){'' if done else ' (it had already ended)'}; it runs again later")
+                        elif (mode in QUEUEING_MODES and not s.is_autovacuum and s.pid not in reported
+                              and s.age_s * 1000 >= self.locks.report_transactions_older_than_ms):
+                            reported.add(s.pid)
+                            self._say(f"  {step.table}: {step.action}: before trying: long transaction {s.describe()}")
                 conn.commit()
             if not wraparound:
                 return

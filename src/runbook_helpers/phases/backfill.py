@@ -461,7 +461,7 @@ def apply(rb) -> BackfillReport:
     step_results += executor.run_all([s for tp in table_plans for s in tp.columns])
     step_results += executor.run_all([s for tp in table_plans for s in tp.triggers])
     for tp in table_plans:
-        step_results += executor.run_all([s for s in tp.fill if s.lock != ROW_EXCLUSIVE_BATCH])
+        step_results += executor.run_all([s for s in tp.fill if not s.params])  # not the batches: the engine runs them
         updated, batches, paused, worst_lag = 0, 0, 0.0, None
         if tp.strategy in ("batched", "mapped") and not rb.dry_run:
             assignment = tp.assignment
