@@ -29,6 +29,7 @@ from .. import faults
 from ..errors import LockNotAcquired, RunbookError
 from ..params import LockParams
 from . import catalog, lock_holders, privileges
+from .plan_text import PlanFrame, statement_text
 from .sqltext import render
 
 # PostgreSQL's table lock modes, weakest first: as the docs spell them -> as pg_locks names them.
@@ -221,9 +222,7 @@ def concurrent_index_steps(phase: str, table: str, schema: str, index: str, buil
 def plan_frame(steps: list[Step], conn: Connection | None = None) -> pd.DataFrame:
     """The plan as a table: each statement as it will run (placeholders as $1, $2, … with what they hold in
     `params`), the table it touches and the lock it takes (whole, and short in `lock mode`). Shown in a
-    notebook it renders for reading (run/plan_view.py); `runbook plan --format` writes it as SQL or JSON."""
-    from .plan_text import statement_text  # noqa: PLC0415  (one module renders statements for every form)
-
+    notebook it renders for reading (plan_text.PlanFrame); `runbook plan --format` writes it as SQL or JSON."""
     rows = []
     for s in steps:
         text, params = statement_text(render(conn, s.statement), s.params)
@@ -231,7 +230,7 @@ def plan_frame(steps: list[Step], conn: Connection | None = None) -> pd.DataFram
                      "statement": text, "why safe": s.why, "lock mode": s.lock_short, "params": params,
                      "locks": s.lock.relations(s.table) if isinstance(s.lock, Lock) else {},
                      "brief": bool(getattr(s.lock, "brief", False))})
-    return pd.DataFrame(rows, columns=PLAN_COLUMNS + ["lock mode", "params", "locks", "brief"])
+    return PlanFrame(rows, columns=PLAN_COLUMNS + ["lock mode", "params", "locks", "brief"])
 
 
 PLAN_COLUMNS = ["phase", "table", "action", "lock", "statement", "why safe"]
