@@ -72,7 +72,8 @@ def observe_outside_a_transaction(rb, step: Step, db) -> dict[str, str] | None:
     session reads what it holds and requests; then the blocker lets go and it completes. None: it completed
     without queuing (it takes nothing that conflicts with SHARE UPDATE EXCLUSIVE)."""
     blocker = db.connect()
-    blocker.execute(f'LOCK TABLE "{rb.schema}"."{step.table}" IN SHARE UPDATE EXCLUSIVE MODE')
+    target = next(iter(step.lock.relations(step.table)))  # the table, or the one partition it works on
+    blocker.execute(f'LOCK TABLE "{rb.schema}"."{target}" IN SHARE UPDATE EXCLUSIVE MODE')
     raw = rb.engine.raw_connection()
     conn: psycopg.Connection = raw.driver_connection
     conn.autocommit = True
@@ -107,6 +108,14 @@ def observe_outside_a_transaction(rb, step: Step, db) -> dict[str, str] | None:
     return strongest(rows)
 
 
+def is_table(rb, relation: str) -> bool:
+    """A lock the plan names on an index (ATTACH PARTITION of an index) is not compared: pg_locks is read for tables."""
+    with rb.engine.connect() as conn:
+        kind = conn.exec_driver_sql("SELECT relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                                    "WHERE c.relname = %s AND n.nspname = %s", (relation, rb.schema)).scalar()
+    return kind not in ("i", "I")
+
+
 def check(rb, db, step: Step, seen: list[str], wrong: list[str]) -> None:
     assert isinstance(step.lock, Lock), f"{step.table}: {step.action}: lock is free text: {step.lock!r}"
     observed = observe_in_transaction(rb, step) if step.transactional else observe_outside_a_transaction(rb, step, db)
@@ -115,7 +124,7 @@ def check(rb, db, step: Step, seen: list[str], wrong: list[str]) -> None:
             wrong.append(f"{step.table}: {step.phase}: {step.action}: took no lock that conflicts with SHARE UPDATE "
                          f"EXCLUSIVE; the plan says {step.lock_text!r}")
         return  # else: an IF EXISTS whose object an earlier step of the same plan dropped (a no-op)
-    expected = step.lock.relations(step.table)
+    expected = {rel: mode for rel, mode in step.lock.relations(step.table).items() if is_table(rb, rel)}
     listed = {rel: mode for rel, mode in observed.items() if mode != "AccessShareLock" or rel in expected}
     kind = f"{step.phase}: {step.action}"
     seen.append(kind)
@@ -129,10 +138,9 @@ def run_and_check(rb, db, steps: list[Step], seen: list[str], wrong: list[str]) 
         check(rb, db, step, seen, wrong)
 
 
-@pytest.mark.timeout(600)
-def test_every_steps_lock_is_what_pg_locks_shows(migrated_db, ci_params):
-    p = params_mod.override(ci_params, LEGACY_ON)
-    db = migrated_db("inspect", params=p)
+def check_every_phase(db, p, undo: bool = True) -> list[str]:
+    """Seed, backfill and constrain as planned from the catalog before each, then (`undo`) 99_rollback; returns the
+    step kinds checked, fails listing every step whose lock differs from pg_locks."""
     seen: list[str] = []
     wrong: list[str] = []
     for phase, plan in (("seed", seed.steps), ("backfill", lambda rb: backfill.execution_order(backfill.plans(rb))),
@@ -144,22 +152,48 @@ def test_every_steps_lock_is_what_pg_locks_shows(migrated_db, ci_params):
             rb.close()
     rb = db.session("rollback", params=p)
     try:
-        for step in rollback.steps(rb):
+        for step in rollback.steps(rb) if undo else []:
             if len(step.lock.holds) > 1:  # a delete: what it locks depends on the keys the steps before it dropped,
                 step = next(s for s in rollback.steps(rb)  # so as a resumed rollback would plan it now
                             if (s.table, s.action) == (step.table, step.action))
             check(rb, db, step, seen, wrong)
     finally:
         rb.close()
-    kinds = " | ".join(seen)
-    for kind in ("insert the System Tenant" if "insert the System Tenant" in kinds else "memberships from",
-                 "add tenant_id with the System Tenant", "install the rollout triggers (and drop the DEFAULT)",
-                 "open the record", "its org's tenant in batches", "VACUUM (ANALYZE)",
-                 "add CHECK (tenant_id IS NOT NULL) NOT VALID", "validate the NOT NULL check", "set tenant_id NOT NULL",
-                 "drop the now redundant CHECK", "add foreign key to tenants NOT VALID", "validate the foreign key",
-                 "build the tenant_id index", "build the unique index", "using that index", "_fk NOT VALID",
-                 "tenant policy", "enable row level security", "force row level security", "security_invoker",
-                 "grant app_user", "rollback: drop ", "drop the foreign key to tenants", "disable row level security",
-                 "drop index", "remove the rollout triggers", "drop tenant_id"):
-        assert kind in kinds, f"no step of kind {kind!r} was checked"
     assert not wrong, "\n".join(wrong)
+    return seen
+
+
+@pytest.mark.timeout(600)
+def test_every_steps_lock_is_what_pg_locks_shows(migrated_db, ci_params):
+    """The demo with the legacy mapping, composite keys and row level security."""
+    p = params_mod.override(ci_params, LEGACY_ON)
+    kinds = " | ".join(check_every_phase(migrated_db("inspect", params=p), p))
+    for kind in ("memberships from", "add tenant_id with the System Tenant", "install the rollout triggers (and drop "
+                 "the DEFAULT)", "install the rollout triggers |", "open the record", "its org's tenant in batches",
+                 "VACUUM (ANALYZE)", "add CHECK (tenant_id IS NOT NULL) NOT VALID",
+                 "validate the NOT NULL check", "set tenant_id NOT NULL", "drop the now redundant CHECK",
+                 "add foreign key to tenants NOT VALID", "validate the foreign key", "build the tenant_id index",
+                 "build the unique index", "using that index", "_fk NOT VALID", "tenant policy",
+                 "enable row level security", "force row level security", "security_invoker", "grant app_user",
+                 "rollback: drop ", "drop the foreign key to tenants", "disable row level security", "drop index",
+                 "remove the rollout triggers", "drop tenant_id", "delete the tenants the legacy mapping created"):
+        assert kind in kinds, f"no step of kind {kind!r} was checked"
+
+
+@pytest.mark.timeout(600)
+def test_every_steps_lock_on_a_partitioned_schema_is_what_pg_locks_shows(migrated_db, ci_params):
+    """Range, list and hash partitions (sub-partitioned), a foreign key from and to the partitioned table: each
+    partition a recursing ALTER TABLE reaches is named, and each step on one partition names that partition
+    (forward phases)."""
+    from test_partitions import SCHEMA, partition_params
+
+    p = partition_params(ci_params)
+    # not yet 99_rollback here: its drops on a partitioned table recurse to every partition, which their Lock
+    # does not name yet (the forward steps' do)
+    kinds = " | ".join(check_every_phase(migrated_db("inspect", params=p, schema=SCHEMA), p, undo=False))
+    for kind in ("create user_tenants", "(on the table and every partition)", "on partition events_2024_eu",
+                 "ON ONLY the table", "ON ONLY sub-partitioned", "attach events_2024_eu_tenant_id_idx",
+                 "add the foreign key to tenants on the table", "to partition events_2024_eu using that index",
+                 "NOT VALID to partition events_2024_eu", "_fk to the table",
+                 "refresh planner statistics (the table and every partition)"):
+        assert kind in kinds, f"no step of kind {kind!r} was checked"

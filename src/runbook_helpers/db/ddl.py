@@ -50,6 +50,7 @@ class Lock:
     brief: bool = False   # metadata only: held for milliseconds
     note: str = ""        # what it means for the application, e.g. "reads and writes continue"
     scope: str = ""       # where the table's lock reaches beyond it, e.g. "and every partition"
+    spread: tuple[str, ...] = ()  # those relations by name (a partitioned table's partitions): the text says scope
 
     def __post_init__(self):
         unknown = [m for _, m in self.holds if m not in PG_LOCK_MODES]
@@ -58,7 +59,11 @@ class Lock:
 
     def relations(self, table: str | None) -> dict[str, str]:
         """relation -> pg_locks mode, the step's table filled in (for comparing with pg_locks)."""
-        return {(table if rel is THE_TABLE else rel): PG_LOCK_MODES[mode] for rel, mode in self.holds}
+        out = {(table if rel is THE_TABLE else rel): PG_LOCK_MODES[mode] for rel, mode in self.holds}
+        mine = next((mode for rel, mode in self.holds if rel is THE_TABLE), None)
+        for rel in self.spread if mine else ():
+            out.setdefault(rel, PG_LOCK_MODES[mine])
+        return out
 
     @property
     def strongest(self) -> str | None:
@@ -92,9 +97,11 @@ class Lock:
         return self.text()
 
 
-def on_table(mode: str, *also: tuple[str, str], brief: bool = False, note: str = "", scope: str = "") -> Lock:
-    """`mode` on the step's table, and each (relation, mode) of `also` on another one."""
-    return Lock(((THE_TABLE, mode), *also), brief=brief, note=note, scope=scope)
+def on_table(mode: str, *also: tuple[str, str], brief: bool = False, note: str = "", scope: str = "",
+             spread: tuple[str, ...] = (), relation: str | None = THE_TABLE) -> Lock:
+    """`mode` on the step's table (or on `relation`, e.g. the one partition a step works on) and on the `spread`
+    relations it reaches (its partitions), and each (relation, mode) of `also` on another one."""
+    return Lock(((relation, mode), *also), brief=brief, note=note, scope=scope, spread=tuple(spread))
 
 
 def strongest_lock_mode(lock: "Lock | str") -> str | None:
@@ -115,15 +122,19 @@ NEW_OBJECT = Lock(note="creates a new object")
 PRIVILEGES_ONLY = Lock(note="privileges only")
 
 
-def foreign_key_lock(parent: str, scope: str = "") -> Lock:
+def foreign_key_lock(parent: str, scope: str = "", spread: tuple[str, ...] = (), relation: str | None = THE_TABLE,
+                     parent_partitions: tuple[str, ...] = ()) -> Lock:
     """ADD FOREIGN KEY (NOT VALID, or attaching validated partitions' keys): SHARE ROW EXCLUSIVE on the table and
-    on the table it references (both get the key's triggers)."""
-    return on_table("SHARE ROW EXCLUSIVE", (parent, "SHARE ROW EXCLUSIVE"), brief=True, scope=scope)
+    on the table it references, and its partitions (all get the key's triggers)."""
+    return on_table("SHARE ROW EXCLUSIVE", *((p, "SHARE ROW EXCLUSIVE") for p in (parent, *parent_partitions)),
+                    brief=True, scope=scope, spread=spread, relation=relation)
 
 
-def validate_foreign_key_lock(parent: str, scope: str = "", note: str = CONTINUES) -> Lock:
+def validate_foreign_key_lock(parent: str, scope: str = "", note: str = CONTINUES, spread: tuple[str, ...] = (),
+                              relation: str | None = THE_TABLE) -> Lock:
     """VALIDATE of a foreign key: SHARE UPDATE EXCLUSIVE on the table it scans, ROW SHARE on the referenced one."""
-    return on_table("SHARE UPDATE EXCLUSIVE", (parent, "ROW SHARE"), note=note, scope=scope)
+    return on_table("SHARE UPDATE EXCLUSIVE", (parent, "ROW SHARE"), note=note, scope=scope, spread=spread,
+                    relation=relation)
 
 
 def drop_foreign_key_lock(parent: str) -> Lock:
@@ -205,7 +216,7 @@ class StepResult:
 
 
 def concurrent_index_steps(phase: str, table: str, schema: str, index: str, build: sql.Composable | None,
-                           action: str, lock: str = SHARE_UPDATE_EXCLUSIVE, leftovers=()) -> list[Step]:
+                           action: str, lock: "Lock" = SHARE_UPDATE_EXCLUSIVE, leftovers=()) -> list[Step]:
     """An index built CONCURRENTLY (outside a transaction, reads and writes continue): each INVALID leftover
     of an interrupted build in `leftovers` dropped first, then `build` (the CREATE … INDEX CONCURRENTLY
     statement; None when a valid index exists), whose failure drops what it left."""

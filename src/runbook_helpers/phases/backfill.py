@@ -75,15 +75,15 @@ def strategy_for(st: TableState, system_id: int | None, null_count: int | None =
     return "done"
 
 
-def column_steps(st: TableState, system_id: int | None) -> list[Step]:
-    """Pass 1: the column, where it is missing."""
+def column_steps(st: TableState, system_id: int | None, every: tuple[str, ...] = ()) -> list[Step]:
+    """Pass 1: the column, where it is missing (`every`: a partitioned table's partitions, which it reaches)."""
     if st.has_column:
         return []
     spread = " (on the table and every partition)" if st.partitioned else ""
     return [Step(PHASE, st.name, "add tenant_id with the System Tenant for every existing row" + spread,
                  sql.SQL("ALTER TABLE {} ADD COLUMN {} bigint DEFAULT {}").format(
                      st.qualified, COL, _tenant_literal(system_id)),
-                 on_table("ACCESS EXCLUSIVE", brief=True, scope="and every partition" if spread else ""),
+                 on_table("ACCESS EXCLUSIVE", brief=True, scope="and every partition" if spread else "", spread=every),
                  "a constant default is stored in the catalog: no row is rewritten "
                  "or scanned" + ("; PostgreSQL adds the column to every partition, and to partitions created later"
                                  if spread else ""))]
@@ -106,7 +106,9 @@ def fill_step(conn, st: TableState, system_id: int | None, strategy: str, batch_
         statement, held = one_batch(conn, space_for(conn, target, keys), assign)
         action = (f"give each row{of} its org's tenant in batches of {batch_size:,} ({how}{own})" if strategy == "mapped"
                   else f"fill NULL tenant_id{of} in batches of {batch_size:,} ({how}{own})")
-        out.append(Step(PHASE, st.name, action, sql.SQL(statement), ROW_EXCLUSIVE_BATCH,
+        lock = ROW_EXCLUSIVE_BATCH if target is st else on_table("ROW EXCLUSIVE", note=ROW_EXCLUSIVE_BATCH.note,
+                                                                   relation=target.name)
+        out.append(Step(PHASE, st.name, action, sql.SQL(statement), lock,
                         "one short transaction per batch with its checkpoint; resumable; no table lock",
                         params=held))
     return out
@@ -163,7 +165,8 @@ def rollout_steps(rb, conn, st: TableState, system_id: int | None, before: dict 
                           or reconcile.closed(conn, rb.params.ledger_schema, st.name) is not None):
         return []
     table = rollout_table(rb, conn, st, system_id)
-    return [rollout.install_step(PHASE, table, _runbook_default(st, before))]
+    every = tuple(p.name for p in partitions.tree(conn, st)) if st.partitioned else ()
+    return [rollout.install_step(PHASE, table, _runbook_default(st, before), every)]
 
 
 def capture_steps(rb, conn, st: TableState, system_id: int | None) -> list[Step]:
@@ -235,7 +238,8 @@ def vacuum_steps(rb, conn, st: TableState, strategy: str, leaves: list[str]) -> 
     out: list[tuple[Step, str]] = []
     for name in names:
         what = f" (partition {name})" if name != st.name else ""
-        step = vacuum.vacuum_step(PHASE, st.name, sql.Identifier(st.schema, name), what)
+        step = vacuum.vacuum_step(PHASE, st.name, sql.Identifier(st.schema, name), what,
+                                  relname=name if name != st.name else None)
         due = strategy in ("batched", "mapped") and (name in leaves or not st.partitioned)
         if not due and known:
             due = bool(conn.exec_driver_sql(render(conn, sql.SQL(VACUUM_DUE_SQL).format(
@@ -278,7 +282,8 @@ def plans(rb) -> list[TablePlan]:
                 conn, after, system_id, strategy, rb.params.batch_size_for(name), planned, leaves,
                 rb.params.core_tables[name].key)
             after, relations = vacuum_steps(rb, conn, st, strategy, leaves)
-            out.append(TablePlan(st, strategy, nulls, column_steps(st, system_id),
+            every = tuple(p.name for p in partitions.tree(conn, st)) if st.partitioned else ()
+            out.append(TablePlan(st, strategy, nulls, column_steps(st, system_id, every),
                                  rollout_steps(rb, conn, st, system_id, before.get(name)), fill, assignment, to_map,
                                  after, relations))
     rb._backfill_plans = (time.monotonic(), out)  # for cost() of the plan just shown (not for apply)

@@ -127,35 +127,42 @@ def plan_table(st: TableState, schema: str, parts: list[partitions.Partition] | 
 
 
 PARTITIONS_META = on_table("ACCESS EXCLUSIVE", brief=True, scope="and its partitions")
-LEAF_SCAN = on_table("SHARE UPDATE EXCLUSIVE", note=CONTINUES, scope="(this partition only)")
+
+
+def leaf_scan(partition: str) -> Lock:
+    """A scan or build of one partition: SHARE UPDATE EXCLUSIVE on it alone."""
+    return on_table("SHARE UPDATE EXCLUSIVE", note=CONTINUES, relation=partition)
 
 
 def _not_null_partitioned(st: TableState, parts: list[partitions.Partition]) -> list[Step]:
     t, steps = st.qualified, []
+    every = tuple(p.name for p in parts)  # ALTER TABLE on a partitioned table recurses: it locks each of them
+    spread_meta = on_table("ACCESS EXCLUSIVE", brief=True, scope="and its partitions", spread=every)
     check = sql.Identifier(st.check_name or names.not_null_check_name(st.name))
     if not st.not_null:
         if st.check_name is None:
             steps.append(Step(PHASE, st.name, "add CHECK (tenant_id IS NOT NULL) NOT VALID to the table and every "
                               "partition", sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL) NOT VALID")
-                              .format(t, check, COL), PARTITIONS_META,
+                              .format(t, check, COL), spread_meta,
                               "NOT VALID skips the scan; every partition inherits the CHECK; new writes are checked"))
         for part in partitions.leaves(parts):
             if not part.state.not_null and not part.state.check_valid:
                 steps.append(Step(PHASE, st.name, f"validate the NOT NULL check on partition {part.name}",
                                   sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(part.state.qualified, check),
-                                  LEAF_SCAN, "scans one partition without blocking its reads or writes",
+                                  leaf_scan(part.name), "scans one partition without blocking its reads or writes",
                                   long_scan=True))
         if not st.check_valid:
             steps.append(Step(PHASE, st.name, "validate the NOT NULL check on the table",
                               sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(t, check),
-                              on_table("SHARE UPDATE EXCLUSIVE", note="no scan", scope="and its partitions"),
+                              on_table("SHARE UPDATE EXCLUSIVE", note="no scan", scope="and its partitions",
+                                       spread=every),
                               "every partition's CHECK is validated already, so PostgreSQL only marks it valid"))
         steps.append(Step(PHASE, st.name, "set tenant_id NOT NULL on the table and every partition",
-                          sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL").format(t, COL), PARTITIONS_META,
+                          sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL").format(t, COL), spread_meta,
                           "each partition's validated CHECK proves no NULLs, so PostgreSQL scans none"))
     if st.check_name is not None or not st.not_null:
         steps.append(Step(PHASE, st.name, "drop the now redundant CHECK (from every partition)",
-                          sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(t, check), PARTITIONS_META,
+                          sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(t, check), spread_meta,
                           "catalog change only"))
     return steps
 
@@ -165,6 +172,7 @@ def _fk_partitioned(st: TableState, schema: str, parts: list[partitions.Partitio
     tenants = sql.Identifier(schema, "tenants")
     if st.fk_name is not None and st.fk_valid:
         return steps
+    every = tuple(p.name for p in parts)
     for part in partitions.leaves(parts):
         ps = part.state
         fk = sql.Identifier(ps.fk_name or names.fk_name(ps.name))
@@ -172,12 +180,12 @@ def _fk_partitioned(st: TableState, schema: str, parts: list[partitions.Partitio
             steps.append(Step(PHASE, st.name, f"add foreign key to tenants NOT VALID on partition {ps.name}",
                               sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} (id) NOT VALID")
                               .format(ps.qualified, fk, COL, tenants),
-                              foreign_key_lock("tenants", scope="(this partition)"),
+                              foreign_key_lock("tenants", relation=ps.name),
                               "NOT VALID skips the scan; new writes to the partition are checked at once"))
         if not ps.fk_valid:
             steps.append(Step(PHASE, st.name, f"validate the foreign key on partition {ps.name}",
                               sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(ps.qualified, fk),
-                              validate_foreign_key_lock("tenants", scope="(this partition only)"),
+                              validate_foreign_key_lock("tenants", relation=ps.name),
                               "scans one partition without blocking it",
                               long_scan=True))
     fk = sql.Identifier(st.fk_name or names.fk_name(st.name))
@@ -186,13 +194,14 @@ def _fk_partitioned(st: TableState, schema: str, parts: list[partitions.Partitio
                           sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} (id)").format(
                               st.qualified, fk, COL, tenants),
                           on_table("SHARE ROW EXCLUSIVE", ("tenants", "ACCESS EXCLUSIVE"), brief=True,
-                                   scope="and its partitions"),
+                                   scope="and its partitions", spread=every),
                           "every partition's key is validated already: PostgreSQL attaches them and scans nothing; "
                           "partitions created later get it"))
     else:
         steps.append(Step(PHASE, st.name, "validate the foreign key on the table",
                           sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(st.qualified, fk),
-                          validate_foreign_key_lock("tenants", scope="and its partitions", note="no scan"),
+                          validate_foreign_key_lock("tenants", scope="and its partitions", note="no scan",
+                                                    spread=every),
                           "every partition's key is validated already"))
     return steps
 
@@ -231,7 +240,7 @@ def partition_index_steps(phase: str, conn, st: TableState, parts: list[partitio
             steps += concurrent_index_steps(
                 phase, st.name, schema, name, None if exists else sql.SQL("{} CONCURRENTLY {} ON {} ({})").format(
                     create, sql.Identifier(name), part.state.qualified, sql.SQL(what)),
-                f"build the index on ({what}) of partition {part.name}", LEAF_SCAN,
+                f"build the index on ({what}) of partition {part.name}", leaf_scan(part.name),
                 leftovers=[name] if exists is False else [])
         if attached is None:
             steps.append(Step(phase, st.name, f"attach {name} to {parent_index}",
@@ -253,7 +262,8 @@ def plan_partitioned(st: TableState, schema: str, parts: list[partitions.Partiti
     if steps:
         steps.append(Step(PHASE, st.name, "refresh planner statistics (the table and every partition)",
                           sql.SQL("ANALYZE {}").format(st.qualified),
-                          on_table("SHARE UPDATE EXCLUSIVE", note=CONTINUES, scope="and every partition"),
+                          on_table("SHARE UPDATE EXCLUSIVE", note=CONTINUES, scope="and every partition",
+                                   spread=tuple(p.name for p in parts)),
                           "samples the partitions; reads and writes continue",
                           long_scan=True))
     return steps

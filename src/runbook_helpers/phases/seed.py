@@ -165,10 +165,11 @@ def _references(create_sql: str) -> list[str]:
     return list(dict.fromkeys(re.findall(r'REFERENCES \{s\}\."(\w+)"', create_sql)))
 
 
-def create_lock(create_sql: str) -> Lock:
-    """A new table: SHARE ROW EXCLUSIVE on each table its foreign keys reference (they get its triggers)."""
-    return Lock(tuple((r, "SHARE ROW EXCLUSIVE") for r in _references(create_sql)), brief=True,
-                note="creates a new object")
+def create_lock(name: str, create_sql: str) -> Lock:
+    """A new table (ACCESS EXCLUSIVE on it, which no one else can see yet) and SHARE ROW EXCLUSIVE on each table
+    its foreign keys reference (they get its triggers)."""
+    return Lock(((name, "ACCESS EXCLUSIVE"), *((r, "SHARE ROW EXCLUSIVE") for r in _references(create_sql))),
+                brief=True, note="a new table")
 
 
 
@@ -180,7 +181,7 @@ def steps(rb) -> list[Step]:
         missing = [name for name in CONVENTIONS if catalog.relation_oid(conn, rb.schema, name) is None]
     for name in missing:
         statement = sql.SQL(CONVENTIONS[name].create_sql.replace("{s}", "{schema}")).format(schema=schema)
-        steps.append(Step(PHASE, name, f"create {name}", statement, create_lock(CONVENTIONS[name].create_sql),
+        steps.append(Step(PHASE, name, f"create {name}", statement, create_lock(name, CONVENTIONS[name].create_sql),
                           "a new, empty table: no existing table is locked or rewritten"))
     if missing or table_states.system_tenant_id(rb) is None:
         tenant = rb.params.system_tenant

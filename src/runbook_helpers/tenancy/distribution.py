@@ -32,6 +32,7 @@ from sqlalchemy.engine import Connection
 from ..db import catalog, partitions, violations
 from ..db.ddl import (
     ACCESS_EXCLUSIVE_META,
+    CONTINUES,
     UNDO_PHASE,
     Step,
     concurrent_index_steps,
@@ -104,7 +105,8 @@ def unique_index_steps(phase: str, conn: Connection, st, index: str, cols: list[
     return concurrent_index_steps(
         phase, st.name, st.schema, index, None if valid else sql.SQL("CREATE UNIQUE INDEX CONCURRENTLY {} ON {} ({})")
         .format(sql.Identifier(index), st.qualified, sql.SQL(", ").join(map(sql.Identifier, cols))),
-        f"build the unique index on ({', '.join(cols)})", leftovers=[index] if valid is False else [])
+        f"build the unique index on ({', '.join(cols)})", leftovers=[index] if valid is False else [],
+        lock=on_table("SHARE UPDATE EXCLUSIVE", note=CONTINUES, relation=st.name))
 
 
 def accepted_references(p) -> dict[str, str]:
@@ -137,7 +139,9 @@ def steps(conn: Connection, schema: str, tables: list[str], recorded: frozenset[
                         sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} UNIQUE USING INDEX {}").format(
                             st.qualified, sql.Identifier(unique), sql.Identifier(unique)),
                         ACCESS_EXCLUSIVE_META, "catalog change only: the index is built; the primary key stays"))
-    leaves = {t: partitions.leaves(partitions.tree(conn, st)) for t, st in states.items()}
+    trees = {t: partitions.tree(conn, st) for t, st in states.items()}
+    leaves = {t: partitions.leaves(tree) for t, tree in trees.items()}
+    every = {t: tuple(p.name for p in tree) for t, tree in trees.items()}  # what a recursing ALTER TABLE locks
     fks = catalog.foreign_keys(conn, schema, tables + [p.name for parts in leaves.values() for p in parts])
     names = {f.name: f for f in fks}
     for fk in fks:
@@ -149,7 +153,7 @@ def steps(conn: Connection, schema: str, tables: list[str], recorded: frozenset[
         if f"{fk.child}.{fk.name}" in (plain or {}):
             continue  # an accepted cross-tenant reference: the readiness report and the lint list it
         if states[fk.child].partitioned:
-            out += partitioned_fk_steps(schema, fk, leaves[fk.child], fks)
+            out += partitioned_fk_steps(schema, fk, leaves[fk.child], fks, every[fk.child], every[fk.parent])
             continue
         existing = covering(fk, fks)
         composite = existing.name if existing else composite_fk_name(fk)
@@ -162,7 +166,8 @@ def steps(conn: Connection, schema: str, tables: list[str], recorded: frozenset[
                                 sql.Identifier(schema, fk.parent),
                                 sql.SQL(", ").join(map(sql.Identifier, [TENANT_COLUMN] + fk.ref_cols)),
                                 fk.actions(on_update="c")),
-                            foreign_key_lock(fk.parent), f"NOT VALID skips the scan; new writes are checked at once; "
+                            foreign_key_lock(fk.parent, parent_partitions=every[fk.parent]),
+                            f"NOT VALID skips the scan; new writes are checked at once; "
                             f"{fk.name} stays beside it"))
         if existing is None or not names[composite].validated:
             twin = [TENANT_COLUMN] + fk.cols
@@ -183,7 +188,8 @@ def partitioned_unique_steps(conn: Connection, st, unique: str, cols: list[str])
     constraint USING it, then the constraint on the table, which PostgreSQL builds by attaching each
     partition's (no scan; ADD … USING INDEX is not available on a partitioned table itself)."""
     out: list[Step] = []
-    for leaf in partitions.leaves(partitions.tree(conn, st)):
+    tree = partitions.tree(conn, st)
+    for leaf in partitions.leaves(tree):
         ls = leaf.state
         if partitions.attached_constraint(conn, catalog.relation_oid(conn, st.schema, leaf.parent), unique, ls) \
                 or cols in unique_constraints(conn, ls.oid).values():
@@ -193,17 +199,19 @@ def partitioned_unique_steps(conn: Connection, st, unique: str, cols: list[str])
         out.append(Step(PHASE, st.name, f"add UNIQUE ({', '.join(cols)}) to partition {ls.name} using that index",
                         sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} UNIQUE USING INDEX {}").format(
                             ls.qualified, sql.Identifier(name), sql.Identifier(name)),
-                        on_table("ACCESS EXCLUSIVE", brief=True, scope="(this partition)"),
+                        on_table("ACCESS EXCLUSIVE", brief=True, relation=ls.name),
                         "catalog change only: the index is built"))
     out.append(Step(PHASE, st.name, f"add UNIQUE ({', '.join(cols)}) to the table",
                     sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} UNIQUE ({})").format(
                         st.qualified, sql.Identifier(unique), sql.SQL(", ").join(map(sql.Identifier, cols))),
-                    on_table("ACCESS EXCLUSIVE", brief=True, scope="and its partitions"),
+                    on_table("ACCESS EXCLUSIVE", brief=True, scope="and its partitions",
+                             spread=tuple(p.name for p in tree)),
                     "every partition's unique index is built: PostgreSQL attaches them and builds nothing"))
     return out
 
 
-def partitioned_fk_steps(schema: str, fk: catalog.ForeignKey, leaves: list, fks: list[catalog.ForeignKey]) -> list[Step]:
+def partitioned_fk_steps(schema: str, fk: catalog.ForeignKey, leaves: list, fks: list[catalog.ForeignKey],
+                         every: tuple[str, ...] = (), parent_parts: tuple[str, ...] = ()) -> list[Step]:
     """The (tenant_id, …) twin of a foreign key whose child is partitioned: per leaf partition NOT VALID, then
     VALIDATE, then on the table without NOT VALID, which attaches the partitions' (no scan). PostgreSQL before
     18 cannot add a NOT VALID foreign key to a partitioned table."""
@@ -223,27 +231,29 @@ def partitioned_fk_steps(schema: str, fk: catalog.ForeignKey, leaves: list, fks:
             out.append(Step(PHASE, fk.child, f"add {mine.name} NOT VALID to partition {leaf.name}",
                             sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {}{} NOT VALID").format(
                                 child, sql.Identifier(mine.name), cols, refs, fk.actions(on_update="c")),
-                            foreign_key_lock(fk.parent, scope="(this partition)"),
+                            foreign_key_lock(fk.parent, relation=leaf.name, parent_partitions=parent_parts),
                             "NOT VALID skips the scan; new writes are checked at once"))
         if have is None or not have.validated:
             out.append(Step(PHASE, fk.child, f"validate {(have or mine).name} on partition {leaf.name}",
                             sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
                                 child, sql.Identifier((have or mine).name)),
-                            validate_foreign_key_lock(fk.parent, scope="(this partition only)"),
+                            validate_foreign_key_lock(fk.parent, relation=leaf.name),
                             "scans one partition without blocking it", long_scan=True))
     if existing is None:
         out.append(Step(PHASE, fk.child, f"add {composite} to the table",
                         sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {}{}").format(
                             sql.Identifier(schema, fk.child), sql.Identifier(composite), cols, refs,
                             fk.actions(on_update="c")),
-                        foreign_key_lock(fk.parent, scope="and its partitions"),
+                        on_table("SHARE ROW EXCLUSIVE", (fk.parent, "ACCESS EXCLUSIVE"),
+                                 *((p, "SHARE ROW EXCLUSIVE") for p in parent_parts), brief=True,
+                                 scope="and its partitions", spread=every),
                         f"every partition's key is validated: PostgreSQL attaches them and scans nothing; {fk.name} "
                         f"stays beside it"))
     else:
         out.append(Step(PHASE, fk.child, f"validate {composite}",
                         sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
                             sql.Identifier(schema, fk.child), sql.Identifier(composite)),
-                        validate_foreign_key_lock(fk.parent, scope="and its partitions", note="no scan"),
+                        validate_foreign_key_lock(fk.parent, scope="and its partitions", note="no scan", spread=every),
                         "every partition's key is validated already"))
     return out
 

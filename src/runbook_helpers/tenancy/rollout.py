@@ -29,7 +29,7 @@ boundary (row level security is): a writer that sets the runbook's setting skips
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from psycopg import sql
 from sqlalchemy import text
@@ -195,9 +195,13 @@ def install_statement(t: RolloutTable, drop_default: bool) -> sql.Composed:
     return sql.SQL(";\n").join(parts)
 
 
-def install_step(phase: str, t: RolloutTable, drop_default: bool) -> Step:
+def install_step(phase: str, t: RolloutTable, drop_default: bool, partitions: tuple[str, ...] = ()) -> Step:
+    """`partitions`: a partitioned table's, which CREATE TRIGGER and DROP DEFAULT reach (and lock) too."""
+    lock = LOCK if drop_default else TRIGGERS_ONLY_LOCK
+    if partitions:
+        lock = replace(lock, spread=tuple(partitions), scope="and every partition")
     return Step(phase, t.name, "install the rollout triggers" + (" (and drop the DEFAULT)" if drop_default else ""),
-                install_statement(t, drop_default), LOCK if drop_default else TRIGGERS_ONLY_LOCK, t.why())
+                install_statement(t, drop_default), lock, t.why())
 
 
 def installed(conn: Connection, schema: str, table: str) -> set[str]:
