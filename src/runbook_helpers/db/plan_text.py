@@ -95,8 +95,8 @@ BRIEF = ("(brief): a catalog change, held for milliseconds; each try waits for t
 
 _CELL = "text-align:left;vertical-align:top;"
 LONG_STATEMENT_LINES = 25
-_COLUMNS = (("#", "2.5em"), ("phase", "6.5em"), ("table", "9em"), ("action", "15em"), ("lock", "14.5em"),
-            ("statement", None), ("why safe", "15em"))
+_COLUMNS = (("#", "2.5em"), ("phase", "5.5em"), ("table", "8em"), ("action and why it is safe", "16em"),
+            ("lock", "11.5em"), ("statement", None))
 
 
 def _cell(content: str, extra: str = "", title: str | None = None) -> str:
@@ -117,17 +117,17 @@ def plan_html(frame: pd.DataFrame) -> str:
         statement = html.escape(r["statement"])
         if r.get("params"):
             statement += "\n" + html.escape("\n".join(f"-- {p['param']}: {p['holds']}" for p in r["params"]))
-        pre = (f'<pre style="margin:0;white-space:pre-wrap;overflow-wrap:anywhere;text-align:left;'
+        pre = (f'<pre style="margin:0;white-space:pre-wrap;overflow-wrap:break-word;text-align:left;'
                f'font-family:var(--jp-code-font-family, monospace);font-size:0.85em;background:none">{statement}</pre>')
         lines = r["statement"].count("\n") + 1
         if lines > LONG_STATEMENT_LINES:  # whole, folded: a trigger function's body would fill the screen
             pre = (f'<details><summary style="cursor:pointer">{lines} lines: '
                    f'<code>{html.escape(r["statement"].splitlines()[0][:80])}</code> …</summary>{pre}</details>')
         rows.append('<tr style="border-top:1px solid #ccc">' + _cell(str(i)) + _cell(html.escape(r["phase"])) + _cell(html.escape(r["table"] or ""))
-                    + _cell(html.escape(r["action"]))
-                    + _cell(html.escape(r.get("lock mode") or r["lock"]), "white-space:nowrap;", title=r["lock"])
-                    + _cell(pre)
-                    + _cell(html.escape(r["why safe"])) + "</tr>")
+                    + _cell(f'{html.escape(r["action"])}<div style="color:#666;font-size:0.9em;margin-top:0.3em">'
+                            f'{html.escape(r["why safe"])}</div>')
+                    + _cell(html.escape(r.get("lock mode") or r["lock"]), title=r["lock"])
+                    + _cell(pre) + "</tr>")
     table = (f'<table style="table-layout:fixed;width:100%;border-collapse:collapse;font-size:0.9em">'
              f"<colgroup>{cols}</colgroup><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
     return f'<div style="max-width:100%;overflow-x:auto">{table}{_legend_html(frame)}</div>'
