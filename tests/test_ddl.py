@@ -46,7 +46,8 @@ def test_a_steps_lock_mode_is_the_strongest_its_lock_text_names():
         return Step("p", "t", "a", sql.SQL("SELECT 1"), lock, "why").lock_mode
 
     assert mode(rollout.LOCK) == "AccessExclusiveLock"
-    assert mode(ddl.SHARE_ROW_EXCLUSIVE_META) == "ShareRowExclusiveLock"
+    assert mode(ddl.foreign_key_lock("tenants")) == "ShareRowExclusiveLock"
+    assert mode(rollout.TRIGGERS_ONLY_LOCK) == "ShareRowExclusiveLock"  # CREATE TRIGGER without DROP DEFAULT
     assert mode("SHARE UPDATE EXCLUSIVE on this partition only (reads and writes continue)") == "ShareUpdateExclusiveLock"
     assert mode(ddl.ROW_EXCLUSIVE_BATCH) == "RowExclusiveLock" and mode("ACCESS SHARE") == "AccessShareLock"
     assert mode(ddl.NEW_OBJECT) is None

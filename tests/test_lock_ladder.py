@@ -12,7 +12,7 @@ import pytest
 from psycopg import sql
 
 from runbook_helpers import params as params_mod
-from runbook_helpers.db.ddl import ACCESS_EXCLUSIVE_META, SHARE_UPDATE_EXCLUSIVE, Step
+from runbook_helpers.db.ddl import ACCESS_EXCLUSIVE_META, SHARE_UPDATE_EXCLUSIVE, Step, foreign_key_lock
 from runbook_helpers.errors import LockNotAcquired
 
 # the new ladder, small: 50 ms, 100 ms, then 100 ms per try; sleeps from 50 ms
@@ -212,6 +212,25 @@ def test_a_validate_behind_a_plain_autovacuum_cancels_it_instead_of_exhausting_t
     assert any(f"cancelled autovacuum pid {pid}" in line for line in executor.cleared), executor.cleared
     assert not any("long transaction" in line for line in executor.cleared), executor.cleared
     assert db.scalar("SELECT convalidated FROM pg_constraint WHERE conname = 'av_scan_positive'") is True
+
+
+def test_a_foreign_key_behind_a_plain_autovacuum_on_its_parent_cancels_it_there(db, fast_autovacuum):
+    """ADD FOREIGN KEY takes SHARE ROW EXCLUSIVE on the table it references too (issue 17: the plan's Lock names
+    both), which conflicts with an autovacuum there: the ladder clears every table the step locks, not only its
+    own, or every short try times out behind the parent's autovacuum."""
+    db.run("inspect")
+    slow_vacuum_table(db, "av_parent", autovacuum=True)
+    db.execute("CREATE TABLE av_child (id int PRIMARY KEY, parent_id int)")
+    db.execute("DELETE FROM av_parent WHERE id % 2 = 0")
+    pid, query = wait_for_worker(db, "av_parent")
+    assert "(to prevent wraparound)" not in query
+    result, executor = run_on_a_short_ladder(db, Step(
+        "seed", "av_child", "add a foreign key NOT VALID", sql.SQL(
+            "ALTER TABLE av_child ADD CONSTRAINT av_child_parent_fk FOREIGN KEY (parent_id) REFERENCES av_parent (id) "
+            "NOT VALID"), foreign_key_lock("av_parent"), "NOT VALID skips the scan"))
+    assert result.outcome == "applied" and result.attempts == 1, result
+    assert any(f"cancelled autovacuum pid {pid} on av_parent" in line for line in executor.cleared), executor.cleared
+    assert db.scalar("SELECT count(*) FROM pg_constraint WHERE conname = 'av_child_parent_fk'") == 1
 
 
 def test_an_anti_wraparound_autovacuum_is_waited_for_with_its_progress_never_cancelled(db, fast_autovacuum):

@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="print what seed, backfill and constrain would do (read-only: changes "
                           "nothing, and runs beside a run in progress)")
     _env_arg(plan)
+    plan.add_argument("--format", choices=["table", "sql", "json"], default="table",
+                      help="table: for reading in a terminal (and what backfill's batches will cost); sql: every "
+                           "statement as it will run, each after a comment with its phase, table, lock and why, for "
+                           "a reviewer or a migration linter (e.g. squawk); json: a list of objects")
 
     notebooks = sub.add_parser("notebooks", help="re-execute the committed notebooks on a fresh demo database")
     _env_arg(notebooks, "ci")
@@ -140,18 +144,31 @@ def _db(action: str, env: str) -> int:
     return 0
 
 
-def _plan(env: str) -> int:
+def _plan(env: str, fmt: str = "table") -> int:
     import pandas as pd
 
+    from .db import plan_text
     from .phases import inspect
     from .run.session import PhaseSession
 
-    rb = PhaseSession("inspect", env, read_only=True)  # beside a run: no lock taken, nothing can be written
+    rb = PhaseSession("inspect", env, read_only=True, log=lambda *_: None)  # beside a run: no lock, no write
     try:
         frame = inspect.full_plan(rb)
-        cost = inspect.cost(rb)
+        cost = inspect.cost(rb) if fmt == "table" else None
+        where = f"{rb.identity.database} on PostgreSQL {rb.identity.server_version}"
+        first_try_ms = min(rb.params.locks.first_lock_timeout_ms, rb.params.locks.lock_timeout_ms)
     finally:
         rb.close()
+    if fmt == "json":
+        sys.stdout.write(plan_text.to_json(frame))
+        return 0
+    if fmt == "sql":
+        sys.stdout.write(plan_text.to_sql(frame, header=(
+            f"runbook plan --env {env}: what seed, backfill and constrain will run on {where}, in order, as of now "
+            f"(each phase re-reads the catalog before it runs). Statements run one by one, each in its own "
+            f"transaction (CONCURRENTLY and VACUUM outside any), never as one script. A batched UPDATE runs once "
+            f"per batch; $n are its key-range bounds, bound per batch."), lock_timeout_ms=first_try_ms))
+        return 0
     with pd.option_context("display.max_colwidth", 120, "display.width", 200, "display.max_rows", 500):
         print(frame[["phase", "table", "action", "lock", "statement"]].to_string(index=False))
         print(f"\nwhat backfill's batches will cost:\n{cost!r}")
@@ -296,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "db":
             return _db(args.action, args.env)
         if args.command == "plan":
-            return _plan(args.env)
+            return _plan(args.env, args.format)
         if args.command == "notebooks":
             return _notebooks(args.env)
         if args.command == "drizzle":

@@ -29,7 +29,7 @@ from ..db.catalog import TableState
 from ..db.database import RUNBOOK_SESSION_SETTING
 from ..errors import LockNotAcquired, RunbookError
 from .assignment import Assignment, system_assignment
-from .keyspace import CtidSpace, Key, KeysetSpace
+from .keyspace import Key, space_for
 from .throttle import Throttle
 
 
@@ -55,24 +55,15 @@ class BatchedBackfill:
         self.params = rb.params.backfill
         self.label = f"backfill {st.name}"
         keys = list(rb.params.core_tables[core_table or st.name].key or st.pk_columns)
-        self.space = KeysetSpace(st, keys, self._key_types(keys)) if keys else CtidSpace(st)
+        if keys and keys != st.pk_columns:
+            with rb.engine.connect() as conn:
+                self.space = space_for(conn, st, keys)
+        else:
+            self.space = space_for(None, st, keys)
         self.progress = None  # the session's Progress for this table, from run()
         self._progress_lock = threading.Lock()
         self._stop = threading.Event()
         self._workers: list[psycopg.Connection] = []
-
-    def _key_types(self, keys: list[str]) -> list[str]:
-        if keys == self.st.pk_columns:
-            return list(self.st.pk_types)
-        with self.rb.engine.connect() as conn:
-            types = dict(conn.exec_driver_sql(
-                "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = %s "
-                "AND attnum > 0 AND NOT attisdropped", (self.st.oid,)).all())
-        missing = [k for k in keys if k not in types]
-        if missing:
-            raise RunbookError(f"{self.st.name}: key column(s) {', '.join(missing)} named in params do not exist; "
-                               f"fix core_tables.{self.st.name}.key")
-        return [types[k] for k in keys]
 
     # -- parts
     def _parts(self, remaining: int) -> list[dict]:

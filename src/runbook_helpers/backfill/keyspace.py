@@ -12,6 +12,7 @@ from sqlalchemy.engine import Connection
 from ..db.catalog import TableState
 from ..db.names import TENANT_COLUMN
 from ..db.sqltext import render
+from ..errors import RunbookError
 from .assignment import Assignment
 
 COL = sql.Identifier(TENANT_COLUMN)
@@ -141,3 +142,35 @@ def _update(conn: Connection, st: TableState, conds: list[sql.Composable], assig
     query = sql.SQL("UPDATE {} SET {} = {} WHERE {}").format(
         assign.target(st), COL, assign.value, sql.SQL(" AND ").join([*conds, assign.pending]))
     return render(conn, query)
+
+
+def key_types(conn: Connection, st: TableState, keys: list[str]) -> list[str]:
+    """The SQL types of the key columns the batches walk (the primary key's are known without a read)."""
+    if keys == st.pk_columns:
+        return list(st.pk_types)
+    types = dict(conn.exec_driver_sql(
+        "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = %s "
+        "AND attnum > 0 AND NOT attisdropped", (st.oid,)).all())
+    missing = [k for k in keys if k not in types]
+    if missing:
+        raise RunbookError(f"{st.name}: key column(s) {', '.join(missing)} named in params do not exist; "
+                           f"fix core_tables.{st.name}.key")
+    return [types[k] for k in keys]
+
+
+def space_for(conn: Connection, st: TableState, keys: list[str]) -> "KeysetSpace | CtidSpace":
+    """Keyset batches over `keys`, or page ranges where there are none."""
+    return KeysetSpace(st, keys, key_types(conn, st, keys)) if keys else CtidSpace(st)
+
+
+def one_batch(conn: Connection, space: "KeysetSpace | CtidSpace", assign: Assignment) -> tuple[str, tuple[str, ...]]:
+    """The UPDATE a batch in the middle of the table runs, with its bounds as %s placeholders, and what each
+    placeholder holds (the first batch has no lower bound, the last none above)."""
+    width = max(len(space.keys), 1)
+    statement, _ = space.update(conn, ["0"] * width, ["0"] * width, assign)
+    if space.keys:
+        held = [f"the previous batch's last {k} (exclusive)" for k in space.keys] + \
+               [f"this batch's last {k} (inclusive)" for k in space.keys]
+    else:
+        held = ["this batch's first heap page, as a ctid (inclusive)", "the page after its last, as a ctid (exclusive)"]
+    return statement, tuple(held)

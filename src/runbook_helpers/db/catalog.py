@@ -425,3 +425,21 @@ def foreign_keys(conn: Connection, schema: str, tables: list[str]) -> list[Forei
     return [ForeignKey(r["conname"], r["child"], r["parent"], list(r["cols"]), list(r["ref_cols"]), r["convalidated"],
                        r["confdeltype"], r["confupdtype"], r["condeferrable"], r["condeferred"])
             for r in conn.execute(FKS_SQL, {"schema": schema, "tables": tables}).mappings()]
+
+
+
+REFERENCING_SQL = text("""
+SELECT c.relname, bool_or(con.confdeltype IN ('c', 'n', 'd')) AS writes
+FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid
+WHERE con.contype = 'f' AND con.confrelid = to_regclass(:qualified) AND con.conrelid <> con.confrelid
+  AND con.conparentid = 0
+GROUP BY 1 ORDER BY 1
+""")
+
+
+def delete_locks(conn: Connection, schema: str, table: str) -> list[tuple[str, str]]:
+    """What a DELETE from `table` locks in the tables whose foreign keys reference it: ROW EXCLUSIVE where the
+    key cascades or sets NULL/DEFAULT (it writes their rows), else ROW SHARE (it checks them FOR KEY SHARE)."""
+    qualified = '"{}"."{}"'.format(schema.replace('"', '""'), table.replace('"', '""'))
+    return [(r.relname, "ROW EXCLUSIVE" if r.writes else "ROW SHARE")
+            for r in conn.execute(REFERENCING_SQL, {"qualified": qualified})]

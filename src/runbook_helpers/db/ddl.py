@@ -29,30 +29,117 @@ from .. import faults
 from ..errors import LockNotAcquired, RunbookError
 from ..params import LockParams
 from . import catalog, lock_holders, privileges
+from .plan_text import PlanFrame, statement_text
 from .sqltext import render
 
-# Lock levels, spelled the way the PostgreSQL docs spell them, with what they mean for the application.
-ACCESS_EXCLUSIVE_META = "ACCESS EXCLUSIVE (metadata only, milliseconds)"
-SHARE_UPDATE_EXCLUSIVE = "SHARE UPDATE EXCLUSIVE (reads and writes continue)"
-SHARE_ROW_EXCLUSIVE_META = "SHARE ROW EXCLUSIVE on table and tenants (metadata only, milliseconds)"
-ROW_EXCLUSIVE_BATCH = "ROW EXCLUSIVE, row locks per batch (reads and writes continue)"
-NEW_OBJECT = "none on existing tables (creates a new object)"
-
-# PostgreSQL's table lock modes, weakest first, as pg_locks names them. A step's lock text names the modes it
-# takes (on its table, sometimes also on another one: "SHARE ROW EXCLUSIVE on this partition and tenants");
-# the strongest mode named is what the checks go by, which errs on the side of clearing the table.
+# PostgreSQL's table lock modes, weakest first: as the docs spell them -> as pg_locks names them.
 PG_LOCK_MODES = {"ACCESS SHARE": "AccessShareLock", "ROW SHARE": "RowShareLock", "ROW EXCLUSIVE": "RowExclusiveLock",
                  "SHARE UPDATE EXCLUSIVE": "ShareUpdateExclusiveLock", "SHARE": "ShareLock",
                  "SHARE ROW EXCLUSIVE": "ShareRowExclusiveLock", "EXCLUSIVE": "ExclusiveLock",
                  "ACCESS EXCLUSIVE": "AccessExclusiveLock"}
 _MODE_NAMES = re.compile(r"\b(" + "|".join(sorted(PG_LOCK_MODES, key=len, reverse=True)) + r")\b")
+THE_TABLE = None  # in a Lock: the step's own table
 
 
-def strongest_lock_mode(lock: str) -> str | None:
-    """The strongest pg_locks mode a lock text names (None: it names none, e.g. a new object)."""
+@dataclass(frozen=True)
+class Lock:
+    """The table locks one statement takes, per relation: the one place a step's lock text, its short form and
+    the ladder's mode (autovacuum clearing, long transactions named) come from. tests/test_plan_locks.py runs
+    each kind of step and compares this with pg_locks."""
+    holds: tuple[tuple[str | None, str], ...] = ()  # (relation, mode as PG_LOCK_MODES spells it); None: the table
+    brief: bool = False   # metadata only: held for milliseconds
+    note: str = ""        # what it means for the application, e.g. "reads and writes continue"
+    scope: str = ""       # where the table's lock reaches beyond it, e.g. "and every partition"
+    spread: tuple[str, ...] = ()  # those relations by name (a partitioned table's partitions): the text says scope
+
+    def __post_init__(self):
+        unknown = [m for _, m in self.holds if m not in PG_LOCK_MODES]
+        if unknown:
+            raise ValueError(f"unknown lock mode(s) {unknown}; one of {', '.join(PG_LOCK_MODES)}")
+
+    def relations(self, table: str | None) -> dict[str, str]:
+        """relation -> pg_locks mode, the step's table filled in (for comparing with pg_locks)."""
+        out = {(table if rel is THE_TABLE else rel): PG_LOCK_MODES[mode] for rel, mode in self.holds}
+        mine = next((mode for rel, mode in self.holds if rel is THE_TABLE), None)
+        for rel in self.spread if mine else ():
+            out.setdefault(rel, PG_LOCK_MODES[mine])
+        return out
+
+    @property
+    def strongest(self) -> str | None:
+        """The strongest pg_locks mode it takes (None: it locks no existing table)."""
+        order = list(PG_LOCK_MODES)
+        return PG_LOCK_MODES[max((m for _, m in self.holds), key=order.index)] if self.holds else None
+
+    def short(self) -> str:
+        """E.g. "ACCESS EXCLUSIVE (brief)": the strongest mode, and whether it is held only for milliseconds."""
+        if not self.holds:
+            return "none"
+        name = {v: k for k, v in PG_LOCK_MODES.items()}[self.strongest]
+        return f"{name} (brief)" if self.brief else name
+
+    def text(self, table: str | None = None) -> str:
+        """The whole sentence, e.g. "SHARE ROW EXCLUSIVE on rules and workflows (metadata only, milliseconds)"."""
+        notes = [n for n in ("metadata only, milliseconds" if self.brief else "", self.note) if n]
+        tail = f" ({'; '.join(notes)})" if notes else ""
+        if not self.holds:
+            return "none on existing tables" + tail
+        by_mode: dict[str, list[str]] = {}
+        for rel, mode in self.holds:
+            name = (table or "the table") if rel is THE_TABLE else rel
+            if rel is THE_TABLE and self.scope:
+                name += f" {self.scope}"
+            by_mode.setdefault(mode, []).append(name)
+        parts = [f"{mode} on {' and '.join(names)}" for mode, names in by_mode.items()]
+        return ", ".join(parts) + tail
+
+    def __str__(self) -> str:
+        return self.text()
+
+
+def on_table(mode: str, *also: tuple[str, str], brief: bool = False, note: str = "", scope: str = "",
+             spread: tuple[str, ...] = (), relation: str | None = THE_TABLE) -> Lock:
+    """`mode` on the step's table (or on `relation`, e.g. the one partition a step works on) and on the `spread`
+    relations it reaches (its partitions), and each (relation, mode) of `also` on another one."""
+    return Lock(((relation, mode), *also), brief=brief, note=note, scope=scope, spread=tuple(spread))
+
+
+def strongest_lock_mode(lock: "Lock | str") -> str | None:
+    """The strongest pg_locks mode a lock takes (a text: the strongest mode it names; None: none)."""
+    if isinstance(lock, Lock):
+        return lock.strongest
     named = [PG_LOCK_MODES[m] for m in _MODE_NAMES.findall(lock)]
     order = list(PG_LOCK_MODES.values())
     return max(named, key=order.index) if named else None
+
+
+# The common ones. What a lock means for the application is in its note.
+CONTINUES = "reads and writes continue"
+ACCESS_EXCLUSIVE_META = on_table("ACCESS EXCLUSIVE", brief=True)
+SHARE_UPDATE_EXCLUSIVE = on_table("SHARE UPDATE EXCLUSIVE", note=CONTINUES)
+ROW_EXCLUSIVE_BATCH = on_table("ROW EXCLUSIVE", note="row locks per batch; " + CONTINUES)
+NEW_OBJECT = Lock(note="creates a new object")
+PRIVILEGES_ONLY = Lock(note="privileges only")
+
+
+def foreign_key_lock(parent: str, scope: str = "", spread: tuple[str, ...] = (), relation: str | None = THE_TABLE,
+                     parent_partitions: tuple[str, ...] = ()) -> Lock:
+    """ADD FOREIGN KEY (NOT VALID, or attaching validated partitions' keys): SHARE ROW EXCLUSIVE on the table and
+    on the table it references, and its partitions (all get the key's triggers)."""
+    return on_table("SHARE ROW EXCLUSIVE", *((p, "SHARE ROW EXCLUSIVE") for p in (parent, *parent_partitions)),
+                    brief=True, scope=scope, spread=spread, relation=relation)
+
+
+def validate_foreign_key_lock(parent: str, scope: str = "", note: str = CONTINUES, spread: tuple[str, ...] = (),
+                              relation: str | None = THE_TABLE) -> Lock:
+    """VALIDATE of a foreign key: SHARE UPDATE EXCLUSIVE on the table it scans, ROW SHARE on the referenced one."""
+    return on_table("SHARE UPDATE EXCLUSIVE", (parent, "ROW SHARE"), note=note, scope=scope, spread=spread,
+                    relation=relation)
+
+
+def drop_foreign_key_lock(parent: str) -> Lock:
+    """DROP of a foreign key: ACCESS EXCLUSIVE on the table and on the table it references (its triggers go)."""
+    return on_table("ACCESS EXCLUSIVE", (parent, "ACCESS EXCLUSIVE"), brief=True)
 
 
 # Modes that conflict with autovacuum and queue every application statement behind them while they wait.
@@ -73,7 +160,7 @@ class Step:
     table: str | None
     action: str
     statement: sql.Composable
-    lock: str
+    lock: Lock | str  # a Lock in every phase's steps; a text only in ad-hoc steps
     why: str
     transactional: bool = True  # False: CREATE/DROP INDEX CONCURRENTLY must run outside a transaction
     long_scan: bool = False      # True: VALIDATE or an index build; runs under statement_timeout only
@@ -83,19 +170,40 @@ class Step:
     # phase left in force that new writes would meet (the NOT VALID constraint whose VALIDATE failed)
     diagnose: sql.Composable | None = None
     on_error: sql.Composable | None = None
+    # what each %s placeholder of `statement` holds, in order: a step the batch engine runs once per batch
+    # (the plan shows the statement one batch runs, its key-range bounds as $1, $2, …); never run by Executor
+    params: tuple[str, ...] = ()
 
     @property
     def lock_mode(self) -> str | None:
-        """The strongest pg_locks mode this step's lock text names (None: a new object)."""
+        """The strongest pg_locks mode this step takes (None: a new object)."""
         return strongest_lock_mode(self.lock)
+
+    @property
+    def lock_text(self) -> str:
+        return self.lock.text(self.table) if isinstance(self.lock, Lock) else self.lock
+
+    @property
+    def lock_short(self) -> str:
+        return self.lock.short() if isinstance(self.lock, Lock) else self.lock
 
     @property
     def queues_the_application(self) -> bool:
         return self.table is not None and self.lock_mode in QUEUEING_MODES
 
     @property
+    def clears(self) -> dict[str, str]:
+        """The relations the ladder clears before each try (autovacuum, long transactions named), with the mode
+        this step takes on each: every one it locks in a mode autovacuum conflicts with (a text lock: its table)."""
+        if self.table is None:
+            return {}
+        if isinstance(self.lock, Lock):
+            return {rel: mode for rel, mode in self.lock.relations(self.table).items() if mode in AUTOVACUUM_CONFLICTS}
+        return {self.table: self.lock_mode} if self.lock_mode in AUTOVACUUM_CONFLICTS else {}
+
+    @property
     def waits_for_autovacuum(self) -> bool:
-        return self.table is not None and self.lock_mode in AUTOVACUUM_CONFLICTS
+        return bool(self.clears)
 
 
 @dataclass
@@ -108,7 +216,7 @@ class StepResult:
 
 
 def concurrent_index_steps(phase: str, table: str, schema: str, index: str, build: sql.Composable | None,
-                           action: str, lock: str = SHARE_UPDATE_EXCLUSIVE, leftovers=()) -> list[Step]:
+                           action: str, lock: "Lock" = SHARE_UPDATE_EXCLUSIVE, leftovers=()) -> list[Step]:
     """An index built CONCURRENTLY (outside a transaction, reads and writes continue): each INVALID leftover
     of an interrupted build in `leftovers` dropped first, then `build` (the CREATE … INDEX CONCURRENTLY
     statement; None when a valid index exists), whose failure drops what it left."""
@@ -123,12 +231,20 @@ def concurrent_index_steps(phase: str, table: str, schema: str, index: str, buil
 
 
 def plan_frame(steps: list[Step], conn: Connection | None = None) -> pd.DataFrame:
-    """The plan as a table: each statement with the table it touches and the lock it takes."""
-    return pd.DataFrame(
-        [{"phase": s.phase, "table": s.table or "", "action": s.action, "lock": s.lock,
-          "statement": render(conn, s.statement), "why safe": s.why} for s in steps],
-        columns=["phase", "table", "action", "lock", "statement", "why safe"],
-    )
+    """The plan as a table: each statement as it will run (placeholders as $1, $2, … with what they hold in
+    `params`), the table it touches and the lock it takes (whole, and short in `lock mode`). Shown in a
+    notebook it renders for reading (plan_text.PlanFrame); `runbook plan --format` writes it as SQL or JSON."""
+    rows = []
+    for s in steps:
+        text, params = statement_text(render(conn, s.statement), s.params)
+        rows.append({"phase": s.phase, "table": s.table or "", "action": s.action, "lock": s.lock_text,
+                     "statement": text, "why safe": s.why, "lock mode": s.lock_short, "params": params,
+                     "locks": s.lock.relations(s.table) if isinstance(s.lock, Lock) else {},
+                     "brief": bool(getattr(s.lock, "brief", False))})
+    return PlanFrame(rows, columns=PLAN_COLUMNS + ["lock mode", "params", "locks", "brief"])
+
+
+PLAN_COLUMNS = ["phase", "table", "action", "lock", "statement", "why safe"]
 
 
 def results_frame(results: list[StepResult]) -> pd.DataFrame:
@@ -206,7 +322,7 @@ class Executor:
             statement = render(conn, step.statement)
         if self.dry_run:
             return StepResult(step, "dry run")
-        entry = self._journal(step.phase, step.table, step.action, statement, step.lock) if self._journal else None
+        entry = self._journal(step.phase, step.table, step.action, statement, step.lock_text) if self._journal else None
         cleared_from = len(self.cleared)
 
         def end(outcome: str, attempt: int, error: str | None) -> None:
@@ -258,7 +374,7 @@ class Executor:
                     "dropped; the re-run drops and rebuilds it." if pending_cleanup else " Nothing of this step was applied.")
         lowest, highest = self.lock_timeout_ms(1), self.lock_timeout_ms(attempts)
         waits = f"of {lowest} ms each" if lowest == highest else f"waiting {lowest} to {highest} ms each"
-        message = (f"{step.table}: {step.action}: could not take its lock ({step.lock}) after {attempts} tries "
+        message = (f"{step.table}: {step.action}: could not take its lock ({step.lock_text}) after {attempts} tries "
                    f"{waits}; {describe_blockers(blockers)}.{leftover} End or wait for "
                    f"those sessions, then re-run this notebook; it resumes here.")
         end("lock timeout", attempts, message)
@@ -314,25 +430,28 @@ class Executor:
         next_line = 0.0
         may_cancel = None
         while True:
+            wraparound = []
             with self.engine.connect() as conn:
-                sessions = lock_holders.sessions_on_table(conn, step.table)
-                wraparound = [s for s in sessions if s.is_wraparound_vacuum]
-                for s in sessions:
-                    if s.is_autovacuum and not s.is_wraparound_vacuum:
-                        if may_cancel is None:
-                            may_cancel, how = privileges.can_cancel_autovacuum(conn)
-                        if not may_cancel:  # pg_cancel_backend would fail the step with 42501
-                            self._say(f"  {step.table}: {step.action}: autovacuum pid {s.pid} is on the table and this "
-                                      f"role may not cancel it ({how}); PostgreSQL cancels it once the statement "
-                                      f"has waited deadlock_timeout")
-                            continue
-                        done = lock_holders.cancel_backend(conn, s.pid)
-                        self._say(f"  {step.table}: {step.action}: cancelled autovacuum pid {s.pid} on the table "
-                                  f"({s.query!r}){'' if done else ' (it had already ended)'}; it runs again later")
-                    elif (step.queues_the_application and not s.is_autovacuum and s.pid not in reported
-                          and s.age_s * 1000 >= self.locks.report_transactions_older_than_ms):
-                        reported.add(s.pid)
-                        self._say(f"  {step.table}: {step.action}: before trying: long transaction {s.describe()}")
+                for relation, mode in step.clears.items():  # the table, and e.g. the table a foreign key references
+                    where = "the table" if relation == step.table else relation
+                    sessions = lock_holders.sessions_on_table(conn, relation)
+                    wraparound += [s for s in sessions if s.is_wraparound_vacuum]
+                    for s in sessions:
+                        if s.is_autovacuum and not s.is_wraparound_vacuum:
+                            if may_cancel is None:
+                                may_cancel, how = privileges.can_cancel_autovacuum(conn)
+                            if not may_cancel:  # pg_cancel_backend would fail the step with 42501
+                                self._say(f"  {step.table}: {step.action}: autovacuum pid {s.pid} is on {where} and "
+                                          f"this role may not cancel it ({how}); PostgreSQL cancels it once the "
+                                          f"statement has waited deadlock_timeout")
+                                continue
+                            done = lock_holders.cancel_backend(conn, s.pid)
+                            self._say(f"  {step.table}: {step.action}: cancelled autovacuum pid {s.pid} on {where} "
+                                      f"({s.query!r}){'' if done else ' (it had already ended)'}; it runs again later")
+                        elif (mode in QUEUEING_MODES and not s.is_autovacuum and s.pid not in reported
+                              and s.age_s * 1000 >= self.locks.report_transactions_older_than_ms):
+                            reported.add(s.pid)
+                            self._say(f"  {step.table}: {step.action}: before trying: long transaction {s.describe()}")
                 conn.commit()
             if not wraparound:
                 return

@@ -27,3 +27,6 @@ def index_name(table: str) -> str:
 def not_null_check_name(table: str) -> str:
     # not `<table>_tenant_id_not_null`: PostgreSQL 18 gives that name to the NOT NULL constraint itself
     return truncate(f"{table}_{TENANT_COLUMN}_nn_check")
+
+# In a plan made before seed inserted the System Tenant, its id (the formats show it as a parameter)
+SYSTEM_TENANT_ID_UNKNOWN = "<System Tenant id>"

@@ -17,7 +17,7 @@ from psycopg import sql
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
-from .ddl import SHARE_UPDATE_EXCLUSIVE, Step
+from .ddl import CONTINUES, SHARE_UPDATE_EXCLUSIVE, Step, on_table
 
 ACTION = "VACUUM (ANALYZE): clear the dead row versions the batches left, refresh the statistics"
 
@@ -28,9 +28,10 @@ WHERE v.relid = CAST(:oid AS oid) AND a.backend_type = 'client backend'
 """)
 
 
-def vacuum_step(phase: str, table: str, relation: sql.Composable, what: str = "") -> Step:
-    """`relation`: the table to vacuum (a core table or one of its leaf partitions, named in `what`)."""
-    return Step(phase, table, ACTION + what, sql.SQL("VACUUM (ANALYZE) {}").format(relation), SHARE_UPDATE_EXCLUSIVE,
+def vacuum_step(phase: str, table: str, relation: sql.Composable, what: str = "", relname: str | None = None) -> Step:
+    """`relation`: the table to vacuum (a core table or one of its leaf partitions, `relname`, named in `what`)."""
+    lock = on_table("SHARE UPDATE EXCLUSIVE", note=CONTINUES, relation=relname) if relname else SHARE_UPDATE_EXCLUSIVE
+    return Step(phase, table, ACTION + what, sql.SQL("VACUUM (ANALYZE) {}").format(relation), lock,
                 "plain VACUUM, never FULL: reads and writes continue; a plain autovacuum on the table is cancelled "
                 "first (this does its work), an anti-wraparound one waited for",
                 transactional=False, long_scan=True)

@@ -355,16 +355,19 @@ def tenant_of_org(p, org: sql.Composable, system_id: int) -> sql.Composable:
         ot=ledger_table(p, "org_tenants"), org=org, system=sql.Literal(int(system_id)))
 
 
-def mapped_assignment(conn: Connection, p, table: str, system_id: int) -> Assignment:
+def mapped_assignment(conn: Connection, p, table: str, system_id: int | sql.Composable,
+                      recording: bool | None = None) -> Assignment:
     """The tenant of the parent row (filled before its children), else of the row's own org, else the
     System Tenant. Pending: NULL; a child whose parent has another tenant (whoever wrote it: a child
     follows its parent); a row still on the System Tenant (the fast default) whose org maps elsewhere,
     unless the application inserted it since the record opened (its writer, or the rollout trigger, chose
-    its tenant then; an update that left tenant_id alone chose nothing)."""
+    its tenant then; an update that left tenant_id alone chose nothing). `recording`: whether the record of the
+    application's writes exists (None: as the catalog says; a plan made before inspect created the ledger says
+    True, as it will be when the batches run); `system_id` may be a placeholder in a plan made before seed."""
     spec = p.core_tables[table]
     me = sql.Identifier(ROW)  # the batches alias the table (or the leaf partition) they update so
     col = sql.Identifier(TENANT_COLUMN)
-    system = sql.Literal(int(system_id))
+    system = system_id if isinstance(system_id, sql.Composable) else sql.Literal(int(system_id))
     parts: list[sql.Composable] = []
     parent_tenant = None
     if spec.parent is not None:
@@ -378,7 +381,9 @@ def mapped_assignment(conn: Connection, p, table: str, system_id: int) -> Assign
     value = sql.SQL("COALESCE({}, {})").format(sql.SQL(", ").join(parts), system)
     moved = sql.SQL("{col} = {system} AND {value} <> {system}").format(col=col, system=system, value=value)
     key = catalog.table_state(conn, p.schema_, table).pk_columns
-    if key and catalog.relation_oid(conn, p.ledger_schema, "app_writes") is not None:
+    if recording is None:
+        recording = catalog.relation_oid(conn, p.ledger_schema, "app_writes") is not None
+    if key and recording:
         moved = moved + sql.SQL(" AND NOT EXISTS (SELECT 1 FROM {log} AS w WHERE w.table_name = {name} "
                                 "AND w.key = {key} AND w.first_op = 'INSERT')").format(
             log=ledger_table(p, "app_writes"), name=sql.Literal(table), key=row_key(me, key))

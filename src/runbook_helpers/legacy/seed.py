@@ -12,7 +12,7 @@ from psycopg import sql
 from sqlalchemy.engine import Connection
 
 from ..db import catalog
-from ..db.ddl import NEW_OBJECT, UNDO_PHASE, Step
+from ..db.ddl import NEW_OBJECT, UNDO_PHASE, Step, on_table
 from ..db.sqltext import render
 from ..errors import RunbookError
 from . import mapping
@@ -127,14 +127,14 @@ def steps(rb, conn: Connection, tables_ready: bool) -> list[Step]:
         src = mapping.source(p).tenants
         how = f"uuid3 of {src.table}.{src.uuid}" if src.uuid else f"uuid3 of '{src.table}:' and {src.key}"
         out.append(Step(PHASE, "tenants", f"a tenant for each of {n:,} legacy orgs ({src.table}; {how})",
-                        tenants, "ROW EXCLUSIVE on tenants (inserts only)",
+                        tenants, on_table("ROW EXCLUSIVE", note="inserts only"),
                         "inserts keyed by a derived uuid with ON CONFLICT DO NOTHING; re-runs insert nothing"))
     users, pending_users = _users(p)
     n = _count(conn, pending_users) if ready else _count(conn, sql.SQL(
         "SELECT count(*) FROM ({}) c WHERE c.n = 1").format(user_candidates(p)))
     if n:
         out.append(Step(PHASE, "users", f"a user for each of {n:,} legacy users (email lower-cased and trimmed; "
-                        f"a duplicate email is listed, never merged)", users, "ROW EXCLUSIVE on users (inserts only)",
+                        f"a duplicate email is listed, never merged)", users, on_table("ROW EXCLUSIVE", note="inserts only"),
                         "inserts keyed by the legacy uuid with ON CONFLICT DO NOTHING; re-runs insert nothing"))
     memberships, pending_memberships = _memberships(p)
     # memberships join the ledger's maps, which the tenants and users steps above fill: while either is planned
@@ -144,7 +144,7 @@ def steps(rb, conn: Connection, tables_ready: bool) -> list[Step]:
         "WITH {} SELECT count(*) FROM pairs WHERE org_exists").format(mapping.pairs_cte(p)))
     if n:
         sources = ", ".join(m.label for m in mapping.source(p).memberships)
-        out.append(Step(PHASE, "user_tenants", f"{n:,} memberships from {sources} (roles through legacy.roles)", memberships, "ROW EXCLUSIVE on user_tenants (inserts only)",
+        out.append(Step(PHASE, "user_tenants", f"{n:,} memberships from {sources} (roles through legacy.roles)", memberships, on_table("ROW EXCLUSIVE", ("users", "ROW SHARE"), ("tenants", "ROW SHARE"), note="inserts only; its foreign keys check users and tenants"),
                         "inserts with ON CONFLICT (user_id, tenant_id) DO NOTHING; re-runs insert nothing"))
     return out
 
@@ -173,7 +173,7 @@ def undo_steps(conn: Connection, p) -> list[Step]:
         if n:
             out.append(Step(UNDO_PHASE, table, f"{action} ({n:,} rows)",
                             sql.SQL("DELETE FROM {} WHERE ").format(target) + where,
-                            f"ROW EXCLUSIVE on {table} ({n:,} rows)",
+                            on_table("ROW EXCLUSIVE", *catalog.delete_locks(conn, s, table), note=f"{n:,} rows"),
                             "only rows the ledger records as created by this runbook; no core row refers to them any more"))
     return out
 

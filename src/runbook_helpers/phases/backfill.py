@@ -43,10 +43,11 @@ from .. import faults
 from ..backfill import cost as cost_model
 from ..backfill.assignment import Assignment, system_assignment
 from ..backfill.engine import BatchedBackfill
+from ..backfill.keyspace import one_batch, space_for
 from ..db import catalog, partitions, reconcile, sizes, vacuum
 from ..db.catalog import TableState
-from ..db.ddl import ACCESS_EXCLUSIVE_META, ROW_EXCLUSIVE_BATCH, UNDO_PHASE, Step, plan_frame, results_frame
-from ..db.names import TENANT_COLUMN
+from ..db.ddl import ACCESS_EXCLUSIVE_META, ROW_EXCLUSIVE_BATCH, UNDO_PHASE, Step, on_table, plan_frame, results_frame
+from ..db.names import SYSTEM_TENANT_ID_UNKNOWN, TENANT_COLUMN
 from ..db.sqltext import render
 from ..errors import RunbookError
 from ..legacy import conflicts, mapping
@@ -57,7 +58,7 @@ from . import state as table_states
 
 PHASE = "backfill"
 COL = sql.Identifier(TENANT_COLUMN)
-UNKNOWN_ID = sql.SQL("<System Tenant id>")
+UNKNOWN_ID = sql.SQL(SYSTEM_TENANT_ID_UNKNOWN)
 
 
 def _tenant_literal(system_id: int | None) -> sql.Composable:
@@ -74,48 +75,50 @@ def strategy_for(st: TableState, system_id: int | None, null_count: int | None =
     return "done"
 
 
-def column_steps(st: TableState, system_id: int | None) -> list[Step]:
-    """Pass 1: the column, where it is missing."""
+def column_steps(st: TableState, system_id: int | None, every: tuple[str, ...] = ()) -> list[Step]:
+    """Pass 1: the column, where it is missing (`every`: a partitioned table's partitions, which it reaches)."""
     if st.has_column:
         return []
     spread = " (on the table and every partition)" if st.partitioned else ""
     return [Step(PHASE, st.name, "add tenant_id with the System Tenant for every existing row" + spread,
                  sql.SQL("ALTER TABLE {} ADD COLUMN {} bigint DEFAULT {}").format(
                      st.qualified, COL, _tenant_literal(system_id)),
-                 ACCESS_EXCLUSIVE_META + spread, "a constant default is stored in the catalog: no row is rewritten "
+                 on_table("ACCESS EXCLUSIVE", brief=True, scope="and every partition" if spread else "", spread=every),
+                 "a constant default is stored in the catalog: no row is rewritten "
                  "or scanned" + ("; PostgreSQL adds the column to every partition, and to partitions created later"
                                  if spread else ""))]
 
 
-def fill_step(st: TableState, system_id: int | None, strategy: str, batch_size: int,
-              assignment: Assignment | None = None, leaves: list[str] | None = None) -> list[Step]:
+def fill_step(conn, st: TableState, system_id: int | None, strategy: str, batch_size: int,
+              assignment: Assignment | None = None, leaves: list[str] | None = None,
+              keys: list[str] | None = None) -> list[Step]:
     """Pass 3's batches, listed as one step with its lock (one per leaf partition of a partitioned table:
-    `leaves`, the partitions the batches walk)."""
-    keys = key_columns(st, None)
+    `leaves`, the partitions the batches walk): the UPDATE one batch runs, its key-range bounds as placeholders
+    (`params` says what each holds), exactly as the batch engine renders it."""
+    keys = key_columns(st, keys)
     how = f"keyset on ({', '.join(keys)})" if keys else "ctid page ranges (no primary key)"
-    if strategy == "mapped":
-        value = assignment.value if assignment is not None else sql.SQL("<the tenant of the row's org>")
-        targets = [(f" of partition {leaf}", "; its own checkpoint", replace(st, name=leaf)) for leaf in leaves or []]
-        return [Step(PHASE, st.name, f"give each row{of} its org's tenant in batches of {batch_size:,} ({how}{own})",
-                     sql.SQL("UPDATE {} SET {} = {} WHERE <key range of one batch> AND <no tenant or the System "
-                             "Tenant while the org maps elsewhere> AND <not written by the application since the "
-                             "record opened>").format(assignment.target(target) if assignment is not None
-                                                      else target.qualified, COL, value),
-                     ROW_EXCLUSIVE_BATCH, "one short transaction per batch with its checkpoint; resumable; no table lock")
-                for of, own, target in targets or [("", "", st)]]
-    if strategy == "batched" and leaves:
-        return [Step(PHASE, st.name, f"fill NULL tenant_id of partition {leaf} in batches of {batch_size:,} ({how}; "
-                     f"its own checkpoint)", sql.SQL("UPDATE {} SET {} = {} WHERE <key range of one batch> AND {} IS "
-                                                     "NULL").format(sql.Identifier(st.schema, leaf), COL,
-                                                                    _tenant_literal(system_id), COL),
-                     ROW_EXCLUSIVE_BATCH, "one short transaction per batch with its checkpoint; resumable; no table "
-                     "lock") for leaf in leaves]
-    if strategy == "batched":
-        return [Step(PHASE, st.name, f"fill NULL tenant_id in batches of {batch_size:,} ({how})",
-                     sql.SQL("UPDATE {} SET {} = {} WHERE <key range of one batch> AND {} IS NULL").format(
-                         st.qualified, COL, _tenant_literal(system_id), COL),
-                     ROW_EXCLUSIVE_BATCH, "one short transaction per batch with its checkpoint; resumable; no table lock")]
-    return []
+    if strategy not in ("mapped", "batched"):
+        return []
+    assign = assignment or system_assignment_for(system_id)
+    targets = [(f" of partition {leaf}", "; its own checkpoint", replace(st, name=leaf)) for leaf in leaves or []]
+    out = []
+    for of, own, target in targets or [("", "", st)]:
+        statement, held = one_batch(conn, space_for(conn, target, keys), assign)
+        action = (f"give each row{of} its org's tenant in batches of {batch_size:,} ({how}{own})" if strategy == "mapped"
+                  else f"fill NULL tenant_id{of} in batches of {batch_size:,} ({how}{own})")
+        lock = ROW_EXCLUSIVE_BATCH if target is st else on_table("ROW EXCLUSIVE", note=ROW_EXCLUSIVE_BATCH.note,
+                                                                   relation=target.name)
+        out.append(Step(PHASE, st.name, action, sql.SQL(statement), lock,
+                        "one short transaction per batch with its checkpoint; resumable; no table lock",
+                        params=held))
+    return out
+
+
+def system_assignment_for(system_id: int | None) -> Assignment:
+    """The System Tenant's assignment; before seed inserted it, with its id as a placeholder."""
+    if system_id is not None:
+        return system_assignment(system_id)
+    return Assignment(UNKNOWN_ID, sql.SQL("{} IS NULL").format(COL))
 
 
 def project(st: TableState, system_id: int | None) -> TableState:
@@ -162,7 +165,8 @@ def rollout_steps(rb, conn, st: TableState, system_id: int | None, before: dict 
                           or reconcile.closed(conn, rb.params.ledger_schema, st.name) is not None):
         return []
     table = rollout_table(rb, conn, st, system_id)
-    return [rollout.install_step(PHASE, table, _runbook_default(st, before))]
+    every = tuple(p.name for p in partitions.tree(conn, st)) if st.partitioned else ()
+    return [rollout.install_step(PHASE, table, _runbook_default(st, before), every)]
 
 
 def capture_steps(rb, conn, st: TableState, system_id: int | None) -> list[Step]:
@@ -234,7 +238,8 @@ def vacuum_steps(rb, conn, st: TableState, strategy: str, leaves: list[str]) -> 
     out: list[tuple[Step, str]] = []
     for name in names:
         what = f" (partition {name})" if name != st.name else ""
-        step = vacuum.vacuum_step(PHASE, st.name, sql.Identifier(st.schema, name), what)
+        step = vacuum.vacuum_step(PHASE, st.name, sql.Identifier(st.schema, name), what,
+                                  relname=name if name != st.name else None)
         due = strategy in ("batched", "mapped") and (name in leaves or not st.partitioned)
         if not due and known:
             due = bool(conn.exec_driver_sql(render(conn, sql.SQL(VACUUM_DUE_SQL).format(
@@ -270,10 +275,15 @@ def plans(rb) -> list[TablePlan]:
             leaves = [leaf.name for leaf in partitions.leaves(partitions.tree(conn, st))
                       if strategy == "mapped" or (strategy == "batched" and
                                                   catalog.null_tenant_count(conn, rb.schema, leaf.name))]
+            planned = assignment
+            if strategy == "mapped" and planned is None:  # before seed: as it will be once the mapping exists
+                planned = mapping.mapped_assignment(conn, rb.params, name, _tenant_literal(system_id), recording=True)
             fill = capture_steps(rb, conn, after, system_id) + fill_step(
-                after, system_id, strategy, rb.params.batch_size_for(name), assignment, leaves)
+                conn, after, system_id, strategy, rb.params.batch_size_for(name), planned, leaves,
+                rb.params.core_tables[name].key)
             after, relations = vacuum_steps(rb, conn, st, strategy, leaves)
-            out.append(TablePlan(st, strategy, nulls, column_steps(st, system_id),
+            every = tuple(p.name for p in partitions.tree(conn, st)) if st.partitioned else ()
+            out.append(TablePlan(st, strategy, nulls, column_steps(st, system_id, every),
                                  rollout_steps(rb, conn, st, system_id, before.get(name)), fill, assignment, to_map,
                                  after, relations))
     rb._backfill_plans = (time.monotonic(), out)  # for cost() of the plan just shown (not for apply)
@@ -456,7 +466,7 @@ def apply(rb) -> BackfillReport:
     step_results += executor.run_all([s for tp in table_plans for s in tp.columns])
     step_results += executor.run_all([s for tp in table_plans for s in tp.triggers])
     for tp in table_plans:
-        step_results += executor.run_all([s for s in tp.fill if s.lock != ROW_EXCLUSIVE_BATCH])
+        step_results += executor.run_all([s for s in tp.fill if not s.params])  # not the batches: the engine runs them
         updated, batches, paused, worst_lag = 0, 0, 0.0, None
         if tp.strategy in ("batched", "mapped") and not rb.dry_run:
             assignment = tp.assignment

@@ -41,13 +41,18 @@ from ..db import names, partitions, violations
 from ..db.catalog import TableState
 from ..db.ddl import (
     ACCESS_EXCLUSIVE_META,
-    SHARE_ROW_EXCLUSIVE_META,
+    CONTINUES,
     SHARE_UPDATE_EXCLUSIVE,
     UNDO_PHASE,
+    Lock,
     Step,
     concurrent_index_steps,
+    drop_foreign_key_lock,
+    foreign_key_lock,
+    on_table,
     plan_frame,
     results_frame,
+    validate_foreign_key_lock,
 )
 from ..db.names import TENANT_COLUMN
 from ..errors import RunbookError
@@ -101,11 +106,11 @@ def plan_table(st: TableState, schema: str, parts: list[partitions.Partition] | 
         steps.append(Step(PHASE, st.name, "add foreign key to tenants NOT VALID",
                           sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} (id) NOT VALID").format(
                               t, sql.Identifier(fk), COL, sql.Identifier(schema, "tenants")),
-                          SHARE_ROW_EXCLUSIVE_META, "NOT VALID skips the scan; new writes are checked at once"))
+                          foreign_key_lock("tenants"), "NOT VALID skips the scan; new writes are checked at once"))
     if not st.fk_valid:
         steps.append(Step(PHASE, st.name, "validate the foreign key",
                           sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(t, sql.Identifier(fk)),
-                          SHARE_UPDATE_EXCLUSIVE, "scans without blocking reads or writes", long_scan=True,
+                          validate_foreign_key_lock("tenants"), "scans without blocking reads or writes", long_scan=True,
                           diagnose=violations.foreign_key_violations(
                               t, [TENANT_COLUMN], sql.Identifier(schema, "tenants"), ["id"], st.pk_columns),
                           on_error=None if fk in recorded else sql.SQL(
@@ -121,36 +126,43 @@ def plan_table(st: TableState, schema: str, parts: list[partitions.Partition] | 
     return steps
 
 
-PARTITIONS_META = "ACCESS EXCLUSIVE on the table and its partitions (metadata only, milliseconds)"
-LEAF_SCAN = "SHARE UPDATE EXCLUSIVE on this partition only (reads and writes continue)"
+PARTITIONS_META = on_table("ACCESS EXCLUSIVE", brief=True, scope="and its partitions")
+
+
+def leaf_scan(partition: str) -> Lock:
+    """A scan or build of one partition: SHARE UPDATE EXCLUSIVE on it alone."""
+    return on_table("SHARE UPDATE EXCLUSIVE", note=CONTINUES, relation=partition)
 
 
 def _not_null_partitioned(st: TableState, parts: list[partitions.Partition]) -> list[Step]:
     t, steps = st.qualified, []
+    every = tuple(p.name for p in parts)  # ALTER TABLE on a partitioned table recurses: it locks each of them
+    spread_meta = on_table("ACCESS EXCLUSIVE", brief=True, scope="and its partitions", spread=every)
     check = sql.Identifier(st.check_name or names.not_null_check_name(st.name))
     if not st.not_null:
         if st.check_name is None:
             steps.append(Step(PHASE, st.name, "add CHECK (tenant_id IS NOT NULL) NOT VALID to the table and every "
                               "partition", sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL) NOT VALID")
-                              .format(t, check, COL), PARTITIONS_META,
+                              .format(t, check, COL), spread_meta,
                               "NOT VALID skips the scan; every partition inherits the CHECK; new writes are checked"))
         for part in partitions.leaves(parts):
             if not part.state.not_null and not part.state.check_valid:
                 steps.append(Step(PHASE, st.name, f"validate the NOT NULL check on partition {part.name}",
                                   sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(part.state.qualified, check),
-                                  LEAF_SCAN, "scans one partition without blocking its reads or writes",
+                                  leaf_scan(part.name), "scans one partition without blocking its reads or writes",
                                   long_scan=True))
         if not st.check_valid:
             steps.append(Step(PHASE, st.name, "validate the NOT NULL check on the table",
                               sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(t, check),
-                              "SHARE UPDATE EXCLUSIVE on the table and its partitions (no scan)",
+                              on_table("SHARE UPDATE EXCLUSIVE", note="no scan", scope="and its partitions",
+                                       spread=every),
                               "every partition's CHECK is validated already, so PostgreSQL only marks it valid"))
         steps.append(Step(PHASE, st.name, "set tenant_id NOT NULL on the table and every partition",
-                          sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL").format(t, COL), PARTITIONS_META,
+                          sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL").format(t, COL), spread_meta,
                           "each partition's validated CHECK proves no NULLs, so PostgreSQL scans none"))
     if st.check_name is not None or not st.not_null:
         steps.append(Step(PHASE, st.name, "drop the now redundant CHECK (from every partition)",
-                          sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(t, check), PARTITIONS_META,
+                          sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(t, check), spread_meta,
                           "catalog change only"))
     return steps
 
@@ -160,6 +172,7 @@ def _fk_partitioned(st: TableState, schema: str, parts: list[partitions.Partitio
     tenants = sql.Identifier(schema, "tenants")
     if st.fk_name is not None and st.fk_valid:
         return steps
+    every = tuple(p.name for p in parts)
     for part in partitions.leaves(parts):
         ps = part.state
         fk = sql.Identifier(ps.fk_name or names.fk_name(ps.name))
@@ -167,26 +180,28 @@ def _fk_partitioned(st: TableState, schema: str, parts: list[partitions.Partitio
             steps.append(Step(PHASE, st.name, f"add foreign key to tenants NOT VALID on partition {ps.name}",
                               sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} (id) NOT VALID")
                               .format(ps.qualified, fk, COL, tenants),
-                              "SHARE ROW EXCLUSIVE on this partition and tenants (metadata only, milliseconds)",
+                              foreign_key_lock("tenants", relation=ps.name),
                               "NOT VALID skips the scan; new writes to the partition are checked at once"))
         if not ps.fk_valid:
             steps.append(Step(PHASE, st.name, f"validate the foreign key on partition {ps.name}",
                               sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(ps.qualified, fk),
-                              LEAF_SCAN + " (+ ROW SHARE on tenants)", "scans one partition without blocking it",
+                              validate_foreign_key_lock("tenants", relation=ps.name),
+                              "scans one partition without blocking it",
                               long_scan=True))
     fk = sql.Identifier(st.fk_name or names.fk_name(st.name))
     if st.fk_name is None:
         steps.append(Step(PHASE, st.name, "add the foreign key to tenants on the table",
                           sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} (id)").format(
                               st.qualified, fk, COL, tenants),
-                          "SHARE ROW EXCLUSIVE on the table and its partitions, ACCESS EXCLUSIVE on tenants "
-                          "(metadata only, milliseconds)",
+                          on_table("SHARE ROW EXCLUSIVE", ("tenants", "ACCESS EXCLUSIVE"), brief=True,
+                                   scope="and its partitions", spread=every),
                           "every partition's key is validated already: PostgreSQL attaches them and scans nothing; "
                           "partitions created later get it"))
     else:
         steps.append(Step(PHASE, st.name, "validate the foreign key on the table",
                           sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(st.qualified, fk),
-                          "SHARE UPDATE EXCLUSIVE on the table and its partitions (no scan)",
+                          validate_foreign_key_lock("tenants", scope="and its partitions", note="no scan",
+                                                    spread=every),
                           "every partition's key is validated already"))
     return steps
 
@@ -207,7 +222,7 @@ def partition_index_steps(phase: str, conn, st: TableState, parts: list[partitio
                           "partition's is attached)",
                           sql.SQL("{} {} ON ONLY {} ({})").format(create, sql.Identifier(top), st.qualified,
                                                                   sql.SQL(what)),
-                          "SHARE on the table alone (metadata only: ON ONLY builds nothing)",
+                          on_table("SHARE", brief=True, note="ON ONLY builds nothing", scope="(alone)"),
                           "builds no index entries; partitions created later get theirs automatically"))
     for part in parts:
         name, parent_index = index_of(part.name), index_of(part.parent)
@@ -220,19 +235,19 @@ def partition_index_steps(phase: str, conn, st: TableState, parts: list[partitio
                 steps.append(Step(phase, st.name, f"create the index ON ONLY sub-partitioned {part.name}",
                                   sql.SQL("{} {} ON ONLY {} ({})").format(create, sql.Identifier(name),
                                                                           part.state.qualified, sql.SQL(what)),
-                                  f"SHARE on {part.name} alone (metadata only)", "builds no index entries"))
+                                  Lock(((part.name, "SHARE"),), brief=True), "builds no index entries"))
         else:
             steps += concurrent_index_steps(
                 phase, st.name, schema, name, None if exists else sql.SQL("{} CONCURRENTLY {} ON {} ({})").format(
                     create, sql.Identifier(name), part.state.qualified, sql.SQL(what)),
-                f"build the index on ({what}) of partition {part.name}", LEAF_SCAN,
+                f"build the index on ({what}) of partition {part.name}", leaf_scan(part.name),
                 leftovers=[name] if exists is False else [])
         if attached is None:
             steps.append(Step(phase, st.name, f"attach {name} to {parent_index}",
                               sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(
                                   sql.Identifier(schema, parent_index), sql.Identifier(schema, name)),
-                              "SHARE UPDATE EXCLUSIVE on the parent's index, ACCESS EXCLUSIVE on the partition's "
-                              "index (metadata only, milliseconds; no table lock blocks writes)",
+                              Lock(((parent_index, "SHARE UPDATE EXCLUSIVE"), (name, "ACCESS EXCLUSIVE")), brief=True,
+                                   note="the two indexes only; no table lock blocks writes"),
                               "catalog change only: the partition's index is built"))
     return steps
 
@@ -247,7 +262,9 @@ def plan_partitioned(st: TableState, schema: str, parts: list[partitions.Partiti
     if steps:
         steps.append(Step(PHASE, st.name, "refresh planner statistics (the table and every partition)",
                           sql.SQL("ANALYZE {}").format(st.qualified),
-                          "SHARE UPDATE EXCLUSIVE", "samples the partitions; reads and writes continue",
+                          on_table("SHARE UPDATE EXCLUSIVE", note=CONTINUES, scope="and every partition",
+                                   spread=tuple(p.name for p in parts)),
+                          "samples the partitions; reads and writes continue",
                           long_scan=True))
     return steps
 
@@ -281,7 +298,8 @@ def extra_steps(rb) -> list[Step]:
     return out
 
 
-def _steps(rb) -> list[Step]:
+def steps(rb) -> list[Step]:
+    """Every statement constrain will run, from the catalog as it is now (apply re-reads it per table)."""
     per_table = []
     with rb.engine.connect() as conn:
         recorded = recorded_constraints(rb, conn)
@@ -298,7 +316,7 @@ def _table_steps(rb, conn, st: TableState, recorded: frozenset[str]) -> list[Ste
 
 def plan(rb) -> pd.DataFrame:
     with rb.engine.connect() as conn:
-        return plan_frame(_steps(rb), conn)
+        return plan_frame(steps(rb), conn)
 
 
 def apply(rb) -> pd.DataFrame:
@@ -307,7 +325,7 @@ def apply(rb) -> pd.DataFrame:
     rb.require_baseline()
     if not rb.dry_run:
         privileges.require(rb)
-    if not rb.dry_run and any(s.diagnose is not None for s in _steps(rb)):
+    if not rb.dry_run and any(s.diagnose is not None for s in steps(rb)):
         # a VALIDATE is still to run: rows as they are now must stay within their tenants, or it would fail
         conflicts.require_resolved(rb, actual=True)
     executor = rb.executor()
@@ -316,8 +334,8 @@ def apply(rb) -> pd.DataFrame:
         for table in rb.params.tables:
             with rb.engine.connect() as conn:
                 st = table_states.core_state(rb, conn, table)
-                steps = _table_steps(rb, conn, st, recorded_constraints(rb, conn))
-            results += executor.run_all(steps)
+                table_steps = _table_steps(rb, conn, st, recorded_constraints(rb, conn))
+            results += executor.run_all(table_steps)
         results += executor.run_all(extra_steps(rb))
     except RunbookError as exc:
         raise type(exc)(f"{exc}\n{in_force(rb)}") from None
@@ -424,7 +442,7 @@ def _undo_table(conn, schema: str, st: TableState, was: dict) -> list[Step]:
     if st.fk_name and st.fk_name not in {c["conname"] for c in was["constraints"]}:
         out.append(Step(UNDO_PHASE, st.name, "drop the foreign key to tenants",
                         sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(st.qualified, sql.Identifier(st.fk_name)),
-                        SHARE_ROW_EXCLUSIVE_META, "catalog change only"))
+                        drop_foreign_key_lock("tenants"), "catalog change only"))
     if st.check_name:
         out.append(Step(UNDO_PHASE, st.name, "drop the NOT NULL check", sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
             st.qualified, sql.Identifier(st.check_name)), ACCESS_EXCLUSIVE_META, "catalog change only"))

@@ -9,6 +9,8 @@ With legacy.enabled, the orgs, users and memberships of the legacy data follow (
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -16,7 +18,7 @@ from psycopg import sql
 from sqlalchemy import text
 
 from ..db import catalog
-from ..db.ddl import NEW_OBJECT, UNDO_PHASE, Step, plan_frame, results_frame
+from ..db.ddl import UNDO_PHASE, Lock, Step, on_table, plan_frame, results_frame
 from ..errors import RunbookError
 from ..legacy import checks as legacy_checks
 from ..legacy import conflicts as legacy_conflicts
@@ -158,6 +160,19 @@ def shape_report(rb) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["table", "check", "expected", "actual", "ok"])
 
 
+def _references(create_sql: str) -> list[str]:
+    """The tables a CREATE TABLE's foreign keys reference."""
+    return list(dict.fromkeys(re.findall(r'REFERENCES \{s\}\."(\w+)"', create_sql)))
+
+
+def create_lock(name: str, create_sql: str) -> Lock:
+    """A new table (ACCESS EXCLUSIVE on it, which no one else can see yet) and SHARE ROW EXCLUSIVE on each table
+    its foreign keys reference (they get its triggers)."""
+    return Lock(((name, "ACCESS EXCLUSIVE"), *((r, "SHARE ROW EXCLUSIVE") for r in _references(create_sql))),
+                brief=True, note="a new table")
+
+
+
 def steps(rb) -> list[Step]:
     """CREATE TABLE for each missing table, then the System Tenant if it is not there yet."""
     steps: list[Step] = []
@@ -166,14 +181,14 @@ def steps(rb) -> list[Step]:
         missing = [name for name in CONVENTIONS if catalog.relation_oid(conn, rb.schema, name) is None]
     for name in missing:
         statement = sql.SQL(CONVENTIONS[name].create_sql.replace("{s}", "{schema}")).format(schema=schema)
-        steps.append(Step(PHASE, name, f"create {name}", statement, NEW_OBJECT,
+        steps.append(Step(PHASE, name, f"create {name}", statement, create_lock(name, CONVENTIONS[name].create_sql),
                           "a new, empty table: no existing table is locked or rewritten"))
     if missing or table_states.system_tenant_id(rb) is None:
         tenant = rb.params.system_tenant
         statement = sql.SQL("INSERT INTO {} (uuid, name) VALUES ({}, {}) ON CONFLICT (uuid) DO NOTHING").format(
             sql.Identifier(rb.schema, "tenants"), sql.Literal(str(tenant.uuid)), sql.Literal(tenant.name))
         steps.append(Step(PHASE, "tenants", "insert the System Tenant", statement,
-                          "ROW EXCLUSIVE on tenants (one row)",
+                          on_table("ROW EXCLUSIVE", note="one row"),
                           "one idempotent insert keyed by the fixed UUID; nothing else is touched"))
     if legacy_mapping.enabled(rb.params):
         with rb.engine.connect() as conn:
@@ -265,11 +280,13 @@ def undo_steps(rb, conn, before) -> list[Step]:
             and not before.existed("system tenant", str(p.system_tenant.uuid)):
         out.append(Step(UNDO_PHASE, "tenants", "delete the System Tenant", sql.SQL("DELETE FROM {} WHERE uuid = {}").format(
             sql.Identifier(rb.schema, "tenants"), sql.Literal(str(p.system_tenant.uuid))),
-            "ROW EXCLUSIVE on tenants (one row)", "nothing refers to it any more"))
+            on_table("ROW EXCLUSIVE", *catalog.delete_locks(conn, rb.schema, "tenants"), note="one row"), "nothing refers to it any more"))
     for name in ("user_tenants", "users", "tenants"):
         if not existed[name] and catalog.relation_oid(conn, rb.schema, name) is not None:
             out.append(Step(UNDO_PHASE, name, f"drop {name}", sql.SQL("DROP TABLE {}").format(
-                sql.Identifier(rb.schema, name)), "ACCESS EXCLUSIVE on a table the runbook created",
+                sql.Identifier(rb.schema, name)),
+                on_table("ACCESS EXCLUSIVE", *((r, "ACCESS EXCLUSIVE") for r in _references(CONVENTIONS[name].create_sql)),
+                         note="a table the runbook created"),
                 "the application did not have this table before the migration"))
     return out
 

@@ -14,7 +14,7 @@ from sqlalchemy.exc import DBAPIError
 
 from .. import drizzle, drizzle_schema
 from ..db import catalog, fingerprint, partitions, reconcile, sizes as table_sizes
-from ..db.ddl import UNDO_PHASE, Step
+from ..db.ddl import UNDO_PHASE, Lock, Step
 from ..db.names import TENANT_COLUMN
 from ..db.sqltext import render
 from ..errors import RunbookError
@@ -318,6 +318,6 @@ def undo_steps(rb, conn, before) -> list[Step]:
     """What reverses validate: the Drizzle hand-over's records, so `drizzle-kit migrate` sees those
     migrations as pending again once the schema is back to before them."""
     return [Step(UNDO_PHASE, None, f"forget Drizzle's record of {m.tag}", drizzle.forget_statement(rb.params, m),
-                 "ROW EXCLUSIVE on the Drizzle migrations table (one row)",
+                 Lock((("__drizzle_migrations", "ROW EXCLUSIVE"),), note="Drizzle's migrations table; one row"),
                  "the schema goes back to before this migration, so Drizzle must see it as pending")
             for m in drizzle.recorded_by_runbook(conn, rb.params)]

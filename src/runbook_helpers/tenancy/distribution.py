@@ -30,11 +30,14 @@ from sqlalchemy.engine import Connection
 from ..db import catalog, partitions, violations
 from ..db.ddl import (
     ACCESS_EXCLUSIVE_META,
-    SHARE_ROW_EXCLUSIVE_META,
-    SHARE_UPDATE_EXCLUSIVE,
+    CONTINUES,
     UNDO_PHASE,
     Step,
     concurrent_index_steps,
+    drop_foreign_key_lock,
+    foreign_key_lock,
+    on_table,
+    validate_foreign_key_lock,
 )
 from ..db.names import TENANT_COLUMN, truncate
 
@@ -100,7 +103,8 @@ def unique_index_steps(phase: str, conn: Connection, st, index: str, cols: list[
     return concurrent_index_steps(
         phase, st.name, st.schema, index, None if valid else sql.SQL("CREATE UNIQUE INDEX CONCURRENTLY {} ON {} ({})")
         .format(sql.Identifier(index), st.qualified, sql.SQL(", ").join(map(sql.Identifier, cols))),
-        f"build the unique index on ({', '.join(cols)})", leftovers=[index] if valid is False else [])
+        f"build the unique index on ({', '.join(cols)})", leftovers=[index] if valid is False else [],
+        lock=on_table("SHARE UPDATE EXCLUSIVE", note=CONTINUES, relation=st.name))
 
 
 def accepted_references(p) -> dict[str, str]:
@@ -133,7 +137,9 @@ def steps(conn: Connection, schema: str, tables: list[str], recorded: frozenset[
                         sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} UNIQUE USING INDEX {}").format(
                             st.qualified, sql.Identifier(unique), sql.Identifier(unique)),
                         ACCESS_EXCLUSIVE_META, "catalog change only: the index is built; the primary key stays"))
-    leaves = {t: partitions.leaves(partitions.tree(conn, st)) for t, st in states.items()}
+    trees = {t: partitions.tree(conn, st) for t, st in states.items()}
+    leaves = {t: partitions.leaves(tree) for t, tree in trees.items()}
+    every = {t: tuple(p.name for p in tree) for t, tree in trees.items()}  # what a recursing ALTER TABLE locks
     fks = catalog.foreign_keys(conn, schema, tables + [p.name for parts in leaves.values() for p in parts])
     names = {f.name: f for f in fks}
     for fk in fks:
@@ -145,7 +151,7 @@ def steps(conn: Connection, schema: str, tables: list[str], recorded: frozenset[
         if f"{fk.child}.{fk.name}" in (plain or {}):
             continue  # an accepted cross-tenant reference: the readiness report and the lint list it
         if states[fk.child].partitioned:
-            out += partitioned_fk_steps(schema, fk, leaves[fk.child], fks)
+            out += partitioned_fk_steps(schema, fk, leaves[fk.child], fks, every[fk.child], every[fk.parent])
             continue
         existing = covering(fk, fks)
         composite = existing.name if existing else composite_fk_name(fk)
@@ -158,13 +164,14 @@ def steps(conn: Connection, schema: str, tables: list[str], recorded: frozenset[
                                 sql.Identifier(schema, fk.parent),
                                 sql.SQL(", ").join(map(sql.Identifier, [TENANT_COLUMN] + fk.ref_cols)),
                                 fk.actions(on_update="c")),
-                            SHARE_ROW_EXCLUSIVE_META, f"NOT VALID skips the scan; new writes are checked at once; "
+                            foreign_key_lock(fk.parent, parent_partitions=every[fk.parent]),
+                            f"NOT VALID skips the scan; new writes are checked at once; "
                             f"{fk.name} stays beside it"))
         if existing is None or not names[composite].validated:
             twin = [TENANT_COLUMN] + fk.cols
             out.append(Step(PHASE, fk.child, f"validate {composite}",
                             sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(child, sql.Identifier(composite)),
-                            SHARE_UPDATE_EXCLUSIVE, "scans without blocking reads or writes", long_scan=True,
+                            validate_foreign_key_lock(fk.parent), "scans without blocking reads or writes", long_scan=True,
                             diagnose=violations.foreign_key_violations(
                                 child, twin, sql.Identifier(schema, fk.parent), [TENANT_COLUMN] + fk.ref_cols,
                                 states[fk.child].pk_columns if fk.child in states else []),
@@ -179,7 +186,8 @@ def partitioned_unique_steps(conn: Connection, st, unique: str, cols: list[str])
     constraint USING it, then the constraint on the table, which PostgreSQL builds by attaching each
     partition's (no scan; ADD … USING INDEX is not available on a partitioned table itself)."""
     out: list[Step] = []
-    for leaf in partitions.leaves(partitions.tree(conn, st)):
+    tree = partitions.tree(conn, st)
+    for leaf in partitions.leaves(tree):
         ls = leaf.state
         if partitions.attached_constraint(conn, catalog.relation_oid(conn, st.schema, leaf.parent), unique, ls) \
                 or cols in unique_constraints(conn, ls.oid).values():
@@ -189,16 +197,19 @@ def partitioned_unique_steps(conn: Connection, st, unique: str, cols: list[str])
         out.append(Step(PHASE, st.name, f"add UNIQUE ({', '.join(cols)}) to partition {ls.name} using that index",
                         sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} UNIQUE USING INDEX {}").format(
                             ls.qualified, sql.Identifier(name), sql.Identifier(name)),
-                        ACCESS_EXCLUSIVE_META + " on this partition", "catalog change only: the index is built"))
+                        on_table("ACCESS EXCLUSIVE", brief=True, relation=ls.name),
+                        "catalog change only: the index is built"))
     out.append(Step(PHASE, st.name, f"add UNIQUE ({', '.join(cols)}) to the table",
                     sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} UNIQUE ({})").format(
                         st.qualified, sql.Identifier(unique), sql.SQL(", ").join(map(sql.Identifier, cols))),
-                    "ACCESS EXCLUSIVE on the table and its partitions (metadata only, milliseconds)",
+                    on_table("ACCESS EXCLUSIVE", brief=True, scope="and its partitions",
+                             spread=tuple(p.name for p in tree)),
                     "every partition's unique index is built: PostgreSQL attaches them and builds nothing"))
     return out
 
 
-def partitioned_fk_steps(schema: str, fk: catalog.ForeignKey, leaves: list, fks: list[catalog.ForeignKey]) -> list[Step]:
+def partitioned_fk_steps(schema: str, fk: catalog.ForeignKey, leaves: list, fks: list[catalog.ForeignKey],
+                         every: tuple[str, ...] = (), parent_parts: tuple[str, ...] = ()) -> list[Step]:
     """The (tenant_id, …) twin of a foreign key whose child is partitioned: per leaf partition NOT VALID, then
     VALIDATE, then on the table without NOT VALID, which attaches the partitions' (no scan). PostgreSQL before
     18 cannot add a NOT VALID foreign key to a partitioned table."""
@@ -218,27 +229,30 @@ def partitioned_fk_steps(schema: str, fk: catalog.ForeignKey, leaves: list, fks:
             out.append(Step(PHASE, fk.child, f"add {mine.name} NOT VALID to partition {leaf.name}",
                             sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {}{} NOT VALID").format(
                                 child, sql.Identifier(mine.name), cols, refs, fk.actions(on_update="c")),
-                            "SHARE ROW EXCLUSIVE on this partition and the parent table (metadata only, milliseconds)",
+                            foreign_key_lock(fk.parent, relation=leaf.name, parent_partitions=parent_parts),
                             "NOT VALID skips the scan; new writes are checked at once"))
         if have is None or not have.validated:
             out.append(Step(PHASE, fk.child, f"validate {(have or mine).name} on partition {leaf.name}",
                             sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
                                 child, sql.Identifier((have or mine).name)),
-                            "SHARE UPDATE EXCLUSIVE on this partition (reads and writes continue)",
+                            validate_foreign_key_lock(fk.parent, relation=leaf.name),
                             "scans one partition without blocking it", long_scan=True))
     if existing is None:
         out.append(Step(PHASE, fk.child, f"add {composite} to the table",
                         sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {}{}").format(
                             sql.Identifier(schema, fk.child), sql.Identifier(composite), cols, refs,
                             fk.actions(on_update="c")),
-                        "SHARE ROW EXCLUSIVE on the table, its partitions and the parent table (metadata only)",
+                        on_table("SHARE ROW EXCLUSIVE", (fk.parent, "ACCESS EXCLUSIVE"),
+                                 *((p, "SHARE ROW EXCLUSIVE") for p in parent_parts), brief=True,
+                                 scope="and its partitions", spread=every),
                         f"every partition's key is validated: PostgreSQL attaches them and scans nothing; {fk.name} "
                         f"stays beside it"))
     else:
         out.append(Step(PHASE, fk.child, f"validate {composite}",
                         sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
                             sql.Identifier(schema, fk.child), sql.Identifier(composite)),
-                        SHARE_UPDATE_EXCLUSIVE, "every partition's key is validated already"))
+                        validate_foreign_key_lock(fk.parent, scope="and its partitions", note="no scan", spread=every),
+                        "every partition's key is validated already"))
     return out
 
 
@@ -252,7 +266,8 @@ def undo_steps(conn: Connection, schema: str, states: dict, before: dict[str, di
     for fk in current_fks.values():
         if TENANT_COLUMN in fk.cols and fk.name not in recorded:
             out.append(Step(UNDO_PHASE, fk.child, f"drop {fk.name}", sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
-                sql.Identifier(schema, fk.child), sql.Identifier(fk.name)), ACCESS_EXCLUSIVE_META, "catalog change only"))
+                sql.Identifier(schema, fk.child), sql.Identifier(fk.name)), drop_foreign_key_lock(fk.parent),
+                "catalog change only"))
     for name, st in states.items():
         if st.oid is None:
             continue
@@ -265,16 +280,18 @@ def undo_steps(conn: Connection, schema: str, states: dict, before: dict[str, di
         for con in before[name]["constraints"]:
             if con["contype"] != "f" or con["conname"] in current_fks:
                 continue
-            if not any(f" REFERENCES {t}(" in con["definition"] for t in states):
+            parent = next((t for t in states if f" REFERENCES {t}(" in con["definition"]), None)
+            if parent is None:
                 continue
             out.append(Step(UNDO_PHASE, name, f"restore {con['conname']} NOT VALID",
                             sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {} NOT VALID").format(
                                 st.qualified, sql.Identifier(con["conname"]), sql.SQL(con["definition"])),
-                            SHARE_ROW_EXCLUSIVE_META, "NOT VALID skips the scan"))
+                            foreign_key_lock(parent), "NOT VALID skips the scan"))
             out.append(Step(UNDO_PHASE, name, f"validate {con['conname']}",
                             sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(st.qualified,
                                                                                    sql.Identifier(con["conname"])),
-                            SHARE_UPDATE_EXCLUSIVE, "scans without blocking reads or writes", long_scan=True))
+                            validate_foreign_key_lock(parent), "scans without blocking reads or writes",
+                            long_scan=True))
     return out
 
 

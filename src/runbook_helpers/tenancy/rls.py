@@ -31,7 +31,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from ..db import catalog, partitions
-from ..db.ddl import ACCESS_EXCLUSIVE_META, NEW_OBJECT, UNDO_PHASE, Step
+from ..db.ddl import ACCESS_EXCLUSIVE_META, NEW_OBJECT, PRIVILEGES_ONLY, UNDO_PHASE, Lock, Step
 from ..db.names import TENANT_COLUMN, truncate
 
 PHASE = "constrain"
@@ -119,9 +119,14 @@ def table_steps(st, setting: str, existing: list[dict[str, Any]], views: list[st
     for view in views:
         steps.append(Step(PHASE, st.name, f"make view {view} security_invoker",
                           sql.SQL("ALTER VIEW {} SET (security_invoker = true)").format(sql.SQL(view)),
-                          ACCESS_EXCLUSIVE_META,
+                          view_lock(view),
                           "catalog change only; the view now applies the caller's policies instead of its owner's"))
     return steps
+
+
+def view_lock(view: str) -> Lock:
+    """ALTER VIEW: ACCESS EXCLUSIVE on the view (`view` as the catalog lists it, maybe schema-qualified)."""
+    return Lock(((view.split(".")[-1].strip('"'), "ACCESS EXCLUSIVE"),), brief=True)
 
 
 ROLE_SQL = text("""
@@ -169,21 +174,21 @@ def role_steps(conn: Connection, schema: str, role: str, tables: list[str], shar
         if not granted["schema_usage"]:
             steps.append(Step(PHASE, None, f"grant {name} usage on schema {schema}",
                               sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(schema), who),
-                              "none (privileges only)", "locks no table"))
+                              PRIVILEGES_ONLY, "locks no table"))
         if not granted["tables_ok"]:
             steps.append(Step(PHASE, None, f"grant {name} {TABLE_PRIVILEGES} on the tenant tables",
                               sql.SQL("GRANT {} ON {} TO {}").format(sql.SQL(TABLE_PRIVILEGES), sql.SQL(", ").join(
                                   sql.Identifier(schema, t) for t in tables), who),
-                              "none (privileges only)", "no TRUNCATE, no REFERENCES: both would sidestep the policies"))
+                              PRIVILEGES_ONLY, "no TRUNCATE, no REFERENCES: both would sidestep the policies"))
         if shared and not granted["shared_ok"]:
             steps.append(Step(PHASE, None, f"grant {name} SELECT on the shared tables",
                               sql.SQL("GRANT SELECT ON {} TO {}").format(sql.SQL(", ").join(
                                   sql.Identifier(schema, t) for t in shared), who),
-                              "none (privileges only)", "shared tables are read by every tenant"))
+                              PRIVILEGES_ONLY, "shared tables are read by every tenant"))
         if not granted["sequences_ok"]:
             steps.append(Step(PHASE, None, f"grant {name} usage on the schema's sequences",
                               sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA {} TO {}").format(sql.Identifier(schema), who),
-                              "none (privileges only)", "inserts draw serial ids"))
+                              PRIVILEGES_ONLY, "inserts draw serial ids"))
     return steps
 
 
@@ -236,7 +241,7 @@ def view_grant_steps(conn: Connection, schema: str, role: str, tables: list[str]
             continue
         out.append(Step(PHASE, None, f"grant {role} SELECT on view {row['view']}",
                         sql.SQL("GRANT SELECT ON {} TO {}").format(sql.SQL(row["view"]), sql.Identifier(role)),
-                        "none (privileges only)", "the view is security_invoker: the role sees its tenant's rows only"))
+                        PRIVILEGES_ONLY, "the view is security_invoker: the role sees its tenant's rows only"))
     return out
 
 
@@ -257,7 +262,7 @@ def view_grant_undo_steps(conn: Connection, journal_actions: list[str]) -> list[
             held = [{"kind": "view", "name": view, "grantor": g, "privileges": ["SELECT"]} for g in grantors]
             out.append(Step(UNDO_PHASE, None, f"revoke {role}'s SELECT on view {view}",
                             revoke_as_grantors(conn, None, held, role),
-                            "none (privileges only)", "the runbook granted it; the view goes back to before"))
+                            PRIVILEGES_ONLY, "the runbook granted it; the view goes back to before"))
     return out
 
 
@@ -366,7 +371,7 @@ def undo_steps(conn: Connection, schema: str, states: dict, views_before: dict[s
         if has and not had:
             out.append(Step(UNDO_PHASE, None, f"reset security_invoker on view {view}",
                             sql.SQL("ALTER VIEW {} RESET (security_invoker)").format(sql.SQL(view)),
-                            ACCESS_EXCLUSIVE_META, "catalog change only"))
+                            view_lock(view), "catalog change only"))
     for role in granted_roles:
         targets = [t for t in tables if catalog.relation_oid(conn, schema, t) is not None]
         if conn.execute(text("SELECT 1 FROM pg_roles WHERE rolname = :r"), {"r": role}).first() is None:
@@ -381,7 +386,7 @@ def undo_steps(conn: Connection, schema: str, states: dict, views_before: dict[s
         for action, grants, why in revokes:
             statement = revoke_as_grantors(conn, schema, grants, role)
             if statement is not None:
-                out.append(Step(UNDO_PHASE, None, action, statement, "none (privileges only)", why))
+                out.append(Step(UNDO_PHASE, None, action, statement, PRIVILEGES_ONLY, why))
     return out
 
 

@@ -29,7 +29,7 @@ boundary (row level security is): a writer that sets the runbook's setting skips
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from psycopg import sql
 from sqlalchemy import text
@@ -37,7 +37,7 @@ from sqlalchemy.engine import Connection
 
 from ..db import catalog
 from ..db.database import RUNBOOK_SESSION_SETTING
-from ..db.ddl import ACCESS_EXCLUSIVE_META, UNDO_PHASE, Step
+from ..db.ddl import ACCESS_EXCLUSIVE_META, CONTINUES, UNDO_PHASE, Step, on_table
 from ..db.fingerprint import PINNED_SETTINGS, pin_settings, row_hash, row_key
 from ..db.names import TENANT_COLUMN, truncate
 from ..db.sqltext import render
@@ -45,7 +45,9 @@ from ..db.sqltext import render
 SESSION_SETTING, SESSION_VALUE = RUNBOOK_SESSION_SETTING, "runbook"
 ASSIGN, CHILDREN, RECORD = "tenancy_rollout_assign", "tenancy_rollout_children", "tenancy_rollout_record"
 TRIGGERS = (ASSIGN, CHILDREN, RECORD)
-LOCK = "SHARE ROW EXCLUSIVE + ACCESS EXCLUSIVE (metadata only, milliseconds)"
+# CREATE TRIGGER takes SHARE ROW EXCLUSIVE; dropping the fast DEFAULT in the same transaction, ACCESS EXCLUSIVE
+LOCK = on_table("ACCESS EXCLUSIVE", brief=True)
+TRIGGERS_ONLY_LOCK = on_table("SHARE ROW EXCLUSIVE", brief=True)
 
 
 @dataclass(frozen=True)
@@ -193,9 +195,13 @@ def install_statement(t: RolloutTable, drop_default: bool) -> sql.Composed:
     return sql.SQL(";\n").join(parts)
 
 
-def install_step(phase: str, t: RolloutTable, drop_default: bool) -> Step:
+def install_step(phase: str, t: RolloutTable, drop_default: bool, partitions: tuple[str, ...] = ()) -> Step:
+    """`partitions`: a partitioned table's, which CREATE TRIGGER and DROP DEFAULT reach (and lock) too."""
+    lock = LOCK if drop_default else TRIGGERS_ONLY_LOCK
+    if partitions:
+        lock = replace(lock, spread=tuple(partitions), scope="and every partition")
     return Step(phase, t.name, "install the rollout triggers" + (" (and drop the DEFAULT)" if drop_default else ""),
-                install_statement(t, drop_default), LOCK, t.why())
+                install_statement(t, drop_default), lock, t.why())
 
 
 def installed(conn: Connection, schema: str, table: str) -> set[str]:
@@ -242,7 +248,7 @@ def capture_statement(t: RolloutTable) -> sql.Composed:
 
 def capture_step(phase: str, t: RolloutTable) -> Step:
     return Step(phase, t.name, "open the record of the application's writes (one read of every row)",
-                capture_statement(t), "ACCESS SHARE (a read: reads and writes continue)",
+                capture_statement(t), on_table("ACCESS SHARE", note="a read: " + CONTINUES),
                 "one scan hashes every row as the rollout window opens; validate proves them unchanged against it",
                 long_scan=True)
 
