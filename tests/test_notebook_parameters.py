@@ -74,6 +74,13 @@ def test_backfill_under_plain_papermill_prints_milestones_and_nothing_on_stderr(
     assert 1 <= len(bars) <= 20 and all("<progress" in o.data["text/html"] for o in bars)
     assert len(apply_cell.outputs) <= 40
     assert db.scalar("SELECT count(*) FROM knowledge_bases WHERE tenant_id IS NULL") == 0
+    # what a direct papermill run records (the README says so): the phase and its statements in the ledger,
+    # without a run id; no run in the ledger's runs (so no archive: only the runner writes one)
+    assert db.connect().execute("SELECT run_id, status FROM tenancy_runbook.phase_runs WHERE phase = 'backfill'"
+                                ).fetchall() == [(None, "succeeded")]
+    assert db.scalar("SELECT count(*) FROM tenancy_runbook.statement_journal WHERE phase = 'backfill' "
+                     "AND run_id IS NULL") > 0
+    assert db.scalar("SELECT count(*) FROM tenancy_runbook.runs") == 0
 
 
 def test_every_notebook_declares_exactly_the_parameters_the_check_knows():
