@@ -21,8 +21,12 @@ test: $(STAMP)  ## pytest against real PostgreSQL (two workers), then nbval
 	$(BIN)/pytest -q -n 2 --dist loadfile tests
 	RUNBOOK_ENV=ci $(BIN)/pytest -q $(NBVAL) notebooks
 
+# Jupyter refuses to start as root ("Running as root is not recommended. Use --allow-root to bypass."): CI and
+# containers often are root, so there the flag is added
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
+
 lab: $(STAMP)  ## open the notebooks in JupyterLab (env from RUNBOOK_ENV, default local)
-	$(BIN)/jupyter lab notebooks
+	$(BIN)/jupyter lab $(ALLOW_ROOT) notebooks
 
 notebooks: $(STAMP)  ## re-execute the committed notebooks on a fresh ci demo database
 	$(BIN)/runbook notebooks --env ci

@@ -173,6 +173,12 @@ class Step:
     # what each %s placeholder of `statement` holds, in order: a step the batch engine runs once per batch
     # (the plan shows the statement one batch runs, its key-range bounds as $1, $2, …); never run by Executor
     params: tuple[str, ...] = ()
+    planned_rows: int | None = None  # an insert's rows as its plan counted them (what the apply reports against)
+
+    @property
+    def label(self) -> str:
+        """How messages name the step: 'table: action', or the action alone for a step on no table."""
+        return f"{self.table}: {self.action}" if self.table else self.action
 
     @property
     def lock_mode(self) -> str | None:
@@ -354,14 +360,14 @@ class Executor:
                 if attempt == attempts:
                     break
                 wait = self.backoff_s(attempt)
-                self._log(f"  {step.table}: {step.action}: lock not granted within "
+                self._log(f"  {step.label}: lock not granted within "
                           f"{lock_timeout} ms (try {attempt}/{attempts}); retrying in {wait:.2f} s")
                 self._sleep(wait)
                 continue
             except psycopg.Error as exc:
                 if cleanup is not None:
                     self._best_effort(cleanup)
-                message = f"{step.table}: {step.action} failed: {exc.diag.message_primary or exc}"
+                message = f"{step.label} failed: {exc.diag.message_primary or exc}"
                 message += self._diagnosis(step)
                 undone = self._undo_on_error(step)
                 end("failed", attempt, message + undone)
@@ -374,7 +380,7 @@ class Executor:
                     "dropped; the re-run drops and rebuilds it." if pending_cleanup else " Nothing of this step was applied.")
         lowest, highest = self.lock_timeout_ms(1), self.lock_timeout_ms(attempts)
         waits = f"of {lowest} ms each" if lowest == highest else f"waiting {lowest} to {highest} ms each"
-        message = (f"{step.table}: {step.action}: could not take its lock ({step.lock_text}) after {attempts} tries "
+        message = (f"{step.label}: could not take its lock ({step.lock_text}) after {attempts} tries "
                    f"{waits}; {describe_blockers(blockers)}.{leftover} End or wait for "
                    f"those sessions, then re-run this notebook; it resumes here.")
         end("lock timeout", attempts, message)
@@ -419,7 +425,7 @@ class Executor:
         try:
             self._try(cleanup, self._render(cleanup), [], self.locks.lock_timeout_ms)
         except psycopg.Error as exc:
-            self._log(f"  {cleanup.table}: {cleanup.action} did not complete ({exc.diag.message_primary}); "
+            self._log(f"  {cleanup.label} did not complete ({exc.diag.message_primary}); "
                       f"the next run finds the leftover and removes it")
 
     def _clear_the_table(self, step: Step, reported: set[int]) -> None:
@@ -441,30 +447,30 @@ class Executor:
                             if may_cancel is None:
                                 may_cancel, how = privileges.can_cancel_autovacuum(conn)
                             if not may_cancel:  # pg_cancel_backend would fail the step with 42501
-                                self._say(f"  {step.table}: {step.action}: autovacuum pid {s.pid} is on {where} and "
+                                self._say(f"  {step.label}: autovacuum pid {s.pid} is on {where} and "
                                           f"this role may not cancel it ({how}); PostgreSQL cancels it once the "
                                           f"statement has waited deadlock_timeout")
                                 continue
                             done = lock_holders.cancel_backend(conn, s.pid)
-                            self._say(f"  {step.table}: {step.action}: cancelled autovacuum pid {s.pid} on {where} "
+                            self._say(f"  {step.label}: cancelled autovacuum pid {s.pid} on {where} "
                                       f"({s.query!r}){'' if done else ' (it had already ended)'}; it runs again later")
                         elif (mode in QUEUEING_MODES and not s.is_autovacuum and s.pid not in reported
                               and s.age_s * 1000 >= self.locks.report_transactions_older_than_ms):
                             reported.add(s.pid)
-                            self._say(f"  {step.table}: {step.action}: before trying: long transaction {s.describe()}")
+                            self._say(f"  {step.label}: before trying: long transaction {s.describe()}")
                 conn.commit()
             if not wraparound:
                 return
             w = wraparound[0]
             if time.monotonic() >= deadline:
                 raise LockNotAcquired(
-                    f"{step.table}: {step.action}: an anti-wraparound autovacuum (pid {w.pid}, {w.progress()}) is "
+                    f"{step.label}: an anti-wraparound autovacuum (pid {w.pid}, {w.progress()}) is "
                     f"still running on the table after {self.locks.wraparound_wait_s} s (locks.wraparound_wait_s); "
                     f"it must not be cancelled. Nothing of this step was applied; re-run this notebook once it "
                     f"has finished (it resumes here).")
             if time.monotonic() >= next_line:
                 next_line = time.monotonic() + 10.0
-                self._say(f"  {step.table}: {step.action}: waiting for an anti-wraparound autovacuum (pid {w.pid}), "
+                self._say(f"  {step.label}: waiting for an anti-wraparound autovacuum (pid {w.pid}), "
                           f"never cancelled: {w.progress()}")
             self._sleep(1.0)
 

@@ -128,14 +128,14 @@ def steps(rb, conn: Connection, tables_ready: bool) -> list[Step]:
         how = f"uuid3 of {src.table}.{src.uuid}" if src.uuid else f"uuid3 of '{src.table}:' and {src.key}"
         out.append(Step(PHASE, "tenants", f"a tenant for each of {n:,} legacy orgs ({src.table}; {how})",
                         tenants, on_table("ROW EXCLUSIVE", note="inserts only"),
-                        "inserts keyed by a derived uuid with ON CONFLICT DO NOTHING; re-runs insert nothing"))
+                        "inserts keyed by a derived uuid with ON CONFLICT DO NOTHING; re-runs insert nothing", planned_rows=n))
     users, pending_users = _users(p)
     n = _count(conn, pending_users) if ready else _count(conn, sql.SQL(
         "SELECT count(*) FROM ({}) c WHERE c.n = 1").format(user_candidates(p)))
     if n:
         out.append(Step(PHASE, "users", f"a user for each of {n:,} legacy users (email lower-cased and trimmed; "
                         f"a duplicate email is listed, never merged)", users, on_table("ROW EXCLUSIVE", note="inserts only"),
-                        "inserts keyed by the legacy uuid with ON CONFLICT DO NOTHING; re-runs insert nothing"))
+                        "inserts keyed by the legacy uuid with ON CONFLICT DO NOTHING; re-runs insert nothing", planned_rows=n))
     memberships, pending_memberships = _memberships(p)
     # memberships join the ledger's maps, which the tenants and users steps above fill: while either is planned
     # (a first run, or the first after a rollback emptied the maps) they are counted from the legacy pairs
@@ -144,8 +144,8 @@ def steps(rb, conn: Connection, tables_ready: bool) -> list[Step]:
         "WITH {} SELECT count(*) FROM pairs WHERE org_exists").format(mapping.pairs_cte(p)))
     if n:
         sources = ", ".join(m.label for m in mapping.source(p).memberships)
-        out.append(Step(PHASE, "user_tenants", f"{n:,} memberships from {sources} (roles through legacy.roles)", memberships, on_table("ROW EXCLUSIVE", ("users", "ROW SHARE"), ("tenants", "ROW SHARE"), note="inserts only; its foreign keys check users and tenants"),
-                        "inserts with ON CONFLICT (user_id, tenant_id) DO NOTHING; re-runs insert nothing"))
+        out.append(Step(PHASE, "user_tenants", f"{'up to ' if upstream else ''}{n:,} memberships from {sources} (roles through legacy.roles)", memberships, on_table("ROW EXCLUSIVE", ("users", "ROW SHARE"), ("tenants", "ROW SHARE"), note="inserts only; its foreign keys check users and tenants"),
+                        "inserts with ON CONFLICT (user_id, tenant_id) DO NOTHING; re-runs insert nothing", planned_rows=n))
     return out
 
 

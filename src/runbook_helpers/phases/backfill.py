@@ -493,7 +493,7 @@ def apply(rb) -> BackfillReport:
         by_default = int(baseline.get(tp.state.name, 0)) if added and not rb.dry_run else 0
         faults.point("backfill.after_table", tp.state.name)
         summary.append({"table": tp.state.name, "strategy": tp.strategy,
-                        "rows by default": by_default, "rows updated": updated, "batches": batches,
+                        "rows (baseline)": int(baseline.get(tp.state.name, 0)), "rows by default": by_default, "rows updated": updated, "batches": batches,
                         "outcome": "dry run" if rb.dry_run else ("nothing to do" if not tp.steps else "done"),
                         "seconds": round(time.monotonic() - started[tp.state.name], 2), "throttled s": round(paused, 2),
                         "max replica lag s": None if worst_lag is None else round(worst_lag, 2)})
@@ -509,8 +509,8 @@ def apply(rb) -> BackfillReport:
             with vacuum.VacuumProgress(rb.engine, oid, f"backfill {relation}", rb.params.backfill.progress_every_s,
                                        rb.log):
                 step_results.append(executor.run(step))
-    frame = pd.DataFrame(summary, columns=["table", "strategy", "rows by default", "rows updated", "batches",
-                                           "outcome", "seconds", "throttled s", "max replica lag s"])
+    frame = pd.DataFrame(summary, columns=["table", "strategy", "rows (baseline)", "rows by default", "rows updated",
+                                           "batches", "outcome", "seconds", "throttled s", "max replica lag s"])
     prog = pd.concat(progress, ignore_index=True) if progress else pd.DataFrame(
         columns=["label", "elapsed_s", "rows_done", "batch_rows", "batch_s", "batch_size", "pace_ms", "canary_p99_ms",
                  "replica_lag_s"])

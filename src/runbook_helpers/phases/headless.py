@@ -55,7 +55,7 @@ def run_phase(rb, since=None, force: bool = False) -> dict[str, Any]:
             out["verdict"] = validate.assert_all_passed(out["checks"], rb.dry_run, out["lint"], out["isolation"])
             out["writes"] = validate.application_writes(rb)
             out["sizes"] = validate.sizes(rb)
-            out["drizzle"] = validate.hand_over_to_drizzle(rb)
+            out["drizzle"] = validate.hand_over_to_drizzle(rb, out["verdict"])
         elif rb.phase == "finalize":
             out["assists"] = finalize.assists(rb, since)
             out["plan"] = finalize.plan(rb)

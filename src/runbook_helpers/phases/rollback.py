@@ -90,6 +90,6 @@ def assert_rolled_back(rb) -> str:
         return "dry run: nothing was changed"
     left = steps(rb)
     if left:
-        raise RunbookError("rollback incomplete: " + "; ".join(f"{s.table}: {s.action}" for s in left[:10])
+        raise RunbookError("rollback incomplete: " + "; ".join(s.label for s in left[:10])
                            + ". Re-run 99_rollback: it resumes.")
     return "the database is back to its shape before the migration"

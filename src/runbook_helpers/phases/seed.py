@@ -189,7 +189,7 @@ def steps(rb) -> list[Step]:
             sql.Identifier(rb.schema, "tenants"), sql.Literal(str(tenant.uuid)), sql.Literal(tenant.name))
         steps.append(Step(PHASE, "tenants", "insert the System Tenant", statement,
                           on_table("ROW EXCLUSIVE", note="one row"),
-                          "one idempotent insert keyed by the fixed UUID; nothing else is touched"))
+                          "one idempotent insert keyed by the fixed UUID; nothing else is touched", planned_rows=1))
     if legacy_mapping.enabled(rb.params):
         with rb.engine.connect() as conn:
             steps += legacy_seed.steps(rb, conn, tables_ready=not missing)
@@ -202,12 +202,41 @@ def plan(rb) -> pd.DataFrame:
         return plan_frame(steps(rb), conn)
 
 
+INSERTED = "rows inserted"
+NOT_INSERTED = "planned, not inserted"
+
+
 def apply(rb) -> pd.DataFrame:
-    """Run the plan (or only list it in a dry run); not while a conflict between tenants has no rule."""
+    """Run the plan (or only list it in a dry run); not before 01_inspect, nor while a conflict between tenants
+    has no rule. Beside each step, the rows it inserted (the table's count after less before) and, for the
+    legacy mapping's steps, how many of the rows its plan counted were not inserted: a membership whose user is
+    not migrated (a duplicate email, listed with the ambiguities) or that is there already."""
     if not rb.dry_run:
+        rb.require_baseline()
         privileges.require(rb)
         legacy_conflicts.require_resolved(rb)
-    return results_frame(rb.executor().run_all(steps(rb)))
+    executor = rb.executor()
+    results, inserted, planned = [], [], []
+    for step in steps(rb):
+        before = _count_rows(rb, step.table)
+        results.append(executor.run(step))
+        after = _count_rows(rb, step.table)
+        inserted.append(None if rb.dry_run or before is None and after is None else (after or 0) - (before or 0))
+        planned.append(step.planned_rows)
+    frame = results_frame(results)
+    frame.insert(frame.columns.get_loc("outcome") + 1, INSERTED, pd.array(inserted, dtype="Int64"))
+    frame.insert(frame.columns.get_loc(INSERTED) + 1, NOT_INSERTED, pd.array(
+        [None if n is None or p is None else max(p - n, 0) for n, p in zip(inserted, planned)], dtype="Int64"))
+    return frame
+
+
+def _count_rows(rb, table: str | None) -> int | None:
+    if table not in CONVENTIONS:
+        return None
+    with rb.engine.connect() as conn:
+        if catalog.relation_oid(conn, rb.schema, table) is None:
+            return None
+        return catalog.exact_count(conn, rb.schema, table)
 
 
 def system_tenant(rb) -> pd.DataFrame:

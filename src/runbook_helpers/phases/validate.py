@@ -231,10 +231,22 @@ def drizzle_schema_changes(rb):
     return Markdown(drizzle_schema.markdown(handover) if rb.params.drizzle.folder else "no Drizzle project in params")
 
 
-def hand_over_to_drizzle(rb) -> pd.DataFrame:
+def hand_over_to_drizzle(rb, verdict: "Verdict | None" = None) -> pd.DataFrame:
     """After the verdict: record the Drizzle migrations whose end state the runbook produced
-    (drizzle.record_after_validate) with created_at = the journal's `when`; empty when params name none."""
-    return drizzle.hand_over(rb)
+    (drizzle.record_after_validate) with created_at = the journal's `when`; empty when params name none.
+    A real run only gets here when every check passed; a dry run gets here either way, so its outcome says
+    what a real run would do with this `verdict`: record them, or stop before (and how many checks fail)."""
+    frame = drizzle.hand_over(rb)
+    if rb.dry_run and len(frame):
+        if verdict is None:
+            outcome = "not evaluated: dry run, and no verdict given (a real run records only after every check passed)"
+        elif verdict.failed:
+            outcome = (f"would not be recorded: {verdict.failed} of {verdict.total} checks would fail now, and a "
+                       f"real run stops at the verdict (dry run: nothing recorded)")
+        else:
+            outcome = "would be recorded: every check passes now (dry run: nothing recorded)"
+        frame["outcome"] = outcome
+    return frame
 
 
 def lint(rb) -> pd.DataFrame:
@@ -306,10 +318,19 @@ def assert_all_passed(results: pd.DataFrame, dry_run: bool = False, lint: pd.Dat
     total = len(results) + (len(lint) if lint is not None else 0) + (
         len(isolation_results) if isolation_results is not None else 0)
     if dry_run:
-        return f"dry run: {len(lines)} of {total} checks would fail at this point"
+        return Verdict(f"dry run: {len(lines)} of {total} checks would fail at this point", len(lines), total)
     if lines:
         raise RunbookError(f"{len(lines)} of {total} checks failed:\n" + "\n".join(lines))
-    return f"all {total} checks passed"
+    return Verdict(f"all {total} checks passed", 0, total)
+
+
+class Verdict(str):
+    """The verdict line, with the counts behind it (the dry run's hand-over says what a real run would do)."""
+
+    def __new__(cls, line: str, failed: int, total: int):
+        verdict = super().__new__(cls, line)
+        verdict.failed, verdict.total = failed, total
+        return verdict
 
 
 # --- undo (run by 99_rollback) ---------------------------------------------------------------------

@@ -30,7 +30,7 @@ PARAMETERS = {"07_distribute.ipynb": {"dry_run": True}}
 
 
 def refresh(env: str) -> None:
-    os.environ.update({"RUNBOOK_ENV": env, "RUNBOOK_HEADLESS": "1", "RUNBOOK_HOME": str(paths.project_root())})
+    os.environ.update({"RUNBOOK_ENV": env, "RUNBOOK_HOME": str(paths.project_root())})
     os.environ.pop("RUNBOOK_RUN_ID", None)
     for name in NOTEBOOKS.values():
         path = paths.notebooks_dir() / name

@@ -25,6 +25,7 @@ from ..db.ledger import Ledger
 from ..errors import RunbookError
 from ..legacy import conflicts
 from ..params import Params
+from . import parameters as notebook_parameters
 from .progress import Progress
 
 PHASES = ["inspect", "seed", "backfill", "constrain", "validate"]
@@ -40,11 +41,6 @@ def default_env() -> str:
 
 def operator() -> str:
     return os.environ.get("RUNBOOK_OPERATOR") or getpass.getuser()
-
-
-def headless() -> bool:
-    """True when papermill runs the notebook for `runbook run` (no one watches a live bar)."""
-    return os.environ.get("RUNBOOK_HEADLESS") == "1"
 
 
 class PhaseSession:
@@ -122,9 +118,9 @@ class PhaseSession:
                         journal_end=journal_end, log=self.log)
 
     def progress(self, label: str, total: int, every_s: float = 5.0) -> Progress:
-        """Progress for long work in this phase: a live bar when someone watches the notebook, milestone
+        """Progress for long work in this phase: a live bar in a Jupyter kernel (whoever started it), milestone
         lines in the log either way (they survive in headless archives)."""
-        return Progress(label, total, every_s=every_s, live=not headless(), log=self.log)
+        return Progress(label, total, every_s=every_s, log=self.log)
 
     def ensure_ledger(self) -> None:
         """Create the ledger (inspect's only write) and record this phase in it, if not done yet."""
@@ -212,12 +208,17 @@ def _read_only_session(dbapi_connection, _record) -> None:
 
 
 def open_phase(phase: str, env: str | None = None, dry_run: bool = False, run_id: str | None = None,
-               overrides: dict[str, Any] | None = None) -> PhaseSession:
+               overrides: dict[str, Any] | str | None = None) -> PhaseSession:
     """The first call of every notebook: also makes tables show whole statements and every plan row.
 
-    `overrides` replaces params values for this session only, e.g. {"backfill": {"batch_size": 5000}};
-    they are validated like the files and shown in the summary.
+    `overrides` replaces params values for this session only, e.g. {"backfill": {"batch_size": 5000}} (or
+    that as a JSON string, as `papermill -p overrides '…'` passes it); they are validated like the files and
+    shown in the summary. Before anything connects, the parameters papermill injected are checked: an unknown
+    name (a typo such as `dryrun`) or a wrong type stops the notebook here.
     """
+    notebook_parameters.check_names(phase)
+    notebook_parameters.check_types(dry_run, run_id, env)
+    overrides = notebook_parameters.overrides_dict(overrides)
     pd.set_option("display.max_colwidth", 200)
     pd.set_option("display.max_rows", 500)
     pd.set_option("display.width", 200)
