@@ -2,6 +2,7 @@
 state is a finding with what to do, on the demo and on the second schema (tests/schemas/shop.sql), and each goes
 quiet once it is fixed in the database (or in params) and readiness runs again."""
 
+import html
 from pathlib import Path
 
 from psycopg import sql
@@ -27,7 +28,11 @@ def not_ready(frame) -> set[tuple[str, str]]:
 
 def test_the_demo_readiness_fires_on_each_shape_and_goes_quiet_once_fixed(migrated_db):
     db = migrated_db(*MIGRATED[:-1])  # validated, the rollout window still open
+    with db.session("inspect", dry_run=True) as rb:
+        shown = inspect.distribution_readiness(rb)._repr_html_()  # what 01_inspect shows: every text whole, left
     found = readiness(db)
+    assert all(html.escape(text) in shown for text in found["what to do"].tolist() + found["finding"].tolist())
+    assert "text-align:right" not in shown and "..." not in shown
     row = found.loc[("unique keys include tenant_id", "workflows.workflows_uuid_key")]
     assert not row["ready"] and row["what to do"].startswith("07_distribute makes it (tenant_id, uuid) once "
                                                             "distribution.application_keys_agreed")

@@ -11,6 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from .. import drizzle
+from ..db.reading import ReadingFrame
 from ..db import catalog, database, fingerprint, partitions
 from ..db import privileges as db_privileges
 from ..db.ddl import plan_frame
@@ -355,4 +356,4 @@ def distribution_readiness(rb) -> pd.DataFrame:
     statement shapes Citus refuses (distribution.composite_keys makes keys composite in constrain)."""
     from ..tenancy import readiness
     from . import distribute
-    return readiness.readiness(rb, planned=distribute.analyse(rb).steps)
+    return ReadingFrame(readiness.readiness(rb, planned=distribute.analyse(rb).steps))
