@@ -28,19 +28,35 @@ WHERE d.datname = current_database() AND (c.oid = %s::regclass OR c.oid IN (SELE
 """
 
 
-def _wal_of(db, table: str, start: str, end: str) -> int:
+def _wal_of(db, table: str, start: str, end: str) -> tuple[int, int]:
     """The bytes of the WAL records between two LSNs that touch `table` or its indexes (pg_waldump
-    --relation, once per relation): what other databases on the same server wrote meanwhile left out."""
+    --relation, once per relation): what other databases on the same server wrote meanwhile left out. Apart:
+    the hint-bit images (XLOG/FPI_FOR_HINT: data checksums are on), which the model leaves out; they come from
+    pages changed before a checkpoint that falls inside the run and touched again after it."""
     waldump = [str(db.server.tool("pg_waldump")), "-p", str(db.server.data_dir / "pg_wal"), "-s", start, "-e", end]
-    total = 0
+    total = hints = 0
     with db.connect() as conn:
         relations = [r[0] for r in conn.execute(RELATIONS_SQL, (table, table))]
     for relation in relations:
-        out = subprocess.run(waldump + [f"--relation={relation}", "--stats"], capture_output=True, text=True)
+        out = subprocess.run(waldump + [f"--relation={relation}", "--stats=record"], capture_output=True, text=True)
         found = re.search(r"^Total\s+\d+\s+\d+ \[[^]]*\]\s+\d+ \[[^]]*\]\s+(\d+)", out.stdout, re.M)
         assert found, f"pg_waldump --relation={relation}: {out.stderr[-500:] or out.stdout[-500:]}"
         total += int(found.group(1))
-    return total
+        hint = re.search(r"^XLOG/FPI_FOR_HINT\s+\d+ \([^)]*\)\s+\d+ \([^)]*\)\s+\d+ \([^)]*\)\s+(\d+)",
+                         out.stdout, re.M)
+        hints += int(hint.group(1)) if hint else 0
+    return total - hints, hints
+
+
+def _checkpoints_in(db, start: str, end: str) -> int:
+    """Checkpoints whose redo point lies between two LSNs: each makes the next change of every page log a full
+    image again. Other tests start them too (DROP DATABASE at their teardown, CHECKPOINT); PostgreSQL 17+ logs
+    a CHECKPOINT_REDO record where a checkpoint's redo point is, before it ends."""
+    waldump = [str(db.server.tool("pg_waldump")), "-p", str(db.server.data_dir / "pg_wal"), "-s", start, "-e", end,
+               "--rmgr=XLOG"]
+    out = subprocess.run(waldump, capture_output=True, text=True)
+    assert out.returncode == 0 or "end of WAL" in out.stderr or not out.stderr, out.stderr[-500:]
+    return sum(1 for line in out.stdout.splitlines() if "CHECKPOINT_REDO" in line)
 
 
 def _grow_knowledge_bases(db, rows: int) -> None:
@@ -71,22 +87,29 @@ def test_the_plans_estimate_is_within_a_factor_of_two_of_the_measured_wal(db):
         assert table.loc["total", "rows to rewrite"] == nulls
         assert kb["time (s)"] > 0 and kb["heap growth (MB)"] > 0 and kb["index growth (MB)"] > 0
         assert any("max_wal_size" in line for line in report.warnings)
+        # the same model with 1, 2, ... checkpoints inside the run: other tests' checkpoints may fall into it
+        if_checkpoints = {k: backfill.cost(rb, checkpoints_seen=k).wal_bytes for k in range(1, 6)}
         db.execute("CHECKPOINT")  # every page's next change logs a full-page image, as the model assumes
         start, start_lsn = _lsn(db), db.scalar("SELECT pg_current_wal_lsn()::text")
         backfill.apply(rb)
         measured = _lsn(db) - start
         end_lsn = db.scalar("SELECT pg_current_wal_flush_lsn()::text")
-        ours = _wal_of(db, "knowledge_bases", start_lsn, end_lsn)
+        ours, hints = _wal_of(db, "knowledge_bases", start_lsn, end_lsn)
+        seen = _checkpoints_in(db, start_lsn, end_lsn)
     finally:
         rb.close()
         keep.close()  # the temporary slot goes with its session
-    estimated = report.wal_bytes
+    assert seen == report.checkpoints or seen in if_checkpoints, f"{seen} checkpoints inside the backfill"
+    estimated = report.wal_bytes if seen == report.checkpoints else if_checkpoints[seen]
     # the whole server's WAL: other tests' databases write meanwhile, so the measure can only be too high
     assert 0.5 * measured <= estimated <= 2.0 * measured, (
         f"estimated {estimated / MB:.1f} MB, measured {measured / MB:.1f} MB")
-    # the records of the rewritten table alone: the model holds to within a quarter
+    # the records of the rewritten table alone (hint-bit images apart: a few pages without a checkpoint inside
+    # the run, 15.7 MB with two): the model holds to within a quarter
+    assert seen or hints < 0.01 * ours, f"{hints / MB:.1f} MB of hint-bit images without a checkpoint inside the run"
     assert 0.8 * ours <= estimated <= 1.25 * ours, (
-        f"estimated {estimated / MB:.1f} MB, knowledge_bases' WAL {ours / MB:.1f} MB (all: {measured / MB:.1f} MB)")
+        f"estimated {estimated / MB:.1f} MB with {seen} checkpoints inside, knowledge_bases' WAL {ours / MB:.1f} MB "
+        f"and {hints / MB:.1f} MB of hint-bit images (all: {measured / MB:.1f} MB)")
     # the next plan on this database times its batches at the rate the ledger measured for these
     rb = db.session("backfill", dry_run=True)
     try:

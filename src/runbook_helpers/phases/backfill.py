@@ -355,11 +355,12 @@ def _relations(conn, tp: TablePlan) -> list[tuple[TableState, int]]:
     return list(zip(leaves, shares))
 
 
-def cost(rb, table_plans: list[TablePlan] | None = None) -> CostReport:
+def cost(rb, table_plans: list[TablePlan] | None = None, checkpoints_seen: int | None = None) -> CostReport:
     """What the batches will cost, per table and in all, before anything runs: rows to rewrite (exact), WAL
     (with full-page images), time at the measured rate, heap and index growth; and how many checkpoints the
     WAL forces against max_wal_size (a warning, never a refusal). Reads only the catalog and pg_stats, and
-    the counts of the plan this session made in the last minute (the plan just shown), else a fresh plan's."""
+    the counts of the plan this session made in the last minute (the plan just shown), else a fresh plan's.
+    `checkpoints_seen`: the cost as if that many checkpoints fall inside the run (default: those its WAL forces)."""
     if table_plans is None:
         made, recent = getattr(rb, "_backfill_plans", (None, None))
         fresh = made is not None and time.monotonic() - made < PLAN_REUSE_S
@@ -375,7 +376,8 @@ def cost(rb, table_plans: list[TablePlan] | None = None) -> CostReport:
             key = key_columns(tp.state, rb.params.core_tables[tp.state.name].key)
             rels = _relations(conn, tp) if tp.rows_to_rewrite else []
             work.append((tp, [(cost_model.shape(conn, rel, key, srv.block_size), n) for rel, n in rels if n]))
-    costs, forced = cost_model.estimate_run([item for _, items in work for item in items], srv, rate)
+    costs, forced = cost_model.estimate_run([item for _, items in work for item in items], srv, rate,
+                                          checkpoints_seen)
     rows, at = [], 0
     total = cost_model.NOTHING
     for tp, items in work:
