@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## fresh demo database + the whole runbook on it, archived under runs/local/
 	$(BIN)/runbook demo --env local
 
-test: $(STAMP)  ## pytest against real PostgreSQL (two workers), then nbval
-	$(BIN)/pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
+test: $(STAMP)  ## pytest against real PostgreSQL (three workers), then nbval
+	$(BIN)/pytest -q -n 3 --dist loadfile --no-loadscope-reorder tests
 	RUNBOOK_ENV=ci $(BIN)/pytest -q $(NBVAL) notebooks
 
 # Jupyter refuses to start as root ("Running as root is not recommended. Use --allow-root to bypass."): CI and

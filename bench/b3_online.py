@@ -48,14 +48,18 @@ class Writer:
     def __init__(self, database: str, rate: int):
         url = common.url(database).replace("postgresql://postgres@", "postgresql://legacy_app@")
         self.workloads = [LegacyWorkload(url, seed=i, rate=rate / CONNECTIONS) for i in range(CONNECTIONS)]
+        self.waits = common.WaitSampler(database, "legacy_app")
+        self.pace: list[tuple[float, float]] = []  # the canary's p99 per batch (a budget side's backfill)
 
     def start(self) -> None:
+        self.waits.start()
         for w in self.workloads:
             w.start()
 
     def stop(self) -> None:
         for w in self.workloads:
             w.stop()
+        self.waits.stop()
 
     @property
     def aborted(self) -> list[str]:
@@ -64,6 +68,16 @@ class Writer:
     def transactions(self) -> list[tuple[float, float, bool]]:
         """(start epoch seconds, latency ms, failed) for every transaction."""
         return [(s.started, s.ms, s.error is not None) for w in self.workloads for s in w.samples]
+
+    def slowest_kinds(self, start: float, end: float, top: int = 4) -> str:
+        """The statement kinds with the highest p99 in [start, end]: which of the application's statements wait."""
+        by_kind: dict[str, list[float]] = {}
+        for w in self.workloads:
+            for s in w.samples:
+                if start <= s.started <= end and s.error is None:
+                    by_kind.setdefault(s.kind, []).append(s.ms)
+        ranked = sorted(by_kind.items(), key=lambda kv: -common.percentile(kv[1], 99))[:top]
+        return ", ".join(f"{k} p99 {common.percentile(v, 99):,.0f} ms (n={len(v)})" for k, v in ranked)
 
 
 def phase_stats(transactions, start: float, end: float) -> dict:
@@ -97,8 +111,42 @@ def runbook_side(db: str, rate: int, variant: dict) -> tuple[list, Writer]:
         out = common.run(name, db, overrides)
         rows = int(out["report"].summary["rows updated"].sum()) if name == "backfill" else None
         phases.append((name, t0, time.time(), rows))
+        if name == "backfill":
+            writer.pace = canary_series(db)
     writer.stop()
     return phases, writer
+
+
+PACE_SQL = """
+SELECT extract(epoch FROM recorded_at) - (max(elapsed_s) OVER () - elapsed_s), canary_p99_ms
+FROM {schema}.backfill_pace WHERE canary_p99_ms IS NOT NULL ORDER BY elapsed_s
+"""
+
+
+def canary_series(db: str) -> list[tuple[float, float]]:
+    """(epoch seconds, canary p99 ms) per batch of the backfill just run: the controller's signal, from the
+    ledger (recorded as the batches end, so each batch's time is the recording's less the time still to go)."""
+    schema = common.base_params().ledger_schema
+    with psycopg.connect(common.url(db), autocommit=True) as conn:
+        return [(float(t), float(p)) for t, p in conn.execute(PACE_SQL.format(schema=schema))]
+
+
+def signal_against_application(writer: "Writer", window_s: float = 2.0) -> str:
+    """Whether the canary felt what the application felt: per batch, the canary's p99 (its last 2 s) against
+    the application's p99 over the same 2 s."""
+    pairs = []
+    transactions = writer.transactions()
+    for t, canary in writer.pace:
+        app = [ms for start, ms, failed in transactions if t - window_s <= start <= t and not failed]
+        if app:
+            pairs.append((canary, common.percentile(app, 99)))
+    if not pairs:
+        return "no canary samples"
+    blind = sum(1 for c, a in pairs if c <= JUDGED_BUDGET < a)
+    return (f"over {len(pairs)} batches, the canary's p99 median {statistics.median(c for c, _ in pairs):,.0f} ms "
+            f"(max {max(c for c, _ in pairs):,.0f}), the application's p99 over the same 2 s median "
+            f"{statistics.median(a for _, a in pairs):,.0f} ms (max {max(a for _, a in pairs):,.0f}); the canary "
+            f"within {JUDGED_BUDGET} ms while the application was over it in {blind} ({100 * blind / len(pairs):.0f}%)")
 
 
 def naive_side(db: str, rate: int) -> tuple[list, Writer]:
@@ -177,10 +225,11 @@ def main() -> dict:
     sized = "" if rows == 5_000_000 else f"BENCH_B2_ROWS={rows} "
     sized += "".join(f"{k}={os.environ[k]} " for k in ("BENCH_B3_BUDGETS", "BENCH_B3_ROUNDS", "BENCH_B3_ONLY")
                      if os.environ.get(k))
-    report = common.Report("B3 online", f"{sized}python -m bench b3")
+    report = common.Report("B3 online", f"{sized}python -m bench b3", size=f"{rows:,} rows")
     chosen = sides()
     measured: dict[tuple[str, str], list[dict]] = {}
     aborted: dict[str, list[str]] = {}
+    evidence: list[str] = []
     for round_ in range(1, rounds + 1):
         order = chosen if round_ % 2 else chosen[::-1]  # alternate, so drift over the run hits every side alike
         for approach, key, side in order:
@@ -191,6 +240,13 @@ def main() -> dict:
             finally:
                 common.drop(db)
             for name, start, end, rows_done in phases:
+                if name in ("backfill", "single UPDATE", "quiet") and round_ == 1:
+                    evidence.append(f"{approach}, {name} (round 1): the application's active sessions waited on "
+                                    f"{writer.waits.shares(start, end)}; slowest statements: "
+                                    f"{writer.slowest_kinds(start, end)}")
+                if name == "backfill" and writer.pace:
+                    evidence.append(f"{approach}, backfill (round {round_}): the budget's signal: "
+                                    f"{signal_against_application(writer)}")
                 stats = phase_stats(transactions, start, end)
                 stats.update(round=round_, seconds=end - start,
                              rows_per_s=rows_done / max(end - start, 1e-9) if rows_done else None)
@@ -223,9 +279,10 @@ def main() -> dict:
             label = "naive (one UPDATE)" if approach == "naive" else approach
             points += [(label, s["p99_ms"], s["rows_per_s"]) for s in seen if s["rows_per_s"]]
     if points:
-        chart = common.RESULTS.parent.parent / "docs" / "b3_tradeoff.png"
+        chart = common.RESULTS.parent.parent / "docs" / f"b3_tradeoff_{rows}.png"
         tradeoff_chart(points, chart)
-        report.notes.append("the trade-off, one point per variant and round: ![B3 trade-off](b3_tradeoff.png)")
+        report.notes.append(f"the trade-off, one point per variant and round: ![B3 trade-off]({chart.name})")
+    report.notes += evidence
     for approach, errors in aborted.items():
         if errors:
             report.notes.append(f"{approach}: the workload saw {len(errors)} errors, e.g. {errors[0][:160]}")

@@ -13,6 +13,7 @@ import platform
 import statistics
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -148,21 +149,60 @@ class Probe(threading.Thread):
         return 1000 * max(window) if window else 0.0
 
 
+class WaitSampler(threading.Thread):
+    """What a role's active sessions are doing, every few ms from pg_stat_activity: the wait event (or "CPU"
+    when active and waiting on nothing), for the evidence of what a latency tail waits on."""
+
+    SQL = ("SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU') FROM pg_stat_activity "
+           "WHERE usename = %s AND state = 'active' AND pid <> pg_backend_pid()")
+
+    def __init__(self, database: str, role: str, every_s: float = 0.01):
+        super().__init__(daemon=True)
+        self.database, self.role, self.every_s = database, role, every_s
+        self.samples: list[tuple[float, str]] = []  # (time.time(), event) per active session per poll
+        self.polls: list[float] = []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        with psycopg.connect(url(self.database), autocommit=True) as conn:
+            while not self._stop_event.is_set():
+                now = time.time()
+                self.polls.append(now)
+                self.samples += [(now, r[0]) for r in conn.execute(self.SQL, (self.role,))]
+                time.sleep(self.every_s)
+
+    def stop(self) -> "WaitSampler":
+        self._stop_event.set()
+        self.join(30)
+        return self
+
+    def shares(self, start: float, end: float, top: int = 5) -> str:
+        """The events seen in [start, end], as the average number of the role's sessions in each (and its share
+        of all active-session samples): the top ones, most first."""
+        polls = sum(1 for t in self.polls if start <= t <= end)
+        seen = Counter(e for t, e in self.samples if start <= t <= end)
+        total = sum(seen.values())
+        if not polls or not total:
+            return "no active session seen"
+        return ", ".join(f"{e} {n / polls:.2f} ({100 * n / total:.0f}%)" for e, n in seen.most_common(top))
+
+
 @dataclass
 class Report:
     name: str
     command: str
     rows: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    size: str | None = None  # one of several sizes the benchmark is reported at ("1,000,000 rows"): its own file
 
     def add(self, **row: Any) -> None:
         self.rows.append(row)
 
     def save_and_print(self) -> dict[str, Any]:
         data = {"benchmark": self.name, "command": self.command, "machine": machine(), "rows": self.rows,
-                "notes": self.notes}
+                "notes": self.notes, "size": self.size}
         RESULTS.mkdir(exist_ok=True)
-        slug = self.name.split()[0].lower()
+        slug = self.name.split()[0].lower() + ("_" + "".join(c for c in self.size if c.isdigit()) if self.size else "")
         (RESULTS / f"{slug}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
         print(f"\n{self.name}   ({self.command})")
         if self.rows:

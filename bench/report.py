@@ -54,16 +54,30 @@ def existing_sections(page: Path) -> dict[str, str]:
     return sections
 
 
+def _result(data: dict) -> list[str]:
+    """One result's table, notes and command."""
+    lines = []
+    if "rows" in data:
+        lines += [table(data["rows"]), ""]
+    else:  # e2e writes a flat record
+        flat = {k: v for k, v in data.items() if k not in ("machine", "per_phase_s", "benchmark", "command")}
+        flat.update({f"{k}_s": v for k, v in data.get("per_phase_s", {}).items()})
+        lines += [table([flat]), ""]
+    for note in data.get("notes", []):
+        lines.append(f"- {note}")
+    return lines + ["", f"Command: `{data.get('command')}`", ""]
+
+
 def main(intro: str | None = None) -> Path:
     if intro is None:
         summary = ROOT / "bench" / "summary.md"
         intro = summary.read_text().strip() if summary.is_file() else ""
     out = ROOT / "docs" / "BENCHMARKS.md"
     previous = existing_sections(out)
-    results = {}
+    results: dict[str, list[dict]] = {}
     for path in sorted((ROOT / "bench" / "results").glob("*.json")):
         data = json.loads(path.read_text())
-        results[data.get("benchmark", path.stem).split()[0].lower()] = data
+        results.setdefault(data.get("benchmark", path.stem).split()[0].lower(), []).append(data)
     lines = ["# Benchmarks", "",
              "Measured side by side in one run on the same embedded server: the runbook and the naive approach "
              "on identical copies of the same table (`CREATE DATABASE … TEMPLATE`). Ratios, not absolute times, "
@@ -72,7 +86,7 @@ def main(intro: str | None = None) -> Path:
              "page from `bench/results/`.", ""]
     if intro:
         lines += [intro, ""]
-    machine = next((d["machine"] for d in results.values() if "machine" in d), None)
+    machine = next((d["machine"] for ds in results.values() for d in ds if "machine" in d), None)
     if machine:
         lines += ["## Machine", "", f"- {machine['cpus']} CPUs, {machine.get('memory_mb') or '?'} MB RAM, "
                   f"{machine['platform']}, Python {machine['python']}",
@@ -82,21 +96,18 @@ def main(intro: str | None = None) -> Path:
         doc = (module.__doc__ or "").strip().splitlines()
         title, body = doc[0], "\n".join(doc[1:]).strip()
         lines += [f"## {title}", "", body, ""]
-        data = results.get(key) or results.get({"e2e": "b5"}.get(key, key))
-        if data is None:
+        measured_here = results.get(key) or results.get({"e2e": "b5"}.get(key, key))
+        if measured_here is None:
             kept = previous.get(title, "").splitlines()
-            measured = next((i for i, line in enumerate(kept) if line.startswith("|")), None)
+            measured = next((i for i, line in enumerate(kept) if line.startswith(("|", "### "))), None)
             lines += ["\n".join(kept[measured:]).strip() if measured is not None else "_Not measured yet._", ""]
             continue
-        if "rows" in data:
-            lines += [table(data["rows"]), ""]
-        else:  # e2e writes a flat record
-            flat = {k: v for k, v in data.items() if k not in ("machine", "per_phase_s", "benchmark", "command")}
-            flat.update({f"{k}_s": v for k, v in data.get("per_phase_s", {}).items()})
-            lines += [table([flat]), ""]
-        for note in data.get("notes", []):
-            lines.append(f"- {note}")
-        lines += ["", f"Command: `{data.get('command')}`", ""]
+        sized = len(measured_here) > 1  # reported at several sizes: one subsection each, the smallest first
+        for data in sorted(measured_here, key=lambda d: int("".join(c for c in d.get("size") or "0" if c.isdigit()))):
+            if sized:
+                lines += [f"### {data.get('size')}", ""]
+            lines += _result(data)
+
     out.parent.mkdir(exist_ok=True)
     out.write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {out}")

@@ -22,6 +22,7 @@ ADDED = [("legacy", "source"), ("validate", "smoke_queries", "*", "writes"), ("r
          ("locks", "report_transactions_older_than_ms"), ("backfill", "throttle", "budget_p99_ms"),
          ("backfill", "throttle", "max_replica_lag_s"),
          ("backfill", "vacuum_after"),  # issue 15: a VACUUM (ANALYZE) after the batches (new behaviour, on)
+         ("backfill", "vacuum_every_share"),  # issue 15: a VACUUM beside the batches (new behaviour, on)
          # issue 18: 07_distribute's params (a phase of its own, run only on a Citus coordinator)
          ("distribution", "application_keys_agreed"), ("distribution", "reference_tables"),
          ("distribution", "triggers")]

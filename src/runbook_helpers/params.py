@@ -88,6 +88,7 @@ class BackfillParams(_Strict):
     progress_every_s: float = Field(default=5.0, gt=0)
     max_passes: int = Field(default=3, gt=0)
     vacuum_after: bool = True                                # VACUUM (ANALYZE) each table the batches rewrote
+    vacuum_every_share: float | None = Field(default=0.05, gt=0, le=1)  # VACUUM beside the batches per this share
     throttle: ThrottleParams = ThrottleParams()
 
 

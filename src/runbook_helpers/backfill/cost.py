@@ -35,7 +35,8 @@ The model, per table whose rows the batches rewrite (a fast default rewrites not
   entry per non-HOT update. VACUUM afterwards makes the dead versions' space reusable, but does not give it
   back to the file system (the table stays the larger size; later writes fill it).
 
-Not modelled: wal_level = logical (old key logged), wal_compression, hint-bit images of pages a read
+Not modelled: the VACUUMs beside the batches (backfill.vacuum_every_share) and after them, wal_level = logical
+(old key logged), wal_compression, hint-bit images of pages a read
 touches first after a checkpoint (data checksums or wal_log_hints), btree bottom-up deletion. The hint-bit
 images vary with where the checkpoints fall: on the 150k-row backfill below, with 2, 3 and 4 checkpoints
 forced inside it, 15.7, 2.5 and 40.6 MB (XLOG/FPI_FOR_HINT); without one, a few pages.

@@ -31,6 +31,7 @@ from ..errors import LockNotAcquired, RunbookError
 from .assignment import Assignment, system_assignment
 from .keyspace import Key, space_for
 from .throttle import Throttle
+from .vacuuming import VacuumAlongside
 
 
 @dataclass
@@ -61,6 +62,7 @@ class BatchedBackfill:
         else:
             self.space = space_for(None, st, keys)
         self.progress = None  # the session's Progress for this table, from run()
+        self.vacuuming = None  # the VACUUM beside the batches, from run()
         self._progress_lock = threading.Lock()
         self._stop = threading.Event()
         self._workers: list[psycopg.Connection] = []
@@ -105,8 +107,11 @@ class BatchedBackfill:
         passes = 0
         bp = self.params
         with Throttle(rb.engine, self.st.oid, bp.throttle, rb.log, ledger_schema=rb.params.ledger_schema,
-                      batch=(bp.batch_size, bp.min_batch_size, bp.max_batch_size)) as throttle:
-            self.progress.status = throttle.status
+                      batch=(bp.batch_size, bp.min_batch_size, bp.max_batch_size)) as throttle, \
+                VacuumAlongside(rb.engine, self.st.schema, self.st.name, bp.vacuum_every_share,
+                                max(float(self.st.estimated_rows), float(remaining)), rb.log) as vacuuming:
+            self.vacuuming = vacuuming
+            self.progress.status = lambda: "; ".join(s for s in (throttle.status(), vacuuming.status()) if s)
             while remaining:
                 self._run_parts([p for p in parts if p["finished_at"] is None], throttle)
                 passes += 1
@@ -126,6 +131,8 @@ class BatchedBackfill:
                 self.progress.total += remaining
             paused, worst_lag = throttle.paused_s, throttle.max_replica_lag_s
         self.progress.close()
+        if vacuuming.runs:
+            rb.log(f"{self.label}: {vacuuming.status()}")
         rb.ledger.record_pace(rb.control, rb.run_id, [
             {"table_name": self.st.name, "batch": i + 1, **row} for i, row in enumerate(self.progress.history)])
         after = rb.ledger.checkpoint(rb.control, self.st.name)
@@ -250,4 +257,6 @@ class BatchedBackfill:
         seconds = time.monotonic() - started
         with self._progress_lock:
             self.progress.advance(rows, batch_rows=rows, batch_s=seconds, **(extra or {}))
+        if self.vacuuming is not None:
+            self.vacuuming.rewritten(rows)
         return seconds
