@@ -12,7 +12,14 @@ the process passes <point> with a detail matching the glob. Actions:
 Unset, a failpoint costs one dictionary lookup. Points: backfill.before_batch, backfill.mid_batch (inside
 the batch's transaction, after its UPDATE), backfill.after_batch, backfill.after_table,
 ddl.before_step and ddl.after_step (detail: the step's action), inspect.after_tenant_values (detail: the
-table whose tenant_id values of before were just recorded).
+table whose tenant_id values of before were just recorded), and step.done: after every step a phase commits,
+whatever its kind (a statement of the Executor, one batch of the backfill; detail: "phase: table: action" for a
+statement, "backfill: table: batch" for a batch), so "step.done#7@kill" kills a run right after its 7th step.
+
+Between steps (watch_steps): a function called at every step.done, in the process that runs the phase, before
+the next step begins. The step harness (tests/step_harness.py) checks the application's contract there, and
+raises there to stop a phase right after a given step; anything that must hold between any two steps of any
+phase can be asserted through it, and a new step is covered the day it is added.
 """
 
 from __future__ import annotations
@@ -22,9 +29,34 @@ import os
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 _hits: dict[str, int] = {}
+_watchers: list[Callable[[str], None]] = []
+_watch_lock = threading.Lock()
+
+
+@contextmanager
+def watch_steps(watcher: Callable[[str], None]) -> Iterator[None]:
+    """Call `watcher(detail)` after every step any phase commits in this process, while the block runs. Calls are
+    serialized (a backfill's parallel workers finish batches at the same time); what the watcher raises stops
+    the phase there, as a kill right after that step would (its finally blocks still run)."""
+    _watchers.append(watcher)
+    try:
+        yield
+    finally:
+        _watchers.remove(watcher)
+
+
+def step_done(detail: str) -> None:
+    """One step of a phase has committed (see the module's docstring): the watchers, then the failpoint."""
+    if _watchers:
+        with _watch_lock:
+            for watcher in list(_watchers):
+                watcher(detail)
+    point("step.done", detail)
 
 
 def point(name: str, detail: str = "", conn=None) -> None:

@@ -255,6 +255,7 @@ class BatchedBackfill:
                 rb.log(f"  {self.st.name}: a batch waited on row locks (try {attempt}/{retry.attempts}); retrying")
                 time.sleep(min(retry.backoff_ms * 2 ** (attempt - 1), retry.backoff_max_ms) / 1000.0)
         seconds = time.monotonic() - started
+        faults.step_done(f"backfill: {self.st.name}: batch")
         with self._progress_lock:
             self.progress.advance(rows, batch_rows=rows, batch_s=seconds, **(extra or {}))
         if self.vacuuming is not None:

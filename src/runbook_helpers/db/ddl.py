@@ -375,6 +375,7 @@ class Executor:
                                    f"fix the cause and re-run this notebook (it resumes)") from None
             end("applied", attempt, None)
             faults.point("ddl.after_step", step.action)
+            faults.step_done(f"{step.phase}: {step.label}")
             return StepResult(step, "applied", attempt, time.monotonic() - started)
         leftover = (" The interrupted build left an INVALID index that the lock timeout also kept from being "
                     "dropped; the re-run drops and rebuilds it." if pending_cleanup else " Nothing of this step was applied.")
