@@ -558,7 +558,10 @@ def undo_steps(rb, conn, before) -> list[Step]:
     out: list[Step] = []
     states = table_states.core_states(rb, conn)
     for name, st in states.items():  # the triggers first: nothing may assign or record while the rest is undone
-        out += rollout.undo_steps(rollout_table(rb, conn, st, None), rollout.installed(conn, rb.schema, name))
+        present = rollout.installed(conn, rb.schema, name)
+        if closed_by_finalize(conn, rb, name, st):  # finalize's undo puts them back first
+            present = set(rollout.TRIGGERS)
+        out += rollout.undo_steps(rollout_table(rb, conn, st, None), present)
     for name, st in states.items():
         was = before.tables[name]
         if not was["had_tenant_column"]:
@@ -590,6 +593,12 @@ def undo_steps(rb, conn, before) -> list[Step]:
                             ROW_EXCLUSIVE_BATCH, "one UPDATE of the rows the backfill filled (no table lock)",
                             long_scan=True))
     return out
+
+
+def closed_by_finalize(conn, rb, name: str, st: TableState) -> bool:
+    """06_finalize removed the table's rollout triggers (the window is closed): rollback puts them back first."""
+    return (st.has_column and not rollout.installed(conn, rb.schema, name)
+            and reconcile.closed(conn, rb.params.ledger_schema, name) is not None)
 
 
 def forget(rb) -> None:

@@ -427,7 +427,7 @@ def _tenant_indexes(conn, oid: int | None) -> list[str]:
 
 def _undo_table(conn, schema: str, st: TableState, was: dict) -> list[Step]:
     """One table's tenant_id index, foreign key to tenants, NOT NULL check and NOT NULL, where they were not
-    there before (a column backfill added is dropped by backfill's undo, which takes these with it)."""
+    there before (the column itself, where backfill added it, goes with backfill's undo)."""
     out: list[Step] = []
     for index in _tenant_indexes(conn, st.oid):
         if index not in was["indexes"]:
@@ -446,7 +446,10 @@ def _undo_table(conn, schema: str, st: TableState, was: dict) -> list[Step]:
     if st.check_name:
         out.append(Step(UNDO_PHASE, st.name, "drop the NOT NULL check", sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
             st.qualified, sql.Identifier(st.check_name)), ACCESS_EXCLUSIVE_META, "catalog change only"))
-    if was["had_tenant_column"] and st.not_null and not was["tenant_column_not_null"]:
+    # NOT NULL goes here, before backfill's undo removes the rollout triggers, also where the column itself goes
+    # later with backfill's undo: between those two steps the application's inserts, no longer given a tenant by
+    # the trigger, would otherwise fail on NOT NULL (23502)
+    if st.not_null and not (was["had_tenant_column"] and was["tenant_column_not_null"]):
         out.append(Step(UNDO_PHASE, st.name, "drop NOT NULL on tenant_id",
                         sql.SQL("ALTER TABLE {} ALTER COLUMN {} DROP NOT NULL").format(st.qualified, COL),
                         ACCESS_EXCLUSIVE_META, "catalog change only"))
@@ -459,9 +462,9 @@ def undo_steps(rb, conn, before) -> list[Step]:
     foreign key and NOT NULL."""
     p = rb.params
     states = table_states.core_states(rb, conn)
-    out = rls.undo_steps(conn, rb.schema, states, before.views(), granted_roles(rb, before.tables),
-                         p.tables + p.shared_tables)
-    out += rls.view_grant_undo_steps(conn, _applied_actions(rb))
+    out = rls.view_grant_undo_steps(conn, _applied_actions(rb))  # the grants first: the role is refused, never
+    out += rls.undo_steps(conn, rb.schema, states, before.views(), granted_roles(rb, before.tables),  # shown all
+                          p.tables + p.shared_tables)
     out += distribution.undo_steps(conn, rb.schema, states, before.tables)
     for name, st in states.items():
         out += _undo_table(conn, rb.schema, st, before.tables[name])

@@ -17,8 +17,8 @@ from datetime import datetime
 import pandas as pd
 from psycopg import sql
 
-from ..db import catalog, reconcile
-from ..db.ddl import Step, plan_frame, results_frame
+from ..db import catalog, partitions, reconcile
+from ..db.ddl import UNDO_PHASE, Step, plan_frame, results_frame
 from ..db.sqltext import render
 from ..errors import RunbookError
 from ..tenancy import rollout
@@ -158,5 +158,15 @@ def assert_finalized(rb) -> str:
 
 
 def undo_steps(rb, conn, before) -> list[Step]:
-    """Nothing: rollback goes back past backfill, whose undo removes the triggers if they are still there."""
-    return []
+    """The rollout triggers back where finalize removed them, first of all rollback's steps: rollback hands the
+    database back to the legacy application, whose inserts name no tenant_id and, without the trigger, fail on
+    NOT NULL until constrain's undo drops it; the tenant-aware release keeps working beside them (the trigger
+    keeps a tenant_id it is given). Backfill's undo removes them again, with the column."""
+    out: list[Step] = []
+    system_id = table_states.system_tenant_id(rb)
+    for name, st in table_states.core_states(rb, conn).items():
+        if backfill.closed_by_finalize(conn, rb, name, st):
+            every = tuple(p.name for p in partitions.tree(conn, st)) if st.partitioned else ()
+            out.append(rollout.install_step(UNDO_PHASE, backfill.rollout_table(rb, conn, st, system_id), False, every))
+    return out
+

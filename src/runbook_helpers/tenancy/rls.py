@@ -153,16 +153,18 @@ SELECT has_schema_privilege(:role, :schema, 'USAGE') AS schema_usage,
 
 
 def role_steps(conn: Connection, schema: str, role: str, tables: list[str], shared: list[str],
-               legacy_role: str | None) -> list[Step]:
+               legacy_role: str | None) -> tuple[list[Step], list[Step]]:
     """Create the application role (and the legacy one) if missing, and grant what they lack: read and
-    write on tenant tables, read on shared ones, the schema and its sequences. Nothing when all is there."""
+    write on tenant tables, read on shared ones, the schema and its sequences. Nothing when all is there.
+    Returns (creations, grants): the grants go last, once every table's policies are in force (steps)."""
     steps: list[Step] = []
+    creations: list[Step] = []
     for name in (role, legacy_role):
         if not name:
             continue
         exists = conn.execute(ROLE_SQL, {"name": name}).first() is not None
         if not exists:
-            steps.append(Step(PHASE, None, f"create role {name}",
+            creations.append(Step(PHASE, None, f"create role {name}",
                               sql.SQL("CREATE ROLE {} NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE").format(
                                   sql.Identifier(name)), NEW_OBJECT,
                               "a new role without login: the application team gives it a login and password"))
@@ -189,7 +191,7 @@ def role_steps(conn: Connection, schema: str, role: str, tables: list[str], shar
             steps.append(Step(PHASE, None, f"grant {name} usage on the schema's sequences",
                               sql.SQL("GRANT USAGE ON ALL SEQUENCES IN SCHEMA {} TO {}").format(sql.Identifier(schema), who),
                               PRIVILEGES_ONLY, "inserts draw serial ids"))
-    return steps
+    return creations, steps
 
 
 VIEWS_SQL = text("""
@@ -269,7 +271,9 @@ def view_grant_undo_steps(conn: Connection, journal_actions: list[str]) -> list[
 def steps(rb, conn: Connection) -> list[Step]:
     """Everything row level security needs that the catalog does not show yet."""
     p = rb.params
-    out = role_steps(conn, rb.schema, p.rls.app_role, p.tables, p.shared_tables, p.rls.legacy_role)
+    # the roles first, their grants last: a role granted a table before its policies are in force reads every
+    # tenant's rows until they are (the step harness checks the application role between any two steps)
+    out, grants = role_steps(conn, rb.schema, p.rls.app_role, p.tables, p.shared_tables, p.rls.legacy_role)
     views = views_to_invoke(conn, rb.schema, p.tables)
     tenants_oid = catalog.relation_oid(conn, rb.schema, "tenants")
     system = catalog.system_tenant_id(conn, rb.schema, p.system_tenant.uuid)
@@ -279,6 +283,7 @@ def steps(rb, conn: Connection) -> list[Step]:
         out += table_steps(st, p.rls.setting, policies(conn, st.oid) if st.oid else [], views.get(name, []), legacy)
         for part in partitions.tree(conn, st, tenants_oid):  # see partition_states
             out += table_steps(part.state, p.rls.setting, policies(conn, part.state.oid), [], legacy)
+    out += grants
     if conn.execute(text("SELECT current_setting('server_version_num')::int")).scalar() >= 150000:
         out += view_grant_steps(conn, rb.schema, p.rls.app_role, p.tables,
                                 [v for names in views.values() for v in names])
@@ -347,23 +352,28 @@ def revoke_as_grantors(conn: Connection, schema: str | None, held, role: str) ->
 
 def undo_steps(conn: Connection, schema: str, states: dict, views_before: dict[str, list[str]],
                granted_roles: list[str], tables: list[str]) -> list[Step]:
-    """Back to before: the runbook's policies dropped, FORCE and RLS off, views back to their recorded options,
-    and what the runbook granted to roles that held nothing before revoked (the roles themselves stay:
-    roles belong to the whole server). `tables`: the spec's core and shared tables."""
-    out: list[Step] = []
+    """Back to before: what the runbook granted to roles that held nothing before revoked (the roles themselves
+    stay: roles belong to the whole server), then per table RLS off, FORCE off and the runbook's policies dropped,
+    then views back to their recorded options. `tables`: the spec's core and shared tables.
+
+    The order is the application's: the application role loses the tables before their policies go (refused,
+    never shown another tenant's rows), and a table's RLS is off before its policies go: forced RLS without the
+    legacy role's policy shows the legacy application no row and refuses its inserts (42501)."""
+    out = revoke_steps(conn, schema, granted_roles, tables)
     for name, st in partition_states(conn, states).items():
-        for pol in policies(conn, st.oid) if st.oid else []:
-            if is_runbook_policy(pol["polname"]):
-                out.append(Step(UNDO_PHASE, name, f"drop policy {pol['polname']}", sql.SQL("DROP POLICY {} ON {}").format(
-                    sql.Identifier(pol["polname"]), st.qualified), ACCESS_EXCLUSIVE_META, "catalog change only"))
+        if st.rls_enabled:
+            out.append(Step(UNDO_PHASE, name, "disable row level security",
+                            sql.SQL("ALTER TABLE {} DISABLE ROW LEVEL SECURITY").format(st.qualified),
+                            ACCESS_EXCLUSIVE_META, "catalog change only; its policies no longer apply"))
         if st.rls_forced:
             out.append(Step(UNDO_PHASE, name, "stop forcing row level security",
                             sql.SQL("ALTER TABLE {} NO FORCE ROW LEVEL SECURITY").format(st.qualified),
                             ACCESS_EXCLUSIVE_META, "catalog change only"))
-        if st.rls_enabled:
-            out.append(Step(UNDO_PHASE, name, "disable row level security",
-                            sql.SQL("ALTER TABLE {} DISABLE ROW LEVEL SECURITY").format(st.qualified),
-                            ACCESS_EXCLUSIVE_META, "catalog change only"))
+        for pol in policies(conn, st.oid) if st.oid else []:
+            if is_runbook_policy(pol["polname"]):
+                out.append(Step(UNDO_PHASE, name, f"drop policy {pol['polname']}", sql.SQL("DROP POLICY {} ON {}").format(
+                    sql.Identifier(pol["polname"]), st.qualified), ACCESS_EXCLUSIVE_META,
+                    "catalog change only; row level security is off on the table already"))
     for view, options_before in views_before.items():
         options = conn.execute(text("SELECT reloptions FROM pg_class WHERE oid = to_regclass(:v)"), {"v": view}).scalar()
         had = [o for o in options_before if o.startswith("security_invoker")]
@@ -372,6 +382,12 @@ def undo_steps(conn: Connection, schema: str, states: dict, views_before: dict[s
             out.append(Step(UNDO_PHASE, None, f"reset security_invoker on view {view}",
                             sql.SQL("ALTER VIEW {} RESET (security_invoker)").format(sql.SQL(view)),
                             view_lock(view), "catalog change only"))
+    return out
+
+
+def revoke_steps(conn: Connection, schema: str, granted_roles: list[str], tables: list[str]) -> list[Step]:
+    """REVOKE what the runbook granted to roles that held nothing before."""
+    out: list[Step] = []
     for role in granted_roles:
         targets = [t for t in tables if catalog.relation_oid(conn, schema, t) is not None]
         if conn.execute(text("SELECT 1 FROM pg_roles WHERE rolname = :r"), {"r": role}).first() is None:
