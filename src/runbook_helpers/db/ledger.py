@@ -1,6 +1,6 @@
 """The runbook's own schema inside the target database: runs, phase runs, baseline (per table, and per row of a
 table with a primary key: baseline_rows, so validate can list by key what changed before the record of the
-application's writes opened), checkpoints, journal,
+application's writes opened), the baselines a completed 99_rollback retired (past_baselines), checkpoints, journal,
 and the rollout window's record of the application's writes (capture_start, app_writes, rollout_assists,
 capture_end; written by the rollout triggers, see tenancy/rollout.py); the backfill throttle's canary row
 (its commit latency is the budget's signal) and the pace it chose per batch (backfill_pace, archived); the
@@ -64,6 +64,18 @@ CREATE TABLE IF NOT EXISTS {schema}.baseline_rows (
   key jsonb NOT NULL,
   row_hash bigint NOT NULL,
   PRIMARY KEY (table_name, key)
+);
+CREATE TABLE IF NOT EXISTS {schema}.past_baselines (
+  phase_run bigint NOT NULL,
+  rollback_run_id text,
+  archived_at timestamptz NOT NULL DEFAULT now(),
+  table_name text NOT NULL,
+  row_count bigint NOT NULL,
+  fingerprint text NOT NULL,
+  columns text[] NOT NULL,
+  captured_at timestamptz NOT NULL,
+  run_id text,
+  PRIMARY KEY (phase_run, table_name)
 );
 CREATE TABLE IF NOT EXISTS {schema}.backfill_checkpoints (
   table_name text NOT NULL,
@@ -291,6 +303,26 @@ class Ledger:
         if relation_oid(conn, self.schema, "baseline_rows") is not None:
             conn.exec_driver_sql(self._q(conn, "DELETE FROM {t}", t="baseline_rows"))
         return conn.exec_driver_sql(self._q(conn, "DELETE FROM {t}", t="baseline")).rowcount
+
+    def archive_baseline(self, conn: Connection, phase_run: int, run_id: str | None) -> int:
+        """Move the baseline into past_baselines under the rollback that retired it (its phase run and run id), and
+        drop its per-row part; the next 01_inspect captures a fresh one. Returns the tables moved. Call it inside
+        one transaction: both or neither (the ledger ensured first: one of an older version lacks past_baselines)."""
+        moved = conn.exec_driver_sql(self._q(
+            conn, "INSERT INTO {past} (phase_run, rollback_run_id, table_name, row_count, fingerprint, columns, "
+                  "captured_at, run_id) SELECT %s, %s, table_name, row_count, fingerprint, columns, captured_at, run_id "
+                  "FROM {t}", past="past_baselines", t="baseline"), (phase_run, run_id)).rowcount
+        self.forget_baseline(conn)
+        return moved
+
+    def past_baselines(self, conn: Connection) -> pd.DataFrame:
+        cols = ["phase_run", "rollback_run_id", "archived_at", "table_name", "row_count", "fingerprint", "columns",
+                "captured_at", "run_id"]
+        if relation_oid(conn, self.schema, "past_baselines") is None:
+            return pd.DataFrame(columns=cols)
+        rows = conn.exec_driver_sql(self._q(conn, "SELECT " + ", ".join(cols) + " FROM {t} ORDER BY archived_at, "
+                                                  "table_name", t="past_baselines")).all()
+        return pd.DataFrame(rows, columns=cols)
 
     # -- sizes before backfill: recorded once, at the start of its first run, never overwritten
     def record_sizes(self, conn: Connection, table: str, heap: int, indexes: int, total: int,
