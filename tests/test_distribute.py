@@ -4,6 +4,8 @@ drop/re-add cycle) are applied here, step by step, to a migrated clone, and the 
 still work after them. create_distributed_table and create_reference_table are never stubbed: here they are only
 planned, and the phase refuses before any of them could run."""
 
+import re
+
 import psycopg
 import pytest
 
@@ -201,3 +203,42 @@ def test_a_swap_interrupted_after_its_index_resumes(migrated_db):
         actions = [s.action for s in distribute.analyse(rb).steps if s.table == "models"]
     assert "build the unique index on (tenant_id, uuid)" not in actions
     assert "swap models_uuid_key to (tenant_id, uuid)" in actions
+
+
+def test_a_run_that_failed_after_dropping_the_foreign_keys_resumes_to_the_same_end_state(migrated_db):
+    """On a Citus cluster 07 dropped every foreign key it records, then re-adding one failed (issue 25): the re-run
+    must read the foreign keys to tenants that 07 itself dropped (the ledger's distribution_changes) as its own work
+    to finish, not as a missing precondition, and complete to the end state of a run that was never interrupted."""
+    uninterrupted = finalized(migrated_db, AGREED)
+    run_plain_postgres_part(uninterrupted)
+    db = finalized(migrated_db, AGREED)
+    with db.session("distribute", params=db.params) as rb:
+        steps = [s for s in distribute.analyse(rb).steps
+                 if not any(call in str(s.statement.as_string(None)) for call in CITUS_CALLS)]
+        last_drop = max(i for i, s in enumerate(steps) if s.action.startswith("drop "))
+        rb.executor().run_all(steps[:last_drop + 1])
+    dropped = db.scalar("SELECT count(*) FROM tenancy_runbook.distribution_changes WHERE kind = 'foreign key' AND "
+                        "definition LIKE 'FOREIGN KEY (tenant_id) REFERENCES tenants(id)%%' AND table_name = ANY(%s)",
+                        (db.params.tables,))
+    assert dropped == len(db.params.tables)  # every tenant table's key to tenants is gone, recorded
+    with db.session("distribute", dry_run=True) as rb:  # stopped here (killed): a re-run may start
+        assert distribute.blockers(rb).to_dict("records") == []  # before: 8 x "tenant_id is not NOT NULL with …"
+    # the application writes a row that breaks one of them meanwhile: its VALIDATE fails, the run stops there
+    org = db.scalar("SELECT org_id FROM workflows ORDER BY id LIMIT 1")
+    db.execute("INSERT INTO workflows (uuid, org_id, name, definition, tenant_id) VALUES (gen_random_uuid(), %s, "
+               "'orphan', '{}', 999999)", (org,))
+    with pytest.raises(RunbookError, match="validate workflows_tenant_id_tenants_id_fk failed"):
+        run_plain_postgres_part(db)
+    with db.session("distribute", dry_run=True) as rb:
+        stops = distribute.blockers(rb)
+    assert stops.empty, stops.to_dict("records")  # before: workflows, its key to tenants re-added NOT VALID
+    db.execute("DELETE FROM workflows WHERE name = 'orphan'")
+    run_plain_postgres_part(db)
+    assert constraints(db) == constraints(uninterrupted)
+    assert ledger_changes(db) == ledger_changes(uninterrupted)
+
+    def replanned(one):
+        with one.session("distribute", dry_run=True) as rb:
+            return [re.sub(r" \((moves|copies) [\d,]+ bytes[^)]*\)", "", s.action) for s in distribute.analyse(rb).steps]
+    # what is left is what a run never interrupted leaves (the orphan's dead row makes workflows a page larger)
+    assert replanned(db) == replanned(uninterrupted)

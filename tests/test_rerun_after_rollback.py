@@ -39,6 +39,10 @@ def test_baseline_reset_is_guarded_archived_and_lets_inspect_capture_anew(db, ru
     assert partly.returncode == 2 and "is migrated or partly migrated" in partly.stderr, partly.stderr
     assert "runbook rollback --env ci" in partly.stderr
     runner("rollback", "--env", "ci")
+    # a completed rollback retires the baseline itself (see the test below); inspect captures one again
+    assert db.scalar("SELECT count(*) FROM tenancy_runbook.baseline") == 0
+    runner("run", "--env", "ci", "--phases", "inspect")
+    assert db.scalar("SELECT row_count FROM tenancy_runbook.baseline WHERE table_name = 'workflows'") == before
     with db.connect(autocommit=True) as holder:  # a run in progress
         holder.execute("SELECT pg_advisory_lock(%s, %s)", (database.LOCK_CLASS, database.RUN_LOCK))
         busy = cli(runner_home, "baseline", "reset", "--env", "ci")
@@ -63,3 +67,36 @@ def test_baseline_reset_needs_yes_where_the_env_requires_it():
     from conftest import runbook_cli
     result = runbook_cli("baseline", "reset", "--env", "prod", env={"RUNBOOK_PROD_DSN": ""})
     assert result.returncode == 2 and "add --yes to confirm the baseline reset" in result.stderr
+
+
+def test_a_completed_rollback_archives_the_baseline_and_the_next_inspect_captures_a_fresh_one(db):
+    """After 99_rollback reached its end state, the next 01_inspect measures the tables as they are now (the
+    application kept writing); the old baseline stays readable in the ledger's past_baselines, under the rollback's
+    run id. A dry run, or a rollback that has not reached its end, keeps it."""
+    db.run("inspect", "seed", "backfill")
+    query = "SELECT row_count, fingerprint, captured_at FROM tenancy_runbook.baseline WHERE table_name = 'workflows'"
+    with db.connect() as conn:
+        old = conn.execute(query).fetchone()
+    db.execute("INSERT INTO workflows (uuid, name) VALUES (gen_random_uuid(), 'written before the rollback')")
+    run_phase(db.session("rollback", dry_run=True))
+    assert db.scalar("SELECT count(*) FROM tenancy_runbook.baseline") == len(db.params.tables)  # dry run: kept
+    out = run_phase(db.session("rollback", run_id="rb0000a1"))
+    assert "baseline" in out["verdict"] and "past_baselines" in out["verdict"], out["verdict"]
+    assert db.scalar("SELECT count(*) FROM tenancy_runbook.baseline") == 0
+    assert db.scalar("SELECT count(*) FROM tenancy_runbook.baseline_rows") == 0
+    with db.connect() as conn:
+        archived = conn.execute(
+            "SELECT row_count, fingerprint, captured_at FROM tenancy_runbook.past_baselines WHERE table_name = "
+            "'workflows' AND rollback_run_id = 'rb0000a1'").fetchone()
+        assert archived == old
+        assert conn.execute("SELECT count(*) FROM tenancy_runbook.past_baselines").fetchone()[0] == len(db.params.tables)
+    run_phase(db.session("rollback"))  # a re-run of the finished rollback changes nothing, archives nothing more
+    assert db.scalar("SELECT count(*) FROM tenancy_runbook.past_baselines") == len(db.params.tables)
+    db.execute("INSERT INTO workflows (uuid, name) VALUES (gen_random_uuid(), 'written after the rollback')")
+    out = run_phase(db.session("inspect"))
+    status = out["baseline"].set_index("table").loc["workflows", "status"]
+    assert status == "captured now", status
+    with db.connect() as conn:
+        new = conn.execute(query).fetchone()
+    assert new[0] == old[0] + 2 and new[1] != old[1] and new[2] > old[2]
+    assert db.scalar("SELECT count(*) FROM tenancy_runbook.baseline_rows WHERE table_name = 'workflows'") == new[0]

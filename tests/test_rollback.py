@@ -33,7 +33,7 @@ def test_round_trip_restores_schema_and_data_exactly(db):
     db.run("inspect", "seed", "backfill", "constrain", "validate")
     assert app_schema(db) != legacy_schema
     applied, verdict = roll_back(db)
-    assert verdict == "the database is back to its shape before the migration"
+    assert verdict == rollback.ROLLED_BACK + rollback.RETIRED
     assert set(applied["outcome"]) == {"applied"}
     assert app_schema(db) == legacy_schema
     assert app_rows(db) == legacy_rows  # knowledge_bases gets its partly filled tenant_id back, row for row

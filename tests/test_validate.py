@@ -170,3 +170,53 @@ def test_the_verdict_raises_with_every_failed_check(migrated):
     assert "2 of" in str(err.value)
     assert f"{COUNT} [decision_tables]" in str(err.value)
     assert migrated.scalar("SELECT status FROM tenancy_runbook.phase_runs WHERE phase = 'validate'") == "failed"
+
+
+BEFORE = "rows the application wrote before the record opened: listed by key"
+
+
+def test_writes_between_the_baseline_and_the_record_are_listed_by_key(db):
+    """The application writes after 01_inspect's baseline and before 03_backfill opens the record of its writes:
+    validate lists each of those rows by key (inserted, updated, deleted), counts them in a check of their own,
+    and passes, since the application wrote them (the runbook changes no core row before the record opens)."""
+    db.run("inspect", "seed")
+    db.execute("UPDATE rules SET expression = expression || ' ' WHERE id = 3")
+    db.execute("DELETE FROM widgets WHERE template_id = 1 AND position = 0")
+    db.execute("INSERT INTO templates (uuid, name, category) VALUES (gen_random_uuid(), 'before the record', 'x')")
+    new_template = db.scalar("SELECT id FROM templates WHERE name = 'before the record'")
+    db.run("backfill", "constrain")
+    db.execute("UPDATE rules SET expression = expression || ' ' WHERE id = 4")  # recorded by the trigger
+    frame = checks_of(db)
+    assert failing(frame) == set()
+    before = frame[frame["check"] == BEFORE].set_index("table")
+    assert set(before.index) == set(db.params.tables)
+    assert before.loc["rules", "actual"] == "1 updated, each listed by key", before.loc["rules"].to_dict()
+    assert before.loc["widgets", "actual"] == "1 deleted, each listed by key"
+    assert before.loc["templates", "actual"] == "1 inserted, each listed by key"
+    assert before.loc["models", "actual"] == "none"
+    with db.session("validate") as rb:
+        writes = validate.application_writes(rb).set_index("table")
+        keys = validate.application_write_keys(rb)
+    assert writes.loc["rules", "before the record opened"] == "1 updated (by key)"
+    assert writes.loc["templates", "before the record opened"] == "+1 rows: 1 inserted (by key)"
+    assert writes.loc["rules", "updated"] == 1  # the write after the record opened
+    early = keys[keys["window"] == "before the record opened"]
+    assert set(zip(early["table"], early["key"], early["change"])) == {
+        ("rules", '["3"]', "updated"), ("widgets", '["1", "0"]', "deleted"),
+        ("templates", f'["{new_template}"]', "inserted")}
+    late = keys[keys["window"] == "recorded"]
+    assert set(zip(late["table"], late["key"], late["change"])) == {("rules", '["4"]', "updated")}
+
+
+def test_writes_before_the_record_that_cannot_be_listed_by_key_fail(db):
+    """Without the per-row baseline (a baseline captured before it was kept) a change before the record cannot be
+    listed by key: the check says why and fails rather than pass on a count."""
+    db.run("inspect", "seed")
+    db.execute("UPDATE tenancy_runbook.baseline SET per_row = false WHERE table_name = 'rules'")
+    db.execute("DELETE FROM tenancy_runbook.baseline_rows WHERE table_name = 'rules'")
+    db.execute("UPDATE rules SET expression = expression || ' ' WHERE id = 3")
+    db.run("backfill", "constrain")
+    frame = checks_of(db)
+    assert failing(frame) == {(BEFORE, "rules")}
+    actual = frame[(frame["check"] == BEFORE) & (frame["table"] == "rules")]["actual"].iloc[0]
+    assert actual.startswith("content changed, not listed by key: the baseline of rules has no per-row record"), actual

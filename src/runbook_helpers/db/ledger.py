@@ -1,4 +1,6 @@
-"""The runbook's own schema inside the target database: runs, phase runs, baseline, checkpoints, journal,
+"""The runbook's own schema inside the target database: runs, phase runs, baseline (per table, and per row of a
+table with a primary key: baseline_rows, so validate can list by key what changed before the record of the
+application's writes opened), the baselines a completed 99_rollback retired (past_baselines), checkpoints, journal,
 and the rollout window's record of the application's writes (capture_start, app_writes, rollout_assists,
 capture_end; written by the rollout triggers, see tenancy/rollout.py); the backfill throttle's canary row
 (its commit latency is the budget's signal) and the pace it chose per batch (backfill_pace, archived); the
@@ -55,6 +57,25 @@ CREATE TABLE IF NOT EXISTS {schema}.baseline (
   columns text[] NOT NULL,
   captured_at timestamptz NOT NULL DEFAULT now(),
   run_id text
+);
+ALTER TABLE {schema}.baseline ADD COLUMN IF NOT EXISTS per_row boolean NOT NULL DEFAULT false;
+CREATE TABLE IF NOT EXISTS {schema}.baseline_rows (
+  table_name text NOT NULL,
+  key jsonb NOT NULL,
+  row_hash bigint NOT NULL,
+  PRIMARY KEY (table_name, key)
+);
+CREATE TABLE IF NOT EXISTS {schema}.past_baselines (
+  phase_run bigint NOT NULL,
+  rollback_run_id text,
+  archived_at timestamptz NOT NULL DEFAULT now(),
+  table_name text NOT NULL,
+  row_count bigint NOT NULL,
+  fingerprint text NOT NULL,
+  columns text[] NOT NULL,
+  captured_at timestamptz NOT NULL,
+  run_id text,
+  PRIMARY KEY (phase_run, table_name)
 );
 CREATE TABLE IF NOT EXISTS {schema}.backfill_checkpoints (
   table_name text NOT NULL,
@@ -269,24 +290,39 @@ class Ledger:
 
     # -- baseline
     def baseline(self, conn: Connection) -> pd.DataFrame:
-        cols = ["table_name", "row_count", "fingerprint", "columns", "captured_at", "run_id"]
+        """Per table: count, fingerprint, columns, when, and whether its rows were kept too (`per_row`)."""
+        cols = ["table_name", "row_count", "fingerprint", "columns", "captured_at", "run_id", "per_row"]
         if not self.exists(conn):
             return pd.DataFrame(columns=cols)
         rows = conn.exec_driver_sql(self._q(conn, "SELECT table_name, row_count, fingerprint, columns, captured_at, "
-                                                  "run_id FROM {t} ORDER BY table_name", t="baseline")).all()
+                                                  "run_id, per_row FROM {t} ORDER BY table_name", t="baseline")).all()
         return pd.DataFrame(rows, columns=cols)
 
     def forget_baseline(self, conn: Connection) -> int:
-        """Delete the baseline (`runbook baseline reset`); returns the tables it held."""
+        """Delete the baseline (`runbook baseline reset`), its per-row part too; returns the tables it held."""
+        if relation_oid(conn, self.schema, "baseline_rows") is not None:
+            conn.exec_driver_sql(self._q(conn, "DELETE FROM {t}", t="baseline_rows"))
         return conn.exec_driver_sql(self._q(conn, "DELETE FROM {t}", t="baseline")).rowcount
 
-    def record_baseline(self, conn: Connection, table: str, row_count: int, fingerprint: str,
-                        columns: list[str], run_id: str | None) -> bool:
-        """Insert once; never overwrite. Returns True if this call captured it."""
-        result = conn.exec_driver_sql(self._q(conn, "INSERT INTO {t} (table_name, row_count, fingerprint, columns, run_id) "
-                                                    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (table_name) DO NOTHING",
-                                              t="baseline"), (table, row_count, fingerprint, columns, run_id))
-        return result.rowcount == 1
+    def archive_baseline(self, conn: Connection, phase_run: int, run_id: str | None) -> int:
+        """Move the baseline into past_baselines under the rollback that retired it (its phase run and run id), and
+        drop its per-row part; the next 01_inspect captures a fresh one. Returns the tables moved. Call it inside
+        one transaction: both or neither (the ledger ensured first: one of an older version lacks past_baselines)."""
+        moved = conn.exec_driver_sql(self._q(
+            conn, "INSERT INTO {past} (phase_run, rollback_run_id, table_name, row_count, fingerprint, columns, "
+                  "captured_at, run_id) SELECT %s, %s, table_name, row_count, fingerprint, columns, captured_at, run_id "
+                  "FROM {t}", past="past_baselines", t="baseline"), (phase_run, run_id)).rowcount
+        self.forget_baseline(conn)
+        return moved
+
+    def past_baselines(self, conn: Connection) -> pd.DataFrame:
+        cols = ["phase_run", "rollback_run_id", "archived_at", "table_name", "row_count", "fingerprint", "columns",
+                "captured_at", "run_id"]
+        if relation_oid(conn, self.schema, "past_baselines") is None:
+            return pd.DataFrame(columns=cols)
+        rows = conn.exec_driver_sql(self._q(conn, "SELECT " + ", ".join(cols) + " FROM {t} ORDER BY archived_at, "
+                                                  "table_name", t="past_baselines")).all()
+        return pd.DataFrame(rows, columns=cols)
 
     # -- sizes before backfill: recorded once, at the start of its first run, never overwritten
     def record_sizes(self, conn: Connection, table: str, heap: int, indexes: int, total: int,

@@ -16,24 +16,26 @@ the record. At validate, in one snapshot:
 A runbook change to any pre-existing column of a row the application never wrote, or a lost row, makes
 them differ (and a change to a row the application wrote later still shows, through its before-image).
 The runbook writes only tenant_id, which is not hashed, and its own sessions are not recorded. Writes
-between inspect's baseline and the capture are the application's by construction (the runbook touches
-no core row before the capture): they are reported as a net change against the baseline.
+between inspect's baseline and the opening of the record are the application's by construction (the runbook
+touches no core row before the capture): they are listed by key against the per-row baseline
+(db/baseline_rows.py), or said plainly why they cannot be.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import pandas as pd
 from psycopg import sql
 from sqlalchemy.engine import Connection, Engine
 
-from . import catalog
+from . import baseline_rows, catalog
 from .fingerprint import fingerprint_text, pin_settings, row_hash, row_key
 from .sqltext import render
 
 CHANGES = ("inserted", "updated", "deleted", "inserted, then deleted")
-WRITE_COLUMNS = ["table", "key", "change", "first_at", "last_at", "writes"]
+WRITE_COLUMNS = ["table", "window", "key", "change", "first_at", "last_at", "writes"]
+RECORDED, BEFORE = "recorded", "before the record opened"
 
 
 @dataclass
@@ -47,6 +49,7 @@ class Reconciled:
     rows_at_start: int
     digest_at_start: str
     changes: dict[str, int]
+    before_record: dict | None = None  # baseline_rows.BeforeRecord as a dict (None: closed before it was kept)
 
     @property
     def passed(self) -> bool:
@@ -128,13 +131,27 @@ def reconcile(engine: Engine, ledger: str, st: catalog.TableState) -> Reconciled
     expected_sum = start["digest_untouched"] - later[1]
     return Reconciled(st.name, start["started_at"], expected_rows, int(actual[0]),
                       fingerprint_text(expected_rows, expected_sum), fingerprint_text(actual[0], actual[1]),
-                      int(start["rows_all"]), fingerprint_text(start["rows_all"], start["digest_all"]), changes)
+                      int(start["rows_all"]), fingerprint_text(start["rows_all"], start["digest_all"]), changes,
+                      asdict(_before_record(engine, ledger, st, list(start["columns"]))))
 
 
-def writes(engine: Engine, ledger: str, st: catalog.TableState) -> pd.DataFrame:
-    """Every row the application wrote since the record opened: key, what happened to it, when (keys only)."""
+def _before_record(engine: Engine, ledger: str, st: catalog.TableState, columns: list[str]) -> baseline_rows.BeforeRecord:
     with engine.connect() as conn:
-        if catalog.relation_oid(conn, ledger, "app_writes") is None or not st.pk_columns:
-            return pd.DataFrame(columns=WRITE_COLUMNS)
-        rows = conn.exec_driver_sql(render(conn, _change_sql(st, ledger)), (st.name,)).mappings().all()
-    return pd.DataFrame([{"table": st.name, **r} for r in rows], columns=WRITE_COLUMNS)
+        base = conn.exec_driver_sql(render(conn, sql.SQL("SELECT * FROM {} WHERE table_name = %s").format(
+            sql.Identifier(ledger, "baseline"))), (st.name,)).mappings().first()
+    if base is None:
+        return baseline_rows.BeforeRecord(reason=f"no baseline of {st.name} was captured")
+    return baseline_rows.before_record(engine, ledger, st, list(base["columns"]), columns, bool(base.get("per_row")))
+
+
+def writes(engine: Engine, ledger: str, st: catalog.TableState, proof: Reconciled | None = None) -> pd.DataFrame:
+    """Every row the application wrote since the record opened: key, what happened to it, when (keys only); with
+    the table's `proof`, first the rows it wrote between the baseline and the record's opening (window "before the
+    record opened"; keys and changes only, at most baseline_rows.LISTED_KEYS)."""
+    early = (proof.before_record or {}).get("keys", []) if proof is not None else []
+    rows = [{"table": st.name, "window": BEFORE, **k} for k in early]
+    with engine.connect() as conn:
+        if catalog.relation_oid(conn, ledger, "app_writes") is not None and st.pk_columns:
+            rows += [{"table": st.name, "window": RECORDED, **r} for r in
+                     conn.exec_driver_sql(render(conn, _change_sql(st, ledger)), (st.name,)).mappings()]
+    return pd.DataFrame(rows, columns=WRITE_COLUMNS)

@@ -13,6 +13,11 @@ Every statement is shown with its lock and, for Citus's copies, the bytes it mov
 anything runs. The phase refuses, changing nothing, on a server without Citus or that is not the coordinator (a
 dry run shows the plan anywhere), while anything in `blockers` stands, and while the application has not agreed
 to the key changes. 99_rollback does not undo it (see undo_steps).
+
+Every step reads the catalog and the ledger's distribution_changes before acting, so a run that stopped anywhere
+(killed, or a statement refused) resumes on a re-run: a foreign key to tenants that the ledger says 07 dropped
+satisfies the precondition (tenant_id NOT NULL with a validated foreign key), since the plan re-adds and
+validates it.
 """
 
 from __future__ import annotations
@@ -44,8 +49,11 @@ class Analysis:
         self.blockers: list[dict] = []
         block = self._block
 
+        # the foreign keys to tenants that 07 itself dropped (a run that stopped after dropping them) are its own
+        # work to finish: the plan re-adds and validates them
+        dropped = citus_tables.dropped_tenant_keys(conn, p.ledger_schema)
         for name, st in table_states.core_states(rb, conn).items():
-            if st.exists and not (st.not_null and st.fk_valid):
+            if st.exists and not (st.not_null and (st.fk_valid or name in dropped)):
                 block("tenant_id is not NOT NULL with a validated foreign key", name,
                       "run 03_backfill, 04_constrain and 05_validate first")
         unsafe: set[str] = set()

@@ -1,7 +1,9 @@
 """Phase 1: preflight, inventory, baseline and the plan. Writes only the runbook's own ledger schema.
 
-The baseline (row count and fingerprint of the pre-existing columns of every core table) is captured on
-the first run only and never overwritten: it is what 05_validate proves the migration preserved.
+The baseline (row count and fingerprint of the pre-existing columns of every core table, and per row of a table
+with a primary key its key and hash) is captured on the first run only and never overwritten: it is what
+05_validate proves the migration preserved. A completed 99_rollback retires it (to the ledger's past_baselines),
+so the next run's 01_inspect captures a fresh one.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from sqlalchemy.exc import DBAPIError
 
 from .. import drizzle
 from ..db.reading import ReadingFrame
-from ..db import catalog, database, fingerprint, partitions
+from ..db import baseline_rows, catalog, database, fingerprint, partitions
 from ..db import privileges as db_privileges
 from ..db.ddl import plan_frame
 from ..db.names import TENANT_COLUMN
@@ -295,11 +297,13 @@ def capture_baseline(rb, pre: pd.DataFrame | None = None) -> pd.DataFrame:
                          "columns": len(kept["columns"]), "status": f"kept from {kept['captured_at']:%Y-%m-%d %H:%M:%S %Z}"})
             continue
         columns = [c for c in st.columns if c != TENANT_COLUMN]
-        count, fp = fingerprint.measure(rb.engine, rb.schema, name, columns)
-        status = "measured (dry run: not stored)" if rb.dry_run else "measured (preflight failed: not stored)"
-        if store:
-            captured = rb.ledger.record_baseline(rb.control, name, count, fp, columns, rb.run_id)
+        if store:  # with a primary key, each row's key and hash too (validate lists by key what changes before
+            # the record of the application's writes opens)
+            count, fp, captured = baseline_rows.capture(rb.engine, rb.params.ledger_schema, st, columns, rb.run_id)
             status = "captured now" if captured else "kept (captured concurrently)"
+        else:
+            count, fp = fingerprint.measure(rb.engine, rb.schema, name, columns)
+            status = "measured (dry run: not stored)" if rb.dry_run else "measured (preflight failed: not stored)"
         rows.append({"table": name, "rows": count, "fingerprint": fp, "columns": len(columns), "status": status})
     if store:
         original_schema.capture(rb)  # the keys, columns and objects rollback restores

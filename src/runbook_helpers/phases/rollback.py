@@ -7,7 +7,8 @@ composes those steps in reverse phase order. It refuses, naming tables and count
 belongs to a tenant other than the System Tenant and the legacy mapping's tenants (those rows would lose
 their tenant), unless forced. Every statement is a Step with its lock, like the forward phases: policies
 and constraints go with brief metadata locks, indexes CONCURRENTLY, and the original keys come back NOT
-VALID, then VALIDATE, then swap.
+VALID, then VALIDATE, then swap. Once nothing is left to undo, the baseline is retired to the ledger's
+past_baselines: the next run starts from a fresh 01_inspect.
 """
 
 from __future__ import annotations
@@ -82,7 +83,24 @@ def apply(rb, force: bool = False) -> pd.DataFrame:
         backfill.forget(rb)
         seed.forget(rb)
         drizzle.forget(rb.control, rb.params)
+        if not steps(rb):
+            retire_baseline(rb)
     return results_frame(results)
+
+
+def retire_baseline(rb) -> int:
+    """Once the rollback reached its end state: the baseline moves to the ledger's past_baselines under this
+    rollback (its phase run and run id), its per-row part goes, so the next run's 01_inspect measures the tables
+    as the application has left them meanwhile. The pre-change snapshot stays: the database is back in the shape
+    it records, and a re-run of this phase reads it. Returns the tables retired (0: none left to retire)."""
+    rb.ensure_ledger()
+    with rb.engine.begin() as conn:  # both or neither
+        return rb.ledger.archive_baseline(conn, rb.phase_run_id, rb.run_id)
+
+
+ROLLED_BACK = "the database is back to its shape before the migration"
+RETIRED = ("; its baseline is retired to the ledger's past_baselines (under the rollback that retired it): the "
+           "next 01_inspect captures a fresh one")
 
 
 def assert_rolled_back(rb) -> str:
@@ -92,4 +110,5 @@ def assert_rolled_back(rb) -> str:
     if left:
         raise RunbookError("rollback incomplete: " + "; ".join(s.label for s in left[:10])
                            + ". Re-run 99_rollback: it resumes.")
-    return "the database is back to its shape before the migration"
+    retired = not len(rb.ledger.baseline(rb.control)) and len(rb.ledger.past_baselines(rb.control))
+    return ROLLED_BACK + (RETIRED if retired else "")

@@ -31,9 +31,9 @@ COLUMNS = ["check", "table", "expected", "actual", "passed"]
 def checks(rb) -> pd.DataFrame:
     rows: list[dict] = []
 
-    def add(check: str, table: str, expected, actual) -> None:
+    def add(check: str, table: str, expected, actual, passed: bool | None = None) -> None:
         rows.append({"check": check, "table": table, "expected": str(expected), "actual": str(actual),
-                     "passed": str(expected) == str(actual)})
+                     "passed": str(expected) == str(actual) if passed is None else passed})
 
     baseline = rb.ledger.baseline(rb.control).set_index("table_name")
     system_id = table_states.system_tenant_id(rb)
@@ -84,6 +84,7 @@ def checks(rb) -> pd.DataFrame:
             add("rows the application did not write: count unchanged", name, proof.expected_rows, proof.actual_rows)
             add("rows the application did not write: pre-existing columns unchanged (fingerprint)", name,
                 proof.expected_digest, proof.actual_digest)
+            add(BEFORE_RECORD, name, BEFORE_RECORD_EXPECTED, *_before_record_verdict(proof, baseline))
             continue
         if name not in baseline.index:  # no record of the application's writes: a quiet window is assumed
             add("row count equals baseline", name, "a baseline", "none captured")
@@ -105,6 +106,32 @@ def checks(rb) -> pd.DataFrame:
     for query in rb.params.validate_.smoke_queries:
         add("smoke query runs", query.name, SMOKE_WRITES if query.writes else "runs", _smoke(rb, query))
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+BEFORE_RECORD = "rows the application wrote before the record opened: listed by key"
+BEFORE_RECORD_EXPECTED = "none, or each listed by key"
+
+
+def _before_record_verdict(proof: reconcile.Reconciled, baseline: pd.DataFrame) -> tuple[str, bool]:
+    """Rows written between inspect's baseline and the opening of the record of the application's writes (the
+    rollout triggers) are the application's: the runbook changes no core row before the record opens. They pass
+    when each is listed by key (inserted, updated, deleted; the keys are in application_write_keys and the
+    archive's application_writes.csv). A change that cannot be listed by key fails, saying why: a count and a
+    fingerprint alone would let any change there pass unseen."""
+    before = proof.before_record
+    if before is not None and before.get("reason") is None:
+        counts = before["counts"]
+        listed = ", ".join(f"{n:,} {c}" for c, n in counts.items() if n)
+        return (f"{listed}, each listed by key" if listed else "none"), True
+    name = proof.table
+    if name in baseline.index and baseline.loc[name, "fingerprint"] == proof.digest_at_start:
+        return "none", True  # the record opened on the table exactly as the baseline measured it
+    delta = proof.rows_at_start - int(baseline.loc[name, "row_count"]) if name in baseline.index else None
+    what = f"{delta:+,} rows, content changed" if delta else "content changed"
+    reason = before["reason"] if before is not None else (
+        "the record was closed (06_finalize) by a version of the runbook that did not list them")
+    return (f"{what}, not listed by key: {reason}; roll back (99_rollback) and run again from 01_inspect for a "
+            f"baseline that lists them"), False
 
 
 LEAF_INDEX_SQL = text("""
@@ -152,28 +179,34 @@ def reconciliation(rb) -> dict[str, object]:
 
 
 def application_writes(rb) -> pd.DataFrame:
-    """What the application wrote, per core table: since inspect's baseline up to the record's start (a net
-    change of rows, by count and fingerprint), and since then (rows inserted, updated, deleted; their keys
-    are in the archive as application_writes.csv). Deterministic on a quiet database: for nbval."""
+    """What the application wrote, per core table: since inspect's baseline up to the record's opening (rows
+    inserted, updated, deleted, by key; or, where they cannot be listed by key, the net change and why), and since
+    then (rows inserted, updated, deleted). Their keys are in application_write_keys (the archive's
+    application_writes.csv). Deterministic on a quiet database: for nbval."""
     baseline = rb.ledger.baseline(rb.control).set_index("table_name")
     rows = []
     for name, proof in reconciliation(rb).items():
         if not isinstance(proof, reconcile.Reconciled):
             rows.append({"table": name, "before the record opened": "not recorded", **dict.fromkeys(reconcile.CHANGES, 0)})
             continue
-        before = "none"
-        if name in baseline.index and baseline.loc[name, "fingerprint"] != proof.digest_at_start:
-            delta = proof.rows_at_start - int(baseline.loc[name, "row_count"])
-            before = f"{delta:+,} rows, content changed" if delta else "content changed"
+        verdict, listed = _before_record_verdict(proof, baseline)
+        before = verdict
+        if listed and verdict != "none":
+            counts = proof.before_record["counts"]
+            delta = counts["inserted"] - counts["deleted"]
+            before = (f"{delta:+,} rows: " if delta else "") + verdict.replace(", each listed by key", " (by key)")
         rows.append({"table": name, "before the record opened": before, **proof.changes})
     return pd.DataFrame(rows, columns=["table", "before the record opened", *reconcile.CHANGES])
 
 
 def application_write_keys(rb) -> pd.DataFrame:
-    """The keys of every row the application wrote since the record opened (the archive's CSV)."""
+    """The keys of every row the application wrote (the archive's CSV): between the baseline and the record's
+    opening (window "before the record opened"), then since (window "recorded")."""
     with rb.engine.connect() as conn:
         states = table_states.core_states(rb, conn)
-    frames = [reconcile.writes(rb.engine, rb.params.ledger_schema, st) for st in states.values() if st.exists]
+    proofs = reconciliation(rb)
+    frames = [reconcile.writes(rb.engine, rb.params.ledger_schema, st, proofs.get(name))
+              for name, st in states.items() if st.exists]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=reconcile.WRITE_COLUMNS)
 
 

@@ -130,6 +130,11 @@ class PhaseSession:
         if self._phase_run is None:
             self._phase_run = self.ledger.start_phase(self.control, self.run_id, self.phase, self.dry_run)
 
+    @property
+    def phase_run_id(self) -> int | None:
+        """This phase's row in the ledger's phase_runs (None in a dry run, or before the ledger exists)."""
+        return self._phase_run
+
     def require_baseline(self) -> pd.DataFrame:
         """Phases that change tables refuse to start before 01_inspect has captured the baseline."""
         baseline = self.ledger.baseline(self.control)

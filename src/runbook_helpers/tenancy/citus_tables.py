@@ -48,6 +48,17 @@ def recorded_foreign_keys(conn: Connection, ledger_schema: str) -> list[citus.Re
     return [citus.Reference(t, n, _parent(d), [], d, False) for t, n, d in rows]
 
 
+def dropped_tenant_keys(conn: Connection, ledger_schema: str) -> set[str]:
+    """The tables whose validated foreign key (tenant_id) REFERENCES tenants(id) step 1 dropped (the ledger holds its
+    definition, and the plan re-adds and validates it): a re-run reads that as its own work to finish, not as a
+    table 04_constrain has not finished."""
+    prefix = f"FOREIGN KEY ({TENANT_COLUMN}) REFERENCES "
+    return {r.child for r in recorded_foreign_keys(conn, ledger_schema)
+            if r.definition.startswith(prefix) and _parent(r.definition) == "tenants"
+            and re.search(r"REFERENCES\s+\S*tenants\"?\(id\)", r.definition)
+            and not r.definition.rstrip().endswith("NOT VALID")}
+
+
 def _parent(definition: str) -> str:
     found = re.search(r"REFERENCES\s+((?:\"[^\"]+\"|[^\s(]+)(?:\.(?:\"[^\"]+\"|[^\s(]+))?)", definition)
     return found.group(1).split(".")[-1].strip('"') if found else ""
