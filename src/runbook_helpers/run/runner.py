@@ -112,6 +112,21 @@ def execute_notebook(source: Path, target: Path, parameters: dict[str, Any] | No
                                execution_timeout=timeout_s, kernel_manager_class=_kernel_manager_class())
 
 
+def start_html_renderer() -> ThreadPoolExecutor:
+    """The thread that renders each executed notebook as HTML while the next one runs; all renderings are
+    finished before the secret scan and the manifest. Every import of the run happens here first, on the calling
+    thread (papermill, jupyter_client's kernel manager, nbconvert and what an export imports, by exporting a
+    warm-up notebook): two threads importing the same packages at once can meet in a circular import, and one of
+    them then gets a partly initialised module (`cannot import name 'AsyncKernelManager' from partially
+    initialized module 'jupyter_client.manager'`). The thread only ever renders."""
+    import papermill  # noqa: F401
+    from papermill.exceptions import PapermillExecutionError  # noqa: F401
+
+    _kernel_manager_class()
+    archive.warm_up_html()
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="html")
+
+
 def _headline(engine, params) -> dict[str, Any]:
     ledger = Ledger(params.ledger_schema)
     with engine.connect() as conn:
@@ -171,10 +186,7 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
         accounting.kernel_runtime_dir(run_id).mkdir(parents=True, exist_ok=True)
         result = RunResult(run_id, folder, "succeeded")
         previous = signal.signal(signal.SIGTERM, _terminate)
-        # HTML renderings are made in the background while the next notebook runs (nbconvert's first
-        # export costs seconds); all are finished before the secret scan and the manifest.
-        html = ThreadPoolExecutor(max_workers=1, thread_name_prefix="html")
-        html.submit(archive.warm_up_html)
+        html = start_html_renderer()
         renderings: list[tuple[dict[str, Any], Future]] = []
         try:
             for phase in wanted:
