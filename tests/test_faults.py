@@ -5,6 +5,8 @@ and no backend keeps working for a dead client."""
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from dataclasses import replace
@@ -226,3 +228,47 @@ def test_server_restarted_mid_phase_then_rerun_completes(restart_db, restart_ser
     code, out, err = run_worker(db, FORWARD, overrides=on_it)
     assert code == 0, err[-3000:]
     assert_complete_and_intact(db)
+
+
+def _restart_home(home: Path, database: str) -> Path:
+    """`home` with an env ci_restart: the ci params on the restart server's `database`, batches of 300 rows."""
+    (home / ".runbook").symlink_to(ROOT / ".runbook")
+    (home / "params" / f"{RESTART_ENV}.yaml").write_text(
+        f"extends: ci.yaml\ndatabase:\n  embedded: true\n  name: {database}\nbackfill:\n  batch_size: 300\n")
+    return home
+
+
+def test_server_stopped_mid_backfill_ends_the_run_with_its_line_and_a_manifest(restart_db, restart_server, home,
+                                                                              tmp_path):
+    """The server stops (immediate shutdown) inside a batch of `runbook run` (its UPDATE done): the run fails as a phase fails
+    (exit 1, the batch's one line), never as an internal error, and its manifest says where it stopped."""
+    from conftest import runbook_cli
+    db, server = restart_db, restart_server
+    db.execute("CHECKPOINT")  # see test_server_restarted_mid_phase_then_rerun_completes
+    home = _restart_home(home, db.name)
+    marker = tmp_path / "paused"
+    runbook = Path(sys.executable).with_name("runbook")
+    proc = subprocess.Popen([str(runbook), "run", "--env", RESTART_ENV, "--phases", "inspect,seed,backfill"],
+                            env=dict(os.environ, RUNBOOK_HOME=str(home), RUNBOOK_FAULT_MARKER=str(marker),
+                                     RUNBOOK_FAULT="backfill.mid_batch=knowledge_bases#2@pause"),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(marker, 300)
+        server.stop(mode="immediate")
+        marker.unlink()  # the kernel carries on into its next batch, on a server that is gone
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.start()
+    assert proc.returncode == 1, out + err
+    assert "internal error" not in err and "Traceback" not in err, err
+    assert "knowledge_bases: backfill batch failed: " in out and "every committed checkpoint is intact" in out, out
+    assert "the server went away" in out, out
+    folder = next((home / "runs" / RESTART_ENV).iterdir())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["status"] == "failed"
+    assert manifest["stopped_at"]["phase"] == "backfill" and manifest["stopped_at"]["status"] == "failed"
+    assert "knowledge_bases: backfill batch failed" in manifest["stopped_at"]["error"]
+    assert manifest["server_went_away"]
+    assert [p["name"] for p in manifest["phases"]] == ["inspect", "seed", "backfill"]
