@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from .. import __version__, paths
 from .. import params as params_mod
-from ..db import database
+from ..db import database, runner_watch
 from ..db.ledger import Ledger
 from ..errors import RunbookError
 from . import accounting, archive
@@ -67,7 +67,7 @@ def parse_phases(text: str | None) -> list[str]:
 
 
 def _kernel_environment(env: str, run_id: str) -> dict[str, str]:
-    return {"RUNBOOK_RUN_ID": run_id, "RUNBOOK_ENV": env,
+    return {"RUNBOOK_RUN_ID": run_id, "RUNBOOK_ENV": env, runner_watch.RUNNER_PID: str(os.getpid()),
             "RUNBOOK_HOME": str(paths.project_root()), "PYDEVD_DISABLE_FILE_VALIDATION": "1",
             # the kernels' connection files (they hold the kernel's HMAC key) in the run's own folder, removed at
             # the end of the run and, after the runner was killed, by the next command (run/accounting.py)
