@@ -21,6 +21,7 @@ import pytest
 from psycopg import sql
 
 from runbook_helpers import demo, params as params_mod
+from runbook_helpers.db import roles
 from runbook_helpers.phases.headless import run_phase
 from runbook_helpers.db.server import EmbeddedServer
 from runbook_helpers.run.session import PHASES, PhaseSession
@@ -124,6 +125,15 @@ class Db:
                              capture_output=True, text=True, check=True)
         return "\n".join(line for line in out.stdout.splitlines() if not line.startswith("\\restrict")
                          and not line.startswith("\\unrestrict"))
+
+
+def create_role(server: EmbeddedServer, name: str, options: str = "") -> None:
+    """The role, unless it exists, made as demo.build makes its roles: on the server's maintenance database under
+    db/roles.ROLES_LOCK, so the test workers never create one role at once (roles are cluster-wide)."""
+    with psycopg.connect(server.url()) as admin:
+        roles.serialize(admin)
+        if admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone() is None:
+            admin.execute(sql.SQL("CREATE ROLE {} " + options).format(sql.Identifier(name)))
 
 
 def create_database(server: EmbeddedServer, name: str, template: str | None) -> None:

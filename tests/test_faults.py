@@ -5,6 +5,8 @@ and no backend keeps working for a dead client."""
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from dataclasses import replace
@@ -226,3 +228,137 @@ def test_server_restarted_mid_phase_then_rerun_completes(restart_db, restart_ser
     code, out, err = run_worker(db, FORWARD, overrides=on_it)
     assert code == 0, err[-3000:]
     assert_complete_and_intact(db)
+
+
+def _restart_home(home: Path, database: str) -> Path:
+    """`home` with an env ci_restart: the ci params on the restart server's `database`, batches of 300 rows."""
+    (home / ".runbook").symlink_to(ROOT / ".runbook")
+    (home / "params" / f"{RESTART_ENV}.yaml").write_text(
+        f"extends: ci.yaml\ndatabase:\n  embedded: true\n  name: {database}\nbackfill:\n  batch_size: 300\n")
+    return home
+
+
+def test_server_stopped_mid_backfill_ends_the_run_with_its_line_and_a_manifest(restart_db, restart_server, home,
+                                                                              tmp_path):
+    """The server stops (immediate shutdown) inside a batch of `runbook run` (its UPDATE done): the run fails as a phase fails
+    (exit 1, the batch's one line), never as an internal error, and its manifest says where it stopped."""
+    from conftest import runbook_cli
+    db, server = restart_db, restart_server
+    db.execute("CHECKPOINT")  # see test_server_restarted_mid_phase_then_rerun_completes
+    home = _restart_home(home, db.name)
+    marker = tmp_path / "paused"
+    runbook = Path(sys.executable).with_name("runbook")
+    proc = subprocess.Popen([str(runbook), "run", "--env", RESTART_ENV, "--phases", "inspect,seed,backfill"],
+                            env=dict(os.environ, RUNBOOK_HOME=str(home), RUNBOOK_FAULT_MARKER=str(marker),
+                                     RUNBOOK_FAULT="backfill.mid_batch=knowledge_bases#2@pause"),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(marker, 300)
+        server.stop(mode="immediate")
+        marker.unlink()  # the kernel carries on into its next batch, on a server that is gone
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.start()
+    assert proc.returncode == 1, out + err
+    assert "internal error" not in err and "Traceback" not in err, err
+    assert "knowledge_bases: backfill batch failed: " in out and "every committed checkpoint is intact" in out, out
+    assert "the server went away" in out, out
+    folder = next((home / "runs" / RESTART_ENV).iterdir())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["status"] == "failed"
+    assert manifest["stopped_at"]["phase"] == "backfill" and manifest["stopped_at"]["status"] == "failed"
+    assert "knowledge_bases: backfill batch failed" in manifest["stopped_at"]["error"]
+    assert manifest["server_went_away"]
+    assert [p["name"] for p in manifest["phases"]] == ["inspect", "seed", "backfill"]
+
+
+def _journal(db) -> list:
+    with db.connect() as conn:
+        return conn.execute("SELECT id, table_name, action FROM tenancy_runbook.statement_journal ORDER BY id").fetchall()
+
+
+def _kernels_of(pid: int) -> list[int]:
+    """The pids of the ipykernel processes whose parent is `pid`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                cmd = (proc / "cmdline").read_bytes()
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid and b"ipykernel" in cmd:
+                found.append(int(proc.name))
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state == "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_runner_killed_between_two_steps_its_kernel_starts_no_other_statement(migrated_db, home, tmp_path):
+    """SIGKILL of `runbook run` while its kernel is between two constrain steps: the kernel is gone within
+    seconds, and neither the journal nor the server sees the next step."""
+    from conftest import ci_home
+    db = migrated_db("inspect", "seed", "backfill")
+    home = ci_home(home, db.name)
+    marker = tmp_path / "paused"
+    runbook = Path(sys.executable).with_name("runbook")
+    proc = subprocess.Popen([str(runbook), "run", "--env", "ci", "--phases", "constrain"],
+                            env=dict(os.environ, RUNBOOK_HOME=str(home), RUNBOOK_FAULT_MARKER=str(marker),
+                                     RUNBOOK_FAULT="ddl.after_step=validate the NOT NULL check#2@pause"),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(marker, 300)
+        kernels = _kernels_of(proc.pid)
+        assert len(kernels) == 1, kernels
+        journal = _journal(db)
+        proc.kill()
+        proc.wait(30)
+        marker.unlink()  # were the kernel still there, it would now start the next step
+        deadline = time.monotonic() + 5
+        while not _gone(kernels[0]):
+            assert time.monotonic() < deadline, "the kernel outlived its runner"
+            time.sleep(0.05)
+        time.sleep(2)
+        assert _journal(db) == journal
+        with db.connect(autocommit=True) as conn:
+            assert conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND application_name LIKE "
+                                "'tenancy-runbook/ci/constrain/%%'", (db.name,)).fetchone()[0] == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_phase_whose_runner_is_gone_stops_before_its_next_step(migrated_db, tmp_path):
+    """The check between steps (where no death signal reaches the kernel, e.g. it is not the runner's own child):
+    the runner named in RUNBOOK_RUNNER_PID dies while the phase is between two steps; the phase process ends
+    before the next step is journalled."""
+    db = migrated_db("inspect", "seed", "backfill")
+    runner = subprocess.Popen(["sleep", "600"])
+    marker = tmp_path / "paused"
+    env = dict(os.environ, RUNBOOK_HEADLESS="1", RUNBOOK_FAULT="ddl.after_step=validate the NOT NULL check#2@pause",
+               RUNBOOK_FAULT_MARKER=str(marker), RUNBOOK_RUNNER_PID=str(runner.pid))
+    proc = warm_worker.popen(WORKER, [db.name, "constrain"], env=env, cwd=ROOT)
+    try:
+        wait_for(marker)
+        journal = _journal(db)
+        assert journal[-1][2] == "validate the NOT NULL check"
+        runner.kill()
+        runner.wait(30)  # reaped: the pid names no process now
+        marker.unlink()
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 75, out + err
+        assert f"the runner (pid {runner.pid}) is gone; this kernel stops before" in err
+        assert _journal(db) == journal
+    finally:
+        runner.kill()
+        if proc.poll() is None:
+            proc.kill()

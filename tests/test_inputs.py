@@ -1,11 +1,11 @@
 """Bad input gets one clear message and changes nothing; names that need quoting simply work."""
 
-from conftest import runbook_cli, staging_dsn
+from conftest import create_role, runbook_cli, staging_dsn
 from runbook_helpers import params as params_mod
 
 
 def test_a_role_without_privileges_is_refused_by_preflight_and_nothing_changes(db, home):
-    db.execute("DO $$ BEGIN CREATE ROLE weak_migrator LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+    create_role(db.server, "weak_migrator", "LOGIN")
     before = db.schema_dump()
     result = runbook_cli("run", "--env", "staging", "--phases", "inspect",
                          env={"RUNBOOK_STAGING_DSN": staging_dsn(db, "weak_migrator"), "RUNBOOK_HOME": str(home)})

@@ -3,6 +3,8 @@ fires on the shape it exists to catch."""
 
 import pytest
 
+from conftest import create_role
+
 from runbook_helpers.tenancy import lint
 from runbook_helpers import params as params_mod
 
@@ -69,7 +71,7 @@ def test_each_rule_fires_on_its_shape(migrated):
     migrated.execute("CREATE FUNCTION count_rules() RETURNS bigint LANGUAGE sql SECURITY DEFINER AS "
                      "'SELECT count(*) FROM public.rules'")
     migrated.execute("CREATE UNIQUE INDEX models_name_key ON models (name)")
-    migrated.execute("DO $$ BEGIN CREATE ROLE lint_bypass BYPASSRLS; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+    create_role(migrated.server, "lint_bypass", "BYPASSRLS")
     migrated.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON rules TO lint_bypass")
     migrated.execute("DROP POLICY tenant_legacy_access ON knowledge_bases")  # the legacy contract, to PUBLIC
     migrated.execute("CREATE POLICY tenant_legacy_access ON knowledge_bases USING (true) WITH CHECK (true)")

@@ -1,7 +1,7 @@
 """The lint knows the migration role (issue 16, item 4): the current_user of the runbook's sessions is the
 runbook's own and not a finding; any other superuser or BYPASSRLS role reaching tenant tables still is."""
 
-from conftest import staging_dsn
+from conftest import create_role, staging_dsn
 from runbook_helpers import params as params_mod
 from runbook_helpers.run.session import PhaseSession
 from runbook_helpers.tenancy import lint
@@ -21,8 +21,7 @@ def test_the_migration_role_is_the_runbooks_own_another_superuser_is_a_finding(m
     assert bypass_findings(db.params, db)["postgres"] == lint.PASS  # connected as postgres: the runbook's own
     # a BYPASSRLS migration role with rights in this database only (roles are cluster-wide: a superuser would be
     # a finding in every other test's database on the server)
-    db.execute("DO $$ BEGIN CREATE ROLE lint_migrator NOSUPERUSER BYPASSRLS LOGIN; EXCEPTION WHEN duplicate_object "
-               "THEN NULL; END $$")
+    create_role(db.server, "lint_migrator", "NOSUPERUSER BYPASSRLS LOGIN")
     ledger = db.params.ledger_schema
     db.execute(f"GRANT USAGE ON SCHEMA public, {ledger} TO lint_migrator; GRANT SELECT ON ALL TABLES IN SCHEMA "
                f"public, {ledger} TO lint_migrator")

@@ -25,6 +25,7 @@ import psycopg
 from psycopg import sql
 
 from . import paths
+from .db import roles
 from .drizzle import Migration, journal
 from .errors import RunbookError
 
@@ -182,10 +183,6 @@ WHERE mod(id, 3) = 0;
 # BYPASSRLS role) migrates them, and FORCE ROW LEVEL SECURITY has an owner to hold to the policies.
 APP_OWNER = "app_owner"
 OWNERSHIP_SQL = """
-DO $$ BEGIN
-  CREATE ROLE app_owner NOLOGIN;
-EXCEPTION WHEN duplicate_object THEN NULL;
-END $$;
 DO $$ DECLARE r record; BEGIN
   FOR r IN SELECT c.oid::regclass AS rel, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
            WHERE n.nspname IN ('public', 'drizzle') AND c.relkind IN ('r', 'v') LOOP
@@ -201,16 +198,25 @@ GRANT USAGE, CREATE ON SCHEMA public TO app_owner
 # rls.legacy_role names in local and ci, whose contract row level security then keeps (tenancy/rls.py).
 LEGACY_ROLE = "legacy_app"
 LEGACY_ROLE_SQL = """
-DO $$ BEGIN
-  CREATE ROLE legacy_app LOGIN;
-EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
-END $$;
-ALTER ROLE legacy_app LOGIN;
-ALTER ROLE legacy_app RESET ALL;
 GRANT USAGE ON SCHEMA public TO legacy_app;
 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO legacy_app;
 GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO legacy_app
 """
+
+
+
+def ensure_roles(admin_conninfo: str, owner: str = APP_OWNER, legacy: str = LEGACY_ROLE) -> None:
+    """The demo's two roles (the tables' owner, the legacy application's login role), created when missing, on
+    the server's maintenance database in one transaction under db/roles.ROLES_LOCK: test workers build their
+    templates at the same time on one server, and two CREATE ROLE of one name at once fail (unique_violation)."""
+    with psycopg.connect(admin_conninfo) as admin:
+        roles.serialize(admin)
+        for name, options in ((owner, "NOLOGIN"), (legacy, "LOGIN")):
+            if admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone() is None:
+                admin.execute(sql.SQL("CREATE ROLE {} " + options).format(sql.Identifier(name)))
+        admin.execute(sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(legacy)))
+        admin.execute(sql.SQL("ALTER ROLE {} RESET ALL").format(sql.Identifier(legacy)))
+
 
 DRIZZLE_TABLE_SQL = """
 CREATE SCHEMA drizzle;
@@ -273,6 +279,7 @@ def build(admin_conninfo: str, database: str, *, system_uuid: str, system_name: 
         admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
         admin.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(database), sql.Literal(MARKER)))
+    ensure_roles(admin_conninfo)
     target = psycopg.conninfo.make_conninfo(admin_conninfo, dbname=database)
     args = dict(sizes(rows, scale), s=seed, system_uuid=system_uuid, system_name=system_name)
     migrations = drizzle_migrations()

@@ -24,7 +24,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from .. import faults
-from ..db import catalog
+from ..db import catalog, runner_watch
 from ..db.catalog import TableState
 from ..db.database import RUNBOOK_SESSION_SETTING
 from ..errors import LockNotAcquired, RunbookError
@@ -203,6 +203,7 @@ class BatchedBackfill:
             try:
                 while not self._stop.is_set():
                     throttle.wait(self.label)
+                    runner_watch.runner_alive_or_stop(f"a batch of {self.st.name}")
                     faults.point("backfill.before_batch", self.st.name)
                     ask = throttle.batch_size(size)  # at most what the application's budget allows now
                     upper, last = self.space.next_upper(conn, cursor, limit, ask)

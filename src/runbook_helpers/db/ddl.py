@@ -28,7 +28,7 @@ from sqlalchemy.engine import Connection, Engine
 from .. import faults
 from ..errors import LockNotAcquired, RunbookError
 from ..params import LockParams
-from . import catalog, lock_holders, privileges
+from . import catalog, lock_holders, privileges, runner_watch
 from .plan_text import PlanFrame, statement_text
 from .sqltext import render
 
@@ -328,6 +328,7 @@ class Executor:
             statement = render(conn, step.statement)
         if self.dry_run:
             return StepResult(step, "dry run")
+        runner_watch.runner_alive_or_stop(step.label)
         entry = self._journal(step.phase, step.table, step.action, statement, step.lock_text) if self._journal else None
         cleared_from = len(self.cleared)
 
@@ -353,6 +354,7 @@ class Executor:
                 if pending_cleanup:
                     self._try(cleanup, self._render(cleanup), blockers, lock_timeout)
                     pending_cleanup = False
+                runner_watch.runner_alive_or_stop(step.label)
                 faults.point("ddl.before_step", step.action)
                 self._try(step, statement, blockers, lock_timeout)
             except pg_errors.LockNotAvailable:

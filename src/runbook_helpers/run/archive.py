@@ -64,12 +64,36 @@ def write_manifest(folder: Path, data: dict[str, Any]) -> str:
     return sha256_file(folder / MANIFEST)
 
 
+# a 1x1 PNG: the warm-up notebook carries every kind of output a phase notebook has
+_PIXEL = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+
+
 def warm_up_html() -> None:
-    """Import nbconvert and compile its template once, so the first real export is as fast as the rest."""
+    """Import everything an export of a phase notebook imports (nbconvert, its template, the IPython lexer, the
+    Markdown plugins) and compile the template once, by exporting a small notebook with every kind of cell and
+    output the phase notebooks have. Run on the thread that imports the rest (the runner's main thread), before
+    any other thread renders: later exports then import nothing (tests/test_runner_startup.py)."""
     import nbformat
     from nbconvert import HTMLExporter
 
-    HTMLExporter().from_notebook_node(nbformat.v4.new_notebook())
+    v4 = nbformat.v4
+    notebook = v4.new_notebook(metadata={
+        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+        "language_info": {"name": "python", "pygments_lexer": "ipython3", "codemirror_mode": {"name": "ipython",
+                                                                                            "version": 3}}})
+    notebook.cells = [
+        v4.new_markdown_cell("# A phase\n\nWhat the next cell does, and *why* it is `safe`:\n\n- [x] one\n- two "
+                             "<https://example.org>\n\nterm\n: definition\n\n| a | b |\n|---|---|\n| 1 | 2 |"
+                             + "".join(f"\n\n```{language}\nx\n```" for language in ("diff", "sql", "json", "yaml", "sh"))),
+        v4.new_code_cell("rb = open_phase('inspect')\nrb.summary()", outputs=[
+            v4.new_output("stream", name="stdout", text="backfill rules: 3,000/3,000 rows (100%)\n"),
+            v4.new_output("execute_result", data={"text/plain": "   a\n0  1",
+                                                  "text/html": "<table><tr><td>1</td></tr></table>"}, execution_count=1),
+            v4.new_output("display_data", data={"image/png": _PIXEL, "text/plain": "<Figure>"}),
+            v4.new_output("error", ename="RunbookError", evalue="no baseline",
+                          traceback=["\x1b[0;31mRunbookError\x1b[0m: no baseline"])]),
+    ]
+    HTMLExporter().from_notebook_node(notebook)
 
 
 def export_html(notebook: Path) -> Path:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from .. import __version__, paths
 from .. import params as params_mod
-from ..db import database
+from ..db import database, runner_watch
 from ..db.ledger import Ledger
 from ..errors import RunbookError
 from . import accounting, archive
@@ -67,7 +67,7 @@ def parse_phases(text: str | None) -> list[str]:
 
 
 def _kernel_environment(env: str, run_id: str) -> dict[str, str]:
-    return {"RUNBOOK_RUN_ID": run_id, "RUNBOOK_ENV": env,
+    return {"RUNBOOK_RUN_ID": run_id, "RUNBOOK_ENV": env, runner_watch.RUNNER_PID: str(os.getpid()),
             "RUNBOOK_HOME": str(paths.project_root()), "PYDEVD_DISABLE_FILE_VALIDATION": "1",
             # the kernels' connection files (they hold the kernel's HMAC key) in the run's own folder, removed at
             # the end of the run and, after the runner was killed, by the next command (run/accounting.py)
@@ -112,6 +112,21 @@ def execute_notebook(source: Path, target: Path, parameters: dict[str, Any] | No
                                execution_timeout=timeout_s, kernel_manager_class=_kernel_manager_class())
 
 
+def start_html_renderer() -> ThreadPoolExecutor:
+    """The thread that renders each executed notebook as HTML while the next one runs; all renderings are
+    finished before the secret scan and the manifest. Every import of the run happens here first, on the calling
+    thread (papermill, jupyter_client's kernel manager, nbconvert and what an export imports, by exporting a
+    warm-up notebook): two threads importing the same packages at once can meet in a circular import, and one of
+    them then gets a partly initialised module (`cannot import name 'AsyncKernelManager' from partially
+    initialized module 'jupyter_client.manager'`). The thread only ever renders."""
+    import papermill  # noqa: F401
+    from papermill.exceptions import PapermillExecutionError  # noqa: F401
+
+    _kernel_manager_class()
+    archive.warm_up_html()
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="html")
+
+
 def _headline(engine, params) -> dict[str, Any]:
     ledger = Ledger(params.ledger_schema)
     with engine.connect() as conn:
@@ -136,6 +151,21 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
                            f"(or --dry-run to see the plan). Nothing was changed.")
     engine = database.make_engine(params, phase="runner")
     control = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    lost: list[str] = []  # why the runner's own connection is gone: the server went away mid-run
+
+    def on_server(call, *args, default=None):
+        """call(*args) on the server, unless the server went away (then `default`, and `lost` says why): a run
+        whose server stopped ends with its phase's error and a manifest, not a traceback from its clean-up."""
+        if lost:
+            return default
+        try:
+            return call(*args)
+        except Exception as exc:
+            if not connection_lost(exc):
+                raise
+            lost.append(_first_line(exc))
+            return default
+
     try:
         ident = database.identity(control)
         database.check_expected_identity(params, ident)
@@ -158,9 +188,9 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
             """The run's row in the ledger, once the ledger exists: a first run leaves creating it to
             01_inspect, which does so only after its preflight passed (bad input changes nothing)."""
             nonlocal recorded
-            if not dry_run and not recorded and ledger.exists(control):
-                ledger.start_run(control, run_id, env, operator(), wanted, dry_run, __version__, commit)
-                recorded = True
+            if not dry_run and not recorded and on_server(ledger.exists, control, default=False):
+                on_server(ledger.start_run, control, run_id, env, operator(), wanted, dry_run, __version__, commit)
+                recorded = not lost
 
         if not dry_run and "inspect" not in wanted:
             ledger.ensure(control)
@@ -171,10 +201,7 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
         accounting.kernel_runtime_dir(run_id).mkdir(parents=True, exist_ok=True)
         result = RunResult(run_id, folder, "succeeded")
         previous = signal.signal(signal.SIGTERM, _terminate)
-        # HTML renderings are made in the background while the next notebook runs (nbconvert's first
-        # export costs seconds); all are finished before the secret scan and the manifest.
-        html = ThreadPoolExecutor(max_workers=1, thread_name_prefix="html")
-        html.submit(archive.warm_up_html)
+        html = start_html_renderer()
         renderings: list[tuple[dict[str, Any], Future]] = []
         try:
             for phase in wanted:
@@ -205,8 +232,11 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
                     record["html_error"] = f"{type(exc).__name__}: {exc}"
             html.shutdown()
         if result.status != "succeeded":
-            cancelled = cancel_run_backends(control, params, run_id)
-            if result.status == "interrupted":  # one line: what was cancelled
+            cancelled = on_server(cancel_run_backends, control, params, run_id, default=0)
+            if lost:
+                log(f"  the server went away ({lost[0]}): it ended every statement of this run; this run's record "
+                    f"in the ledger stays open until the next run closes it")
+            elif result.status == "interrupted":  # one line: what was cancelled
                 log(f"  {interrupted} interrupted ({why}): cancelled "
                     + (f"{cancelled} statement(s) this run still had running on the server" if cancelled
                        else "the phase; no statement of this run is still running on the server"))
@@ -214,14 +244,18 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
                 log(f"  cancelled {cancelled} statement(s) this run still had running on the server" if cancelled
                     else "  no statement of this run is still running on the server")
             if recorded:
-                ledger.fail_open_phases(control, run_id)
-        lint_note = _write_lint(folder, env, run_id)
-        ambiguities_note = _write_ambiguities(folder, params, env, run_id)
-        conflicts_note = _write_conflicts(folder, env, run_id)
-        writes_note = _write_app_writes(folder, env, run_id)
-        pace_note = _write_pace(folder, env, run_id) if "backfill" in wanted else None
-        sizes_note = _write_table_sizes(folder, env, run_id) if "validate" in wanted else None
-        drizzle_note = _write_drizzle_schema(folder, params, env, run_id) if "validate" in wanted else None
+                on_server(ledger.fail_open_phases, control, run_id)
+        if lost:  # the listings read the database: not written (an embedded server is not started again for them)
+            lint_note = ambiguities_note = conflicts_note = writes_note = pace_note = sizes_note = drizzle_note = \
+                f"not written: the server went away during the run ({lost[0]})"
+        else:
+            lint_note = _write_lint(folder, env, run_id)
+            ambiguities_note = _write_ambiguities(folder, params, env, run_id)
+            conflicts_note = _write_conflicts(folder, env, run_id)
+            writes_note = _write_app_writes(folder, env, run_id)
+            pace_note = _write_pace(folder, env, run_id) if "backfill" in wanted else None
+            sizes_note = _write_table_sizes(folder, env, run_id) if "validate" in wanted else None
+            drizzle_note = _write_drizzle_schema(folder, params, env, run_id) if "validate" in wanted else None
         result.problems = archive.scan_for_secrets(folder, secrets)
         if result.problems:
             result.status = "failed"
@@ -236,7 +270,9 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
                        "system_identifier": ident.system_identifier},
             "params": params.public_dict(),
             "phases": result.phases,
-            "headline": _headline(engine, params),
+            "stopped_at": _stopped_at(result),
+            "server_went_away": lost[0] if lost else None,
+            "headline": {} if lost else on_server(_headline, engine, params, default={}),
             "secret_scan": result.problems or "clean",
             "unclosed_runs_secret_scan": {old.name: f for old, f in unclosed.items()} or "clean",
             "tenancy_lint": lint_note,
@@ -249,15 +285,42 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
         }
         result.manifest_sha256 = archive.write_manifest(folder, manifest)
         if recorded:
-            ledger.finish_run(control, run_id, result.status, result.manifest_sha256)
+            on_server(ledger.finish_run, control, run_id, result.status, result.manifest_sha256)
         log(f"run {run_id} {result.status}; archive: {folder}")
         return result
     finally:
         try:
-            database.release_runbook_locks(control)  # checked at the end of every run: none is left behind
+            # checked at the end of every run: none is left behind (a server that went away holds none)
+            on_server(database.release_runbook_locks, control)
         finally:
             control.close()
             engine.dispose()
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Whether `exc` says the server or the connection to it is gone (shut down, crashed, the network): the
+    connection is then invalidated, and every later use of it fails too."""
+    import psycopg
+    from sqlalchemy.exc import DBAPIError, PendingRollbackError, ResourceClosedError
+
+    if isinstance(exc, (PendingRollbackError, ResourceClosedError)):
+        return True
+    return isinstance(exc, DBAPIError) and (exc.connection_invalidated or isinstance(exc.orig, psycopg.OperationalError))
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    lines = [line.strip() for line in str(orig).splitlines() if line.strip()]
+    return lines[0] if lines else type(orig).__name__
+
+
+def _stopped_at(result: RunResult) -> dict[str, Any] | None:
+    """Where a run that did not succeed stopped: its phase, the cell and the phase's error (None: it succeeded)."""
+    if result.status == "succeeded" or not result.phases:
+        return None
+    last = result.phases[-1]
+    return {"phase": last["name"], "status": last["status"], "notebook": last.get("notebook"),
+            "failed_cell": last.get("failed_cell"), "error": last.get("error")}
 
 
 def _secrets(env: str) -> list[str]:

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from .. import params as params_mod
-from ..db import database
+from ..db import database, runner_watch
 from ..db.ddl import Executor
 from ..db.ledger import Ledger
 from ..errors import RunbookError
@@ -76,6 +76,8 @@ class PhaseSession:
                     f"newer (fast column defaults, SET NOT NULL proven by a valid CHECK). Nothing was changed."
                 )
             under_runner = self.run_id is not None and os.environ.get("RUNBOOK_RUN_ID") == self.run_id
+            if under_runner:
+                runner_watch.arm()  # a kernel dies with its runner
             if not under_runner and not read_only:
                 database.try_advisory_lock(self.control, database.RUN_LOCK, "runbook run")
             if not read_only:
