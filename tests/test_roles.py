@@ -67,3 +67,40 @@ def test_a_fixture_role_and_a_demo_role_of_one_name_made_at_once_both_succeed(se
             assert count_roles(server, [name]) == 1
     finally:
         drop_roles(server, made)
+
+
+def test_constrain_creates_its_role_while_another_database_creates_the_same_one(server, db, empty_db):
+    """Two databases on one server migrated at once both create the application role: the second creation waits
+    for the first to commit, then finds the role there (unique_violation), which the step takes as done."""
+    from runbook_helpers.db.sqltext import render
+    from runbook_helpers.tenancy import rls
+    role = f"app_{uuid.uuid4().hex[:8]}"
+    session = db.session("constrain")
+    try:
+        with session.engine.connect() as conn:
+            created, _ = rls.role_steps(conn, "public", role, ["workflows"], [], None)
+            statement = render(conn, created[0].statement)
+    finally:
+        session.close()
+    first = psycopg.connect(db.url)
+    first.execute(statement)  # created, not committed: the second creation waits on it
+    errors: list[BaseException] = []
+
+    def second():
+        try:
+            with psycopg.connect(empty_db.url, autocommit=True) as conn:
+                conn.execute(statement)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+    thread = threading.Thread(target=second)
+    thread.start()
+    thread.join(1.0)
+    assert thread.is_alive(), "the second creation did not wait for the first"
+    first.commit()
+    first.close()
+    thread.join(30)
+    try:
+        assert errors == []
+        assert count_roles(server, [role]) == 1
+    finally:
+        drop_roles(server, [role])

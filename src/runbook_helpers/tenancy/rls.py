@@ -30,7 +30,7 @@ from psycopg import sql
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from ..db import catalog, partitions
+from ..db import catalog, partitions, roles
 from ..db.ddl import ACCESS_EXCLUSIVE_META, NEW_OBJECT, PRIVILEGES_ONLY, UNDO_PHASE, Lock, Step
 from ..db.names import TENANT_COLUMN, truncate
 
@@ -164,10 +164,14 @@ def role_steps(conn: Connection, schema: str, role: str, tables: list[str], shar
             continue
         exists = conn.execute(ROLE_SQL, {"name": name}).first() is not None
         if not exists:
-            creations.append(Step(PHASE, None, f"create role {name}",
-                              sql.SQL("CREATE ROLE {} NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE").format(
-                                  sql.Identifier(name)), NEW_OBJECT,
-                              "a new role without login: the application team gives it a login and password"))
+            # roles belong to the whole server: another database's migration may create the same role at the same
+            # moment. ROLES_LOCK serializes this database's sessions; the other database's creation is caught
+            # (duplicate_object, or unique_violation when both found it missing), and the role is verified next
+            creations.append(Step(PHASE, None, f"create role {name}", sql.SQL(
+                "DO $$ BEGIN PERFORM pg_advisory_xact_lock({lock}); CREATE ROLE {role} NOLOGIN NOSUPERUSER NOBYPASSRLS "
+                "NOCREATEDB NOCREATEROLE; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$").format(
+                    lock=sql.Literal(roles.ROLES_LOCK), role=sql.Identifier(name)), NEW_OBJECT,
+                "a new role without login: the application team gives it a login and password"))
             granted = {"schema_usage": False, "tables_ok": False, "shared_ok": False, "sequences_ok": False}
         else:
             granted = dict(conn.execute(GRANTED_SQL, {"role": name, "schema": schema, "tables": tables,
