@@ -2,6 +2,7 @@
 interrupted on the server. Each time the re-run completes, nothing is lost, nothing is left half-built,
 and no backend keeps working for a dead client."""
 
+import glob
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import step_harness as harness
 import warm_worker
 from conftest import ROOT, TEMPLATE_ROWS, TEMPLATE_SCALE, Db, create_database, drop_database
 from runbook_helpers import demo
@@ -38,28 +40,14 @@ print("completed")
 """
 FORWARD = "inspect,seed,backfill,constrain"
 
-# (fault spec, what it simulates, the phase it is in): >= 10 distinct points through backfill and constrain
-KILL_POINTS = [
-    ("backfill.before_batch=knowledge_bases#2", "between batches", "backfill"),
-    ("backfill.mid_batch=knowledge_bases#3", "mid-batch: the UPDATE done, its checkpoint not committed", "backfill"),
-    ("backfill.after_batch=knowledge_bases#1", "right after a batch committed", "backfill"),
-    ("backfill.after_table=models", "between tables", "backfill"),
-    ("ddl.after_step=add tenant_id with the System Tenant for every existing row#3", "between fast-default columns",
-     "backfill"),
-    ("ddl.after_step=install the rollout triggers*#2", "between tables' rollout triggers", "backfill"),
-    ("ddl.after_step=open the record of the application's writes*#2", "between the records' openings", "backfill"),
-    ("ddl.after_step=add CHECK (tenant_id IS NOT NULL) NOT VALID#2", "NOT VALID check added, not validated",
-     "constrain"),
-    ("ddl.after_step=set tenant_id NOT NULL#1", "NOT NULL set, the CHECK still there", "constrain"),
-    ("ddl.after_step=add foreign key to tenants NOT VALID#4", "foreign key NOT VALID", "constrain"),
-    ("ddl.before_step=build the tenant_id index#2", "just before an index build", "constrain"),
-    ("ddl.after_step=build the unique index on (tenant_id, id)#3", "composite index built, not yet a constraint",
-     "constrain"),
-    ("ddl.after_step=add rules_tenant_id_workflow_id_workflows_tenant_id_id_fk NOT VALID", "composite FK NOT VALID",
-     "constrain"),
-    ("ddl.after_step=create the SELECT tenant policy#2", "RLS half set up: one policy", "constrain"),
-    ("ddl.after_step=enable row level security#5", "RLS enabled, not forced", "constrain"),
-]
+# Real SIGKILLs of the runner process right after a step. The steps are not listed here: they are what an
+# uninterrupted run of the phase commits, recorded in-process (tests/step_harness.py), so a new step is reachable
+# the day it is added; tests/test_steps_killed.py stops each phase after one step of each kind in-process, and here a
+# real kill is sent at a sample of them (RUNBOOK_STEPS=all, make test-matrix: one of each kind here too).
+SIGKILL_SAMPLE = [("backfill", "first"), ("backfill", "a batch"), ("backfill", "last"), ("constrain", "first"),
+                  ("constrain", "middle"), ("constrain", "last")]
+if os.environ.get("RUNBOOK_STEPS") == "all":
+    SIGKILL_SAMPLE = [(phase, "kind") for phase in ("backfill", "constrain")]
 # what the worker runs with (WORKER): the phases before a kill point's phase are run once per worker into a template
 # with the same params (tests/conftest.py's migrated_db), so each test starts where its killed run's phase begins
 WORKER_PARAMS = params_mod.override(params_mod.load("ci"), {"backfill": {"batch_size": 300, "target_batch_ms": None}})
@@ -111,16 +99,33 @@ def assert_complete_and_intact(db):
     return checked
 
 
-@pytest.mark.parametrize("fault,what,phase", KILL_POINTS, ids=[k[0] for k in KILL_POINTS])
-def test_killed_at_a_point_then_rerun_completes(migrated_db, ci_params, fault, what, phase):
-    # the killed run still runs every phase (FORWARD): those before `phase` find nothing left to do, so the kill
-    # point's count (#n) counts the same steps as from the legacy database
-    db = replace(migrated_db(*BEFORE[phase], params=WORKER_PARAMS), params=ci_params)
-    code, out, err = run_worker(db, FORWARD, f"{fault}@kill")
-    assert code == -signal.SIGKILL, f"the fault point was never reached ({what}): {code} {out} {err[-2000:]}"
-    code, out, err = run_worker(db, FORWARD)
-    assert code == 0, err[-3000:]
-    assert assert_complete_and_intact(db) > 0
+_steps: dict[str, list[str]] = {}  # per worker: the steps an uninterrupted run of each phase commits
+
+
+def kill_specs(migrated_db, phase: str, which: str) -> list[str]:
+    """RUNBOOK_FAULT specs that SIGKILL the runner right after the chosen steps of `phase`: the step's label and
+    its occurrence (a batch's label repeats), as the failpoint step.done sees them."""
+    if phase not in _steps:
+        _steps[phase] = harness.recorded_steps(migrated_db(*BEFORE[phase], params=WORKER_PARAMS), phase)
+    steps = _steps[phase]
+    assert steps, f"{phase} committed no step"
+    positions = {"first": lambda: [1], "middle": lambda: [len(steps) // 2], "last": lambda: [len(steps)],
+                 "a batch": lambda: [[i for i, s in enumerate(steps, 1) if s.endswith(": batch")][1]],  # the 2nd
+                 "kind": lambda: harness.one_per_kind(steps)}[which]()
+    return [f"step.done={glob.escape(steps[n - 1])}#{steps[:n].count(steps[n - 1])}" for n in positions]
+
+
+@pytest.mark.parametrize("phase,which", SIGKILL_SAMPLE, ids=[f"{p}-{w}" for p, w in SIGKILL_SAMPLE])
+def test_killed_right_after_a_step_then_rerun_completes(migrated_db, ci_params, phase, which):
+    # the killed run still runs every phase (FORWARD): those before `phase` find nothing left to do and commit no
+    # step, so the kill lands on the phase's own step
+    for fault in kill_specs(migrated_db, phase, which):
+        db = replace(migrated_db(*BEFORE[phase], params=WORKER_PARAMS), params=ci_params)
+        code, out, err = run_worker(db, FORWARD, f"{fault}@kill")
+        assert code == -signal.SIGKILL, f"the step was never reached ({fault}): {code} {out} {err[-2000:]}"
+        code, out, err = run_worker(db, FORWARD)
+        assert code == 0, err[-3000:]
+        assert assert_complete_and_intact(db) > 0
 
 
 def test_killed_while_inspect_records_the_tenant_ids_of_before_then_rerun_records_them_all(db):
