@@ -13,9 +13,9 @@ NBVAL := --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/nbval_s
 # setuptools and wheel with the rest; that pip then installs the project itself, in a call of its own (an editable
 # install has no hash), without dependencies (the lock has them all) and with the locked setuptools as the build
 # backend (--no-build-isolation: nothing unpinned is fetched). --clear: the venv holds the lock and nothing left
-# from an earlier one (tests/test_packaging.py checks). The lock needs CPython 3.11.5+ (soupsieve 4 requires it).
+# from an earlier one (tests/test_packaging.py checks). The lock installs on any CPython 3.11+.
 $(STAMP): $(LOCK) pyproject.toml
-	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11, 5) else "Python 3.11.5+ is required (set PYTHON=python3.11)")'
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=python3.11)")'
 	$(PYTHON) -m venv --clear $(VENV)
 	$(BIN)/python -m pip install --quiet --require-hashes -r $(LOCK)
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
@@ -47,7 +47,8 @@ bench: $(STAMP)  ## benchmarks (never part of make test)
 # the rest; UPGRADE=1 re-resolves everything to the newest releases. It resolves against PyPI alone (no pip config
 # file, no find-links: a machine's local wheels and extra indexes must not reach the lock) and for the Python that
 # runs it: run it with a 3.11 (PYTHON=python3.11), the oldest the project supports. requirements/bootstrap.in adds
-# pip, setuptools and wheel, the tools that install the project.
+# pip, setuptools and wheel, the tools that install the project; requirements/constraints.txt caps the packages whose
+# newer releases exclude an older 3.11 (their Requires-Python), so that the lock installs on any CPython 3.11.
 lock:
 	rm -rf build/pip-tools
 	$(PYTHON) -m venv build/pip-tools
@@ -55,7 +56,7 @@ lock:
 	env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null \
 	  CUSTOM_COMPILE_COMMAND='make lock' build/pip-tools/bin/pip-compile --quiet --generate-hashes --allow-unsafe \
 	  --strip-extras --extra dev --no-emit-index-url --no-emit-find-links $(if $(UPGRADE),--upgrade) \
-	  --output-file $(LOCK) pyproject.toml requirements/bootstrap.in
+	  --constraint requirements/constraints.txt --output-file $(LOCK) pyproject.toml requirements/bootstrap.in
 	rm -rf build/pip-tools
 
 clean:
