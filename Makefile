@@ -1,17 +1,24 @@
-# Each target bootstraps .venv on first use (python3 -m venv + pip install -e '.[dev]') and reuses it.
+# Each target bootstraps .venv on first use from the lock, requirements/lock.txt (every Python package, runtime and
+# dev, pinned with its hashes), and reuses it until the lock or pyproject.toml changes.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+LOCK := requirements/lock.txt
 NBVAL := --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg
 
-.PHONY: demo test lab notebooks bench clean
+.PHONY: demo test lab notebooks bench lock clean
 
-$(STAMP): pyproject.toml
+# Plain pip installs the lock: the venv's bundled pip checks every file against its hashes and installs the locked pip,
+# setuptools and wheel with the rest; that pip then installs the project itself, in a call of its own (an editable
+# install has no hash), without dependencies (the lock has them all) and with the locked setuptools as the build
+# backend (--no-build-isolation: nothing unpinned is fetched). --clear: the venv holds the lock and nothing left
+# from an earlier one (tests/test_packaging.py checks). The lock installs on any CPython 3.11+.
+$(STAMP): $(LOCK) pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=python3.11)")'
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(PYTHON) -m venv --clear $(VENV)
+	$(BIN)/python -m pip install --quiet --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
 demo: $(STAMP)  ## fresh demo database + the whole runbook on it, archived under runs/local/
@@ -33,6 +40,24 @@ notebooks: $(STAMP)  ## re-execute the committed notebooks on a fresh ci demo da
 
 bench: $(STAMP)  ## benchmarks (never part of make test)
 	$(BIN)/python -m bench
+
+# The lock is pip-tools' compiled requirements, so that installing it needs nothing but the pip every Python has
+# (uv's lock would need uv fetched first). pip-compile runs from a throwaway venv (build/pip-tools), never from .venv,
+# which holds exactly the lock. After a change to pyproject.toml it keeps every pin that still fits and resolves
+# the rest; UPGRADE=1 re-resolves everything to the newest releases. It resolves against PyPI alone (no pip config
+# file, no find-links: a machine's local wheels and extra indexes must not reach the lock) and for the Python that
+# runs it: run it with a 3.11 (PYTHON=python3.11), the oldest the project supports. requirements/bootstrap.in adds
+# pip, setuptools and wheel, the tools that install the project; requirements/constraints.txt caps the packages whose
+# newer releases exclude an older 3.11 (their Requires-Python), so that the lock installs on any CPython 3.11.
+lock:
+	rm -rf build/pip-tools
+	$(PYTHON) -m venv build/pip-tools
+	build/pip-tools/bin/python -m pip install --quiet 'pip-tools>=7.4'
+	env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null \
+	  CUSTOM_COMPILE_COMMAND='make lock' build/pip-tools/bin/pip-compile --quiet --generate-hashes --allow-unsafe \
+	  --strip-extras --extra dev --no-emit-index-url --no-emit-find-links $(if $(UPGRADE),--upgrade) \
+	  --constraint requirements/constraints.txt --output-file $(LOCK) pyproject.toml requirements/bootstrap.in
+	rm -rf build/pip-tools
 
 clean:
 	rm -rf $(VENV)
