@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 LOCK := requirements/lock.txt
 NBVAL := --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg
 
-.PHONY: demo test lab notebooks bench lock clean
+.PHONY: demo test test-matrix lab notebooks bench lock clean
 
 # Plain pip installs the lock: the venv's bundled pip checks every file against its hashes and installs the locked pip,
 # setuptools and wheel with the rest; that pip then installs the project itself, in a call of its own (an editable
@@ -25,8 +25,16 @@ demo: $(STAMP)  ## fresh demo database + the whole runbook on it, archived under
 	$(BIN)/runbook demo --env local
 
 test: $(STAMP)  ## pytest against real PostgreSQL (three workers), then nbval
-	$(BIN)/pytest -q -n 3 --dist loadfile --no-loadscope-reorder tests
+	$(BIN)/pytest -q -n 3 --dist loadfile --no-loadscope-reorder -m "not matrix" tests
 	RUNBOOK_ENV=ci $(BIN)/pytest -q $(NBVAL) notebooks
+
+# The whole matrix, too long for make test's 15 minutes (CI runs it after make test): every step of every phase
+# killed in-process and resumed (make test: one step of each kind), a real SIGKILL after one step of each kind (make
+# test: six), and the runner's start-up 200 times in parallel. Test by test across the workers (--dist load).
+MATRIX := tests/test_steps_killed.py tests/test_faults.py::test_killed_right_after_a_step_then_rerun_completes \
+	tests/test_runner_startup.py
+test-matrix: $(STAMP)  ## every step killed and resumed, a SIGKILL after every kind of step, 200 start-ups
+	RUNBOOK_STEPS=all $(BIN)/pytest -q -n 3 --dist load $(MATRIX)
 
 # Jupyter refuses to start as root ("Running as root is not recommended. Use --allow-root to bypass."): CI and
 # containers often are root, so there the flag is added

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import ROOT
 
 # In a fresh interpreter: start-up as the runner does it, then render every committed notebook on the HTML
@@ -72,6 +74,8 @@ print(failures, runs)
 """
 
 
+@pytest.mark.matrix  # about 4 minutes on 2 cores: make test-matrix
+@pytest.mark.timeout(900)
 def test_the_runners_start_up_200_times_in_parallel_never_fails(tmp_path):
     started = time.monotonic()
     out = subprocess.run([sys.executable, "-c", STARTUP_BURST, "200", "8", str(tmp_path)], capture_output=True,
