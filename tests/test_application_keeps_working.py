@@ -195,3 +195,26 @@ def test_a_constrain_stopped_part_way_names_what_is_in_force_and_the_application
     db.execute_unrecorded("UPDATE rules SET tenant_id = (SELECT w.tenant_id FROM workflows w WHERE w.id = "
                           "rules.workflow_id) WHERE id = (SELECT min(id) FROM rules)")
     db.run("constrain", "validate")  # the re-run resumes and passes
+
+
+def test_the_workload_runs_through_a_rollback_without_an_error(migrated):
+    """Rollback hands the database back to the legacy application while it writes: no statement fails, and what it
+    wrote meanwhile stays (the step harness checks between every two statements; this runs it continuously)."""
+    db = migrated
+    p = db.params
+    workload = LegacyWorkload(as_role(db), namespace=p.legacy.tenant_uuid_namespace, system_tenant=p.system_tenant.uuid)
+    workload.start()
+    try:
+        time.sleep(0.5)
+        workload.phase = "rollback"
+        out = db.run("rollback")["rollback"]
+        workload.phase = "after rollback"
+        time.sleep(0.5)
+    finally:
+        workload.stop()
+    assert workload.errors() == [], workload.errors()[:5]
+    assert {"rollback", "after rollback"} <= {phase for phase, _ in workload.counts()}
+    assert out["verdict"].startswith("the database is back to its shape before the migration")
+    assert db.scalar("SELECT count(*) FROM pg_attribute WHERE attrelid = 'workflows'::regclass AND attname = 'tenant_id' "
+                     "AND NOT attisdropped") == 0
+    assert db.scalar("SELECT count(*) FROM workflows WHERE name LIKE 'wl-%%'") > 0
