@@ -9,6 +9,8 @@ import re
 import psycopg
 import pytest
 
+import step_harness as harness
+
 from runbook_helpers import params as params_mod
 from runbook_helpers.errors import RunbookError
 from runbook_helpers.phases import distribute, rollback
@@ -20,7 +22,7 @@ MIGRATED = ("inspect", "seed", "backfill", "constrain", "validate", "finalize")
 # what the demo needs to be let through: the application agreed, its updated_at trigger goes along, "user" (which
 # workflows.created_by references) becomes a reference table
 AGREED = {"distribution": {"application_keys_agreed": True, "triggers": "enable_unsafe", "reference_tables": ["user"]}}
-CITUS_CALLS = ("create_distributed_table", "create_reference_table")
+CITUS_CALLS = harness.CITUS_CALLS
 
 
 def finalized(migrated_db, overrides=None):
@@ -126,13 +128,7 @@ def test_the_blockers_name_what_to_do(migrated_db):
         "name user in distribution.reference_tables")
 
 
-def run_plain_postgres_part(db) -> list[str]:
-    """The plan's steps that plain PostgreSQL can run, in plan order: all but Citus's own calls."""
-    with db.session("distribute", params=db.params) as rb:
-        steps = distribute.analyse(rb).steps
-        plain = [s for s in steps if not any(call in str(s.statement.as_string(None)) for call in CITUS_CALLS)]
-        rb.executor().run_all(plain)
-    return [s.action for s in plain]
+run_plain_postgres_part = harness.plain_distribute  # every step but Citus's own calls, in plan order
 
 
 def test_the_key_changes_and_the_foreign_key_cycle_run_online_on_plain_postgres(migrated_db):

@@ -1,7 +1,7 @@
 """Safe at every moment (issue 25): every phase of the demo (legacy mapping, RLS and composite keys on) and of the
 shop walked one step at a time with the application's contract checked between any two steps (tests/step_harness.py),
 rollback started from after each forward phase, and a kill right after every kind of step resumed to the end state
-of an uninterrupted run. `make test-steps` kills after every step, not only one of each kind."""
+of an uninterrupted run. `make test-matrix` kills after every step, not only one of each kind."""
 
 import os
 
@@ -46,6 +46,19 @@ def test_every_step_of_rollback_keeps_the_demo_application_working(migrated_db, 
     walk.check(f"{after} (the start)")
     harness.walk_phase(db, "rollback", walk)
     print(f"{len(walk.steps)} steps walked")
+    assert walk.failures == [], "\n".join(f"{n}x {k}" for k, n in summarize(walk.failures).items())
+
+
+def test_every_step_of_distributes_plain_postgres_part_keeps_the_tenant_aware_application_working(migrated_db):
+    """07_distribute after finalize, the application agreed to (tenant_id, …) keys: its key swaps and the foreign key
+    drop/re-add cycle (what plain PostgreSQL can run of it) never break the release that writes tenant_id."""
+    from test_distribute import AGREED, finalized
+    db = finalized(migrated_db, AGREED)
+    walk = harness.Walk(db.url, harness.DEMO, workloads=(True,))
+    walk.check("finalize (the start)")
+    harness.walk_phase(db, "distribute", walk)
+    print(f"{len(walk.steps)} steps walked")
+    assert len(walk.steps) > 20
     assert walk.failures == [], "\n".join(f"{n}x {k}" for k, n in summarize(walk.failures).items())
 
 
