@@ -244,10 +244,13 @@ def _restart_home(home: Path, database: str) -> Path:
     return home
 
 
+@pytest.mark.parametrize("pause", ["backfill.mid_batch=knowledge_bases#2", "backfill.before_batch=knowledge_bases#2"],
+                         ids=["inside a batch", "between two batches"])
 def test_server_stopped_mid_backfill_ends_the_run_with_its_line_and_a_manifest(restart_db, restart_server, home,
-                                                                              tmp_path):
-    """The server stops (immediate shutdown) inside a batch of `runbook run` (its UPDATE done): the run fails as a phase fails
-    (exit 1, the batch's one line), never as an internal error, and its manifest says where it stopped."""
+                                                                              tmp_path, pause):
+    """The server stops (immediate shutdown) inside a batch of `runbook run` (its UPDATE done), or between two: the run
+    fails as a phase fails (exit 1, the batch's one line), never as an internal error or a driver's raw exception, and
+    its manifest says where it stopped."""
     from conftest import runbook_cli
     db, server = restart_db, restart_server
     db.execute("CHECKPOINT")  # see test_server_restarted_mid_phase_then_rerun_completes
@@ -256,7 +259,7 @@ def test_server_stopped_mid_backfill_ends_the_run_with_its_line_and_a_manifest(r
     runbook = Path(sys.executable).with_name("runbook")
     proc = subprocess.Popen([str(runbook), "run", "--env", RESTART_ENV, "--phases", "inspect,seed,backfill"],
                             env=dict(os.environ, RUNBOOK_HOME=str(home), RUNBOOK_FAULT_MARKER=str(marker),
-                                     RUNBOOK_FAULT="backfill.mid_batch=knowledge_bases#2@pause"),
+                                     RUNBOOK_FAULT=f"{pause}@pause"),
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(marker, 300)

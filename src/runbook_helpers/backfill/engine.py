@@ -206,8 +206,11 @@ class BatchedBackfill:
                     runner_watch.runner_alive_or_stop(f"a batch of {self.st.name}")
                     faults.point("backfill.before_batch", self.st.name)
                     ask = throttle.batch_size(size)  # at most what the application's budget allows now
-                    upper, last = self.space.next_upper(conn, cursor, limit, ask)
-                    conn.commit()
+                    try:
+                        upper, last = self.space.next_upper(conn, cursor, limit, ask)
+                        conn.commit()
+                    except DBAPIError as exc:  # e.g. the server went away between two batches
+                        raise self._failed(exc) from None
                     statement, args = self.space.update(conn, cursor, upper, self.assign)
                     seconds = self._batch(conn, statement, args, part["part"],
                                           upper if upper is not None else cursor,
@@ -230,6 +233,10 @@ class BatchedBackfill:
                     driver.execute("RESET session_replication_role")
                     driver.commit()
 
+    def _failed(self, exc: DBAPIError) -> RunbookError:
+        return RunbookError(f"{self.st.name}: backfill batch failed: {exc.orig}; every committed checkpoint is intact, "
+                            f"fix the cause and re-run to resume")
+
     def _batch(self, conn: Connection, statement: str, args: list, part: int, new_last: Key,
                extra: dict | None = None) -> float:
         """One batch and its checkpoint in one transaction; lock timeouts climb the retry ladder."""
@@ -246,8 +253,7 @@ class BatchedBackfill:
                 break
             except DBAPIError as exc:
                 if not isinstance(exc.orig, pg_errors.LockNotAvailable):
-                    raise RunbookError(f"{self.st.name}: backfill batch failed: {exc.orig}; every committed "
-                                       f"checkpoint is intact, fix the cause and re-run to resume") from None
+                    raise self._failed(exc) from None
                 if attempt == retry.attempts:
                     raise LockNotAcquired(
                         f"{self.st.name}: a backfill batch could not lock its rows after {retry.attempts} tries of "
