@@ -238,6 +238,13 @@ def walk_phase(db, phase: str, walk: Walk, **kw):
     return out
 
 
+def warm_up(db, phase: str, **kw) -> None:
+    """Runs `phase` once on a copy that is then thrown away, before the steps are recorded on another: what a phase
+    creates for the whole server (constrain's application role) then exists for the recorded run as for every run
+    after it, so their steps agree (on a fresh server the first run alone has a "create role" step)."""
+    run(db, phase, **kw)
+
+
 def recorded_steps(db, phase: str, **kw) -> list[str]:
     """The steps an uninterrupted run of `phase` commits, in order."""
     seen: list[str] = []

@@ -106,6 +106,7 @@ def kill_specs(migrated_db, phase: str, which: str) -> list[str]:
     """RUNBOOK_FAULT specs that SIGKILL the runner right after the chosen steps of `phase`: the step's label and
     its occurrence (a batch's label repeats), as the failpoint step.done sees them."""
     if phase not in _steps:
+        harness.warm_up(migrated_db(*BEFORE[phase], params=WORKER_PARAMS), phase)
         _steps[phase] = harness.recorded_steps(migrated_db(*BEFORE[phase], params=WORKER_PARAMS), phase)
     steps = _steps[phase]
     assert steps, f"{phase} committed no step"

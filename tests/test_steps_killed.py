@@ -30,6 +30,7 @@ _recorded: dict[str, tuple[list[str], dict]] = {}  # per worker: the uninterrupt
 def reference(migrated_db, params, phase: str) -> tuple[list[str], dict]:
     if phase not in _recorded:
         before, kw = KILLED[phase]
+        harness.warm_up(migrated_db(*before, params=params), phase, **kw)
         db = migrated_db(*before, params=params)
         steps = harness.recorded_steps(db, phase, **kw)
         _recorded[phase] = steps, harness.end_state(db)

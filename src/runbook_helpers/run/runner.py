@@ -7,6 +7,7 @@ the environment variable itself), and writes the audit record whether the run su
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -215,6 +216,7 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
                     result.status = "failed"
                     break
         except KeyboardInterrupt as exc:
+            _retrieve_abandoned_cells()
             result.status = "interrupted"
             why = str(exc) or "Ctrl-C"
             result.phases.append({"name": phase, "status": "interrupted", "error": why,
@@ -295,6 +297,20 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
         finally:
             control.close()
             engine.dispose()
+
+
+def _retrieve_abandoned_cells() -> None:
+    """Ctrl-C stops papermill's event loop while the cell it executes is still a task on it; the kernel is shut down
+    afterwards, the task ends with DeadKernelError, and when it is garbage collected asyncio prints "Task exception
+    was never retrieved" with a traceback (seen under load). The outcome is known (the run was interrupted): each
+    such task's exception is taken when it ends."""
+    try:
+        from jupyter_core.utils import ensure_event_loop
+        tasks = asyncio.all_tasks(ensure_event_loop())
+    except Exception:  # nothing to take: no loop was made
+        return
+    for task in tasks:
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 def connection_lost(exc: BaseException) -> bool:
