@@ -110,10 +110,11 @@ def kill_specs(migrated_db, phase: str, which: str) -> list[str]:
         _steps[phase] = harness.recorded_steps(migrated_db(*BEFORE[phase], params=WORKER_PARAMS), phase)
     steps = _steps[phase]
     assert steps, f"{phase} committed no step"
-    share, _, shares = (which.split()[1:] or ["0/1"])[0].partition("/")
+    kind, _, share_of = which.partition(" ") if which.startswith("kinds ") else (which, "", "0/1")
+    share, _, shares = share_of.partition("/")
     positions = {"first": lambda: [1], "middle": lambda: [len(steps) // 2], "last": lambda: [len(steps)],
                  "a batch": lambda: [[i for i, s in enumerate(steps, 1) if s.endswith(": batch")][1]],  # the 2nd
-                 "kinds": lambda: harness.one_per_kind(steps)[int(share):: int(shares)]}[which.split()[0]]()
+                 "kinds": lambda: harness.one_per_kind(steps)[int(share):: int(shares)]}[kind]()
     return [f"step.done={glob.escape(steps[n - 1])}#{steps[:n].count(steps[n - 1])}" for n in positions]
 
 

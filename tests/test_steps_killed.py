@@ -24,6 +24,9 @@ KILLED = {"seed": (FORWARD[:1], {}), "backfill": (FORWARD[:2], {}), "constrain":
 SHARES = {"seed": 1, "backfill": 2, "constrain": 4, "finalize": 1, "rollback": 2, "distribute": 2}  # tests per phase
 if ALL_STEPS:
     SHARES = {phase: 4 * n for phase, n in SHARES.items()}
+# the same batches in every run: batch sizes fixed (no adapting to the batches' time, no controller on the canary's
+# latency), which on a busy machine otherwise split the backfill into more batches in one run than in another
+FIXED_BATCHES = {"backfill": {"target_batch_ms": None, "throttle": {"budget_p99_ms": None}}}
 _recorded: dict[str, tuple[list[str], dict]] = {}  # per worker: the uninterrupted run's steps and end state
 
 
@@ -40,7 +43,8 @@ def reference(migrated_db, params, phase: str) -> tuple[list[str], dict]:
 @pytest.mark.parametrize("phase,share", [(phase, i) for phase, n in SHARES.items() for i in range(n)])
 def test_a_phase_killed_after_a_step_resumes_to_the_end_state_of_an_uninterrupted_run(migrated_db, ci_params, phase,
                                                                                       share):
-    params = params_mod.override(ci_params, AGREED if phase == "distribute" else LEGACY_ON)
+    params = params_mod.override(params_mod.override(ci_params, AGREED if phase == "distribute" else LEGACY_ON),
+                                 FIXED_BATCHES)
     before, kw = KILLED[phase]
     steps, want = reference(migrated_db, params, phase)
     positions = list(range(1, len(steps) + 1)) if ALL_STEPS else harness.one_per_kind(steps)
