@@ -14,7 +14,8 @@ from runbook_helpers import params as params_mod
 from runbook_helpers.errors import RunbookError
 from runbook_helpers.legacy import conflicts
 from runbook_helpers.phases import inspect
-from runbook_helpers.tenancy import lint, readiness
+from runbook_helpers.distribution import readiness
+from runbook_helpers.tenancy import lint
 
 SHOP_SQL = """
 CREATE TABLE org (id bigserial PRIMARY KEY, uuid uuid NOT NULL UNIQUE, name text NOT NULL, slug text NOT NULL UNIQUE,

@@ -16,7 +16,7 @@ from runbook_helpers.errors import RunbookError
 from runbook_helpers.phases import distribute, rollback
 from runbook_helpers.phases.headless import run_phase
 from runbook_helpers.run import runner
-from runbook_helpers.tenancy import citus
+from runbook_helpers.distribution import citus
 
 MIGRATED = ("inspect", "seed", "backfill", "constrain", "validate", "finalize")
 # what the demo needs to be let through: the application agreed, its updated_at trigger goes along, "user" (which

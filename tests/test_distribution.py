@@ -1,7 +1,7 @@
 """Distribution readiness and the composite-key step: online, resumable, and keeping each foreign key's
 ON DELETE behaviour."""
 
-from runbook_helpers.tenancy import readiness as readiness_mod
+from runbook_helpers.distribution import readiness as readiness_mod
 from runbook_helpers import params as params_mod
 
 

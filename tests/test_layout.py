@@ -1,7 +1,7 @@
 """The package's layers: every import points down (DESIGN.md, Layout), checked on the source itself.
 
 Foundation modules (errors, paths, params, faults) import only each other; db imports the foundation;
-backfill, tenancy and drizzle import db; legacy imports db and backfill (it builds the engine's
+backfill, tenancy and drizzle import db; distribution imports db and tenancy; legacy imports db and backfill (it builds the engine's
 assignments); phases import those; run imports phases; cli and demo sit on top. A module-level import
 and one inside a function count the same: a lazy import upwards is still a dependency upwards.
 """
@@ -19,15 +19,16 @@ ALLOWED = {
     "db": set(),
     "backfill": {"db"},
     "tenancy": {"db"},
+    "distribution": {"db", "tenancy"},
     "drizzle": {"db"},
     "legacy": {"db", "backfill"},
-    "phases": {"db", "backfill", "tenancy", "legacy", "drizzle"},
-    "run": {"db", "backfill", "tenancy", "legacy", "drizzle", "phases"},
+    "phases": {"db", "backfill", "tenancy", "distribution", "legacy", "drizzle"},
+    "run": {"db", "backfill", "tenancy", "distribution", "legacy", "drizzle", "phases"},
     "demo": {"db", "drizzle"},
     "workload": set(),
-    "cli": {"db", "backfill", "tenancy", "legacy", "drizzle", "phases", "run", "demo", "workload"},
+    "cli": {"db", "backfill", "tenancy", "distribution", "legacy", "drizzle", "phases", "run", "demo", "workload"},
 }
-SUBPACKAGES = {"db", "backfill", "tenancy", "legacy", "phases", "run"}
+SUBPACKAGES = {"db", "backfill", "tenancy", "distribution", "legacy", "phases", "run"}
 
 
 def layer_of(parts: list[str]) -> str:

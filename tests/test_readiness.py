@@ -10,7 +10,7 @@ from psycopg import sql
 from runbook_helpers import params as params_mod
 from runbook_helpers.db.ddl import ACCESS_EXCLUSIVE_META, Step
 from runbook_helpers.phases import distribute, inspect
-from runbook_helpers.tenancy import readiness as readiness_mod
+from runbook_helpers.distribution import readiness as readiness_mod
 from test_distribute import AGREED, MIGRATED, run_plain_postgres_part
 from test_second_schema import shop_params
 

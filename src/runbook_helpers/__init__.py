@@ -1,7 +1,7 @@
 """Helpers for the tenancy runbook: every notebook cell calls into this package.
 
 Layout (imports point down only): the foundation modules errors, paths, params and faults; db (the
-database plumbing); backfill (the batch engine), tenancy (the isolation guarantees), legacy (the org ->
+database plumbing); backfill (the batch engine), tenancy (the isolation guarantees), distribution (Citus), legacy (the org ->
 tenant mapping) and drizzle (the application's migrations); phases (one module per notebook); run (the
 session, runner, archive, progress, charts); cli on top. The names the notebooks and the application use
 are re-exported here, loaded on first use so that importing a low layer never pulls in the ones above.

@@ -178,7 +178,7 @@ def _plan(env: str, fmt: str = "table") -> int:
 def _refuse_without_citus(env: str) -> None:
     """`runbook distribute` on a server that is not a Citus coordinator: refused before anything runs."""
     from .db import database
-    from .tenancy import citus
+    from .distribution import citus
 
     engine = database.make_engine(params_mod.load(env), phase="runner")
     try:

@@ -22,7 +22,7 @@ statements, so that every scan holds its lock on one partition only:
   index: CREATE INDEX ON ONLY the parent (and each sub-partitioned level), CREATE INDEX CONCURRENTLY per leaf,
     ALTER INDEX … ATTACH PARTITION; the parent's index becomes valid when every partition's is attached.
 Then, across tables: composite primary and foreign keys (distribution.composite_keys; see
-tenancy/distribution.py) and row level security (rls.enabled; see tenancy/rls.py).
+tenancy/composite_keys.py) and row level security (rls.enabled; see tenancy/rls.py).
 
 Before any VALIDATE, the rows as they are must stay within their tenants (legacy/conflicts.py): a conflict
 without a rule stops the phase with nothing changed. A VALIDATE that fails anyway (a row written since)
@@ -57,7 +57,7 @@ from ..db.ddl import (
 from ..db.names import TENANT_COLUMN
 from ..errors import RunbookError
 from ..legacy import conflicts
-from ..tenancy import distribution, rls
+from ..tenancy import composite_keys, rls
 from . import original_schema
 from . import privileges
 from . import state as table_states
@@ -291,8 +291,8 @@ def extra_steps(rb) -> list[Step]:
     out: list[Step] = []
     with rb.engine.connect() as conn:
         if rb.params.distribution.composite_keys:
-            out += distribution.steps(conn, rb.schema, rb.params.tables, recorded=recorded_constraints(rb, conn),
-                                      plain=distribution.accepted_references(rb.params))
+            out += composite_keys.steps(conn, rb.schema, rb.params.tables, recorded=recorded_constraints(rb, conn),
+                                      plain=composite_keys.accepted_references(rb.params))
         if rb.params.rls.enabled:
             out += rls.steps(rb, conn)
     return out
@@ -465,7 +465,7 @@ def undo_steps(rb, conn, before) -> list[Step]:
     out = rls.view_grant_undo_steps(conn, _applied_actions(rb))  # the grants first: the role is refused, never
     out += rls.undo_steps(conn, rb.schema, states, before.views(), granted_roles(rb, before.tables),  # shown all
                           p.tables + p.shared_tables)
-    out += distribution.undo_steps(conn, rb.schema, states, before.tables)
+    out += composite_keys.undo_steps(conn, rb.schema, states, before.tables)
     for name, st in states.items():
         out += _undo_table(conn, rb.schema, st, before.tables[name])
     return out

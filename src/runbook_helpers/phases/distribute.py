@@ -1,13 +1,13 @@
 """Phase 7 (07_distribute): shard the tenant tables by tenant_id with Citus, after 06_finalize, on a Citus
 coordinator only.
 
-The plan follows what a Citus 13 cluster accepted (issue 18; tenancy/citus.py lists the facts):
+The plan follows what a Citus 13 cluster accepted (issue 18; distribution/citus.py lists the facts):
   1. the key changes the application must agree to (distribution.application_keys_agreed): every primary key and
      unique key of a tenant table becomes (tenant_id, …), built CONCURRENTLY and swapped in separate statements
-     (tenancy/citus_keys.py);
+     (distribution/citus_keys.py);
   2. the foreign keys among the tenant tables and the reference tables dropped (definitions kept in the ledger);
   3. tenants, users, user_tenants, the shared tables and distribution.reference_tables made reference tables;
-  4. every tenant table distributed by tenant_id, colocated with the first (tenancy/citus_tables.py);
+  4. every tenant table distributed by tenant_id, colocated with the first (distribution/citus_tables.py);
   5. the foreign keys re-added NOT VALID, then validated.
 Every statement is shown with its lock and, for Citus's copies, the bytes it moves (pg_total_relation_size) before
 anything runs. The phase refuses, changing nothing, on a server without Citus or that is not the coordinator (a
@@ -29,7 +29,8 @@ from ..db import catalog
 from ..db.ddl import Step, plan_frame, results_frame
 from ..db.sqltext import render
 from ..errors import RunbookError
-from ..tenancy import citus, citus_keys, citus_tables, distribution
+from ..distribution import citus, citus_keys, citus_tables
+from ..tenancy import composite_keys
 from . import state as table_states
 
 PHASE = "distribute"
@@ -70,7 +71,7 @@ class Analysis:
                 unsafe.add(trig.table)
 
         fks = catalog.foreign_keys(conn, schema, self.tables)
-        plain = distribution.accepted_references(p)
+        plain = composite_keys.accepted_references(p)
         keys = [k for k in citus.keys_without_tenant(conn, schema, self.tables) if managed.get(k.table) != "distributed"]
         self.keys = []
         for key in keys:

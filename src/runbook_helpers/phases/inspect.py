@@ -358,6 +358,6 @@ def lint_summary(frame: pd.DataFrame) -> pd.DataFrame:
 def distribution_readiness(rb) -> pd.DataFrame:
     """Ready for sharding by tenant_id with Citus? Each finding with what to do; 07_distribute's plan is checked for
     statement shapes Citus refuses (distribution.composite_keys makes keys composite in constrain)."""
-    from ..tenancy import readiness
+    from ..distribution import readiness
     from . import distribute
     return ReadingFrame(readiness.readiness(rb, planned=distribute.analyse(rb).steps))

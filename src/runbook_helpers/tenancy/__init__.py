@@ -1,4 +1,4 @@
-"""The isolation guarantees: row level security and the application roles, the tenancy lint, the
-isolation suite, distribution readiness and composite keys.
+"""The isolation guarantees: row level security and the application roles, the rollout triggers, the tenancy
+lint, the isolation suite and composite keys.
 
 Imports db and the foundation modules only."""

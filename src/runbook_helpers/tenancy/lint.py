@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection
 
 from ..db import catalog
 from ..db.names import TENANT_COLUMN
-from . import distribution, rls
+from . import composite_keys, rls
 
 COLUMNS = ["rule", "object", "finding", "status", "reason"]
 PASS, FAIL, ACCEPTED, ADVISORY = "pass", "FAIL", "accepted", "advisory"
@@ -154,9 +154,9 @@ def run(rb, conn: Connection | None = None) -> pd.DataFrame:
             + (f": {u.assessment}" if scoped else ""), global_id or scoped)
 
     fks = catalog.foreign_keys(conn, schema, tables)
-    plain = distribution.accepted_references(p)
+    plain = composite_keys.accepted_references(p)
     for fk in fks:
-        twin = None if TENANT_COLUMN in fk.cols else distribution.covering(fk, fks)
+        twin = None if TENANT_COLUMN in fk.cols else composite_keys.covering(fk, fks)
         ok = TENANT_COLUMN in fk.cols or twin is not None
         reason = None if ok else plain.get(f"{fk.child}.{fk.name}")
         add("foreign keys between tenant tables include tenant_id", f"{fk.child}.{fk.name}",

@@ -1,4 +1,4 @@
-"""The opt-in composite-key step, and the catalog reads distribution readiness (tenancy/readiness.py) shares.
+"""The opt-in composite-key step, and the catalog reads distribution readiness (distribution/readiness.py) shares.
 
 A sharded PostgreSQL co-locates rows by tenant_id, so every primary key, unique key and foreign key
 between tenant tables must include it; shared tables become reference tables; ids must not run out. With distribution.composite_keys, constrain adds the composite keys

@@ -1,5 +1,5 @@
 """Distribution readiness: what Citus will refuse of the end state, read from the catalog of plain PostgreSQL, each
-finding with what to do (tenancy/citus.py lists the facts it follows; 07_distribute acts on them).
+finding with what to do (distribution/citus.py lists the facts it follows; 07_distribute acts on them).
 
 A row is ready when Citus takes the object as it is, or 07_distribute deals with it without a decision of yours;
 not ready when something must change first: a key without tenant_id (a composite key beside it does not help), a
@@ -14,7 +14,8 @@ from sqlalchemy.engine import Connection
 
 from ..db import catalog, partitions
 from ..db.names import TENANT_COLUMN
-from . import citus, citus_keys, distribution
+from ..tenancy import composite_keys
+from . import citus, citus_keys
 
 COLUMNS = ["check", "object", "finding", "ready", "what to do"]
 SWAP = ("07_distribute makes it ({cols}) once distribution.application_keys_agreed (built CONCURRENTLY, swapped in "
@@ -33,14 +34,14 @@ def readiness(rb, planned=None) -> pd.DataFrame:
     with rb.engine.connect() as conn:
         tables = citus.existing(conn, rb.schema, p.tables)
         fks = catalog.foreign_keys(conn, rb.schema, tables)
-        plain = distribution.accepted_references(p)
+        plain = composite_keys.accepted_references(p)
         keys = {(k.table, k.name): k for k in citus.keys_without_tenant(conn, rb.schema, tables)}
         _tables(conn, rb, tables, keys, fks, plain, add)
         _unique_keys(p, tables, keys, fks, plain, add)
         _foreign_keys(fks, plain, keys, add)
         _triggers(conn, rb, tables, p, add)
         _references(conn, rb, tables, p, add)
-        for r in conn.execute(distribution.SEQUENCES_SQL, {"schema": rb.schema, "tables": p.tables}).mappings():
+        for r in conn.execute(composite_keys.SEQUENCES_SQL, {"schema": rb.schema, "tables": p.tables}).mappings():
             add("sequences are bigint", f"{r['table']}.{r['sequence']}", r["type"], r["type"] == "bigint",
                 "" if r["type"] == "bigint" else "ALTER SEQUENCE … AS bigint and the column to bigint")
         _shapes(conn, planned, add)
@@ -59,8 +60,8 @@ def _tables(conn: Connection, rb, tables, keys, fks, plain, add) -> None:
             st.column_type in (None, "bigint"), "" if st.column_type in (None, "bigint") else
             "the distribution column must have one type in every colocated table: make it bigint")
         held = [] if TENANT_COLUMN in st.pk_columns or not st.pk_columns else \
-            distribution.external_references(conn, rb.schema, st.oid, rb.params.tables)
-        composite = [TENANT_COLUMN] + st.pk_columns in distribution.unique_constraints(conn, st.oid).values()
+            composite_keys.external_references(conn, rb.schema, st.oid, rb.params.tables)
+        composite = [TENANT_COLUMN] + st.pk_columns in composite_keys.unique_constraints(conn, st.oid).values()
         pk = next((k for k in keys.values() if k.table == name and k.kind == "primary key"), None)
         add("primary key includes tenant_id", name, f"({', '.join(st.pk_columns) or 'none'})" + (
             f"; UNIQUE ({TENANT_COLUMN}, {', '.join(st.pk_columns)}) is in place: making it the primary key is "
@@ -98,7 +99,7 @@ def _foreign_keys(fks, plain, keys, add) -> None:
     for fk in fks:
         if fk.parent == "tenants":
             continue
-        twin = None if TENANT_COLUMN in fk.cols else distribution.covering(fk, fks)
+        twin = None if TENANT_COLUMN in fk.cols else composite_keys.covering(fk, fks)
         reason = plain.get(f"{fk.child}.{fk.name}") if twin is None else None
         if TENANT_COLUMN in fk.cols:
             todo = "07_distribute drops it before create_reference_table and re-adds it NOT VALID, then VALIDATE"

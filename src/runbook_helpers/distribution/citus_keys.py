@@ -24,7 +24,8 @@ from sqlalchemy.engine import Connection
 from ..db import catalog
 from ..db.ddl import ACCESS_EXCLUSIVE_META, Step
 from ..db.names import TENANT_COLUMN, truncate
-from . import citus, distribution
+from ..tenancy import composite_keys
+from . import citus
 
 PHASE = "distribute"
 KEY_LOCK = "ACCESS EXCLUSIVE on the table and the tables whose foreign keys go (metadata only, milliseconds)"
@@ -52,7 +53,7 @@ def blockers(key: citus.UniqueKey, tables: list[str], fks: list[catalog.ForeignK
             out.append(f"{child}.{name} is an accepted cross-tenant reference (cross_tenant.foreign_keys: wins: child)"
                        f": Citus cannot keep a foreign key across tenants; drop it or make {key.table} a table outside "
                        f"the spec (a reference table)")
-        elif fk is None or distribution.covering(fk, fks) is None:
+        elif fk is None or composite_keys.covering(fk, fks) is None:
             out.append(f"{child}.{name} references {key.table} ({', '.join(key.columns)}) without tenant_id and has "
                        f"no (tenant_id, …) twin: turn on distribution.composite_keys and re-run 04_constrain")
     return out
@@ -64,7 +65,7 @@ def steps(conn: Connection, schema: str, ledger_schema: str, keys: list[citus.Un
     for key in keys:
         st = catalog.table_state(conn, schema, key.table)
         index = new_index_name(key)
-        out += distribution.unique_index_steps(PHASE, conn, st, index, key.tenant_columns)
+        out += composite_keys.unique_index_steps(PHASE, conn, st, index, key.tenant_columns)
         out.append(swap_step(schema, ledger_schema, key, index))
     return out
 

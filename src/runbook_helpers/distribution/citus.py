@@ -25,7 +25,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from ..db.names import TENANT_COLUMN
-from . import rollout
+from ..tenancy import rollout
 
 SEED_TABLES = ("tenants", "users", "user_tenants")  # seed's tables: every tenant's rows, replicated
 
