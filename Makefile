@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 LOCK := requirements/lock.txt
 NBVAL := --nbval-lax --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg
 
-.PHONY: demo test test-matrix lab notebooks bench lock clean
+.PHONY: demo test test-matrix test-citus lab notebooks bench lock clean
 
 # Plain pip installs the lock: the venv's bundled pip checks every file against its hashes and installs the locked pip,
 # setuptools and wheel with the rest; that pip then installs the project itself, in a call of its own (an editable
@@ -25,7 +25,7 @@ demo: $(STAMP)  ## fresh demo database + the whole runbook on it, archived under
 	$(BIN)/runbook demo --env local
 
 test: $(STAMP)  ## pytest against real PostgreSQL (three workers), then nbval
-	$(BIN)/pytest -q -n 3 --dist loadfile --no-loadscope-reorder -m "not matrix" tests
+	$(BIN)/pytest -q -n 3 --dist loadfile --no-loadscope-reorder -m "not matrix" --ignore=tests/citus tests
 	RUNBOOK_ENV=ci $(BIN)/pytest -q $(NBVAL) notebooks
 
 # The whole matrix, too long for make test's 15 minutes (CI runs it after make test): every step of every phase
@@ -35,6 +35,13 @@ MATRIX := tests/test_steps_killed.py tests/test_faults.py::test_killed_right_aft
 	tests/test_runner_startup.py
 test-matrix: $(STAMP)  ## every step killed and resumed, a SIGKILL after every kind of step, 200 start-ups
 	RUNBOOK_STEPS=all $(BIN)/pytest -q -n 3 --dist load $(MATRIX)
+
+# On a real Citus cluster (tests/citus/): Citus 13.0.5 built once per machine from ../shared/peers/ against Debian's
+# PostgreSQL 15 (tests/citus/build.sh; .ci/run installs what the build needs), a coordinator and two workers on
+# 127.0.0.1 started by the suite in .runbook/citus-*/. Without Citus the suite skips, saying how to get it (under CI
+# it fails).
+test-citus: $(STAMP)  ## 07_distribute, validate and the application on a real Citus cluster
+	$(BIN)/pytest -q -n 2 --dist loadfile tests/citus
 
 # Jupyter refuses to start as root ("Running as root is not recommended. Use --allow-root to bypass."): CI and
 # containers often are root, so there the flag is added
