@@ -121,15 +121,37 @@ def readd_steps(schema: str, fks: list[citus.Reference], present: dict[str, citu
         table = sql.Identifier(schema, fk.child)
         have = present.get(fk.key)
         if have is None:
-            definition = re.sub(r"\s+NOT VALID\s*$", "", fk.definition)
-            out.append(Step(PHASE, fk.child, f"re-add {fk.name} NOT VALID", sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {} "
-                            "NOT VALID").format(table, sql.Identifier(fk.name), sql.SQL(definition)), ADD_LOCK,
-                            "NOT VALID skips the scan; new writes are checked at once"))
+            definition, dropped = distributed_definition(fk.definition)
+            why = "NOT VALID skips the scan; new writes are checked at once"
+            if dropped:
+                why += (f"; without {dropped}: Citus refuses it on a key that holds the distribution column, and a "
+                        f"row's {TENANT_COLUMN} can no longer change once distributed (NO ACTION, the default)")
+            out.append(Step(PHASE, fk.child, f"re-add {fk.name} NOT VALID" + (f" without {dropped}" if dropped else ""),
+                            sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {} NOT VALID").format(
+                                table, sql.Identifier(fk.name), sql.SQL(definition)), ADD_LOCK, why))
         if have is None or not have.validated:
             out.append(Step(PHASE, fk.child, f"validate {fk.name}", sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
                 table, sql.Identifier(fk.name)), SHARE_UPDATE_EXCLUSIVE, "scans without blocking reads or writes",
                 long_scan=True))
     return out
+
+
+ON_UPDATE_ACTION = re.compile(r"\s+ON UPDATE (CASCADE|SET NULL|SET DEFAULT)(\s*\([^)]*\))?")
+
+
+def distributed_definition(definition: str) -> tuple[str, str | None]:
+    """A recorded foreign key as Citus accepts it on distributed tables: NOT VALID off, and an ON UPDATE action
+    other than NO ACTION/RESTRICT removed where the key holds tenant_id ("SET NULL, SET DEFAULT or CASCADE is not
+    supported in ON UPDATE operation when distribution key included in the foreign constraint"). Returns the
+    definition and the action it removed (None: unchanged). The runbook's own (tenant_id, …) keys carry ON UPDATE
+    CASCADE from 04_constrain, for children to follow a parent moved to another tenant; on Citus a row's tenant_id
+    cannot change ("modifying the partition value of rows is not allowed"), so nothing is left to cascade."""
+    definition = re.sub(r"\s+NOT VALID\s*$", "", definition)
+    cols = re.match(r"FOREIGN KEY \(([^)]*)\)", definition)
+    found = ON_UPDATE_ACTION.search(definition)
+    if not found or not cols or TENANT_COLUMN not in [c.strip().strip('"') for c in cols.group(1).split(",")]:
+        return definition, None
+    return definition[:found.start()] + definition[found.end():], f"ON UPDATE {found.group(1)}"
 
 
 def _quoted(name: str) -> str:
