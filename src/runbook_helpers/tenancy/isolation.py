@@ -413,7 +413,8 @@ class Suite:
             # the workers matter once a table lives on them: before 07_distribute the coordinator answers alone
             # (07's preflight asks for the login before it distributes anything)
             citus = rls.has_citus(catalog_conn) and catalog_conn.exec_driver_sql(
-                "SELECT EXISTS (SELECT 1 FROM pg_dist_partition)").scalar()
+                "SELECT to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL").scalar() and \
+                catalog_conn.exec_driver_sql("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition)").scalar()
             can_login = catalog_conn.exec_driver_sql("SELECT rolcanlogin FROM pg_roles WHERE rolname = %s",
                                                      (self.role,)).scalar()
             tables = self.tables(catalog_conn.connection.driver_connection)  # as the migration role: every row
