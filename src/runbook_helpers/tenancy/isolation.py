@@ -168,8 +168,9 @@ class Suite:
             # a table without a primary key is probed by the physical row address instead
             table = Table(name, sql.Identifier(self.rb.schema, name), list(pk or ["ctid"]), cols, oid[1])
             order = sql.SQL(", ").join(sql.Identifier(c) for c in table.pk)
-            table.templates = [self.row_of(table, tuple(r))[1] for r in conn.execute(sql.SQL(
-                "SELECT {} FROM {} ORDER BY {} LIMIT 2").format(self.returning(table), table.ident, order)).fetchall()]
+            cur = conn.execute(sql.SQL("SELECT {} FROM {} ORDER BY {} LIMIT 2").format(
+                self.returning(table), table.ident, order))
+            table.templates = [self.row_of(table, r)[1] for r in text_rows(cur)]
             table.candidates = [(tuple(r[:-1]), r[-1]) for r in conn.execute(self.unreferenced(table)).fetchall()]
             out.append(table)
         return out
@@ -225,9 +226,13 @@ class Suite:
         return None
 
     def returning(self, table: Table) -> sql.Composed:
-        """Every column as text (the primary key first), for the probe's keys and its children's references."""
+        """Every column (the primary key first), for the probe's keys and its children's references, read as
+        text by text_rows. The columns themselves, not `col::text`: a cast to text is not IMMUTABLE for every type
+        (timestamptz's depends on the session's TimeZone and DateStyle), and Citus refuses non-IMMUTABLE functions
+        in the RETURNING clause of a distributed table ("non-IMMUTABLE functions are not allowed in the RETURNING
+        clause"), which left every probe of the distributed demo unable to run."""
         names = list(dict.fromkeys(table.pk + [c.name for c in table.columns]))
-        return sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in names)
+        return sql.SQL(", ").join(sql.Identifier(c) for c in names)
 
     def row_of(self, table: Table, row: tuple) -> tuple[tuple, dict[str, str | None]]:
         names = list(dict.fromkeys(table.pk + [c.name for c in table.columns]))
@@ -329,7 +334,7 @@ class Suite:
                 overrides = {TENANT_COLUMN: sql.Literal(tenants[label]),
                              **self.parent_overrides(table, by_name, label, copy)}
                 cur.execute(self.clone_sql(table, table.templates[copy], overrides))
-                self._keep(table, label, cur.fetchone())
+                self._keep(table, label, next(iter(text_rows(cur)), None))
 
     def _existing_rows(self, cur, table: Table, by_name: dict[str, Table], tenants: dict[str, int]) -> None:
         """Four existing rows that no row references, moved to the probe tenants (two each) with their foreign
@@ -349,13 +354,13 @@ class Suite:
                 continue
             cur.execute(sql.SQL("DELETE FROM {} WHERE ").format(table.ident) + where + sql.SQL(" RETURNING ")
                         + self.returning(table), args)
-            _, values = self.row_of(table, tuple(cur.fetchone()))
+            _, values = self.row_of(table, text_rows(cur)[0])
             label = "A" if moved < 2 else "B"
             self.set_setting(cur, str(tenants[label]))
             sets = {TENANT_COLUMN: sql.Literal(tenants[label]),
                     **self.parent_overrides(table, by_name, label, moved % 2)}
             cur.execute(self.clone_sql(table, values, sets, fresh=False))
-            self._keep(table, label, cur.fetchone())
+            self._keep(table, label, next(iter(text_rows(cur)), None))
             moved += 1
         if moved < 4:
             raise LookupError(f"{moved} rows that no other row references (4 needed)")
@@ -671,6 +676,17 @@ PROBE_ROWS = "probe rows created"
 WORKER_LOGIN = "application role can reach the Citus workers"
 PROBE_NAMESPACE = uuid.UUID("6f0b1c3e-2b7a-5d4e-9a61-0c2f4e8d7b15")  # uuid5 namespace of the probe tenants' uuids
 CHILD_CASE = "child row referencing another tenant's parent"
+
+
+def text_rows(cur: psycopg.Cursor) -> list[tuple[str | None, ...]]:
+    """The rows of the cursor's last result as PostgreSQL printed them (its text output, what `col::text` gives
+    for nearly every type, and what a `'…'::type` literal reads back), without converting them to Python values."""
+    res = cur.pgresult
+    if res is None:
+        return []
+    encoding = cur.connection.info.encoding
+    return [tuple(None if (v := res.get_value(r, c)) is None else bytes(v).decode(encoding)
+                  for c in range(res.nfields)) for r in range(res.ntuples)]
 
 
 def _first_line(exc: BaseException) -> str:
