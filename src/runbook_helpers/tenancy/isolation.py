@@ -78,6 +78,7 @@ class Table:
     mode: str = FRESH_ROWS   # how its probe rows came to be: inserted copies, or existing rows moved to the probe
     templates: list[dict[str, str | None]] = field(default_factory=list)  # rows to copy, every column as text
     candidates: list[tuple[tuple, int]] = field(default_factory=list)  # (key, tenant) of rows nothing references
+    distributed: bool = False  # a Citus table distributed by tenant_id (pg_dist_partition, hash)
 
 
 COLUMNS_SQL = """
@@ -109,6 +110,7 @@ class Suite:
         self.role = self.p.rls.app_role
         self.results: list[dict[str, Any]] = []
         self.fresh_count = 0
+        self.citus = False  # Citus, with a table on the workers (run() asks)
 
     # -- helpers
     def set_setting(self, cur, value: str) -> None:
@@ -152,6 +154,9 @@ class Suite:
     # -- setup, as the migration role (which bypasses RLS)
     def tables(self, conn: psycopg.Connection) -> list[Table]:
         out = []
+        distributed = {r[0] for r in conn.execute(
+            "SELECT logicalrelid::oid FROM pg_dist_partition WHERE partmethod = 'h'").fetchall()} \
+            if rls.has_citus(conn) and conn.execute("SELECT to_regclass('pg_dist_partition')").fetchone()[0] else set()
         for name in self.p.tables:
             oid = conn.execute("SELECT c.oid, pg_get_userbyid(c.relowner) FROM pg_class c JOIN pg_namespace n ON "
                                "n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
@@ -166,7 +171,8 @@ class Suite:
                               "c.conrelid AND a.attnum = k.attnum WHERE c.conrelid = %s AND c.contype = 'p'",
                               (oid[0],)).fetchone()[0]
             # a table without a primary key is probed by the physical row address instead
-            table = Table(name, sql.Identifier(self.rb.schema, name), list(pk or ["ctid"]), cols, oid[1])
+            table = Table(name, sql.Identifier(self.rb.schema, name), list(pk or ["ctid"]), cols, oid[1],
+                          distributed=oid[0] in distributed)
             order = sql.SQL(", ").join(sql.Identifier(c) for c in table.pk)
             cur = conn.execute(sql.SQL("SELECT {} FROM {} ORDER BY {} LIMIT 2").format(
                 self.returning(table), table.ident, order))
@@ -417,7 +423,7 @@ class Suite:
             system = catalog.system_tenant_id(catalog_conn, self.rb.schema, self.p.system_tenant.uuid)
             # the workers matter once a table lives on them: before 07_distribute the coordinator answers alone
             # (07's preflight asks for the login before it distributes anything)
-            citus = rls.has_citus(catalog_conn) and catalog_conn.exec_driver_sql(
+            citus = self.citus = rls.has_citus(catalog_conn) and catalog_conn.exec_driver_sql(
                 "SELECT EXISTS (SELECT 1 FROM pg_dist_partition)").scalar()
             can_login = catalog_conn.exec_driver_sql("SELECT rolcanlogin FROM pg_roles WHERE rolname = %s",
                                                      (self.role,)).scalar()
@@ -479,8 +485,15 @@ class Suite:
         # the SELECT policy too and hides a missing WITH CHECK on the UPDATE policy.
         out = self.as_app(conn, a, sql.SQL("UPDATE {} SET {} = %s").format(
             table.ident, sql.Identifier(TENANT_COLUMN)), [b], raw=True)
-        self.add("UPDATE moving a row to another tenant", table.name, "error 42501 (row level security)",
-                 self.describe(out), out[0] == "error" and out[1] == "42501")
+        if table.distributed:  # Citus refuses it before the policies are asked: no row of it changes tenant
+            self.add("UPDATE moving a row to another tenant", table.name,
+                     f"error 42501 (row level security) or, distributed by {TENANT_COLUMN}, "
+                     f"0A000 (Citus: {MOVE_REFUSED})",
+                     self.describe(out), out[0] == "error" and (out[1] == "42501" or (
+                         out[1] == "0A000" and out[2].startswith(MOVE_REFUSED))))
+        else:
+            self.add("UPDATE moving a row to another tenant", table.name, "error 42501 (row level security)",
+                     self.describe(out), out[0] == "error" and out[1] == "42501")
         out = self.as_app(conn, a, sql.SQL("UPDATE {} SET {} = {} WHERE {} = %s").format(
             table.ident, sql.Identifier(TENANT_COLUMN), sql.Identifier(TENANT_COLUMN), sql.Identifier(TENANT_COLUMN)),
             [s], raw=True)
@@ -587,8 +600,15 @@ class Suite:
 
     def owner_cases(self, table: Table, tables: list[Table], t: dict[str, int]) -> None:
         with self.rb.engine.connect() as catalog_conn:
-            bypass = catalog_conn.exec_driver_sql("SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = %s",
-                                                  (table.owner,)).scalar()
+            bypass, can_login = catalog_conn.exec_driver_sql(
+                "SELECT rolsuper OR rolbypassrls, rolcanlogin FROM pg_roles WHERE rolname = %s", (table.owner,)).one()
+        if self.citus and not can_login:  # its transactions reach the workers as the owner
+            why = (f"cannot run: the table owner {table.owner} is NOLOGIN, and Citus opens its connections to the "
+                   f"workers as the current user (ALTER ROLE {table.owner} LOGIN, and let the coordinator authenticate "
+                   "as it on the workers: pg_hba.conf there, a .pgpass or certificate in citus.node_conninfo)")
+            self.add("table owner isolated too (FORCE)", table.name, "2 rows", why, False)
+            self.add("negative control: owner without FORCE sees both tenants' rows", table.name, "4 rows", why, False)
+            return
         if not bypass:
             out = self._as_owner(table, tables, t, force=True)
             self.add("table owner isolated too (FORCE)", table.name, "2 rows", self.describe(out), out == ("rows", 2))
@@ -675,6 +695,7 @@ class Suite:
 PROBE_ROWS = "probe rows created"
 WORKER_LOGIN = "application role can reach the Citus workers"
 PROBE_NAMESPACE = uuid.UUID("6f0b1c3e-2b7a-5d4e-9a61-0c2f4e8d7b15")  # uuid5 namespace of the probe tenants' uuids
+MOVE_REFUSED = "modifying the partition value of rows is not allowed"
 CHILD_CASE = "child row referencing another tenant's parent"
 
 
