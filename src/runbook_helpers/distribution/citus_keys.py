@@ -24,6 +24,7 @@ from sqlalchemy.engine import Connection
 from ..db import catalog
 from ..db.ddl import ACCESS_EXCLUSIVE_META, Step
 from ..db.names import TENANT_COLUMN, truncate
+from ..db.sqltext import render
 from ..tenancy import composite_keys
 from . import citus
 
@@ -68,6 +69,23 @@ def steps(conn: Connection, schema: str, ledger_schema: str, keys: list[citus.Un
         out += composite_keys.unique_index_steps(PHASE, conn, st, index, key.tenant_columns)
         out.append(swap_step(schema, ledger_schema, key, index))
     return out
+
+
+def swapped(conn: Connection, ledger_schema: str) -> dict[tuple[str, str], str]:
+    """The keys 07_distribute swapped to (tenant_id, …), as the ledger recorded them: (table, key) -> the old
+    definition (empty before 07, and on a database it never touched)."""
+    if catalog.relation_oid(conn, ledger_schema, "distribution_changes") is None:
+        return {}
+    return {(t, n): d for t, n, d in conn.exec_driver_sql(render(conn, sql.SQL(
+        "SELECT table_name, name, definition FROM {} WHERE kind = 'key'").format(
+        sql.Identifier(ledger_schema, "distribution_changes")))).all()}
+
+
+def with_tenant(definition: str) -> str:
+    """What a key's definition reads after the swap: tenant_id first in its columns (swap_step builds exactly that
+    index), as pg_get_constraintdef prints it: 'PRIMARY KEY (id)' -> 'PRIMARY KEY (tenant_id, id)'."""
+    head, sep, tail = definition.partition("(")
+    return f"{head}{sep}{TENANT_COLUMN}, {tail}" if sep else definition
 
 
 def swap_step(schema: str, ledger_schema: str, key: citus.UniqueKey, index: str) -> Step:

@@ -193,11 +193,7 @@ def conservation(rb, baseline: pd.DataFrame, system_id: int | None) -> list[tupl
                 "AND t.uuid = {uuid}").format(org=mapping.org_table(p), key=mapping.org_key("o", p), ot=ot,
                                               tenants=tenants, uuid=mapping.org_tenant_uuid(p)))).scalar())))
         for table, spec in mapping.mapped_tables(p).items():
-            row = sql.Identifier(s, table)
-            target = mapping.tenant_of_org(p, mapping.effective_org(conn, p, table, row), system_id)
-            wrong = conn.exec_driver_sql(render(conn, sql.SQL(
-                "SELECT count(*) FROM {t} WHERE {c} IS DISTINCT FROM {target}").format(
-                t=row, c=sql.Identifier(TENANT_COLUMN), target=target))).scalar()
+            wrong = conn.exec_driver_sql(render(conn, mapping.misplaced_rows_query(conn, p, table, system_id))).scalar()
             out.append(("rows carry the tenant of their org (recomputed from legacy data)", table, 0, int(wrong)))
 
         pairs = mapping.pairs_cte(p)

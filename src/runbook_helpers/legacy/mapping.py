@@ -355,6 +355,59 @@ def tenant_of_org(p, org: sql.Composable, system_id: int) -> sql.Composable:
         ot=ledger_table(p, "org_tenants"), org=org, system=sql.Literal(int(system_id)))
 
 
+def misplaced_rows_query(conn: Connection, p, table: str, system_id: int) -> sql.Composable:
+    """The rows of `table` whose tenant_id is not the one the legacy data implies (effective_org, then the
+    ledger's org_tenants), counted in a form Citus plans once the tables are distributed: no correlated
+    subquery (Citus refuses one on a local table, like the ledger's, or on a distributed table not correlated on
+    the distribution column). The small side is computed first, as MATERIALIZED CTEs: the orgs with their
+    mapped tenant (the tenant source and the ledger, local tables: one row per org), and per parent table its
+    rows' effective org by key; the table itself is then joined to them (on PostgreSQL plain hash joins, on
+    Citus each shard joins the intermediate results). The same statement serves both, with the same meaning as
+    tenant_of_org(effective_org(…)). A parent table's keys and orgs travel to the coordinator and back to the
+    workers: one row per parent row, two integers each."""
+    ctes: dict[str, sql.Composable] = {"orgmap": sql.SQL(
+        "SELECT {key} AS org_id, m.tenant_id FROM {org} o LEFT JOIN {ot} m ON m.org_id = {key}").format(
+        key=org_key("o", p), org=org_table(p), ot=ledger_table(p, "org_tenants"))}
+
+    def org_of(name: str, row: str) -> tuple[sql.Composable, list[sql.Composable]]:
+        """The effective org of the row `row` of `name` (an expression) and the joins it needs."""
+        spec = p.core_tables[name]
+        parts: list[sql.Composable] = []
+        joins: list[sql.Composable] = []
+        if spec.parent is not None:
+            cte = effective(spec.parent.table)
+            alias = sql.Identifier(f"{row}_parent")
+            joins.append(sql.SQL("LEFT JOIN {cte} {a} ON {a}.key = {r}.{col}").format(
+                cte=sql.Identifier(cte), a=alias, r=sql.Identifier(row), col=sql.Identifier(spec.parent.column)))
+            parts.append(sql.SQL("{}.org").format(alias))
+        if spec.org_column:
+            alias = sql.Identifier(f"{row}_org")
+            joins.append(sql.SQL("LEFT JOIN orgmap {a} ON {a}.org_id = {r}.{col}").format(
+                a=alias, r=sql.Identifier(row), col=sql.Identifier(spec.org_column)))
+            parts.append(sql.SQL("{}.org_id").format(alias))
+        parts.append(sql.Literal(NO_ORG))
+        return sql.SQL("COALESCE({})").format(sql.SQL(", ").join(parts)), joins
+
+    done: dict[str, str] = {}  # parent table -> its CTE
+
+    def effective(name: str) -> str:
+        if name not in done:
+            org, joins = org_of(name, "t")  # its own parent's CTE first
+            done[name] = f"effective_org_{len(done)}"
+            ctes[done[name]] = sql.SQL("SELECT t.{pk} AS key, {org} AS org FROM {t} t {joins}").format(
+                pk=sql.Identifier(parent_key(conn, p, name)), org=org, t=sql.Identifier(p.schema_, name),
+                joins=sql.SQL(" ").join(joins))
+        return done[name]
+
+    org, joins = org_of(table, "x")
+    return sql.SQL("WITH {ctes} SELECT count(*) FROM {t} x {joins} LEFT JOIN orgmap x_tenant ON x_tenant.org_id = "
+                   "{org} WHERE x.{c} IS DISTINCT FROM COALESCE(x_tenant.tenant_id, {system})").format(
+        ctes=sql.SQL(", ").join(sql.SQL("{} AS MATERIALIZED ({})").format(sql.Identifier(n), q)
+                                for n, q in ctes.items()),
+        t=sql.Identifier(p.schema_, table), joins=sql.SQL(" ").join(joins), org=org,
+        c=sql.Identifier(TENANT_COLUMN), system=sql.Literal(int(system_id)))
+
+
 def mapped_assignment(conn: Connection, p, table: str, system_id: int | sql.Composable,
                       recording: bool | None = None) -> Assignment:
     """The tenant of the parent row (filled before its children), else of the row's own org, else the

@@ -17,6 +17,7 @@ from ..db import catalog, fingerprint, partitions, reconcile, sizes as table_siz
 from ..db.ddl import UNDO_PHASE, Lock, Step
 from ..db.names import TENANT_COLUMN
 from ..db.sqltext import render
+from ..distribution import citus_keys
 from ..errors import RunbookError
 from ..legacy import checks as legacy_checks
 from ..tenancy import isolation, rls
@@ -67,13 +68,14 @@ def checks(rb) -> pd.DataFrame:
         for name, st in table_states.shared_states(rb, conn).items():
             add("shared table left alone", name, "no tenant_id", "tenant_id present" if st.has_column else "no tenant_id")
         before = original_schema.tables(conn, rb.params.ledger_schema)
+        swapped = citus_keys.swapped(conn, rb.params.ledger_schema)
         for name, st in states.items():
             for con in (c for c in before.get(name, {}).get("constraints", []) if c["contype"] in ("p", "u")):
                 now = conn.exec_driver_sql(
                     "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = %s AND conname = %s",
                     (st.oid, con["conname"])).scalar() if st.oid else None
-                add("every uniqueness of before is kept", f"{name}.{con['conname']}", con["definition"],
-                    now or "missing")
+                add(UNIQUENESS, f"{name}.{con['conname']}", con["definition"],
+                    *_uniqueness(con["definition"], now, swapped.get((name, con["conname"]))))
         for conv in seed.CONVENTIONS.values():
             diffs = [d for d in seed.shape_differences(conn, rb.schema, conv) if not d["ok"]]
             add("follows the house convention", conv.name, "yes",
@@ -106,6 +108,24 @@ def checks(rb) -> pd.DataFrame:
     for query in rb.params.validate_.smoke_queries:
         add("smoke query runs", query.name, SMOKE_WRITES if query.writes else "runs", _smoke(rb, query))
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+UNIQUENESS = "every uniqueness of before is kept"
+SWAPPED_BY_07 = "swapped by 07_distribute with the application's agreement (distribution.application_keys_agreed)"
+
+
+def _uniqueness(was: str, now: str | None, swapped_from: str | None) -> tuple[str, bool]:
+    """(actual, passed) for one key of before: the same definition passes, and so does exactly the (tenant_id, …)
+    form of it where the ledger records that 07_distribute swapped this key from this definition (which it does
+    only once the application agreed); any other difference fails, saying what 07 swapped where it did."""
+    if now == was:
+        return now, True
+    if swapped_from is not None:
+        agreed = citus_keys.with_tenant(swapped_from)
+        if swapped_from == was and now == agreed:
+            return f"{now}: {SWAPPED_BY_07}", True
+        return f"{now or 'missing'}, but 07_distribute swapped {swapped_from} to {agreed}", False
+    return now or "missing", False
 
 
 BEFORE_RECORD = "rows the application wrote before the record opened: listed by key"

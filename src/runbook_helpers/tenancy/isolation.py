@@ -78,6 +78,7 @@ class Table:
     mode: str = FRESH_ROWS   # how its probe rows came to be: inserted copies, or existing rows moved to the probe
     templates: list[dict[str, str | None]] = field(default_factory=list)  # rows to copy, every column as text
     candidates: list[tuple[tuple, int]] = field(default_factory=list)  # (key, tenant) of rows nothing references
+    distributed: bool = False  # a Citus table distributed by tenant_id (pg_dist_partition, hash)
 
 
 COLUMNS_SQL = """
@@ -109,6 +110,7 @@ class Suite:
         self.role = self.p.rls.app_role
         self.results: list[dict[str, Any]] = []
         self.fresh_count = 0
+        self.citus = False  # Citus, with a table on the workers (run() asks)
 
     # -- helpers
     def set_setting(self, cur, value: str) -> None:
@@ -152,6 +154,9 @@ class Suite:
     # -- setup, as the migration role (which bypasses RLS)
     def tables(self, conn: psycopg.Connection) -> list[Table]:
         out = []
+        distributed = {r[0] for r in conn.execute(
+            "SELECT logicalrelid::oid FROM pg_dist_partition WHERE partmethod = 'h'").fetchall()} \
+            if rls.has_citus(conn) and conn.execute("SELECT to_regclass('pg_dist_partition')").fetchone()[0] else set()
         for name in self.p.tables:
             oid = conn.execute("SELECT c.oid, pg_get_userbyid(c.relowner) FROM pg_class c JOIN pg_namespace n ON "
                                "n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
@@ -166,10 +171,12 @@ class Suite:
                               "c.conrelid AND a.attnum = k.attnum WHERE c.conrelid = %s AND c.contype = 'p'",
                               (oid[0],)).fetchone()[0]
             # a table without a primary key is probed by the physical row address instead
-            table = Table(name, sql.Identifier(self.rb.schema, name), list(pk or ["ctid"]), cols, oid[1])
+            table = Table(name, sql.Identifier(self.rb.schema, name), list(pk or ["ctid"]), cols, oid[1],
+                          distributed=oid[0] in distributed)
             order = sql.SQL(", ").join(sql.Identifier(c) for c in table.pk)
-            table.templates = [self.row_of(table, tuple(r))[1] for r in conn.execute(sql.SQL(
-                "SELECT {} FROM {} ORDER BY {} LIMIT 2").format(self.returning(table), table.ident, order)).fetchall()]
+            cur = conn.execute(sql.SQL("SELECT {} FROM {} ORDER BY {} LIMIT 2").format(
+                self.returning(table), table.ident, order))
+            table.templates = [self.row_of(table, r)[1] for r in text_rows(cur)]
             table.candidates = [(tuple(r[:-1]), r[-1]) for r in conn.execute(self.unreferenced(table)).fetchall()]
             out.append(table)
         return out
@@ -225,9 +232,13 @@ class Suite:
         return None
 
     def returning(self, table: Table) -> sql.Composed:
-        """Every column as text (the primary key first), for the probe's keys and its children's references."""
+        """Every column (the primary key first), for the probe's keys and its children's references, read as
+        text by text_rows. The columns themselves, not `col::text`: a cast to text is not IMMUTABLE for every type
+        (timestamptz's depends on the session's TimeZone and DateStyle), and Citus refuses non-IMMUTABLE functions
+        in the RETURNING clause of a distributed table ("non-IMMUTABLE functions are not allowed in the RETURNING
+        clause"), which left every probe of the distributed demo unable to run."""
         names = list(dict.fromkeys(table.pk + [c.name for c in table.columns]))
-        return sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in names)
+        return sql.SQL(", ").join(sql.Identifier(c) for c in names)
 
     def row_of(self, table: Table, row: tuple) -> tuple[tuple, dict[str, str | None]]:
         names = list(dict.fromkeys(table.pk + [c.name for c in table.columns]))
@@ -329,7 +340,7 @@ class Suite:
                 overrides = {TENANT_COLUMN: sql.Literal(tenants[label]),
                              **self.parent_overrides(table, by_name, label, copy)}
                 cur.execute(self.clone_sql(table, table.templates[copy], overrides))
-                self._keep(table, label, cur.fetchone())
+                self._keep(table, label, next(iter(text_rows(cur)), None))
 
     def _existing_rows(self, cur, table: Table, by_name: dict[str, Table], tenants: dict[str, int]) -> None:
         """Four existing rows that no row references, moved to the probe tenants (two each) with their foreign
@@ -349,13 +360,13 @@ class Suite:
                 continue
             cur.execute(sql.SQL("DELETE FROM {} WHERE ").format(table.ident) + where + sql.SQL(" RETURNING ")
                         + self.returning(table), args)
-            _, values = self.row_of(table, tuple(cur.fetchone()))
+            _, values = self.row_of(table, text_rows(cur)[0])
             label = "A" if moved < 2 else "B"
             self.set_setting(cur, str(tenants[label]))
             sets = {TENANT_COLUMN: sql.Literal(tenants[label]),
                     **self.parent_overrides(table, by_name, label, moved % 2)}
             cur.execute(self.clone_sql(table, values, sets, fresh=False))
-            self._keep(table, label, cur.fetchone())
+            self._keep(table, label, next(iter(text_rows(cur)), None))
             moved += 1
         if moved < 4:
             raise LookupError(f"{moved} rows that no other row references (4 needed)")
@@ -412,7 +423,7 @@ class Suite:
             system = catalog.system_tenant_id(catalog_conn, self.rb.schema, self.p.system_tenant.uuid)
             # the workers matter once a table lives on them: before 07_distribute the coordinator answers alone
             # (07's preflight asks for the login before it distributes anything)
-            citus = rls.has_citus(catalog_conn) and catalog_conn.exec_driver_sql(
+            citus = self.citus = rls.has_citus(catalog_conn) and catalog_conn.exec_driver_sql(
                 "SELECT to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL").scalar() and \
                 catalog_conn.exec_driver_sql("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition)").scalar()
             can_login = catalog_conn.exec_driver_sql("SELECT rolcanlogin FROM pg_roles WHERE rolname = %s",
@@ -475,8 +486,15 @@ class Suite:
         # the SELECT policy too and hides a missing WITH CHECK on the UPDATE policy.
         out = self.as_app(conn, a, sql.SQL("UPDATE {} SET {} = %s").format(
             table.ident, sql.Identifier(TENANT_COLUMN)), [b], raw=True)
-        self.add("UPDATE moving a row to another tenant", table.name, "error 42501 (row level security)",
-                 self.describe(out), out[0] == "error" and out[1] == "42501")
+        if table.distributed:  # Citus refuses it before the policies are asked: no row of it changes tenant
+            self.add("UPDATE moving a row to another tenant", table.name,
+                     f"error 42501 (row level security) or, distributed by {TENANT_COLUMN}, "
+                     f"0A000 (Citus: {MOVE_REFUSED})",
+                     self.describe(out), out[0] == "error" and (out[1] == "42501" or (
+                         out[1] == "0A000" and out[2].startswith(MOVE_REFUSED))))
+        else:
+            self.add("UPDATE moving a row to another tenant", table.name, "error 42501 (row level security)",
+                     self.describe(out), out[0] == "error" and out[1] == "42501")
         out = self.as_app(conn, a, sql.SQL("UPDATE {} SET {} = {} WHERE {} = %s").format(
             table.ident, sql.Identifier(TENANT_COLUMN), sql.Identifier(TENANT_COLUMN), sql.Identifier(TENANT_COLUMN)),
             [s], raw=True)
@@ -583,8 +601,15 @@ class Suite:
 
     def owner_cases(self, table: Table, tables: list[Table], t: dict[str, int]) -> None:
         with self.rb.engine.connect() as catalog_conn:
-            bypass = catalog_conn.exec_driver_sql("SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = %s",
-                                                  (table.owner,)).scalar()
+            bypass, can_login = catalog_conn.exec_driver_sql(
+                "SELECT rolsuper OR rolbypassrls, rolcanlogin FROM pg_roles WHERE rolname = %s", (table.owner,)).one()
+        if self.citus and not can_login:  # its transactions reach the workers as the owner
+            why = (f"cannot run: the table owner {table.owner} is NOLOGIN, and Citus opens its connections to the "
+                   f"workers as the current user (ALTER ROLE {table.owner} LOGIN, and let the coordinator authenticate "
+                   "as it on the workers: pg_hba.conf there, a .pgpass or certificate in citus.node_conninfo)")
+            self.add("table owner isolated too (FORCE)", table.name, "2 rows", why, False)
+            self.add("negative control: owner without FORCE sees both tenants' rows", table.name, "4 rows", why, False)
+            return
         if not bypass:
             out = self._as_owner(table, tables, t, force=True)
             self.add("table owner isolated too (FORCE)", table.name, "2 rows", self.describe(out), out == ("rows", 2))
@@ -671,7 +696,19 @@ class Suite:
 PROBE_ROWS = "probe rows created"
 WORKER_LOGIN = "application role can reach the Citus workers"
 PROBE_NAMESPACE = uuid.UUID("6f0b1c3e-2b7a-5d4e-9a61-0c2f4e8d7b15")  # uuid5 namespace of the probe tenants' uuids
+MOVE_REFUSED = "modifying the partition value of rows is not allowed"
 CHILD_CASE = "child row referencing another tenant's parent"
+
+
+def text_rows(cur: psycopg.Cursor) -> list[tuple[str | None, ...]]:
+    """The rows of the cursor's last result as PostgreSQL printed them (its text output, what `col::text` gives
+    for nearly every type, and what a `'…'::type` literal reads back), without converting them to Python values."""
+    res = cur.pgresult
+    if res is None:
+        return []
+    encoding = cur.connection.info.encoding
+    return [tuple(None if (v := res.get_value(r, c)) is None else bytes(v).decode(encoding)
+                  for c in range(res.nfields)) for r in range(res.ntuples)]
 
 
 def _first_line(exc: BaseException) -> str:
