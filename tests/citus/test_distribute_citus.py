@@ -131,3 +131,124 @@ def test_the_refusals_come_before_any_change_and_the_dbas_fix_lets_it_through(ci
         rls.set_tenant(conn, tenant)
         assert conn.execute("SELECT count(*) FROM workflows").fetchone()[0] == own > 0
 
+
+
+def test_a_run_stopped_after_every_table_is_distributed_resumes_to_an_uninterrupted_runs_end_state(citus_db):
+    """Finding 2: a run stopped once every table is distributed and every recorded foreign key dropped (where the
+    issue's run failed) is finished by a re-run, to the end state of a run never interrupted."""
+    whole = citus_db(MIGRATED)
+    allow_login(whole, whole.params.rls.app_role)
+    steps: list[str] = []
+    with faults.watch_steps(steps.append):
+        run_phase(whole.session("distribute"))
+    want = harness.end_state(whole)
+    stop_after = max(i for i, s in enumerate(steps, 1) if s.split(": ", 2)[2].startswith("distribute "))
+
+    db = citus_db(MIGRATED)
+    count = [0]
+
+    def stop(detail: str) -> None:
+        count[0] += 1
+        if count[0] == stop_after:
+            raise harness.StepKilled(detail)
+
+    with pytest.raises(harness.StepKilled):
+        with faults.watch_steps(stop):
+            run_phase(db.session("distribute"))
+    assert {kind for kind, _ in citus_tables(db).values()} >= {"distributed", "reference"}
+    dropped = db.scalar("SELECT count(*) FROM tenancy_runbook.distribution_changes WHERE kind = 'foreign key' AND "
+                        "definition LIKE 'FOREIGN KEY (tenant_id) REFERENCES tenants(id)%%' AND table_name = ANY(%s)",
+                        (db.params.tables,))
+    assert dropped == len(db.params.tables) and db.scalar(
+        "SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND connamespace = 'public'::regnamespace "
+        "AND confrelid = 'tenants'::regclass") == 0
+    with db.session("distribute", dry_run=True) as rb:  # before: 8 x "tenant_id is not NOT NULL with a validated …"
+        assert distribute.blockers(rb).to_dict("records") == []
+    resumed: list[str] = []
+    with faults.watch_steps(resumed.append):
+        run_phase(db.session("distribute"))
+    assert resumed == steps[stop_after:]
+    assert harness.differences(harness.end_state(db), want) == []
+
+
+FLATTEN = """
+DO $$
+DECLARE q record;
+BEGIN
+  FOR q IN SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) AS bound FROM pg_inherits i
+           JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'payment'::regclass AND c.relkind = 'p' ORDER BY 1
+  LOOP
+    EXECUTE format('CREATE TABLE %I (LIKE %I INCLUDING DEFAULTS INCLUDING CONSTRAINTS)', q.relname || '_flat', q.relname);
+    EXECUTE format('INSERT INTO %I SELECT * FROM %I', q.relname || '_flat', q.relname);
+    EXECUTE format('ALTER TABLE payment DETACH PARTITION %I', q.relname);
+    EXECUTE format('DROP TABLE %I', q.relname);
+    EXECUTE format('ALTER TABLE %I RENAME TO %I', q.relname || '_flat', q.relname);
+    EXECUTE format('ALTER TABLE payment ATTACH PARTITION %I %s', q.relname, q.bound);
+  END LOOP;
+END $$
+"""
+
+
+def test_the_shop_refuses_its_multi_level_partitions_before_any_change_and_distributes_once_handled(
+        citus_db, citus, tmp_path):
+    """Finding 6: payment is range partitioned with hash sub-partitions. Readiness and 07's preflight say so before
+    any change; once the DBA has done what they say (the quarters made plain partitions, and the shop's other
+    documented blockers handled), 07 distributes the single-level partitioned table with the rest."""
+    params = on_cluster(citus, shop_params(tmp_path), {"distribution": {"application_keys_agreed": True,
+                                                                        "triggers": "enable_unsafe"}})
+    db = citus_db(MIGRATED, params=params, schema=SHOP)
+    db.execute("ALTER ROLE shop_app NOLOGIN")  # as 04_constrain made it (a previous run gave it LOGIN)
+    tables = list(db.params.tables)
+    before_rows = _counts(db, tables)
+    with db.session("inspect", dry_run=True) as rb:
+        ready = inspect.distribution_readiness(rb).set_index(["check", "object"])
+    levels = ready.loc[("partitioned tables have one level of partitions", "payment")]
+    assert not levels["ready"] and levels["finding"].startswith(
+        "payment_2026_q1, payment_2026_q2, payment_2026_q3, payment_2026_q4 are partitioned too: Citus refuses the table")
+    with db.session("distribute", dry_run=True) as rb:
+        stops = distribute.blockers(rb)
+        plan = distribute.plan(rb)
+    multi = stops[stops["blocker"] == "Citus cannot distribute a multi-level partitioned table"]
+    assert list(multi["object"]) == ["payment"]
+    assert "make payment_2026_q1, payment_2026_q2, payment_2026_q3, payment_2026_q4 plain partitions of payment" in \
+        multi.iloc[0]["what to do"]
+    assert {"payment", "customer", "staff", "shop_app"} <= set(stops["object"])
+    # the bytes Citus moves for a partitioned table: its partitions' (before: 0)
+    leaves = db.scalar("SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c WHERE c.relkind = 'r' AND "
+                       "c.relispartition AND c.relname LIKE 'payment%%'")
+    moved = plan.dropna(subset=["data moved (bytes)"]).set_index("table")["data moved (bytes)"]
+    assert moved["payment"] == leaves > 0
+    schema_before = db.schema_dump()
+    with pytest.raises(RunbookError, match=r"payment: Citus cannot distribute a multi-level partitioned table"):
+        run_phase(db.session("distribute"))
+    assert db.schema_dump() == schema_before and ledger_changes(db) == 0 and citus_tables(db) == {}
+
+    # the DBA does what the blockers say: quarters made plain partitions, payment's key made (tenant_id, …) by hand
+    # (the runbook swaps no key of a partitioned table), the accepted cross-tenant foreign keys dropped (Citus keeps
+    # no foreign key across tenants), the application role given LOGIN
+    db.execute(FLATTEN)
+    db.execute("ALTER TABLE payment DROP CONSTRAINT payment_pkey; ALTER TABLE payment ADD CONSTRAINT payment_pkey "
+               "PRIMARY KEY (tenant_id, payment_id, payment_date)")
+    for fk in ("rental.rental_customer_id_fkey", "rental.rental_staff_id_fkey", "payment.payment_customer_id_fkey"):
+        table, name = fk.split(".")
+        db.execute(f"ALTER TABLE {table} DROP CONSTRAINT {name}")
+    allow_login(db, "shop_app")
+    with db.session("distribute", dry_run=True) as rb:
+        assert distribute.blockers(rb).to_dict("records") == []
+    db.run("distribute")
+    assert _counts(db, tables) == before_rows
+    made = citus_tables(db)
+    partitions = [t for t in made if t.startswith("payment_")]
+    assert sorted(partitions) == ["payment_2026_q1", "payment_2026_q2", "payment_2026_q3", "payment_2026_q4",
+                                  "payment_other"]
+    assert {t for t, (kind, _) in made.items() if kind == "distributed"} == set(tables) | set(partitions)
+    assert {t for t, (kind, _) in made.items() if kind == "reference"} == {"tenants", "users", "user_tenants", "film"}
+    with db.connect() as conn:
+        groups = conn.execute("SELECT count(DISTINCT colocationid) FROM pg_dist_partition WHERE partmethod = 'h'"
+                              ).fetchone()[0]
+        invalid = conn.execute("SELECT conrelid::regclass::text, conname FROM pg_constraint WHERE contype = 'f' AND "
+                               "connamespace = 'public'::regnamespace AND NOT convalidated").fetchall()
+        duplicates = conn.execute(SAME_COLUMNS, (tables,)).fetchall()
+    assert groups == 1 and invalid == [] and duplicates == []
+    with db.session("distribute", dry_run=True) as rb:  # a re-run has nothing left to do
+        assert distribute.analyse(rb).steps == []
