@@ -13,6 +13,13 @@ readiness reports and 07_distribute follows:
   reference tables are dropped first and re-added NOT VALID, then VALIDATE, once every table is distributed;
 - a table outside the spec that a tenant table references must become a reference table (a distributed table
   may reference only colocated distributed tables and reference tables);
+- (issue 26) a foreign key whose columns hold the distribution column is refused with ON UPDATE CASCADE, SET NULL or
+  SET DEFAULT; a partitioned table whose partitions are partitioned is refused ("distributing multi-level
+  partitioned tables is not supported"), one level is distributed with its partitions; Citus opens its connections
+  to the workers as the current user, so a NOLOGIN role's queries of distributed tables fail (roles reach the
+  workers as dependencies of the distributed objects, with their attributes: ALTER ROLE … LOGIN on the coordinator
+  first); create_reference_table takes every table connected to the new reference table by foreign keys, however
+  indirectly, into the metadata as a Citus local table (autoconverted);
 - an ALTER TABLE with ADD CONSTRAINT and other subcommands in one statement is refused ("cannot execute ADD
   CONSTRAINT command with other subcommands"); separate statements in one transaction are accepted.
 """

@@ -5,10 +5,15 @@ The plan follows what a Citus 13 cluster accepted (issue 18; distribution/citus.
   1. the key changes the application must agree to (distribution.application_keys_agreed): every primary key and
      unique key of a tenant table becomes (tenant_id, …), built CONCURRENTLY and swapped in separate statements
      (distribution/citus_keys.py);
-  2. the foreign keys among the tenant tables and the reference tables dropped (definitions kept in the ledger);
-  3. tenants, users, user_tenants, the shared tables and distribution.reference_tables made reference tables;
+  2. the foreign keys among the tenant tables and the reference tables dropped (definitions kept in the ledger), then
+     every UNIQUE constraint that duplicates a key once the keys are (tenant_id, …) (04's composite UNIQUE
+     (tenant_id, id) beside the primary key made (tenant_id, id)), recorded in the ledger;
+  3. tenants, users, user_tenants, the shared tables and distribution.reference_tables made reference tables (each
+     step names the tables outside the spec Citus makes Citus local tables on the way, and why);
   4. every tenant table distributed by tenant_id, colocated with the first (distribution/citus_tables.py);
-  5. the foreign keys re-added NOT VALID, then validated.
+  5. the foreign keys re-added NOT VALID (without an ON UPDATE action where they hold tenant_id), then validated.
+Before any change it refuses, besides the blockers below, a multi-level partitioned tenant table and, on a
+coordinator, an application or legacy role that cannot log in (Citus reaches the workers as the current user).
 Every statement is shown with its lock and, for Citus's copies, the bytes it moves (pg_total_relation_size) before
 anything runs. The phase refuses, changing nothing, on a server without Citus or that is not the coordinator (a
 dry run shows the plan anywhere), while anything in `blockers` stands, and while the application has not agreed
