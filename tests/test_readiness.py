@@ -5,7 +5,10 @@ quiet once it is fixed in the database (or in params) and readiness runs again."
 import html
 from pathlib import Path
 
+import psycopg
 from psycopg import sql
+
+from conftest import create_role
 
 from runbook_helpers import params as params_mod
 from runbook_helpers.db.ddl import ACCESS_EXCLUSIVE_META, Step
@@ -141,3 +144,24 @@ def test_the_shop_readiness_fires_on_its_shapes_and_goes_quiet_once_fixed(migrat
     with db.session("distribute", dry_run=True) as rb:
         stops = distribute.blockers(rb)
     assert set(stops["object"]) == {"payment", "(params)"}  # the partitioned table's keys are by hand, and the agreement
+
+
+def test_a_legacy_role_that_reads_tenant_tables_must_be_able_to_log_in(migrated_db, server):
+    """Citus reaches the workers as the current user: the legacy role, which reads every tenant table, is held to
+    LOGIN like the application role (a role that reads no tenant table is not listed)."""
+    db = migrated_db(*MIGRATED)
+    role = f"legacy_nologin_{db.name}"
+    create_role(server, role, "NOLOGIN")
+    try:
+        db.execute(f'GRANT SELECT ON workflows TO "{role}"')
+        found = readiness(db, params_mod.override(db.params, {"rls": {"legacy_role": role}}))
+        row = found.loc[("roles that query distributed tables can log in", role)]
+        assert not row["ready"] and row["finding"].startswith("the legacy role (rls.legacy_role): NOLOGIN: Citus opens")
+        assert row["what to do"].startswith(f"ALTER ROLE {role} LOGIN on the coordinator")
+        db.execute(f'REVOKE SELECT ON workflows FROM "{role}"')
+        found = readiness(db, params_mod.override(db.params, {"rls": {"legacy_role": role}}))
+        assert ("roles that query distributed tables can log in", role) not in found.index
+    finally:
+        db.execute(f'DROP OWNED BY "{role}"')
+        with psycopg.connect(server.url(), autocommit=True) as admin:
+            admin.execute(f'DROP ROLE "{role}"')
