@@ -5,7 +5,10 @@ quiet once it is fixed in the database (or in params) and readiness runs again."
 import html
 from pathlib import Path
 
+import psycopg
 from psycopg import sql
+
+from conftest import create_role
 
 from runbook_helpers import params as params_mod
 from runbook_helpers.db.ddl import ACCESS_EXCLUSIVE_META, Step
@@ -53,6 +56,15 @@ def test_the_demo_readiness_fires_on_each_shape_and_goes_quiet_once_fixed(migrat
     assert "turns every table connected to it by a foreign key into a Citus local table" in order["finding"]
     assert found.loc[("order of distribution", "(plan)"), "finding"].startswith("1. keys to (tenant_id, …)")
     assert found.loc[("statement shapes Citus accepts", "07_distribute's plan"), "ready"]
+    # what Citus refused on the real cluster (issue 26), predicted here on plain PostgreSQL before any change
+    cascade = found.loc[("foreign keys holding tenant_id have no ON UPDATE action",
+                         "rules.rules_tenant_id_workflow_id_workflows_tenant_id_id_fk")]
+    assert cascade["ready"] and cascade["what to do"].startswith("nothing: 07_distribute re-adds it without ON UPDATE "
+                                                                 "CASCADE (NO ACTION)")
+    login = found.loc[("roles that query distributed tables can log in", "app_user")]
+    assert not login["ready"] and "NOLOGIN: Citus opens its connections to the workers as the current user" in \
+        login["finding"] and login["what to do"].startswith("ALTER ROLE app_user LOGIN on the coordinator")
+    assert found.loc[("roles that query distributed tables can log in", "legacy_app"), "ready"]
 
     # the fixes: the window closed, "user" named a reference table, the trigger taken along, the keys swapped
     db.run("finalize")
@@ -64,10 +76,19 @@ def test_the_demo_readiness_fires_on_each_shape_and_goes_quiet_once_fixed(migrat
     assert found.loc[("reference tables", "user"), "ready"]
     assert "Citus makes org_user a Citus local table" in found.loc[
         ("tables outside the spec that reference a reference table", "org_user.org_user_user_id_fkey"), "what to do"]
+    local = found.xs("tables that become Citus local tables", level="check")["finding"].to_dict()
+    assert local == {"org_user": "org_user references user (org_user_user_id_fkey): create_reference_table('user') "
+                                 "takes every table connected to it by foreign keys into Citus's metadata as a Citus "
+                                 "local table",
+                     "org": "org_user references org (org_user_org_id_fkey): create_reference_table('user') takes "
+                            "every table connected to it by foreign keys into Citus's metadata as a Citus local table"}
     db.params = fixed
     run_plain_postgres_part(db)
     after = readiness(db, fixed)
-    assert not_ready(after) == set(), after[~after["ready"]].to_dict("index")
+    # what is left is the login of the application role, which only the DBA can give (roles are the server's: the
+    # test leaves app_user as 04_constrain made it)
+    assert not_ready(after) == {("roles that query distributed tables can log in", "app_user")}, \
+        after[~after["ready"]].to_dict("index")
     db.execute("DROP TRIGGER workflows_set_updated_at ON workflows")  # or drop it: the finding is gone
     assert not [k for k in readiness(db).index if k[0] == "no triggers on tenant tables"]
 
@@ -123,3 +144,24 @@ def test_the_shop_readiness_fires_on_its_shapes_and_goes_quiet_once_fixed(migrat
     with db.session("distribute", dry_run=True) as rb:
         stops = distribute.blockers(rb)
     assert set(stops["object"]) == {"payment", "(params)"}  # the partitioned table's keys are by hand, and the agreement
+
+
+def test_a_legacy_role_that_reads_tenant_tables_must_be_able_to_log_in(migrated_db, server):
+    """Citus reaches the workers as the current user: the legacy role, which reads every tenant table, is held to
+    LOGIN like the application role (a role that reads no tenant table is not listed)."""
+    db = migrated_db(*MIGRATED)
+    role = f"legacy_nologin_{db.name}"
+    create_role(server, role, "NOLOGIN")
+    try:
+        db.execute(f'GRANT SELECT ON workflows TO "{role}"')
+        found = readiness(db, params_mod.override(db.params, {"rls": {"legacy_role": role}}))
+        row = found.loc[("roles that query distributed tables can log in", role)]
+        assert not row["ready"] and row["finding"].startswith("the legacy role (rls.legacy_role): NOLOGIN: Citus opens")
+        assert row["what to do"].startswith(f"ALTER ROLE {role} LOGIN on the coordinator")
+        db.execute(f'REVOKE SELECT ON workflows FROM "{role}"')
+        found = readiness(db, params_mod.override(db.params, {"rls": {"legacy_role": role}}))
+        assert ("roles that query distributed tables can log in", role) not in found.index
+    finally:
+        db.execute(f'DROP OWNED BY "{role}"')
+        with psycopg.connect(server.url(), autocommit=True) as admin:
+            admin.execute(f'DROP ROLE "{role}"')

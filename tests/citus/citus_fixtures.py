@@ -37,20 +37,30 @@ def citus() -> cluster_mod.Cluster:
 def citus_params(citus) -> params_mod.Params:
     """The ci env's spec (the demo application, legacy mapping, RLS, composite keys) on the cluster's coordinator,
     with the agreement and settings 07 needs."""
+    return on_cluster(citus, params_mod.load("ci"), AGREED)
+
+
+def on_cluster(citus, params: params_mod.Params, overrides: dict | None = None) -> params_mod.Params:
+    """`params` (an env's spec) pointed at the cluster's coordinator, with `overrides`."""
     os.environ[DSN_ENV] = citus.coordinator.url()
-    return params_mod.override(params_mod.load("ci"), {"database": {"embedded": False, "dsn_env": DSN_ENV},
-                                                       **AGREED})
+    return params_mod.override(params, {"database": {"embedded": False, "dsn_env": DSN_ENV}, **(overrides or {})})
 
 
-def _template(citus, params, phases: tuple[str, ...], key: str) -> str:
-    """The demo on the coordinator (citus created, no workers yet), migrated through `phases`, once per worker;
-    the copies get the extension back (Cluster.create_database)."""
+def _template(citus, params, phases: tuple[str, ...], key: str, schema: str | None = None) -> str:
+    """The demo (or the database `schema`, SQL, builds) on the coordinator (citus created, no workers yet), migrated
+    through `phases`, once per worker; the copies get the extension back (Cluster.create_database)."""
     name = f"citus_template_{key}_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
     node = citus.coordinator
     with psycopg.connect(node.url(), autocommit=True) as admin:
         admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-    demo.build(node.url(), name, system_uuid=str(params.system_tenant.uuid), rows=TEMPLATE_ROWS,
-               scale=TEMPLATE_SCALE, log=lambda *_: None)
+        if schema:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    if schema:
+        with psycopg.connect(node.url(name), autocommit=True) as conn:
+            conn.execute(schema)
+    else:
+        demo.build(node.url(), name, system_uuid=str(params.system_tenant.uuid), rows=TEMPLATE_ROWS,
+                   scale=TEMPLATE_SCALE, log=lambda *_: None)
     with psycopg.connect(node.url(name), autocommit=True) as conn:
         conn.execute("CREATE EXTENSION citus")
     Db(node, name, params).run(*phases, params=params)
@@ -66,15 +76,16 @@ _TEMPLATES: dict[tuple, str] = {}
 
 @pytest.fixture
 def citus_db(citus, citus_params):
-    """make(phases=MIGRATED, params=citus_params): a fresh copy of the demo migrated through `phases`, on every
-    node, the coordinator told its workers."""
+    """make(phases=MIGRATED, params=citus_params, schema=None): a fresh copy of the demo (or of the database `schema`,
+    SQL, builds, such as tests/schemas/shop.sql) migrated through `phases`, on every node, the coordinator told its
+    workers."""
     made: list[str] = []
 
-    def make(phases: tuple[str, ...] = MIGRATED, params=None) -> Db:
+    def make(phases: tuple[str, ...] = MIGRATED, params=None, schema: str | None = None) -> Db:
         p = params or citus_params
-        key = (phases, p.model_dump_json())
+        key = (phases, p.model_dump_json(), schema)
         if key not in _TEMPLATES:
-            _TEMPLATES[key] = _template(citus, p, phases, str(len(_TEMPLATES)))
+            _TEMPLATES[key] = _template(citus, p, phases, str(len(_TEMPLATES)), schema)
         name = citus.new_name()
         citus.create_database(name, template=_TEMPLATES[key])
         made.append(name)

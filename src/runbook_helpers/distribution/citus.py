@@ -13,6 +13,13 @@ readiness reports and 07_distribute follows:
   reference tables are dropped first and re-added NOT VALID, then VALIDATE, once every table is distributed;
 - a table outside the spec that a tenant table references must become a reference table (a distributed table
   may reference only colocated distributed tables and reference tables);
+- (issue 26) a foreign key whose columns hold the distribution column is refused with ON UPDATE CASCADE, SET NULL or
+  SET DEFAULT; a partitioned table whose partitions are partitioned is refused ("distributing multi-level
+  partitioned tables is not supported"), one level is distributed with its partitions; Citus opens its connections
+  to the workers as the current user, so a NOLOGIN role's queries of distributed tables fail (roles reach the
+  workers as dependencies of the distributed objects, with their attributes: ALTER ROLE … LOGIN on the coordinator
+  first); create_reference_table takes every table connected to the new reference table by foreign keys, however
+  indirectly, into the metadata as a Citus local table (autoconverted);
 - an ALTER TABLE with ADD CONSTRAINT and other subcommands in one statement is refused ("cannot execute ADD
   CONSTRAINT command with other subcommands"); separate statements in one transaction are accepted.
 """
@@ -262,3 +269,154 @@ def refused_shape(statement: str) -> str | None:
             return ("ADD CONSTRAINT with other subcommands in one ALTER TABLE: Citus refuses it; make each its own "
                     "statement in one transaction")
     return None
+
+
+MULTI_LEVEL_SQL = text("""
+SELECT p.relname AS table, array_agg(c.relname::text ORDER BY c.relname) AS partitioned_partitions
+FROM pg_class p JOIN pg_namespace n ON n.oid = p.relnamespace
+JOIN pg_inherits i ON i.inhparent = p.oid JOIN pg_class c ON c.oid = i.inhrelid
+WHERE n.nspname = :schema AND p.relname = ANY(:tables) AND p.relkind = 'p' AND c.relkind = 'p'
+GROUP BY p.relname ORDER BY 1
+""")
+
+
+def multi_level_partitioned(conn: Connection, schema: str, tables: list[str]) -> dict[str, list[str]]:
+    """table -> its partitions that are partitioned themselves: Citus refuses to distribute such a table
+    ("distributing multi-level partitioned tables is not supported"); one level of partitions it distributes."""
+    return {r["table"]: list(r["partitioned_partitions"])
+            for r in conn.execute(MULTI_LEVEL_SQL, {"schema": schema, "tables": tables}).mappings()}
+
+
+@dataclass(frozen=True)
+class Role:
+    """A role that queries the distributed tables: Citus opens its connections to the workers as the current user,
+    so the role must be able to log in (and the coordinator must be able to authenticate as it on every worker)."""
+    name: str
+    purpose: str          # "the application role (rls.app_role)" | "the legacy role (rls.legacy_role)"
+    exists: bool
+    can_login: bool
+
+
+def querying_roles(conn: Connection, schema: str, tables: list[str], p) -> list[Role]:
+    """The application role (when RLS is on) and the legacy role (when it may read a tenant table): each with whether
+    it exists and can log in."""
+    wanted = []
+    if p.rls.enabled:
+        wanted.append((p.rls.app_role, "the application role (rls.app_role)"))
+    if p.rls.legacy_role:
+        wanted.append((p.rls.legacy_role, "the legacy role (rls.legacy_role)"))
+    out = []
+    for name, purpose in wanted:
+        row = conn.execute(text(
+            "SELECT r.rolcanlogin, EXISTS (SELECT 1 FROM unnest(CAST(:tables AS text[])) t "
+            "WHERE to_regclass(format('%I.%I', CAST(:schema AS text), t)) IS NOT NULL "
+            "AND has_table_privilege(r.oid, to_regclass(format('%I.%I', CAST(:schema AS text), t)), 'SELECT')) "
+            "FROM pg_roles r WHERE r.rolname = :name"), {"name": name, "schema": schema, "tables": tables}).first()
+        if row is None:
+            if purpose.startswith("the application"):  # 04_constrain creates it
+                out.append(Role(name, purpose, False, False))
+        elif row[1] or purpose.startswith("the application"):
+            out.append(Role(name, purpose, True, bool(row[0])))
+    return out
+
+
+def multi_level_todo(table: str, partitioned: list[str]) -> str:
+    return (f"Citus distributes a partitioned table with one level of partitions only: make {', '.join(partitioned)} "
+            f"plain partitions of {table} (for each: CREATE TABLE … (LIKE it), INSERT … SELECT its rows, DETACH and drop "
+            f"it, ATTACH the new table FOR VALUES of the old), or attach its sub-partitions to {table} directly with "
+            f"bounds of {table}'s own partition key; then re-run")
+
+
+def reference_reason(table: str, p) -> str:
+    """Why 07 makes `table` a reference table."""
+    if table in SEED_TABLES:
+        return f"{table} is seed's table: every tenant's rows, read with each tenant's"
+    if table in p.shared_tables:
+        return f"{table} is a shared table (shared_tables): one catalogue for every tenant"
+    return f"{table} is named in distribution.reference_tables: a tenant table references it"
+
+
+def login_todo(role: Role) -> str:
+    return (f"ALTER ROLE {role.name} LOGIN on the coordinator before 07_distribute (Citus copies the role to the workers "
+            f"with the tables that depend on it, and propagates ALTER ROLE once it is there), and let the coordinator "
+            f"authenticate as {role.name} on every worker (pg_dist_authinfo, a .pgpass entry of the coordinator's OS "
+            f"user, or the workers' pg_hba.conf for the coordinator's address)")
+
+
+CONNECTED_SQL = text("""
+SELECT cn.nspname AS child_schema, c.relname AS child, con.conname AS name,
+       pn.nspname AS parent_schema, p.relname AS parent
+FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace cn ON cn.oid = c.relnamespace
+JOIN pg_class p ON p.oid = con.confrelid JOIN pg_namespace pn ON pn.oid = p.relnamespace
+WHERE con.contype = 'f' AND con.conparentid = 0 AND NOT c.relispartition AND NOT p.relispartition
+ORDER BY 1, 2, 3
+""")
+
+
+def becoming_local(conn: Connection, schema: str, reference: list[str], inside: list[str]) -> dict[str, tuple[str, str]]:
+    """The tables that create_reference_table turns into Citus local tables (they stay on the coordinator):
+    table -> (the reference table whose creation takes it, why). Citus takes into its metadata every table connected
+    to a reference table by foreign keys, in either direction and through any number of tables (the foreign keys
+    among the tables 07 distributes or makes reference tables are dropped first, so only tables outside those are
+    reached). Names outside `schema` are qualified."""
+    def name(s: str, t: str) -> str:
+        return t if s == schema else f"{s}.{t}"
+    edges = [(name(r["child_schema"], r["child"]), r["name"], name(r["parent_schema"], r["parent"]))
+             for r in conn.execute(CONNECTED_SQL).mappings()]
+    taken = set(inside)
+    found: dict[str, tuple[str, str]] = {}
+    for root in reference:  # in the order 07 creates them: the first to reach a table takes it
+        frontier = [root]
+        while frontier:
+            at = frontier.pop(0)
+            for child, fk, parent in edges:
+                if at not in (child, parent):
+                    continue
+                other = parent if at == child else child
+                if other in taken or other in found:
+                    continue
+                found[other] = (root, f"{other} references {at} ({fk})" if other == child
+                                else f"{at} references {other} ({fk})")
+                frontier.append(other)
+    return found
+
+
+@dataclass(frozen=True)
+class RedundantKey:
+    """A UNIQUE constraint with the very columns of the table's primary key (or of another of its keys) once 07's
+    key swaps are done: 04_constrain's composite UNIQUE (tenant_id, id) beside a primary key that became
+    (tenant_id, id). 07 drops it, after the foreign keys that use its index (they come back on the kept key's)."""
+    table: str
+    name: str
+    columns: list[str]
+    definition: str
+    kept: str              # the key that stays with the same columns
+    used_by: list[str]     # "child.foreign key" using its index
+
+
+REDUNDANT_SQL = text("""
+SELECT c.relname AS table, con.conname AS name, con.contype AS type, pg_get_constraintdef(con.oid) AS definition,
+       (SELECT array_agg(a.attname::text ORDER BY k.ord) FROM unnest(con.conkey) WITH ORDINALITY k(attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum) AS columns,
+       coalesce((SELECT array_agg(fc.relname || '.' || fk.conname ORDER BY fc.relname, fk.conname)
+          FROM pg_constraint fk JOIN pg_class fc ON fc.oid = fk.conrelid
+         WHERE fk.contype = 'f' AND fk.conindid = con.conindid AND fk.conparentid = 0), '{}') AS used_by
+FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = :schema AND c.relname = ANY(:tables) AND con.contype IN ('p', 'u') AND con.conparentid = 0
+""")
+
+
+def redundant_keys(conn: Connection, schema: str, tables: list[str], swapping: list[UniqueKey]) -> list[RedundantKey]:
+    """The UNIQUE constraints that duplicate the primary key or another key of their table once the keys in
+    `swapping` are (tenant_id, …): the one kept is the primary key, else a key being swapped, else the first by
+    name."""
+    after = {(k.table, k.name): k.tenant_columns for k in swapping}
+    out, seen = [], {}
+    rows = sorted(conn.execute(REDUNDANT_SQL, {"schema": schema, "tables": tables}).mappings(),
+                  key=lambda r: (r["table"], r["type"] != "p", (r["table"], r["name"]) not in after, r["name"]))
+    for r in rows:
+        cols = tuple(after.get((r["table"], r["name"]), list(r["columns"])))
+        first = seen.setdefault((r["table"], cols), r["name"])
+        if first != r["name"] and r["type"] == "u":
+            out.append(RedundantKey(r["table"], r["name"], list(cols), r["definition"], first, list(r["used_by"])))
+    return out

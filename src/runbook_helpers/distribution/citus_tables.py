@@ -31,6 +31,8 @@ from . import citus
 PHASE = "distribute"
 DROP_LOCK = "ACCESS EXCLUSIVE on the table and the referenced table (metadata only, milliseconds)"
 ADD_LOCK = "SHARE ROW EXCLUSIVE on the table and the referenced table (metadata only, milliseconds)"
+SHARE_ROW_EXCLUSIVE_SCAN = ("SHARE ROW EXCLUSIVE on the table and the referenced table while the partitions are "
+                            "scanned (reads continue, writes wait)")
 COPY_LOCK = "EXCLUSIVE on the table while Citus copies its rows to the shards (reads continue, writes wait)"
 
 
@@ -65,8 +67,11 @@ def _parent(definition: str) -> str:
 
 
 def size(conn: Connection, schema: str, table: str) -> int:
-    return int(conn.execute(text("SELECT pg_total_relation_size(format('%I.%I', CAST(:s AS text), CAST(:t AS text))"
-                                 "::regclass)"), {"s": schema, "t": table}).scalar() or 0)
+    """pg_total_relation_size of the table, or of all its partitions for a partitioned one (whose own size is 0)."""
+    return int(conn.execute(text(
+        "WITH t AS (SELECT format('%I.%I', CAST(:s AS text), CAST(:t AS text))::regclass AS oid) "
+        "SELECT coalesce((SELECT sum(pg_total_relation_size(p.relid)) FROM t, pg_partition_tree(t.oid) p), "
+        "(SELECT pg_total_relation_size(t.oid) FROM t))"), {"s": schema, "t": table}).scalar() or 0)
 
 
 def cycle(fks: list[citus.Reference], inside: set[str]) -> list[citus.Reference]:
@@ -88,11 +93,43 @@ def drop_steps(schema: str, ledger_schema: str, fks: list[citus.Reference]) -> l
     return out
 
 
-def reference_steps(schema: str, tables: list[str], sizes: dict[str, int]) -> list[Step]:
-    return [Step(PHASE, t, f"make {t} a reference table (copies {sizes.get(t, 0):,} bytes to every node)",
-                 sql.SQL("SELECT create_reference_table({})").format(sql.Literal(f'{_quoted(schema)}.{_quoted(t)}')),
-                 COPY_LOCK, "Citus's own copy; the table stays whole on every node", long_scan=True)
-            for t in tables]
+def redundant_steps(schema: str, ledger_schema: str, keys: list[citus.RedundantKey]) -> list[Step]:
+    """Each UNIQUE constraint that duplicates a key of its table dropped, its definition recorded in the ledger in the
+    same transaction (after the foreign keys on its index went: they come back on the kept key's index)."""
+    out = []
+    for key in keys:
+        record = sql.SQL("INSERT INTO {} (kind, table_name, name, definition) VALUES ('redundant key', {}, {}, {}) "
+                         "ON CONFLICT DO NOTHING").format(_ledger(ledger_schema), sql.Literal(key.table),
+                                                          sql.Literal(key.name), sql.Literal(key.definition))
+        drop = sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(sql.Identifier(schema, key.table),
+                                                                  sql.Identifier(key.name))
+        out.append(Step(PHASE, key.table, f"drop {key.name}: the same columns as {key.kept} "
+                        f"({', '.join(key.columns)})", record + sql.SQL("; ") + drop, DROP_LOCK,
+                        "catalog change only: a second unique index on the same columns checks nothing more and costs "
+                        "every write; its definition is recorded in the ledger"
+                        + (f"; {', '.join(key.used_by)} come back on {key.kept}'s index" if key.used_by else "")))
+    return out
+
+
+def reference_steps(schema: str, tables: list[str], sizes: dict[str, int], reasons: dict[str, str] | None = None,
+                    local: dict[str, tuple[str, str]] | None = None) -> list[Step]:
+    """create_reference_table for each table; `reasons`: why each becomes one; `local`: the tables Citus makes Citus
+    local tables on the way (table -> (the reference table that takes it, why)), named in that table's step."""
+    out = []
+    for t in tables:
+        taken = [(other, why) for other, (root, why) in (local or {}).items() if root == t]
+        action = f"make {t} a reference table (copies {sizes.get(t, 0):,} bytes to every node)"
+        if taken:
+            action += f"; Citus makes {', '.join(o for o, _ in taken)} Citus local tables (they stay on the coordinator)"
+        why = "Citus's own copy; the table stays whole on every node"
+        if reasons and t in reasons:
+            why = f"{reasons[t]}; {why}"
+        if taken:
+            why += "; " + "; ".join(f"{o} becomes a Citus local table: {w} and Citus takes every table connected "
+                                    f"to a reference table by foreign keys" for o, w in taken)
+        out.append(Step(PHASE, t, action, sql.SQL("SELECT create_reference_table({})").format(
+            sql.Literal(f'{_quoted(schema)}.{_quoted(t)}')), COPY_LOCK, why, long_scan=True))
+    return out
 
 
 def distribute_steps(schema: str, tables: list[str], colocate_with: str | None, sizes: dict[str, int],
@@ -114,21 +151,30 @@ def distribute_steps(schema: str, tables: list[str], colocate_with: str | None, 
     return out
 
 
-def readd_steps(schema: str, fks: list[citus.Reference], present: dict[str, citus.Reference]) -> list[Step]:
-    """Each foreign key NOT VALID where it is missing, then VALIDATE where it is not validated."""
+def readd_steps(schema: str, fks: list[citus.Reference], present: dict[str, citus.Reference],
+                partitioned: set[str] = frozenset()) -> list[Step]:
+    """Each foreign key NOT VALID where it is missing, then VALIDATE where it is not validated. On a partitioned
+    child (`partitioned`) PostgreSQL before 18 takes no NOT VALID foreign key: it is added and checked at once."""
     out = []
     for fk in fks:
         table = sql.Identifier(schema, fk.child)
         have = present.get(fk.key)
         if have is None:
             definition, dropped = distributed_definition(fk.definition)
-            why = "NOT VALID skips the scan; new writes are checked at once"
+            whole = fk.child in partitioned
+            why = ("on a partitioned table PostgreSQL before 18 takes no NOT VALID foreign key: added and checked at "
+                   "once, writes to the table wait while its partitions are scanned" if whole else
+                   "NOT VALID skips the scan; new writes are checked at once")
             if dropped:
                 why += (f"; without {dropped}: Citus refuses it on a key that holds the distribution column, and a "
                         f"row's {TENANT_COLUMN} can no longer change once distributed (NO ACTION, the default)")
-            out.append(Step(PHASE, fk.child, f"re-add {fk.name} NOT VALID" + (f" without {dropped}" if dropped else ""),
-                            sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {} NOT VALID").format(
-                                table, sql.Identifier(fk.name), sql.SQL(definition)), ADD_LOCK, why))
+            out.append(Step(PHASE, fk.child, f"re-add {fk.name}" + ("" if whole else " NOT VALID")
+                            + (f" without {dropped}" if dropped else ""),
+                            sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}" + ("" if whole else " NOT VALID")).format(
+                                table, sql.Identifier(fk.name), sql.SQL(definition)),
+                            SHARE_ROW_EXCLUSIVE_SCAN if whole else ADD_LOCK, why, long_scan=whole))
+            if whole:
+                continue
         if have is None or not have.validated:
             out.append(Step(PHASE, fk.child, f"validate {fk.name}", sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
                 table, sql.Identifier(fk.name)), SHARE_UPDATE_EXCLUSIVE, "scans without blocking reads or writes",

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection
 from ..db import catalog, partitions
 from ..db.names import TENANT_COLUMN
 from ..tenancy import composite_keys
-from . import citus, citus_keys
+from . import citus, citus_keys, citus_tables
 
 COLUMNS = ["check", "object", "finding", "ready", "what to do"]
 SWAP = ("07_distribute makes it ({cols}) once distribution.application_keys_agreed (built CONCURRENTLY, swapped in "
@@ -41,6 +41,8 @@ def readiness(rb, planned=None) -> pd.DataFrame:
         _foreign_keys(fks, plain, keys, add)
         _triggers(conn, rb, tables, p, add)
         _references(conn, rb, tables, p, add)
+        _partition_levels(conn, rb, tables, add)
+        _roles(conn, rb, tables, p, add)
         for r in conn.execute(composite_keys.SEQUENCES_SQL, {"schema": rb.schema, "tables": p.tables}).mappings():
             add("sequences are bigint", f"{r['table']}.{r['sequence']}", r["type"], r["type"] == "bigint",
                 "" if r["type"] == "bigint" else "ALTER SEQUENCE … AS bigint and the column to bigint")
@@ -163,6 +165,20 @@ def _references(conn: Connection, rb, tables, p, add) -> None:
         add("tables outside the spec that reference a reference table", f"{child}.{name}", f"-> {parent}", True,
             f"Citus makes {child} a Citus local table (it stays on the coordinator) when {parent} becomes a "
             f"reference table")
+    for table, (root, why) in citus.becoming_local(conn, rb.schema, reference, sorted(inside)).items():
+        add("tables that become Citus local tables", table, f"{why}: create_reference_table('{root}') takes every "
+            f"table connected to it by foreign keys into Citus's metadata as a Citus local table", True,
+            f"nothing: it stays whole on the coordinator (queries joining it with distributed tables are limited); "
+            f"07_distribute's plan names it at {root}'s step")
+    for fk in refs:
+        definition, dropped = citus_tables.distributed_definition(fk.definition)
+        if dropped and fk.child in inside and fk.parent in inside:
+            add("foreign keys holding tenant_id have no ON UPDATE action", fk.key, f"({', '.join(fk.columns)}) -> "
+                f"{fk.parent} {dropped}: Citus refuses it on a key that holds the distribution column (\"SET NULL, "
+                f"SET DEFAULT or CASCADE is not supported in ON UPDATE operation when distribution key included in the "
+                f"foreign constraint\")", True,
+                f"nothing: 07_distribute re-adds it without {dropped} (NO ACTION): a distributed row's {TENANT_COLUMN} "
+                f"cannot change, so nothing is left to cascade")
     cycle = [f for f in citus.references_from(conn, rb.schema, tables + reference)
              if f.child in inside and f.parent in inside and not _dropped_with_a_key(f, tables)]
     for fk in cycle:
@@ -175,6 +191,27 @@ def _references(conn: Connection, rb, tables, p, add) -> None:
         f"{len(cycle)} foreign keys; 3. create_reference_table: {', '.join(reference) or 'none'}; "
         f"4. create_distributed_table by tenant_id, colocated: {', '.join(tables)}; 5. re-add the foreign keys "
         f"NOT VALID, then VALIDATE", True, "07_distribute on the Citus coordinator, after 06_finalize")
+
+
+def _partition_levels(conn: Connection, rb, tables, add) -> None:
+    for table, parts in citus.multi_level_partitioned(conn, rb.schema, tables).items():
+        add("partitioned tables have one level of partitions", table, f"{', '.join(parts)} "
+            f"{'is' if len(parts) == 1 else 'are'} partitioned too: Citus refuses the table (\"distributing "
+            f"multi-level partitioned tables is not supported\")", False, citus.multi_level_todo(table, parts))
+
+
+def _roles(conn: Connection, rb, tables, p, add) -> None:
+    for role in citus.querying_roles(conn, rb.schema, tables, p):
+        if role.exists:
+            finding = (f"{role.purpose}: " + ("can log in" if role.can_login else
+                       "NOLOGIN: Citus opens its connections to the workers as the current user, so its queries of "
+                       "the distributed tables would fail (07_distribute refuses on a coordinator until it can)"))
+        else:
+            finding = (f"{role.purpose}: not created yet; 04_constrain creates it NOLOGIN, and Citus opens its "
+                       f"connections to the workers as the current user (07_distribute refuses on a coordinator "
+                       f"until it can log in)")
+        add("roles that query distributed tables can log in", role.name, finding, role.can_login,
+            "" if role.can_login else citus.login_todo(role))
 
 
 def _dropped_with_a_key(fk: citus.Reference, tables) -> bool:

@@ -5,10 +5,15 @@ The plan follows what a Citus 13 cluster accepted (issue 18; distribution/citus.
   1. the key changes the application must agree to (distribution.application_keys_agreed): every primary key and
      unique key of a tenant table becomes (tenant_id, …), built CONCURRENTLY and swapped in separate statements
      (distribution/citus_keys.py);
-  2. the foreign keys among the tenant tables and the reference tables dropped (definitions kept in the ledger);
-  3. tenants, users, user_tenants, the shared tables and distribution.reference_tables made reference tables;
+  2. the foreign keys among the tenant tables and the reference tables dropped (definitions kept in the ledger), then
+     every UNIQUE constraint that duplicates a key once the keys are (tenant_id, …) (04's composite UNIQUE
+     (tenant_id, id) beside the primary key made (tenant_id, id)), recorded in the ledger;
+  3. tenants, users, user_tenants, the shared tables and distribution.reference_tables made reference tables (each
+     step names the tables outside the spec Citus makes Citus local tables on the way, and why);
   4. every tenant table distributed by tenant_id, colocated with the first (distribution/citus_tables.py);
-  5. the foreign keys re-added NOT VALID, then validated.
+  5. the foreign keys re-added NOT VALID (without an ON UPDATE action where they hold tenant_id), then validated.
+Before any change it refuses, besides the blockers below, a multi-level partitioned tenant table and, on a
+coordinator, an application or legacy role that cannot log in (Citus reaches the workers as the current user).
 Every statement is shown with its lock and, for Citus's copies, the bytes it moves (pg_total_relation_size) before
 anything runs. The phase refuses, changing nothing, on a server without Citus or that is not the coordinator (a
 dry run shows the plan anywhere), while anything in `blockers` stands, and while the application has not agreed
@@ -70,6 +75,18 @@ class Analysis:
             else:
                 unsafe.add(trig.table)
 
+        for table, parts in citus.multi_level_partitioned(conn, schema, self.tables).items():
+            if managed.get(table) != "distributed":
+                block("Citus cannot distribute a multi-level partitioned table", table,
+                      f"{', '.join(parts)} {'is' if len(parts) == 1 else 'are'} partitioned too (Citus: \"distributing "
+                      f"multi-level partitioned tables is not supported\"): " + citus.multi_level_todo(table, parts))
+        if self.server.refusal is None:  # on a Citus coordinator: the workers are reached as the current user
+            for role in citus.querying_roles(conn, schema, self.tables, p):
+                if role.exists and not role.can_login:
+                    block(f"{role.purpose} is NOLOGIN: Citus opens its connections to the workers as the current "
+                          f"user, so its queries of the distributed tables would fail", role.name,
+                          citus.login_todo(role))
+
         fks = catalog.foreign_keys(conn, schema, self.tables)
         plain = composite_keys.accepted_references(p)
         keys = [k for k in citus.keys_without_tenant(conn, schema, self.tables) if managed.get(k.table) != "distributed"]
@@ -83,6 +100,8 @@ class Analysis:
         dropped_by_keys = {(c, n) for k in self.keys for c, n in k.referenced_by}
 
         inside = set(self.tables) | set(self.reference)
+        # the tables outside the spec that create_reference_table takes along (Citus local tables): named in the plan
+        self.local = citus.becoming_local(conn, schema, self.reference, sorted(inside))
         refs = citus.references_from(conn, schema, self.tables + self.reference)
         for fk in refs:
             if fk.parent not in inside:
@@ -98,8 +117,13 @@ class Analysis:
                       f"a distributed table ({parent}) can be referenced only by colocated tables: drop the key, or "
                       f"make {child} a tenant table")
 
+        # a UNIQUE constraint with the very columns of a key that is (or becomes) (tenant_id, …): 04's composite
+        # UNIQUE (tenant_id, id) beside the primary key made (tenant_id, id); the foreign keys on its index go
+        # around distribution anyway and come back on the kept key's index
+        self.redundant = citus.redundant_keys(conn, schema, self.tables, self.keys)
+        on_redundant = {u for k in self.redundant for u in k.used_by}
         cycle = [f for f in citus_tables.cycle(refs, inside) if (f.child, f.name) not in dropped_by_keys
-                 and not (f.child in managed and f.parent in managed)]
+                 and (not (f.child in managed and f.parent in managed) or f.key in on_redundant)]
         dropping = {f.key for f in cycle}
         recorded = [r for r in citus_tables.recorded_foreign_keys(conn, rb.params.ledger_schema)
                     if r.key not in dropping]
@@ -109,11 +133,14 @@ class Analysis:
         self.steps: list[Step] = (
             citus_keys.steps(conn, schema, p.ledger_schema, self.keys)
             + citus_tables.drop_steps(schema, p.ledger_schema, cycle)
+            + citus_tables.redundant_steps(schema, p.ledger_schema, self.redundant)
             + citus_tables.reference_steps(schema, [t for t in self.reference if managed.get(t) != "reference"],
-                                           self.sizes)
+                                           self.sizes, {t: citus.reference_reason(t, p) for t in self.reference},
+                                           {t: v for t, v in self.local.items() if t not in managed})
             + citus_tables.distribute_steps(schema, [t for t in self.tables if t not in distributed],
                                             distributed[0] if distributed else None, self.sizes, unsafe)
-            + citus_tables.readd_steps(schema, cycle + recorded, present))
+            + citus_tables.readd_steps(schema, cycle + recorded, present,
+                                       {t for t in self.tables if catalog.table_state(conn, schema, t).partitioned}))
         self.agreed = p.distribution.application_keys_agreed
 
     def _block(self, blocker: str, obj: str, todo: str) -> None:
@@ -174,6 +201,8 @@ def cost(rb) -> pd.DataFrame:
     a = analyse(rb)
     rows = [{"table": t, "becomes": "distributed by tenant_id" if t in a.tables else "reference table",
              "bytes": a.sizes[t], "size": _pretty(a.sizes[t])} for t in a.tables + a.reference]
+    rows += [{"table": t, "becomes": f"Citus local table (stays on the coordinator): {why}", "bytes": 0,
+              "size": _pretty(0)} for t, (_, why) in a.local.items()]
     rows.append({"table": "(all)", "becomes": "", "bytes": sum(a.sizes.values()), "size": _pretty(sum(a.sizes.values()))})
     return pd.DataFrame(rows, columns=["table", "becomes", "bytes", "size"])
 
@@ -206,9 +235,10 @@ def apply(rb) -> pd.DataFrame:
 def status(rb) -> pd.DataFrame:
     """Per table: what it should become and what Citus has made of it."""
     a = analyse(rb)
-    return pd.DataFrame([{"table": t, "should be": "distributed" if t in a.tables else "reference",
-                          "is": a.managed.get(t, "not a Citus table")} for t in a.tables + a.reference],
-                        columns=["table", "should be", "is"])
+    rows = [{"table": t, "should be": "distributed" if t in a.tables else "reference",
+             "is": a.managed.get(t, "not a Citus table")} for t in a.tables + a.reference]
+    rows += [{"table": t, "should be": "local", "is": a.managed.get(t, "not a Citus table")} for t in a.local]
+    return pd.DataFrame(rows, columns=["table", "should be", "is"])
 
 
 def assert_distributed(rb) -> str:
