@@ -4,12 +4,13 @@ what to do instead, and writes nothing (no probe tenant)."""
 
 from citus_fixtures import MIGRATED, citus, citus_db, citus_params  # noqa: F401 (fixtures)
 
+from runbook_helpers import params as params_mod
 from runbook_helpers.phases import validate
 
 
-def test_a_nologin_application_role_on_distributed_tables_is_named_not_probed(citus_db):
-    db = citus_db(MIGRATED)
-    role = db.params.rls.app_role
+def test_a_nologin_application_role_on_distributed_tables_is_named_not_probed(citus_db, citus_params):
+    role = "citus_app_nologin"  # this test's own role: roles are the server's, the other tests' app_user stays LOGIN
+    db = citus_db(MIGRATED, params=params_mod.override(citus_params, {"rls": {"app_role": role}}))
     db.execute(f'ALTER ROLE "{role}" LOGIN')  # what 07's preflight asks for
     db.run("distribute")
     db.execute(f'ALTER ROLE "{role}" NOLOGIN')  # taken back afterwards

@@ -16,13 +16,14 @@ SWAPPED = "swapped by 07_distribute with the application's agreement"
 
 
 def _distributed(db):
-    """07_distribute, then what the DBA does for the application role (NOLOGIN since 06): it may log in, which the
-    isolation suite needs (Citus opens its connections to the workers as the current user), and so may the tables' owner
+    """What the DBA does for the application role (NOLOGIN since 04), then 07_distribute: it may log in, which 07 and
+    the isolation suite need (Citus opens its connections to the workers as the current user), and so may the tables' owner
 (the owner cases run as it)."""
-    db.run("distribute")
     with db.connect(autocommit=True) as conn:
         for role in ("app_user", "app_owner"):  # the owner too: the suite's owner cases run as it
-            conn.execute(f"ALTER ROLE {role} LOGIN")
+            conn.execute(f"ALTER ROLE {role} LOGIN")  # before 07, whose preflight asks for the application role's
+    db.run("distribute")
+    with db.connect(autocommit=True) as conn:
         # Citus propagates ALTER ROLE to the workers; the probes depend on it, so say so if it ever stops
         on_workers = conn.execute("SELECT result FROM run_command_on_workers($$SELECT string_agg(rolname, ',' ORDER BY "
                                   "rolname) FROM pg_roles WHERE rolname IN ('app_user', 'app_owner') AND rolcanlogin$$)"
