@@ -63,7 +63,7 @@ def test_the_tenant_aware_release_runs_without_an_error_on_the_distributed_datab
                                 (workflow, tenant)).fetchone()[0] == 0
 
 
-def test_every_tenant_keyed_statement_of_the_release_runs_on_one_shard(citus_db):
+def test_every_tenant_keyed_statement_of_the_release_and_every_smoke_query_runs_on_one_shard(citus_db):
     db = citus_db(MIGRATED)
     workload = run_tenant_aware(db, 250)
     assert not workload.errors(), workload.errors()[:3]
@@ -85,6 +85,16 @@ def test_every_tenant_keyed_statement_of_the_release_runs_on_one_shard(citus_db)
     # the move touches two tenants, one statement each: 3 deletes and at least 1 insert, every one on one shard
     assert len(tasks["move workflow to another org"]) >= 4, tasks["move workflow to another org"]
     assert tasks["list active_workflows"] != [1]  # the view's read of every tenant fans out (and is the only one)
+
+    # the demo's smoke queries (05_validate) name their tenant too: one shard each, and they find rows
+    smoke = {}
+    with db.connect() as conn:
+        for query in db.params.validate_.smoke_queries:
+            plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + query.sql))
+            smoke[query.name] = (re.findall(r"Task Count: (\d+)", plan), len(conn.execute(query.sql).fetchall()))
+    print(smoke)
+    assert {name: tasks for name, (tasks, _) in smoke.items() if tasks != ["1"]} == {"active workflows view": ["32"]}
+    assert all(rows for _, rows in smoke.values()), smoke
 
 
 def test_updating_a_rows_tenant_is_what_citus_refuses(citus_db):
