@@ -51,6 +51,7 @@ class Written:
     workflows: list[int] = field(default_factory=list)
     rules: list[int] = field(default_factory=list)
     models: list[int] = field(default_factory=list)
+    moved: list[int] = field(default_factory=list)  # its workflows moved to another org (each time)
 
 
 def tenant_uuid(namespace: uuid.UUID, org_uuid: str) -> uuid.UUID:
@@ -355,6 +356,7 @@ class LegacyWorkload(threading.Thread):
                              lambda execute: self._move(execute, workflow, org, tenant)):
             self.tenant_of[("workflows", workflow)] = tenant
             self.org_of[workflow] = org
+            self.written.moved.append(workflow)
 
     def _move(self, execute, workflow: int, org: int, tenant: int) -> list:
         """The tenant-aware move: the workflow, its rules and its endpoints deleted from their tenant and inserted
