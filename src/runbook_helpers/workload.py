@@ -181,7 +181,8 @@ class LegacyWorkload(threading.Thread):
         if not self.tenant_aware:
             return sql.SQL("{} = %s").format(sql.Identifier(column)), (row,)
         parent = table if column == "id" else {"template_id": "templates"}[column]
-        return sql.SQL("tenant_id = %s AND {} = %s").format(sql.Identifier(column)), (self.tenant_of[(parent, row)], row)
+        return (sql.SQL("tenant_id = %s AND {} = %s").format(sql.Identifier(column)),
+                (self.tenant_of[(parent, row)], row))
 
     def _tenant_of_org(self, conn: psycopg.Connection, org: int) -> int | None:
         if not self.tenant_aware:
@@ -366,13 +367,15 @@ class LegacyWorkload(threading.Thread):
         old = self.tenant_of[("workflows", workflow)]
         children = {}
         for table in ("endpoints", "rules"):
-            children[table] = execute(sql.SQL("DELETE FROM {} WHERE tenant_id = %s AND workflow_id = %s RETURNING {}").format(
-                sql.Identifier(table), self.columns[table]), (old, workflow))
+            children[table] = execute(sql.SQL("DELETE FROM {} WHERE tenant_id = %s AND workflow_id = %s "
+                                              "RETURNING {}").format(sql.Identifier(table), self.columns[table]),
+                                      (old, workflow))
         rows = execute(sql.SQL("DELETE FROM workflows WHERE tenant_id = %s AND id = %s RETURNING {}").format(
             self.columns["workflows"]), (old, workflow))
         if not rows:
             return []
-        for table, table_rows in (("workflows", rows), ("rules", children["rules"]), ("endpoints", children["endpoints"])):
+        for table, table_rows in (("workflows", rows), ("rules", children["rules"]),
+                                  ("endpoints", children["endpoints"])):
             if not table_rows:
                 continue
             names = self.column_names[table]
