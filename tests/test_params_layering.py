@@ -30,11 +30,19 @@ ADDED = [("legacy", "source"), ("validate", "smoke_queries", "*", "writes"), ("r
 # kept the old default.
 CHANGED = {("locks", "lock_timeout_ms"): (2000, 500), ("locks", "retry", "attempts"): (6, 20),
            ("locks", "retry", "backoff_ms"): (500, 100), ("locks", "retry", "backoff_max_ms"): (10000, 5000),
-           # issue 18: the demo's smoke query joins on tenant_id too, so Citus joins colocated shards (same rows)
+           # issue 18: the demo's smoke query joins on tenant_id too, so Citus joins colocated shards; issue 26: every
+           # smoke query of a tenant table names its tenant (the System Tenant's rows), so Citus runs it on one shard
+           ("validate", "smoke_queries", 0, "sql"): (
+               "SELECT id, name, status FROM workflows ORDER BY updated_at DESC LIMIT 20",
+               "SELECT id, name, status FROM workflows WHERE tenant_id = 1 ORDER BY updated_at DESC LIMIT 20"),
            ("validate", "smoke_queries", 1, "sql"): (
                "SELECT r.id, r.name FROM rules r JOIN workflows w ON w.id = r.workflow_id WHERE w.id = 1",
                "SELECT r.id, r.name FROM rules r JOIN workflows w ON w.tenant_id = r.tenant_id AND w.id = "
-               "r.workflow_id WHERE w.id = 1")}
+               "r.workflow_id WHERE w.tenant_id = 1 AND w.id = 333"),
+           ("validate", "smoke_queries", 2, "sql"): (
+               "SELECT template_id, position, kind FROM widgets WHERE template_id = 1 ORDER BY position",
+               "SELECT template_id, position, kind FROM widgets WHERE tenant_id = 1 AND template_id = 1 ORDER BY "
+               "position")}
 
 
 def _leaves(node, at=()):

@@ -220,3 +220,21 @@ def test_writes_before_the_record_that_cannot_be_listed_by_key_fail(db):
     assert failing(frame) == {(BEFORE, "rules")}
     actual = frame[(frame["check"] == BEFORE) & (frame["table"] == "rules")]["actual"].iloc[0]
     assert actual.startswith("content changed, not listed by key: the baseline of rules has no per-row record"), actual
+
+
+@pytest.mark.parametrize("mapping", [False, True], ids=["system tenant", "legacy mapping"])
+def test_the_demos_smoke_queries_name_the_system_tenant_and_find_its_rows(migrated_db, ci_params, mapping):
+    """Each smoke query of a tenant table names its tenant (what Citus routes to one shard): tenant 1, the System
+    Tenant, with the legacy mapping off or on; each finds rows of it, so a check of a query that found nothing
+    cannot pass unnoticed. The view has no tenant_id to name."""
+    params = params_mod.override(ci_params, {"legacy": {"enabled": mapping}})
+    db = migrated_db("inspect", "seed", "backfill", "constrain", params=params)
+    assert db.scalar("SELECT uuid::text FROM tenants WHERE id = 1") == str(params.system_tenant.uuid)
+    queries = {q.name: q.sql for q in params.validate_.smoke_queries}
+    assert [name for name, text in queries.items() if "tenant_id = 1" not in text] == ["active workflows view"]
+    with db.connect() as conn:
+        found = {name: len(conn.execute(text).fetchall()) for name, text in queries.items()}
+    assert all(found.values()), found
+    out = db.run("validate")["validate"]["checks"]
+    smoke = out[out["check"] == "smoke query runs"]
+    assert len(smoke) == len(queries) and smoke["passed"].all(), smoke.to_dict("records")

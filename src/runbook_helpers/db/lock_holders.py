@@ -68,4 +68,6 @@ def sessions_on_table(conn: Connection, table: str) -> list[Session]:
 
 
 def cancel_backend(conn: Connection, pid: int) -> bool:
-    return bool(conn.execute(text("SELECT pg_cancel_backend(:pid)"), {"pid": pid}).scalar())
+    # the pid cast to integer: psycopg sends a pid below 32768 as smallint, which on a Citus server matches both
+    # PostgreSQL's pg_cancel_backend(integer) and Citus's pg_cancel_backend(bigint) (42725, not unique)
+    return bool(conn.execute(text("SELECT pg_cancel_backend(CAST(:pid AS integer))"), {"pid": pid}).scalar())

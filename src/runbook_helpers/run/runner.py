@@ -366,7 +366,8 @@ def cancel_run_backends(control, params, run_id: str) -> int:
                  "AND state <> 'idle'")
     pids = [r[0] for r in control.execute(query, {"p": pattern})]
     for pid in pids:
-        control.execute(text("SELECT pg_cancel_backend(:pid)"), {"pid": pid})
+        # cast: on Citus a pid sent as smallint is ambiguous (see lock_holders.cancel_backend)
+        control.execute(text("SELECT pg_cancel_backend(CAST(:pid AS integer))"), {"pid": pid})
     deadline = time.monotonic() + 10
     while pids and time.monotonic() < deadline:
         if not control.execute(query, {"p": pattern}).first():
