@@ -587,9 +587,17 @@ def undo_steps(rb, conn, before) -> list[Step]:
         differing = conn.exec_driver_sql(render(conn, sql.SQL(
             "SELECT count(*) FROM ({}) AS x WHERE x.now IS DISTINCT FROM x.was").format(values_before))).scalar()
         if differing:
+            # each row's value of before looked up by its key, in a subquery PostgreSQL evaluates again on the newest
+            # version of a row the application updates meanwhile (READ COMMITTED re-checks the WHERE there): a
+            # join on the row versions the statement's snapshot saw (ctid) skipped such a row, leaving it its
+            # migrated tenant ("rollback incomplete" under the live application)
+            row_keys = sql.SQL(", ").join(sql.SQL("t.{}::text").format(sql.Identifier(k)) for k in was["key_columns"])
+            was_of_row = sql.SQL("(SELECT lv.tenant_id FROM {v} AS lv WHERE lv.table_name = {name} "
+                                 "AND lv.key = json_build_array({keys})::jsonb)").format(
+                v=sql.Identifier(rb.params.ledger_schema, "legacy_tenant_values"), name=sql.Literal(name), keys=row_keys)
             out.append(Step(UNDO_PHASE, name, f"put back the tenant_id of before the migration ({differing:,} rows)",
-                            sql.SQL("UPDATE {t} AS t SET {c} = x.was FROM ({lv}) AS x WHERE t.tableoid = x.rel "
-                                    "AND t.ctid = x.row_id AND x.now IS DISTINCT FROM x.was").format(t=st.qualified, c=COL, lv=values_before),
+                            sql.SQL("UPDATE {t} AS t SET {c} = {was} WHERE t.{c} IS DISTINCT FROM {was}").format(
+                                t=st.qualified, c=COL, was=was_of_row),
                             ROW_EXCLUSIVE_BATCH, "one UPDATE of the rows the backfill filled (no table lock)",
                             long_scan=True))
     return out
