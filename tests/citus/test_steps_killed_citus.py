@@ -16,7 +16,10 @@ import step_harness as harness
 from citus_fixtures import MIGRATED, citus, citus_db, citus_params  # noqa: F401 (fixtures)
 
 ALL_STEPS = os.environ.get("RUNBOOK_STEPS") == "all"
-SHARES = 8 if ALL_STEPS else 2  # tests the kills are shared out over
+# tests the kills are shared out over. Here (2 cores shared with other work): one of each kind, 17 kills, 185 s in
+# 2 shares; every step, 92 kills, 16 min 40 s with -n 2 --dist load (about 20 s a kill, two at once; --dist loadfile
+# keeps a file on one worker, so about twice that)
+SHARES = 8 if ALL_STEPS else 2
 _recorded: list[tuple[list[str], dict]] = []  # per worker: the uninterrupted run's steps and end state
 
 
