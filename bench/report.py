@@ -12,11 +12,12 @@ import json
 from pathlib import Path
 
 from . import (b1_fast_path, b2_batched, b3_online, b4_memory, b6_mapped, b7_trigger, b8_partitions, b9_replica,
-               b10_ddl_waits, e2e)
+               b10_ddl_waits, b11_distribute, e2e)
 
 ROOT = Path(__file__).resolve().parent.parent
 ORDER = [("b1", b1_fast_path), ("b2", b2_batched), ("b3", b3_online), ("b4", b4_memory), ("b6", b6_mapped),
-         ("b7", b7_trigger), ("b8", b8_partitions), ("b9", b9_replica), ("b10", b10_ddl_waits), ("e2e", e2e)]
+         ("b7", b7_trigger), ("b8", b8_partitions), ("b9", b9_replica), ("b10", b10_ddl_waits),
+         ("b11", b11_distribute), ("e2e", e2e)]
 
 
 def _cell(value) -> str:

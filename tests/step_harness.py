@@ -27,6 +27,7 @@ from psycopg import sql
 
 from runbook_helpers import faults
 from runbook_helpers.phases.headless import run_phase
+from runbook_helpers.tenancy import rls
 
 
 class StepKilled(BaseException):
@@ -119,6 +120,9 @@ def contract_problems(url: str, app: Application, workloads: tuple[bool, ...] = 
     application run now (False: the legacy one, True: the tenant-aware one, which names tenant_id)."""
     problems: list[str] = []
     with psycopg.connect(url) as conn:
+        if rls.has_citus(conn):  # counts only: one connection per worker, not Citus's fan-out over many (4x faster)
+            conn.execute("SET citus.max_adaptive_executor_pool_size = 1")
+        conn.commit()  # the snapshot below is the next transaction's first
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")  # every count below reads one snapshot
         tenants: list[int] = []
         for table in app.tables:
@@ -161,8 +165,8 @@ def _as_role(conn, role: str, setting: str | None, tenant: int | None, table: st
     conn.execute("SAVEPOINT as_role")
     try:
         conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(role)))
-        if setting:
-            conn.execute("SELECT set_config(%s, %s, true)", (setting, str(tenant)))
+        if setting:  # as the application sets it (a set_config(…, true) would stay on a Citus coordinator)
+            rls.set_tenant(conn, tenant, setting)
             seen = conn.execute(sql.SQL("SELECT count(*) FILTER (WHERE tenant_id = %s), count(*) FILTER (WHERE "
                                         "tenant_id IS DISTINCT FROM %s) FROM {}").format(sql.Identifier(table)),
                                 (tenant, tenant)).fetchone()
@@ -225,9 +229,18 @@ def plain_distribute(db) -> list[str]:
     return [s.action for s in plain]
 
 
+def has_citus(db) -> bool:
+    with db.connect() as conn:
+        return conn.execute(rls.CITUS_SQL).fetchone()[0]
+
+
 def run(db, phase: str, **kw):
-    """One phase as the harness runs it: "distribute" is its plain-PostgreSQL part (plain_distribute)."""
-    return plain_distribute(db) if phase == "distribute" else run_phase(db.session(phase), **kw)
+    """One phase as the harness runs it: "distribute" on a database without Citus is its plain-PostgreSQL part
+    (plain_distribute); on a Citus coordinator, the phase itself (create_reference_table and
+    create_distributed_table for real)."""
+    if phase == "distribute" and not has_citus(db):
+        return plain_distribute(db)
+    return run_phase(db.session(phase), **kw)
 
 
 def walk_phase(db, phase: str, walk: Walk, **kw):
@@ -312,6 +325,66 @@ def end_state(db) -> dict[str, str]:
             query = sql.SQL("SELECT count(*), md5(string_agg(h, '' ORDER BY h)) FROM (SELECT {} AS h FROM {}) AS x"
                             ).format(row, sql.SQL(table))
             state[table] = str(conn.execute(query).fetchone())
+    if has_citus(db):
+        state.update(citus_state(db))
+    return state
+
+
+# what Citus made of each table: its kind, distribution column, replication model, shard count and placements per
+# node; colocation groups by the tables they hold (their ids come from a sequence), shard ids left out likewise
+CITUS_TABLES = """
+SELECT p.logicalrelid::regclass::text, p.partmethod, coalesce(column_to_column_name(p.logicalrelid, p.partkey), ''),
+       p.repmodel, p.colocationid,
+       (SELECT count(*) FROM pg_dist_shard s WHERE s.logicalrelid = p.logicalrelid),
+       (SELECT coalesce(string_agg(n, ' ' ORDER BY n), '') FROM (
+          SELECT format('%s:%s×%s', d.nodename, d.nodeport, count(*)) AS n FROM pg_dist_shard s
+          JOIN pg_dist_placement pl USING (shardid) JOIN pg_dist_node d USING (groupid)
+          WHERE s.logicalrelid = p.logicalrelid GROUP BY d.nodename, d.nodeport) AS per_node)
+FROM pg_dist_partition p ORDER BY 1
+"""
+# a node's relations in public, with Citus's hiding of shards off
+NODE_RELATIONS = """
+SELECT c.relname FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'p', 'f')
+"""
+PLACED = """
+SELECT d.nodename, d.nodeport, shard_name(s.logicalrelid, s.shardid) FROM pg_dist_shard s
+JOIN pg_dist_placement pl USING (shardid) JOIN pg_dist_node d USING (groupid)
+"""
+
+
+def citus_state(db) -> dict[str, str]:
+    """Citus's distribution state on the coordinator and its nodes: which tables are distributed (by which column),
+    reference or Citus local, in which colocation groups, with how many shards where; and the leftovers: a relation
+    on a worker that is neither a Citus table nor a shard placed there (on the coordinator, which also holds the
+    local tables, one named as a shard of a Citus table), a placed shard missing, cleanup records Citus holds."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    with db.connect() as conn:
+        tables = conn.execute(CITUS_TABLES).fetchall()
+        nodes = conn.execute("SELECT nodename, nodeport, groupid = 0 FROM pg_dist_node WHERE isactive ORDER BY 1, 2"
+                             ).fetchall()
+        placed = conn.execute(PLACED).fetchall()
+        cleanup = conn.execute("SELECT count(*) FROM pg_dist_cleanup").fetchone()[0]
+    groups: dict[int, list[str]] = {}
+    for table, *_, colocation, _, _ in tables:
+        groups.setdefault(colocation, []).append(table)
+    state = {f"citus {table}": f"{method} {column} {model} shards={shards} {where} colocated with "
+                               f"{sorted(groups[colocation])}"
+             for table, method, column, model, colocation, shards, where in tables}
+    citus_tables = {table.strip('"').split(".")[-1] for table, *_ in tables}
+    leftovers = [f"pg_dist_cleanup holds {cleanup} records"] if cleanup else []
+    base = conninfo_to_dict(db.url)
+    shard_of_citus_table = re.compile("^(" + "|".join(map(re.escape, citus_tables)) + r")_\d+$")
+    for host, port, coordinator in nodes:
+        with psycopg.connect(make_conninfo(**{**base, "host": host, "port": str(port)})) as node:
+            node.execute("SET citus.override_table_visibility = off")
+            present = {r[0] for r in node.execute(NODE_RELATIONS)
+                       if not coordinator or shard_of_citus_table.match(r[0]) or r[0] in citus_tables}
+        expected = citus_tables | {shard.split(".")[-1].strip('"') for h, p, shard in placed if (h, p) == (host, port)}
+        leftovers += [f"{host}:{port}: {name} (neither a Citus table nor a shard placed there)"
+                      for name in sorted(present - expected)]
+        leftovers += [f"{host}:{port}: shard {name} is not there" for name in sorted(expected - present)
+                      if name not in citus_tables]
+    state["citus leftovers"] = repr(leftovers)
     return state
 
 
