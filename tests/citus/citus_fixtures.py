@@ -68,6 +68,12 @@ def _template(citus, params, phases: tuple[str, ...], key: str, schema: str | No
         # nothing of Citus is in use before 07 (no node, no distributed table); without the extension no
         # maintenance daemon holds a connection to the template, which CREATE DATABASE … TEMPLATE refuses
         conn.execute("DROP EXTENSION citus")
+        # what 07's preflight asks of the DBA (04_constrain makes the application role NOLOGIN; Citus connects to the
+        # workers as it): done here once, so no test depends on another having done it on this cluster before it.
+        # The tests of the refusal take the login back from a role of their own.
+        role = params.rls.app_role
+        if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+            conn.execute(sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(role)))
     return name
 
 
