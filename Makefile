@@ -29,11 +29,12 @@ test: $(STAMP)  ## pytest against real PostgreSQL (three workers), then nbval
 	RUNBOOK_ENV=ci $(BIN)/pytest -q $(NBVAL) notebooks
 
 # The whole matrix, too long for make test's 15 minutes (CI runs it after make test): every step of every phase
-# killed in-process and resumed (make test: one step of each kind), a real SIGKILL after one step of each kind (make
+# killed in-process and resumed (make test: one step of each kind), 07_distribute's on the Citus cluster too
+# (make test-citus: one of each kind), a real SIGKILL after one step of each kind (make
 # test: six), and the runner's start-up 200 times in parallel. Test by test across the workers (--dist load).
 MATRIX := tests/test_steps_killed.py tests/test_faults.py::test_killed_right_after_a_step_then_rerun_completes \
-	tests/test_runner_startup.py
-test-matrix: $(STAMP)  ## every step killed and resumed, a SIGKILL after every kind of step, 200 start-ups
+	tests/test_runner_startup.py tests/citus/test_steps_killed_citus.py
+test-matrix: $(STAMP)  ## every step killed and resumed (Citus's too), a SIGKILL after every kind of step, 200 start-ups
 	RUNBOOK_STEPS=all $(BIN)/pytest -q -n 3 --dist load $(MATRIX)
 
 # On a real Citus cluster (tests/citus/): Citus 13.0.5 built once per machine from ../shared/peers/ against Debian's
