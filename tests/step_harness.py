@@ -285,6 +285,22 @@ def killed_after(db, phase: str, n: int, **kw) -> str:
     raise AssertionError(f"{phase} ended before its step {n}")
 
 
+def kills_that_differ(fresh: Callable[[], object], phase: str, steps: list[str], want: dict[str, str],
+                      positions: list[int], **kw) -> dict[str, list[str]]:
+    """For each position n: a fresh database (`fresh()`), the phase stopped right after its n-th step, re-run; the
+    end states that differ from `want` (an uninterrupted run's), by the step killed after."""
+    wrong = {}
+    for n in positions:
+        db = fresh()
+        killed = killed_after(db, phase, n, **kw)
+        assert killed == steps[n - 1], "the killed run took other steps than the uninterrupted one"
+        run(db, phase, **kw)
+        got = end_state(db)
+        if got != want:
+            wrong[f"{n}/{len(steps)}: {killed}"] = differences(got, want)
+    return wrong
+
+
 def kind_of(step: str) -> str:
     """A step's kind: its phase and action with the names of tables, constraints, indexes and policies, and
     numbers, taken out ("constrain: add * NOT VALID")."""

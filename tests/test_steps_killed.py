@@ -50,15 +50,7 @@ def test_a_phase_killed_after_a_step_resumes_to_the_end_state_of_an_uninterrupte
     positions = list(range(1, len(steps) + 1)) if ALL_STEPS else harness.one_per_kind(steps)
     assert steps and positions, f"{phase} committed no step"
     mine = positions[share::SHARES[phase]]
-    wrong = {}
-    for n in mine:
-        db = migrated_db(*before, params=params)
-        killed = harness.killed_after(db, phase, n, **kw)
-        assert killed == steps[n - 1], "the killed run took other steps than the uninterrupted one"
-        harness.run(db, phase, **kw)
-        got = harness.end_state(db)
-        if got != want:
-            wrong[f"{n}/{len(steps)}: {killed}"] = harness.differences(got, want)
+    wrong = harness.kills_that_differ(lambda: migrated_db(*before, params=params), phase, steps, want, mine, **kw)
     print(f"{phase}: {len(steps)} steps; this share killed after {len(mine)} of {len(positions)} "
           f"({'every step' if ALL_STEPS else 'one of each kind'})")
     assert wrong == {}, "\n".join(f"killed after step {k}: {v}" for k, v in list(wrong.items())[:5])

@@ -11,7 +11,6 @@ every node with the extension, and the coordinator's copy is told its workers (`
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import time
@@ -78,23 +77,10 @@ class Node(server_mod.EmbeddedServer):
     def url(self, database: str = "postgres", user: str = server_mod.SUPERUSER) -> str:
         return f"postgresql://{quote(user, safe='')}@{HOST}:{self.port}/{quote(database, safe='')}"
 
-    def _write_settings(self, socket_dir: Path, account) -> None:
-        quoted = str(socket_dir).replace("'", "''")
-        settings = self.data_dir / "runbook.conf"
-        settings.write_text(
-            f"listen_addresses = '{HOST}'\n"
-            f"port = {self.port}\n"
-            f"unix_socket_directories = '{quoted}'\n"
-            "unix_socket_permissions = 0700\n"
-            "shared_preload_libraries = 'citus'\n"
-            "max_connections = 300\n"
-            "max_prepared_transactions = 100\n"
-            "wal_level = logical\n"
-            "fsync = off\n"
-            "log_line_prefix = '%m [%p] %a '\n"
-        )
-        if account is not None:
-            os.chown(settings, account.pw_uid, account.pw_gid)
+    def settings(self, socket_dir: Path) -> dict[str, str]:
+        return {**super().settings(socket_dir), "listen_addresses": f"'{HOST}'", "port": str(self.port),
+                "shared_preload_libraries": "'citus'", "max_connections": "300",
+                "max_prepared_transactions": "100", "wal_level": "logical", "fsync": "off"}
 
 
 @dataclass

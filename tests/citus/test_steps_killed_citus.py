@@ -51,15 +51,7 @@ def test_distribute_killed_after_a_step_resumes_to_the_end_state_of_an_uninterru
     positions = list(range(1, len(steps) + 1)) if ALL_STEPS else harness.one_per_kind(steps)
     assert steps and positions, "distribute committed no step"
     mine = positions[share::SHARES]
-    wrong = {}
-    for n in mine:
-        db = citus_db(MIGRATED)
-        killed = harness.killed_after(db, "distribute", n)
-        assert killed == steps[n - 1], "the killed run took other steps than the uninterrupted one"
-        harness.run(db, "distribute")
-        got = harness.end_state(db)
-        if got != want:
-            wrong[f"{n}/{len(steps)}: {killed}"] = harness.differences(got, want)
+    wrong = harness.kills_that_differ(lambda: citus_db(MIGRATED), "distribute", steps, want, mine)
     print(f"distribute on Citus: {len(steps)} steps; this share killed after {len(mine)} of {len(positions)} "
           f"({'every step' if ALL_STEPS else 'one of each kind'})")
     assert wrong == {}, "\n".join(f"killed after step {k}: {v}" for k, v in list(wrong.items())[:5])

@@ -214,17 +214,15 @@ class EmbeddedServer:
             conf.write("\n# tenancy runbook: local socket only, settings rewritten at each start\n")
             conf.write("include_if_exists = 'runbook.conf'\n")
 
-    def _write_settings(self, socket_dir: Path, account: pwd.struct_passwd | None) -> None:
+    def settings(self, socket_dir: Path) -> dict[str, str]:
+        """runbook.conf's lines, rewritten at each start: name -> value as postgresql.conf spells it."""
         quoted = str(socket_dir).replace("'", "''")
+        return {"listen_addresses": "''", "port": str(PORT), "unix_socket_directories": f"'{quoted}'",
+                "unix_socket_permissions": "0700", "max_connections": "60", "log_line_prefix": "'%m [%p] %a '"}
+
+    def _write_settings(self, socket_dir: Path, account: pwd.struct_passwd | None) -> None:
         settings = self.data_dir / "runbook.conf"
-        settings.write_text(
-            "listen_addresses = ''\n"
-            f"port = {PORT}\n"
-            f"unix_socket_directories = '{quoted}'\n"
-            "unix_socket_permissions = 0700\n"
-            "max_connections = 60\n"
-            "log_line_prefix = '%m [%p] %a '\n"
-        )
+        settings.write_text("".join(f"{name} = {value}\n" for name, value in self.settings(socket_dir).items()))
         if account is not None:
             os.chown(settings, account.pw_uid, account.pw_gid)
 

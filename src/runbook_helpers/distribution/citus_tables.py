@@ -79,16 +79,21 @@ def cycle(fks: list[citus.Reference], inside: set[str]) -> list[citus.Reference]
     return [f for f in fks if f.child in inside and f.parent in inside]
 
 
+def _recorded_drop(schema: str, ledger_schema: str, kind: str, table: str, name: str,
+                   definition: str) -> sql.Composed:
+    """A constraint's definition recorded in the ledger and the constraint dropped, in one statement's transaction."""
+    record = sql.SQL("INSERT INTO {} (kind, table_name, name, definition) VALUES ({}, {}, {}, {}) "
+                     "ON CONFLICT DO NOTHING").format(_ledger(ledger_schema), sql.Literal(kind), sql.Literal(table),
+                                                      sql.Literal(name), sql.Literal(definition))
+    drop = sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(sql.Identifier(schema, table), sql.Identifier(name))
+    return record + sql.SQL("; ") + drop
+
+
 def drop_steps(schema: str, ledger_schema: str, fks: list[citus.Reference]) -> list[Step]:
     out = []
     for fk in fks:
-        record = sql.SQL("INSERT INTO {} (kind, table_name, name, definition) VALUES ('foreign key', {}, {}, {}) "
-                         "ON CONFLICT DO NOTHING").format(_ledger(ledger_schema), sql.Literal(fk.child),
-                                                          sql.Literal(fk.name), sql.Literal(fk.definition))
-        drop = sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(sql.Identifier(schema, fk.child),
-                                                                  sql.Identifier(fk.name))
-        out.append(Step(PHASE, fk.child, f"drop {fk.name} until the tables are distributed", record + sql.SQL("; ")
-                        + drop, DROP_LOCK, "catalog change only; its definition is recorded in the ledger in the same "
+        out.append(Step(PHASE, fk.child, f"drop {fk.name} until the tables are distributed",
+                        _recorded_drop(schema, ledger_schema, "foreign key", fk.child, fk.name, fk.definition), DROP_LOCK, "catalog change only; its definition is recorded in the ledger in the same "
                         "transaction and it comes back NOT VALID, then validated, after distribution"))
     return out
 
@@ -98,13 +103,10 @@ def redundant_steps(schema: str, ledger_schema: str, keys: list[citus.RedundantK
     same transaction (after the foreign keys on its index went: they come back on the kept key's index)."""
     out = []
     for key in keys:
-        record = sql.SQL("INSERT INTO {} (kind, table_name, name, definition) VALUES ('redundant key', {}, {}, {}) "
-                         "ON CONFLICT DO NOTHING").format(_ledger(ledger_schema), sql.Literal(key.table),
-                                                          sql.Literal(key.name), sql.Literal(key.definition))
-        drop = sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(sql.Identifier(schema, key.table),
-                                                                  sql.Identifier(key.name))
         out.append(Step(PHASE, key.table, f"drop {key.name}: the same columns as {key.kept} "
-                        f"({', '.join(key.columns)})", record + sql.SQL("; ") + drop, DROP_LOCK,
+                        f"({', '.join(key.columns)})",
+                        _recorded_drop(schema, ledger_schema, "redundant key", key.table, key.name, key.definition),
+                        DROP_LOCK,
                         "catalog change only: a second unique index on the same columns checks nothing more and costs "
                         "every write; its definition is recorded in the ledger"
                         + (f"; {', '.join(key.used_by)} come back on {key.kept}'s index" if key.used_by else "")))
