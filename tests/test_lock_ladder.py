@@ -5,6 +5,7 @@ worker slowed down on a test table, and a real anti-wraparound autovacuum forced
 """
 
 import threading
+import uuid
 import time
 
 import psycopg
@@ -275,3 +276,58 @@ def test_an_anti_wraparound_autovacuum_is_waited_for_with_its_progress_never_can
     assert not any("cancelled autovacuum" in line for line in executor.cleared)
     # it ran to the end: the table's frozen xid moved forward
     assert db.scalar("SELECT age(relfrozenxid) FROM pg_class WHERE relname = 'av_wrap'") < 100000
+
+
+# the other session's change, not committed yet, and the step: Citus's worker_create_or_alter_role does the same
+CATALOG_RACES = {
+    "changed": ('ALTER ROLE "{r}" CONNECTION LIMIT 3', "ALTER ROLE % CONNECTION LIMIT 5"),  # XX000
+    "created": ('CREATE ROLE "{r}" CONNECTION LIMIT 3', "DO %"),  # 23505 on pg_authid_rolname_index
+}
+CREATE_OR_ALTER = """DO $$BEGIN
+  IF EXISTS (SELECT FROM pg_roles WHERE rolname = '{r}') THEN ALTER ROLE "{r}" CONNECTION LIMIT 5;
+  ELSE CREATE ROLE "{r}" CONNECTION LIMIT 5; END IF; END$$"""
+
+
+@pytest.mark.parametrize("race", CATALOG_RACES)
+def test_a_step_that_meets_another_sessions_change_of_the_same_catalog_row_is_tried_again(db, race):
+    """Two sessions changing (or creating) one catalog row at once: the later one waits for the first, then fails
+    with "tuple concurrently updated" (XX000) or a duplicate in pg_authid_rolname_index (23505). On a Citus cluster
+    that is a table's owner created on a worker while another database is distributed (make test-matrix saw it).
+    The step is one transaction, rolled back whole: it is tried again, and applied."""
+    role = f"probe_{uuid.uuid4().hex[:10]}"
+    other, waiting = CATALOG_RACES[race]
+    if race == "changed":
+        db.execute(f'CREATE ROLE "{role}" NOLOGIN')
+    p = params_mod.override(db.params, {"locks": {"first_lock_timeout_ms": 10_000, "lock_timeout_ms": 10_000,
+                                                  "retry": {"attempts": 3, "backoff_ms": 10, "backoff_max_ms": 20}}})
+    rb = db.session("seed", params=p)
+    try:
+        executor = rb.executor()
+        statement = (sql.SQL("ALTER ROLE {} CONNECTION LIMIT 5").format(sql.Identifier(role)) if race == "changed"
+                     else sql.SQL(CREATE_OR_ALTER.format(r=role)))
+        step = Step("seed", None, "create or alter the probe role", statement, ACCESS_EXCLUSIVE_META, "catalog only")
+        with psycopg.connect(db.url) as holder, psycopg.connect(db.url, autocommit=True) as watcher:
+            holder.execute(other.format(r=role))  # not committed
+            outcome: list = []
+            runner = threading.Thread(target=lambda: outcome.append(_run_or_error(executor, step)))
+            runner.start()
+            deadline = time.monotonic() + 10
+            while not watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                      "AND query LIKE %s", (waiting,)).fetchone()[0]:
+                assert time.monotonic() < deadline, "the step never waited for the other session's change"
+                time.sleep(0.02)
+            holder.commit()
+            runner.join(30)
+        limit = db.scalar(f"SELECT rolconnlimit FROM pg_roles WHERE rolname = '{role}'")
+    finally:
+        rb.close()
+        db.execute(f'DROP ROLE IF EXISTS "{role}"')
+    assert outcome and not isinstance(outcome[0], Exception), outcome
+    assert (outcome[0].outcome, outcome[0].attempts, limit) == ("applied", 2, 5)
+
+
+def _run_or_error(executor, step):
+    try:
+        return executor.run(step)
+    except Exception as exc:  # the test reports it
+        return exc

@@ -23,6 +23,7 @@ import psycopg
 from psycopg import sql
 
 from runbook_helpers import paths
+from runbook_helpers.db import ddl
 from runbook_helpers.db import server as server_mod
 
 PG15 = Path("/usr/lib/postgresql/15/bin")
@@ -118,7 +119,14 @@ class Cluster:
         with psycopg.connect(self.coordinator.url(name), autocommit=True) as conn:
             conn.execute("SELECT citus_set_coordinator_host(%s, %s)", (HOST, self.coordinator.port))
             for worker in self.workers:
-                conn.execute("SELECT citus_add_node(%s, %s)", (HOST, worker.port))
+                for attempt in range(5):  # adding a node creates every role on it: another database may do so too
+                    try:
+                        conn.execute("SELECT citus_add_node(%s, %s)", (HOST, worker.port))
+                        break
+                    except psycopg.Error as exc:
+                        if attempt == 4 or not ddl.concurrent_catalog_update(exc):
+                            raise
+                        time.sleep(0.2)
 
     def drop_database(self, name: str) -> None:
         for node in reversed(self.nodes):

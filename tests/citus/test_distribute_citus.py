@@ -2,6 +2,8 @@
 keys) and the shop (tests/schemas/shop.sql), end to end with nothing done by hand but what a refusal, made before
 any change, tells the DBA to do."""
 
+import threading
+import time
 from pathlib import Path
 
 import psycopg
@@ -90,6 +92,61 @@ def test_the_demo_distributes_end_to_end_and_its_foreign_keys_come_back_validate
     with db.session("distribute", dry_run=True) as rb:
         status = distribute.status(rb)
     assert (status["should be"] == status["is"]).all(), status.to_dict("records")
+
+
+@pytest.mark.parametrize("race", ["changed", "created"])
+def test_distribute_goes_through_when_a_role_it_creates_on_a_worker_is_changed_there_at_that_moment(
+        citus_db, citus, race):
+    """Citus creates (or alters) on the workers each role a table depends on (its owner, the roles granted on it) as
+    07 distributes it. The same done on a worker at that moment fails the step: an ALTER ROLE there ("tuple
+    concurrently updated": make test-matrix failed so, two databases of the cluster distributed at once; a password
+    rotation) or a CREATE ROLE (a duplicate in pg_authid_rolname_index). The step is one transaction, so 07 tries it
+    again instead of stopping."""
+    db = citus_db(MIGRATED)
+    worker = citus.workers[0]
+    if race == "changed":  # the tables' owner, on the worker already or created there now
+        role = db.scalar("SELECT tableowner FROM pg_tables WHERE schemaname = 'public' AND tablename = 'tenants'")
+        with psycopg.connect(worker.url(), autocommit=True) as conn:
+            if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+                conn.execute(f'CREATE ROLE "{role}" NOLOGIN')
+        change = f'ALTER ROLE "{role}" CONNECTION LIMIT -1'
+    else:  # a role granted on tenants that no worker has yet
+        role = citus.new_name("reader")
+        with psycopg.connect(citus.coordinator.url(), autocommit=True) as conn:
+            conn.execute(f'CREATE ROLE "{role}" NOLOGIN')
+        db.execute(f'GRANT SELECT ON tenants TO "{role}"')
+        change = f'CREATE ROLE "{role}" NOLOGIN'
+    outcome: list = []
+
+    def distribute_it() -> None:
+        try:
+            outcome.append(db.run("distribute"))
+        except Exception as exc:  # the assertion below reports it
+            outcome.append(exc)
+
+    try:
+        with psycopg.connect(worker.url()) as holder, psycopg.connect(worker.url(), autocommit=True) as watcher:
+            holder.execute(change)  # the same row of pg_authid, not committed
+            runner = threading.Thread(target=distribute_it)
+            runner.start()
+            deadline = time.monotonic() + 120
+            while not watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND "
+                                      "query LIKE 'SELECT worker_create_or_alter_role(%%'").fetchone()[0]:
+                assert runner.is_alive() and time.monotonic() < deadline, f"07 never met the change: {outcome}"
+                time.sleep(0.05)
+            holder.commit()
+            runner.join(600)
+        assert outcome and not isinstance(outcome[0], Exception), outcome
+        assert citus_tables(db)["tenants"] == ("reference", False)
+        retried = db.scalar("SELECT attempts FROM tenancy_runbook.statement_journal WHERE phase = 'distribute' "
+                            "AND action LIKE 'make tenants a reference table%%' AND outcome = 'applied'")
+        assert retried == 2
+    finally:
+        if race == "created":  # the role goes with the database that holds its grants
+            citus.drop_database(db.name)
+            for node in citus.nodes:
+                with psycopg.connect(node.url(), autocommit=True) as conn:
+                    conn.execute(f'DROP ROLE IF EXISTS "{role}"')
 
 
 def test_the_refusals_come_before_any_change_and_the_dbas_fix_lets_it_through(citus_db, citus_params, citus):

@@ -261,6 +261,22 @@ def results_frame(results: list[StepResult]) -> pd.DataFrame:
     )
 
 
+CATALOG_UNIQUE_INDEX = re.compile(r'"pg_\w+_index"')
+
+
+def concurrent_catalog_update(exc: psycopg.Error) -> bool:
+    """This statement and another session changed or created one catalog row at once: the later one fails with
+    "tuple concurrently updated" (XX000), or with a duplicate in a catalog's unique index (23505, e.g.
+    pg_authid_rolname_index). Citus meets it when it creates a table's owner, or a role granted on the table, on a
+    worker while another database's distribution or an ALTER ROLE does the same. A transactional step is rolled
+    back whole by it, so it is tried again like a lock timeout (the next try finds the row the other one made)."""
+    if exc.sqlstate == "XX000":
+        return exc.diag.message_primary == "tuple concurrently updated"  # elog: never translated
+    if exc.sqlstate == "23505":  # a worker's error reaches the coordinator without its schema: the index's name
+        return exc.diag.schema_name == "pg_catalog" or bool(CATALOG_UNIQUE_INDEX.search(exc.diag.message_primary or ""))
+    return False
+
+
 class _BlockerWatch:
     """While a statement waits for its lock, ask once who blocks it (from another connection)."""
 
@@ -367,6 +383,13 @@ class Executor:
                 self._sleep(wait)
                 continue
             except psycopg.Error as exc:
+                if step.transactional and concurrent_catalog_update(exc) and attempt < attempts:
+                    wait = self.backoff_s(attempt)
+                    self._log(f"  {step.label}: another session changed or created the same catalog row at that moment "
+                              f"({exc.diag.message_primary}; nothing of this step was applied; try "
+                              f"{attempt}/{attempts}); retrying in {wait:.2f} s")
+                    self._sleep(wait)
+                    continue
                 if cleanup is not None:
                     self._best_effort(cleanup)
                 message = f"{step.label} failed: {exc.diag.message_primary or exc}"
