@@ -146,9 +146,15 @@ def test_a_tenant_source_that_does_not_fit_names_the_file_and_key_and_changes_no
         db.run("inspect", params=p)
     assert "column store.shop_id does not exist (params/ci.yaml, legacy.source.tenants.key)" in str(err.value)
     assert rows(db, "SELECT to_regnamespace('tenancy_runbook') IS NULL, to_regclass('tenants') IS NULL") == [(True, True)]
+    # a text key is a key (issue 27), but the memberships still hold the integer staff_id: they cannot compare
     p = shop_params(tmp_path, "legacy:\n  enabled: true\n  source:\n    users: {key: username}\n")
-    with pytest.raises(RunbookError, match=r"column staff.username is text, not an integer key \(params/ci.yaml, "
-                                           r"legacy.source.users.key\)"):
+    with pytest.raises(RunbookError, match=r"column staff.staff_id is integer but holds keys of staff.username, which "
+                                           r"is text \(params/apps/rental_shop.yaml, legacy.source.memberships.0.user\)"):
+        db.run("inspect", params=p)
+    p = shop_params(tmp_path, "legacy:\n  enabled: true\n  source:\n    tenants: {key: last_update}\n")
+    with pytest.raises(RunbookError, match=r"column store.last_update is timestamp with time zone: a key of the "
+                                           r"tenant source must be an integer, text or uuid column \(params/ci.yaml, "
+                                           r"legacy.source.tenants.key\)"):
         db.run("inspect", params=p)
     p = shop_params(tmp_path, "core_tables:\n  rental: {parent: null}\n")
     with pytest.raises(RunbookError, match=r"core_tables.rental: it references .* \(params/ci.yaml, "

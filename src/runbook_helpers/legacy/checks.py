@@ -106,18 +106,20 @@ def ambiguities(rb) -> pd.DataFrame:
                 continue
             parent_row = sql.Identifier("pr")
             parent_org = mapping.effective_org(conn, p, spec.parent.table, parent_row)
-            own_org = sql.SQL("COALESCE((SELECT {okey} FROM {org} o WHERE {okey} = {oc}), {none})").format(
-                okey=mapping.org_key("o", p), org=mapping.org_table(p), oc=oc, none=sql.Literal(mapping.NO_ORG))
+            own_org = sql.SQL("(SELECT {okey} FROM {org} o WHERE {okey} = {oc})").format(
+                okey=mapping.org_key("o", p), org=mapping.org_table(p), oc=oc)
             add(PARENT_ELSEWHERE, table, _rows(conn, sql.SQL(
-                "SELECT {key}, {oc}, {ptable} || ' ' || pr.{pk} || ' belongs to ' || CASE WHEN po = {none} "
-                "THEN 'the System Tenant' ELSE 'org ' || po END || '; the row follows its parent' "
+                "SELECT {key}, {oc}, {ptable} || ' ' || pr.{pk} || ' belongs to ' || CASE WHEN e.po IS NULL "
+                "THEN 'the System Tenant' ELSE 'org ' || e.po END || '; the row follows its parent' "
                 "FROM {t} x JOIN {pt} pr ON pr.{pk} = x.{col} CROSS JOIN LATERAL (SELECT {parent_org} AS po) e "
-                "WHERE {oc} IS NOT NULL AND {own_org} <> e.po ORDER BY {order}").format(
-                key=key, oc=oc, ptable=sql.Literal(spec.parent.table), pk=sql.Identifier(parent_pk),
-                none=sql.Literal(mapping.NO_ORG), t=t, pt=sql.Identifier(s, spec.parent.table),
+                "WHERE {oc} IS NOT NULL AND {own_org} IS DISTINCT FROM e.po ORDER BY {order}").format(
+                key=key, oc=oc, ptable=sql.Literal(spec.parent.table), pk=sql.Identifier(parent_pk), t=t, pt=sql.Identifier(s, spec.parent.table),
                 col=sql.Identifier(spec.parent.column), parent_org=parent_org, own_org=own_org, order=order)))
     frame = pd.DataFrame(out, columns=COLUMNS)
-    frame["org_id"] = frame["org_id"].astype("Int64")
+    if all(o is None or isinstance(o, int) for o in frame["org_id"]):
+        frame["org_id"] = frame["org_id"].astype("Int64")
+    else:  # text or uuid keys: shown as they are written
+        frame["org_id"] = frame["org_id"].map(lambda o: None if o is None else str(o))
     return frame
 
 

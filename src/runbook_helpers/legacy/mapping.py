@@ -25,23 +25,22 @@ from sqlalchemy.engine import Connection
 
 from ..backfill.assignment import Assignment
 from ..db import catalog
-from ..db.fingerprint import row_key
 from ..db.names import TENANT_COLUMN
 from ..db.sqltext import render
 from ..errors import RunbookError
 
-NO_ORG = -1  # the effective org of a row that goes to the System Tenant
 ROW = "mapped_row"  # how a mapped assignment names the row it fills: the same for a table and its partitions
 
+# the maps key on the source's own key types (bigint, text, uuid, …): {org_type} and {user_type}
 MAP_TABLES_SQL = """
 CREATE TABLE IF NOT EXISTS {l}.org_tenants (
-  org_id bigint PRIMARY KEY,
+  org_id {org_type} PRIMARY KEY,
   tenant_uuid uuid NOT NULL,
   tenant_id bigint NOT NULL,
   created boolean NOT NULL
 );
 CREATE TABLE IF NOT EXISTS {l}.user_map (
-  legacy_user_id bigint PRIMARY KEY,
+  legacy_user_id {user_type} PRIMARY KEY,
   user_id bigint NOT NULL,
   created boolean NOT NULL
 )"""
@@ -157,7 +156,24 @@ def check_children(conn: Connection, p) -> None:
                 f"{fk.cols[0]}}} ({p.where('core_tables', fk.child)}). Nothing was changed.")
 
 
-INTEGER_TYPES = {"smallint", "integer", "bigint"}
+# the key types a map can hold, by family: two columns of one family compare without a cast (an integer column
+# with a bigint key, a varchar column with a text key); across families a comparison would fail at run time
+KEY_FAMILIES = {"smallint": "integer", "integer": "integer", "bigint": "integer", "text": "text",
+                "character varying": "text", "character": "text", "uuid": "uuid"}
+
+
+def key_family(type_name: str) -> str | None:
+    """'integer', 'text' or 'uuid' for a column's type (format_type without modifiers; arrays: their element's)."""
+    return KEY_FAMILIES.get(type_name.removesuffix("[]"))
+
+
+def key_type(conn: Connection, p, part: str) -> str:
+    """The SQL type of the tenant source's key (part "tenants") or its users' key ("users"), as the ledger's maps
+    declare it: integers widened to bigint, the others as they are (text, varchar(n) as text, uuid)."""
+    spec = getattr(source(p), part)
+    found = (_columns(conn, p.schema_, spec.table) or {}).get(spec.key)
+    family = key_family(found) if found else "integer"  # planning before the tables exist: as the demo's
+    return {"integer": "bigint", "text": "text", "uuid": "uuid"}[family or "integer"]
 
 
 def _columns(conn: Connection, schema: str, table: str) -> dict[str, str] | None:
@@ -188,11 +204,19 @@ def check_legacy_tables(conn: Connection, p) -> None:
             wanted.append((("core_tables", table, "org_column"), table, spec.org_column))
         if spec.parent is not None:
             wanted.append((("core_tables", table, "parent", "column"), table, spec.parent.column))
-    keys = {("legacy", "source", "tenants", "key"), ("legacy", "source", "users", "key")}
-    keys |= {("legacy", "source", "memberships", str(i), f) for i, m in enumerate(src.memberships) if not m.arrays
-             for f in ("user", "tenant")}
+    # the columns that hold a key of the tenant source or of its users, each with the key it must compare to
+    org_key_at = ("legacy", "source", "tenants", "key")
+    user_key_at = ("legacy", "source", "users", "key")
+    holds: dict[tuple[str, ...], tuple[str, ...]] = {}
+    for i, m in enumerate(src.memberships):
+        holds[("legacy", "source", "memberships", str(i), "user")] = user_key_at
+        holds[("legacy", "source", "memberships", str(i), "tenant")] = org_key_at
+    for table, spec in p.core_tables.items():
+        if spec.org_column:
+            holds[("core_tables", table, "org_column")] = org_key_at
     problems: list[str] = []
     seen: dict[str, dict[str, str] | None] = {}
+    found: dict[tuple[str, ...], tuple[str, str, str]] = {}  # params key -> (table, column, type)
     for loc, table, column in wanted:
         if table not in seen:
             seen[table] = _columns(conn, p.schema_, table)
@@ -201,8 +225,20 @@ def check_legacy_tables(conn: Connection, p) -> None:
             problems.append(f"table {p.schema_}.{table} does not exist ({p.where(*loc)})")
         elif cols is not None and column is not None and column not in cols:
             problems.append(f"column {table}.{column} does not exist ({p.where(*loc)})")
-        elif cols is not None and loc in keys and cols[column] not in INTEGER_TYPES:
-            problems.append(f"column {table}.{column} is {cols[column]}, not an integer key ({p.where(*loc)})")
+        elif cols is not None and column is not None:
+            found[loc] = (table, column, cols[column])
+    for loc in (org_key_at, user_key_at):
+        table, column, type_name = found.get(loc, ("", "", "integer"))
+        if type_name.endswith("[]") or key_family(type_name) is None:
+            problems.append(f"column {table}.{column} is {type_name}: a key of the tenant source must be an integer, "
+                            f"text or uuid column ({p.where(*loc)}); name such a column, e.g. a unique surrogate")
+    for loc, key_at in holds.items():
+        if loc in found and key_at in found and key_family(found[key_at][2]) is not None:
+            table, column, type_name = found[loc]
+            key_table, key_column, key_type_name = found[key_at]
+            if key_family(type_name) != key_family(key_type_name):
+                problems.append(f"column {table}.{column} is {type_name} but holds keys of {key_table}.{key_column}, "
+                                f"which is {key_type_name} ({p.where(*loc)})")
     if problems:
         raise RunbookError(f"legacy.enabled is true but the tenant source does not fit the database: "
                            f"{'; '.join(problems)}. Fix the names in that file, or set legacy.enabled: false for this "
@@ -284,13 +320,16 @@ def _candidates(p, m) -> sql.Composable:
         orgs=sql.Identifier(m.tenant), paired=paired, role_map=role_map)
 
 
-def pairs_cte(p) -> sql.Composable:
+def pairs_cte(p, only: sql.Composable | None = None) -> sql.Composable:
     """CTEs `candidates` (one row per source of a (user, org) pair, with its mapped role) and `pairs`
     (one row per pair: the roles named (NULL when none is), the role its membership gets — the least
-    privileged named, or the least privileged of all when none is — and whether the org exists)."""
+    privileged named, or the least privileged of all when none is — and whether the org exists). `only`: a
+    condition on the candidates c (user_id, org_id), which PostgreSQL pushes into each source."""
     roles = p.legacy.roles
     ranks = _values([(role, i) for i, role in enumerate(roles.order)], "k(role, rank)")
     candidates = sql.SQL("\n  UNION ALL\n  ").join(_candidates(p, m) for m in source(p).memberships)
+    candidates = sql.SQL("SELECT * FROM ({}) AS c(user_id, org_id, source, legacy_role, role) WHERE {}").format(
+        candidates, only or sql.SQL("true"))  # named here: the first source may be an array one
     return sql.SQL("""candidates AS (
   {candidates}
 ), pairs AS (
@@ -333,21 +372,24 @@ def parent_key(conn: Connection, p, table: str) -> str:
 
 
 def effective_org(conn: Connection, p, table: str, row: sql.Composable) -> sql.Composable:
-    """The org a row of `table` belongs to, from legacy data alone: its parent's (where the parent row
-    exists), else its own org column's (where that org exists), else NO_ORG (the System Tenant)."""
+    """The key of the org a row of `table` belongs to, from legacy data alone: its parent's where the parent row
+    exists (even where the parent has no org: the row follows it to the System Tenant), else its own org column's
+    where that org exists, else NULL (the System Tenant). A found parent decides through a one-element array,
+    which is not NULL where its element is, so this works for a key of any type."""
     spec = p.core_tables[table]
     parts: list[sql.Composable] = []
     if spec.parent is not None:
         parent_row = sql.Identifier(f"p_{table}")
-        parts.append(sql.SQL("(SELECT {eff} FROM {pt} AS {pr} WHERE {pr}.{pk} = {row}.{col})").format(
+        parts.append(sql.SQL("(SELECT ARRAY[{eff}] FROM {pt} AS {pr} WHERE {pr}.{pk} = {row}.{col})").format(
             eff=effective_org(conn, p, spec.parent.table, parent_row), pt=sql.Identifier(p.schema_, spec.parent.table),
             pr=parent_row, pk=sql.Identifier(parent_key(conn, p, spec.parent.table)), row=row,
             col=sql.Identifier(spec.parent.column)))
     if spec.org_column:
-        parts.append(sql.SQL("(SELECT {key} FROM {org} o WHERE {key} = {row}.{col})").format(
+        parts.append(sql.SQL("ARRAY[(SELECT {key} FROM {org} o WHERE {key} = {row}.{col})]").format(
             key=org_key("o", p), org=org_table(p), row=row, col=sql.Identifier(spec.org_column)))
-    parts.append(sql.Literal(NO_ORG))
-    return sql.SQL("COALESCE({})").format(sql.SQL(", ").join(parts))
+    if not parts:
+        return sql.SQL("NULL")
+    return sql.SQL("(COALESCE({}))[1]").format(sql.SQL(", ").join(parts))
 
 
 def tenant_of_org(p, org: sql.Composable, system_id: int) -> sql.Composable:
@@ -372,21 +414,21 @@ def misplaced_rows_query(conn: Connection, p, table: str, system_id: int) -> sql
     def org_of(name: str, row: str) -> tuple[sql.Composable, list[sql.Composable]]:
         """The effective org of the row `row` of `name` (an expression) and the joins it needs."""
         spec = p.core_tables[name]
-        parts: list[sql.Composable] = []
+        own: sql.Composable = sql.SQL("NULL")
         joins: list[sql.Composable] = []
-        if spec.parent is not None:
-            cte = effective(spec.parent.table)
-            alias = sql.Identifier(f"{row}_parent")
-            joins.append(sql.SQL("LEFT JOIN {cte} {a} ON {a}.key = {r}.{col}").format(
-                cte=sql.Identifier(cte), a=alias, r=sql.Identifier(row), col=sql.Identifier(spec.parent.column)))
-            parts.append(sql.SQL("{}.org").format(alias))
         if spec.org_column:
             alias = sql.Identifier(f"{row}_org")
             joins.append(sql.SQL("LEFT JOIN orgmap {a} ON {a}.org_id = {r}.{col}").format(
                 a=alias, r=sql.Identifier(row), col=sql.Identifier(spec.org_column)))
-            parts.append(sql.SQL("{}.org_id").format(alias))
-        parts.append(sql.Literal(NO_ORG))
-        return sql.SQL("COALESCE({})").format(sql.SQL(", ").join(parts)), joins
+            own = sql.SQL("{}.org_id").format(alias)
+        if spec.parent is None:
+            return own, joins
+        cte = effective(spec.parent.table)
+        alias = sql.Identifier(f"{row}_parent")
+        joins.insert(0, sql.SQL("LEFT JOIN {cte} {a} ON {a}.key = {r}.{col}").format(
+            cte=sql.Identifier(cte), a=alias, r=sql.Identifier(row), col=sql.Identifier(spec.parent.column)))
+        # a found parent decides, even where it has no org (NULL: the System Tenant)
+        return sql.SQL("CASE WHEN {a}.key IS NOT NULL THEN {a}.org ELSE {own} END").format(a=alias, own=own), joins
 
     done: dict[str, str] = {}  # parent table -> its CTE
 
@@ -408,15 +450,13 @@ def misplaced_rows_query(conn: Connection, p, table: str, system_id: int) -> sql
         c=sql.Identifier(TENANT_COLUMN), system=sql.Literal(int(system_id)))
 
 
-def mapped_assignment(conn: Connection, p, table: str, system_id: int | sql.Composable,
-                      recording: bool | None = None) -> Assignment:
+def mapped_assignment(conn: Connection, p, table: str, system_id: int | sql.Composable) -> Assignment:
     """The tenant of the parent row (filled before its children), else of the row's own org, else the
     System Tenant. Pending: NULL; a child whose parent has another tenant (whoever wrote it: a child
-    follows its parent); a row still on the System Tenant (the fast default) whose org maps elsewhere,
-    unless the application inserted it since the record opened (its writer, or the rollout trigger, chose
-    its tenant then; an update that left tenant_id alone chose nothing). `recording`: whether the record of the
-    application's writes exists (None: as the catalog says; a plan made before inspect created the ledger says
-    True, as it will be when the batches run); `system_id` may be a placeholder in a plan made before seed."""
+    follows its parent); a row on the System Tenant whose org maps elsewhere: the fast default's, and one the
+    application inserted under an org that had no tenant yet (an org created during the window before the signup
+    triggers existed: seed gives it its tenant, the batches then move its rows; validate expects them there too).
+    `system_id` may be a placeholder in a plan made before seed."""
     spec = p.core_tables[table]
     me = sql.Identifier(ROW)  # the batches alias the table (or the leaf partition) they update so
     col = sql.Identifier(TENANT_COLUMN)
@@ -433,13 +473,6 @@ def mapped_assignment(conn: Connection, p, table: str, system_id: int | sql.Comp
             ot=ledger_table(p, "org_tenants"), me=me, col=sql.Identifier(spec.org_column)))
     value = sql.SQL("COALESCE({}, {})").format(sql.SQL(", ").join(parts), system)
     moved = sql.SQL("{col} = {system} AND {value} <> {system}").format(col=col, system=system, value=value)
-    key = catalog.table_state(conn, p.schema_, table).pk_columns
-    if recording is None:
-        recording = catalog.relation_oid(conn, p.ledger_schema, "app_writes") is not None
-    if key and recording:
-        moved = moved + sql.SQL(" AND NOT EXISTS (SELECT 1 FROM {log} AS w WHERE w.table_name = {name} "
-                                "AND w.key = {key} AND w.first_op = 'INSERT')").format(
-            log=ledger_table(p, "app_writes"), name=sql.Literal(table), key=row_key(me, key))
     if parent_tenant is None:
         pending = sql.SQL("({col} IS NULL OR ({moved}))").format(col=col, moved=moved)
     else:
@@ -451,8 +484,8 @@ def mapped_assignment(conn: Connection, p, table: str, system_id: int | sql.Comp
 def rows_to_map(conn: Connection, p, table: str) -> int:
     """Rows of a mapped table whose org is a real tenant (planning, before the column or mapping exists)."""
     row = sql.Identifier(p.schema_, table)
-    query = sql.SQL("SELECT count(*) FROM {t} WHERE {eff} <> {none}").format(
-        t=row, eff=effective_org(conn, p, table, row), none=sql.Literal(NO_ORG))
+    query = sql.SQL("SELECT count(*) FROM {t} WHERE {eff} IS NOT NULL").format(
+        t=row, eff=effective_org(conn, p, table, row))
     return int(conn.exec_driver_sql(render(conn, query)).scalar())
 
 

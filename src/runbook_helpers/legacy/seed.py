@@ -28,15 +28,16 @@ def _column_or_now(alias: str, column: str | None) -> sql.Composable:
     return sql.Identifier(alias, column) if column else sql.SQL("now()")
 
 
-def _tenants(p) -> tuple[sql.Composable, sql.Composable]:
+def _tenants(p, orgs: sql.Composable | None = None) -> tuple[sql.Composable, sql.Composable]:
+    """`orgs`: where the orgs come from (aliased o): the tenant source's table, or a signup trigger's new row."""
     s, ot = p.schema_, mapping.ledger_table(p, "org_tenants")
     spec = mapping.source(p).tenants
     wanted = sql.SQL("SELECT {key} AS org_id, {uuid} AS uuid, o.{name}::text AS name, {created} AS created_at, "
-                     "{updated} AS updated_at FROM {org} o "
+                     "{updated} AS updated_at FROM {orgs} "
                      "WHERE NOT EXISTS (SELECT 1 FROM {ot} m WHERE m.org_id = {key})").format(
         key=mapping.org_key("o", p), uuid=mapping.org_tenant_uuid(p), name=sql.Identifier(spec.name),
         created=_column_or_now("o", spec.created_at), updated=_column_or_now("o", spec.updated_at),
-        org=mapping.org_table(p), ot=ot)
+        orgs=orgs or sql.SQL("{} o").format(mapping.org_table(p)), ot=ot)
     insert = sql.SQL(
         "WITH wanted AS ({wanted}), "
         "ins AS (INSERT INTO {tenants} (uuid, name, created_at, updated_at) "
@@ -44,13 +45,14 @@ def _tenants(p) -> tuple[sql.Composable, sql.Composable]:
         "INSERT INTO {ot} (org_id, tenant_uuid, tenant_id, created) "
         "SELECT w.org_id, w.uuid, coalesce(ins.id, t.id), ins.id IS NOT NULL FROM wanted w "
         "LEFT JOIN ins ON ins.uuid = w.uuid LEFT JOIN {tenants} t ON t.uuid = w.uuid "
-        "WHERE ins.id IS NOT NULL OR t.id IS NOT NULL").format(
+        "WHERE ins.id IS NOT NULL OR t.id IS NOT NULL ON CONFLICT (org_id) DO NOTHING").format(
         wanted=wanted, tenants=sql.Identifier(s, "tenants"), ot=ot)
     return insert, sql.SQL("SELECT count(*) FROM ({}) x").format(wanted)
 
 
-def user_candidates(p) -> sql.Composable:
-    """Legacy users with their normalised email; n = 1 for the first (lowest key) of each email."""
+def user_candidates(p, only: sql.Composable | None = None) -> sql.Composable:
+    """Legacy users with their normalised email; n = 1 for the first (lowest key) of each email. `only`: a condition
+    on the user row u (a signup trigger's: the users with the new user's email, among whom n is the same)."""
     spec = mapping.source(p).users
     key, email = sql.Identifier("u", spec.key), sql.Identifier("u", spec.email)
     name = sql.SQL("u.{}::text").format(sql.Identifier(spec.name)) if spec.name else sql.SQL("NULL::text")
@@ -58,8 +60,9 @@ def user_candidates(p) -> sql.Composable:
         "SELECT {key} AS id, {uuid} AS uuid, lower(btrim({email})) AS email, {name} AS display_name, "
         "{created} AS created_at, {updated} AS updated_at, "
         "row_number() OVER (PARTITION BY lower(btrim({email})) ORDER BY {key}) AS n, "
-        "min({key}) OVER (PARTITION BY lower(btrim({email}))) AS first_id FROM {user} u").format(
-        key=key, uuid=mapping.derived_uuid(p, spec, "u"), email=email, name=name,
+        "first_value({key}) OVER (PARTITION BY lower(btrim({email})) ORDER BY {key}) AS first_id "
+        "FROM {user} u WHERE {only}").format(
+        only=only or sql.SQL("true"), key=key, uuid=mapping.derived_uuid(p, spec, "u"), email=email, name=name,
         created=_column_or_now("u", spec.created_at), updated=_column_or_now("u", spec.updated_at),
         user=mapping.user_table(p))
 
@@ -70,13 +73,13 @@ def email_taken(p, alias: str) -> sql.Composable:
         users=sql.Identifier(p.schema_, "users"), a=sql.Identifier(alias))
 
 
-def _users(p) -> tuple[sql.Composable, sql.Composable]:
+def _users(p, only: sql.Composable | None = None) -> tuple[sql.Composable, sql.Composable]:
     s, um = p.schema_, mapping.ledger_table(p, "user_map")
     users = sql.Identifier(s, "users")
     wanted = sql.SQL(
         "SELECT c.* FROM ({cand}) c WHERE c.n = 1 "
         "AND NOT EXISTS (SELECT 1 FROM {um} m WHERE m.legacy_user_id = c.id) "
-        "AND NOT {taken}").format(cand=user_candidates(p), um=um, taken=email_taken(p, "c"))
+        "AND NOT {taken}").format(cand=user_candidates(p, only), um=um, taken=email_taken(p, "c"))
     insert = sql.SQL(
         "WITH wanted AS ({wanted}), "
         "ins AS (INSERT INTO {users} (uuid, email, name, created_at, updated_at) "
@@ -85,11 +88,13 @@ def _users(p) -> tuple[sql.Composable, sql.Composable]:
         "INSERT INTO {um} (legacy_user_id, user_id, created) "
         "SELECT w.id, coalesce(ins.id, us.id), ins.id IS NOT NULL FROM wanted w "
         "LEFT JOIN ins ON ins.uuid = w.uuid LEFT JOIN {users} us ON us.uuid = w.uuid "
-        "WHERE ins.id IS NOT NULL OR us.id IS NOT NULL").format(wanted=wanted, users=users, um=um)
+        "WHERE ins.id IS NOT NULL OR us.id IS NOT NULL ON CONFLICT (legacy_user_id) DO NOTHING").format(
+        wanted=wanted, users=users, um=um)
     return insert, sql.SQL("SELECT count(*) FROM ({}) x").format(wanted)
 
 
-def _memberships(p) -> tuple[sql.Composable, sql.Composable]:
+def _memberships(p, only: sql.Composable | None = None) -> tuple[sql.Composable, sql.Composable]:
+    """`only`: a condition on the candidates c (user_id, org_id): a signup trigger's, for the new row's pairs."""
     ut = sql.Identifier(p.schema_, "user_tenants")
     rows = sql.SQL(
         "SELECT um.user_id, ot.tenant_id, pr.role FROM pairs pr "
@@ -97,15 +102,29 @@ def _memberships(p) -> tuple[sql.Composable, sql.Composable]:
         "WHERE NOT EXISTS (SELECT 1 FROM {ut} x WHERE x.user_id = um.user_id AND x.tenant_id = ot.tenant_id)").format(
         um=mapping.ledger_table(p, "user_map"),
         ot=mapping.ledger_table(p, "org_tenants"), ut=ut)
-    cte = mapping.pairs_cte(p)
+    cte = mapping.pairs_cte(p, only)
     insert = sql.SQL("WITH {cte} INSERT INTO {ut} (user_id, tenant_id, role) {rows} "
                      "ON CONFLICT (user_id, tenant_id) DO NOTHING").format(cte=cte, ut=ut, rows=rows)
     return insert, sql.SQL("WITH {} SELECT count(*) FROM ({}) x").format(cte, rows)
 
 
-def steps(rb, conn: Connection, tables_ready: bool) -> list[Step]:
-    """The mapping's statements, after the tenancy tables and the System Tenant. Raises, changing nothing,
-    when the legacy tables are missing or a legacy role is not in the role map."""
+def tenant_statement(p, orgs: sql.Composable) -> sql.Composable:
+    """The tenants of the orgs `orgs` (aliased o) names, with their map: a signup trigger's, for its new row."""
+    return _tenants(p, orgs)[0]
+
+
+def user_statement(p, only: sql.Composable) -> sql.Composable:
+    return _users(p, only)[0]
+
+
+def membership_statement(p, only: sql.Composable) -> sql.Composable:
+    return _memberships(p, only)[0]
+
+
+def steps(rb, conn: Connection, tables_ready: bool, before_mapping: list[Step] = ()) -> list[Step]:
+    """The mapping's statements, after the tenancy tables and the System Tenant; `before_mapping` (the signup
+    triggers) between the creation of the maps and the first insert. Raises, changing nothing, when the legacy
+    tables are missing or a legacy role is not in the role map."""
     p = rb.params
     mapping.check_legacy_tables(conn, p)
     mapping.check_children(conn, p)  # the parent chains are sound, and no child is left behind
@@ -117,8 +136,11 @@ def steps(rb, conn: Connection, tables_ready: bool) -> list[Step]:
     maps_exist = mapping.map_tables_exist(conn, p)
     if not maps_exist:
         out.append(Step(PHASE, None, "create the mapping tables in the ledger (org_tenants, user_map)",
-                        sql.SQL(mapping.MAP_TABLES_SQL).format(l=sql.Identifier(p.ledger_schema)), NEW_OBJECT,
+                        sql.SQL(mapping.MAP_TABLES_SQL).format(
+                            l=sql.Identifier(p.ledger_schema), org_type=sql.SQL(mapping.key_type(conn, p, "tenants")),
+                            user_type=sql.SQL(mapping.key_type(conn, p, "users"))), NEW_OBJECT,
                         "new tables in the runbook's own schema"))
+    out += before_mapping
     ready = maps_exist and tables_ready
     legacy_orgs = _count(conn, sql.SQL("SELECT count(*) FROM {}").format(mapping.org_table(p)))
     tenants, pending_tenants = _tenants(p)

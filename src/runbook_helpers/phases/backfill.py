@@ -277,7 +277,7 @@ def plans(rb) -> list[TablePlan]:
                                                   catalog.null_tenant_count(conn, rb.schema, leaf.name))]
             planned = assignment
             if strategy == "mapped" and planned is None:  # before seed: as it will be once the mapping exists
-                planned = mapping.mapped_assignment(conn, rb.params, name, _tenant_literal(system_id), recording=True)
+                planned = mapping.mapped_assignment(conn, rb.params, name, _tenant_literal(system_id))
             fill = capture_steps(rb, conn, after, system_id) + fill_step(
                 conn, after, system_id, strategy, rb.params.batch_size_for(name), planned, leaves,
                 rb.params.core_tables[name].key)
