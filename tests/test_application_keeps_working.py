@@ -145,7 +145,10 @@ def test_the_workload_runs_through_every_phase_and_after_finalize_without_an_err
     assert {"before", "inspect", "seed", "backfill", "constrain", "validate", "after finalize"} <= phases
     kinds = {kind for _, kind in counts}
     assert {"insert workflow", "insert rule", "move workflow to another org", "delete workflow (rules cascade)",
-            "upsert workflow by id", "update workflow status", "list workflows", "read rules by id"} <= kinds
+            "upsert workflow by id", "update workflow status", "list workflows", "read rules by id",
+            "sign up an org and its first user"} <= kinds
+    signups = {phase for phase, kind in counts if kind == "sign up an org and its first user"}
+    assert {"before", "inspect", "seed", "backfill", "constrain", "validate"} <= signups, signups
 
     checks = results["validate"]["checks"]
     assert checks["passed"].all(), checks[~checks["passed"]].to_dict("records")
@@ -163,6 +166,18 @@ def test_the_workload_runs_through_every_phase_and_after_finalize_without_an_err
                             "WHERE r.tenant_id <> w.tenant_id").fetchone()[0] == 0
         assert conn.execute("SELECT count(*) FROM workflows WHERE name LIKE 'wl-%%'").fetchone()[0] > 0
     assert results["finalize"]["status"]["rollout trigger"].eq("removed").all()
+    # every org it signed up has a tenant of its own, its user a membership there, its rows that tenant
+    with db.connect() as conn:
+        own = conn.execute(
+            "SELECT count(DISTINCT m.tenant_id), count(*) FILTER (WHERE t.uuid IS DISTINCT FROM %s), "
+            "count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM user_tenants ut WHERE ut.tenant_id = m.tenant_id "
+            "AND ut.role = 'owner')) FROM unnest(%s::bigint[]) AS o(id) LEFT JOIN tenancy_runbook.org_tenants m "
+            "ON m.org_id = o.id LEFT JOIN tenants t ON t.id = m.tenant_id", (p.system_tenant.uuid, workload.signed_up)
+        ).fetchone()
+        assert own == (len(workload.signed_up), len(workload.signed_up), 0), own
+        assert conn.execute("SELECT count(*) FROM workflows w JOIN tenancy_runbook.org_tenants m ON m.org_id = w.org_id "
+                            "WHERE w.org_id = ANY(%s) AND w.tenant_id <> m.tenant_id", (workload.signed_up,)
+                            ).fetchone()[0] == 0
 
 
 def test_a_constrain_stopped_part_way_names_what_is_in_force_and_the_application_keeps_working(legacy, monkeypatch):

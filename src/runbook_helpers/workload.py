@@ -3,8 +3,8 @@
 The tests run it through every phase (the application keeps working, unchanged, and every row it writes
 lands in the right tenant) and the B3 benchmark uses it as the writer whose latency it measures. As the
 legacy application it knows nothing of tenants: it connects as its own role, never names tenant_id, and
-does what the application does: reads by id, by org and list views on every core table; inserts of
-parents and children; updates of ordinary columns; an update that moves a workflow to another org (its
+does what the application does: reads by id, by org and list views on every core table; sign-ups (a new org,
+its first user and their membership, then rows under the org); inserts of parents and children; updates of ordinary columns; an update that moves a workflow to another org (its
 rules and endpoints follow it: the rollout trigger, and the composite foreign keys' ON UPDATE CASCADE);
 deletes that cascade; `INSERT … ON CONFLICT (id) DO UPDATE`. `tenant_aware=True` is the release that
 follows: each insert names the tenant_id of its org (or its parent's), which is what 06_finalize waits for, and
@@ -77,6 +77,7 @@ class LegacyWorkload(threading.Thread):
         self.phase = "before"
         self.samples: list[Sample] = []
         self.written = Written()
+        self.signed_up: list[int] = []  # the orgs it created
         self._stop_event = threading.Event()
         self._lock = threading.Lock()
         self.orgs: list[int] = []
@@ -112,6 +113,8 @@ class LegacyWorkload(threading.Thread):
             actions = [self.read_by_id, self.read_by_org, self.list_views, self.insert_parent, self.insert_children,
                        self.update_ordinary, self.upsert, self.insert_parent, self.insert_children,
                        self.move_workflow, self.delete_cascading]
+            if not self.tenant_aware:  # the tenant-aware release signs orgs up through its own tenants
+                actions.insert(4, self.sign_up)
             while not self._stop_event.is_set():
                 for action in actions:
                     if self._stop_event.is_set():
@@ -240,6 +243,34 @@ class LegacyWorkload(threading.Thread):
                                                    "ORDER BY id DESC LIMIT 20", None)])
 
     # -- writes
+    def sign_up(self, conn) -> None:
+        """A new org, its first user (its org in org_ids, role 1) and their org_user row, in one transaction; the
+        org then gets workflows, models and knowledge bases like every other (its rows must land on its tenant)."""
+        name = self._row_name()
+
+        def body(execute):
+            org, org_uuid = execute("INSERT INTO org (uuid, name, slug) VALUES (gen_random_uuid(), %s, %s) "
+                                    "RETURNING id, uuid::text", (name, name))[0]
+            user = execute('INSERT INTO "user" (uuid, email, display_name, org_ids, role_ids) VALUES '
+                           "(gen_random_uuid(), %s, %s, ARRAY[%s]::bigint[], '{1}') RETURNING id",
+                           (f"{name}@example.com", name, org))[0][0]
+            execute("INSERT INTO org_user (org_id, user_id, role) VALUES (%s, %s, 'owner')", (org, user))
+            return org, org_uuid
+
+        made = self._transaction(conn, "sign up an org and its first user", body)
+        if made:
+            org = made[0]
+            self.orgs.append(org)
+            self.org_uuid[org] = made[1]
+            self.signed_up.append(org)
+            workflow = self._insert(conn, "insert workflow", "workflows",
+                                    {"org_id": org, "name": self._row_name(), "definition": "{}"})
+            if workflow:
+                self.written.workflows.append(workflow)
+                self.org_of[workflow] = org
+                self._insert(conn, "insert rule", "rules", {"workflow_id": workflow, "name": self._row_name(),
+                                                            "expression": "x"})
+
     def _insert(self, conn, kind: str, table: str, values: dict, tenant: int | None = None) -> int | None:
         """INSERT … RETURNING the first column; a new uuid for `uuid`; tenant_id only when given (tenant-aware)."""
         if tenant is not None:

@@ -21,6 +21,8 @@ from ..db import catalog, partitions, reconcile
 from ..db.ddl import UNDO_PHASE, Step, plan_frame, results_frame
 from ..db.sqltext import render
 from ..errors import RunbookError
+from ..legacy import mapping as legacy_mapping
+from ..legacy import signups as legacy_signups
 from ..tenancy import rollout
 from . import backfill
 from . import state as table_states
@@ -75,6 +77,9 @@ def steps(rb) -> list[Step]:
             if present:
                 out += rollout.remove_steps(PHASE, backfill.rollout_table(rb, conn, st, system_id), present,
                                             "catalog change only; the application writes tenant_id itself now")
+        if legacy_mapping.enabled(rb.params):
+            out += legacy_signups.remove_steps(conn, rb.params, PHASE, "catalog change only; the tenant-aware "
+                                               "application creates the tenants of new orgs itself now")
     return out
 
 
@@ -164,9 +169,13 @@ def undo_steps(rb, conn, before) -> list[Step]:
     keeps a tenant_id it is given). Backfill's undo removes them again, with the column."""
     out: list[Step] = []
     system_id = table_states.system_tenant_id(rb)
+    closed = False
     for name, st in table_states.core_states(rb, conn).items():
         if backfill.closed_by_finalize(conn, rb, name, st):
+            closed = True
             every = tuple(p.name for p in partitions.tree(conn, st)) if st.partitioned else ()
             out.append(rollout.install_step(UNDO_PHASE, backfill.rollout_table(rb, conn, st, system_id), False, every))
+    if closed and legacy_mapping.enabled(rb.params) and legacy_mapping.map_tables_exist(conn, rb.params):
+        out += legacy_signups.install_steps(conn, rb.params, UNDO_PHASE)  # seed's undo removes them again
     return out
 

@@ -24,6 +24,7 @@ from ..legacy import checks as legacy_checks
 from ..legacy import conflicts as legacy_conflicts
 from ..legacy import mapping as legacy_mapping
 from ..legacy import seed as legacy_seed
+from ..legacy import signups as legacy_signups
 from . import privileges
 from . import state as table_states
 
@@ -192,7 +193,10 @@ def steps(rb) -> list[Step]:
                           "one idempotent insert keyed by the fixed UUID; nothing else is touched", planned_rows=1))
     if legacy_mapping.enabled(rb.params):
         with rb.engine.connect() as conn:
-            steps += legacy_seed.steps(rb, conn, tables_ready=not missing)
+            # what the legacy application creates from now on gets its tenant at once (until 06_finalize)
+            triggers = [] if legacy_signups.window_closed(conn, rb.params) else \
+                legacy_signups.install_steps(conn, rb.params, PHASE)
+            steps += legacy_seed.steps(rb, conn, tables_ready=not missing, before_mapping=triggers)
     return steps
 
 
@@ -303,6 +307,8 @@ def undo_steps(rb, conn, before) -> list[Step]:
     p = rb.params
     out: list[Step] = []
     existed = {name: before.existed("table", name) for name in CONVENTIONS}
+    if legacy_mapping.enabled(p):  # first: nothing may create a tenant while the mapping's are deleted
+        out += legacy_signups.undo_steps(conn, p)
     if all(existed.values()):
         out += legacy_seed.undo_steps(conn, p)
     if table_states.system_tenant_id(rb) is not None and existed["tenants"] \
