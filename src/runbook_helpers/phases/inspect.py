@@ -14,7 +14,7 @@ from sqlalchemy.exc import DBAPIError
 
 from .. import drizzle
 from ..db.reading import ReadingFrame
-from ..db import baseline_rows, catalog, database, fingerprint, partitions
+from ..db import baseline_rows, catalog, database, fingerprint, partitions, sizes
 from ..db import privileges as db_privileges
 from ..db.ddl import plan_frame
 from ..db.names import TENANT_COLUMN
@@ -25,14 +25,6 @@ from . import state as table_states
 
 PHASE = "inspect"
 OK, WARN, FAIL = "ok", "warn", "FAIL"
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def preflight(rb) -> pd.DataFrame:
@@ -222,7 +214,7 @@ def inventory(rb) -> pd.DataFrame:
                 continue
             count, how = catalog.count_rows(conn, st, rb.params.inspect.exact_count_below)
             rows.append({
-                "table": st.name, "kind": kind, "rows": count, "counted": how, "size": _size(st.size_bytes),
+                "table": st.name, "kind": kind, "rows": count, "counted": how, "size": sizes.readable(st.size_bytes),
                 "primary key": ", ".join(st.pk_columns) or "none",
                 "tenant_id": _tenant_state(conn, rb, st),
                 "foreign key": "validated" if st.fk_valid else ("NOT VALID" if st.fk_name else "absent"),
@@ -258,7 +250,7 @@ def partition_inventory(rb) -> pd.DataFrame:
                 count, how = catalog.count_rows(conn, ps, rb.params.inspect.exact_count_below) if part.leaf \
                     else (None, "sub-partitioned")
                 rows.append({"table": name, "partition": part.name, "parent": part.parent, "level": part.level,
-                             "bound": part.bound, "rows": count, "counted": how, "size": _size(ps.size_bytes),
+                             "bound": part.bound, "rows": count, "counted": how, "size": sizes.readable(ps.size_bytes),
                              "tenant_id": _tenant_state(conn, rb, ps) if part.leaf else "",
                              "rls": ("on, forced" if ps.rls_forced else "on") if ps.rls_enabled else "off"})
     cols = ["table", "partition", "parent", "level", "bound", "rows", "counted", "size", "tenant_id", "rls"]
