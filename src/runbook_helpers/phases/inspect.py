@@ -20,7 +20,7 @@ from ..db.ddl import plan_frame
 from ..db.names import TENANT_COLUMN
 from ..errors import RunbookError
 from ..legacy import conflicts, mapping
-from . import backfill, constrain, original_schema, privileges, seed
+from . import backfill, constrain, original_schema, privileges, seed, unlisted
 from . import state as table_states
 
 PHASE = "inspect"
@@ -227,6 +227,13 @@ def inventory(rb) -> pd.DataFrame:
     cols = ["table", "kind", "rows", "counted", "size", "primary key", "tenant_id", "foreign key", "index",
             "triggers", "dependent views", "partitioning", "rls"]
     return pd.DataFrame(rows, columns=cols)
+
+
+def unlisted_tables(rb) -> pd.DataFrame:
+    """Every table of the schema in neither core_tables nor shared_tables (the runbook's own excepted): its rows,
+    size, foreign keys to and from the core tables and what to do; or one line saying there is none. The runbook
+    migrates only what the spec names, so nothing else may go unmentioned."""
+    return unlisted.frame(rb)
 
 
 def _partitioning(conn, st) -> str:
