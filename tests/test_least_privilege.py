@@ -21,7 +21,7 @@ from runbook_helpers.db import server as server_mod
 from runbook_helpers.db.ddl import ACCESS_EXCLUSIVE_META, Step
 from runbook_helpers.db.server import EmbeddedServer
 from runbook_helpers.errors import RunbookError
-from runbook_helpers.phases import rollback
+from runbook_helpers.phases import inspect, rollback
 from runbook_helpers.phases.headless import run_phase
 from runbook_helpers.run.session import PHASES
 from test_lock_ladder import wait_for_worker
@@ -252,3 +252,17 @@ def slow_vacuum_table_on(conn, name: str) -> None:
     ).format(sql.Identifier(name)))
     conn.execute(sql.SQL("INSERT INTO {} SELECT i, repeat('x', 200) FROM generate_series(1, 6000) i").format(
         sql.Identifier(name)))
+
+
+def test_inspect_lists_a_table_the_migration_role_may_not_read_from_its_estimate(db, roles, monkeypatch):
+    """A table in neither list needs no privilege of the migration role: 01_inspect must not fail on it (issue 27)."""
+    roles.create()
+    db.execute("CREATE TABLE schema_migrations (version text PRIMARY KEY); "
+               "INSERT INTO schema_migrations VALUES ('1'), ('2'), ('3'); ANALYZE schema_migrations")
+    rb = db.session("inspect", params=roles.params(monkeypatch))
+    try:
+        frame = inspect.unlisted_tables(rb).set_index("table")
+    finally:
+        rb.close()
+    assert frame.loc["schema_migrations", "counted"] == "estimate (no SELECT privilege)"
+    assert frame.loc["schema_migrations", "rows"] == 3

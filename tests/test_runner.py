@@ -44,6 +44,9 @@ def app_schema(url: str, server: EmbeddedServer) -> str:
     return "\n".join(l for l in out.splitlines() if not l.startswith(("\\restrict", "\\unrestrict")))
 
 
+UNLISTED_NOTE = "unlisted_tables.csv: 3 tables in neither core_tables nor shared_tables (org, org_user, user)"
+
+
 def test_run_dry_run_then_for_real_then_again(server):
     demo = runbook_cli("demo-db", "--env", "ci")
     assert demo.returncode == 0, demo.stderr
@@ -59,6 +62,8 @@ def test_run_dry_run_then_for_real_then_again(server):
         assert conn.execute("SELECT to_regnamespace('tenancy_runbook')").fetchone()[0] is None
     dry_manifest = json.loads((latest_run(before) / "manifest.json").read_text())
     assert dry_manifest["dry_run"] is True and dry_manifest["status"] == "succeeded"
+    # the tables in neither core_tables nor shared_tables are in the archive, a dry run's too (issue 27)
+    assert dry_manifest["unlisted_tables"] == UNLISTED_NOTE
 
     # the real run
     before = existing_runs()
@@ -85,6 +90,13 @@ def test_run_dry_run_then_for_real_then_again(server):
         checked = list(csv.DictReader(f))
     assert checked and {row["status"] for row in checked} == {"ok"}
     assert manifest["tenant_conflicts"].startswith(f"tenant_conflicts.csv: {len(checked)} checked, 0 with rows")
+    # the demo's tables in neither list: its legacy tables, which ci.yaml names as the tenant source
+    with open(folder / "unlisted_tables.csv", newline="") as f:
+        unlisted = {row["table"]: row for row in csv.DictReader(f)}
+    assert sorted(unlisted) == ["org", "org_user", "user"]
+    assert unlisted["org"]["known as"] == "legacy.source.tenants"
+    assert unlisted["user"]["referenced by core tables"] == "workflows.workflows_created_by_fkey (created_by -> user)"
+    assert manifest["unlisted_tables"] == UNLISTED_NOTE
     # the Drizzle hand-over: what schema.ts declares now, per table and as the diff of demo/app/src/schema.ts
     assert "## rules (`rules`)" in (folder / "drizzle_schema.md").read_text()
     assert '+  pgPolicy("tenant_legacy_access"' in (folder / "drizzle_schema.diff").read_text()

@@ -428,6 +428,53 @@ def foreign_keys(conn: Connection, schema: str, tables: list[str]) -> list[Forei
 
 
 
+# --- every table of a schema, and the foreign keys between its tables -------------------------------
+
+@dataclass
+class SchemaTable:
+    name: str
+    extension: str | None  # the extension that owns it (PostGIS's spatial_ref_sys), None: the application's
+    readable: bool         # whether this role may SELECT from it (count(*) needs it)
+
+
+SCHEMA_TABLES_SQL = text("""
+SELECT c.relname AS name, e.extname AS extension, has_table_privilege(c.oid, 'SELECT') AS readable
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e'
+LEFT JOIN pg_extension e ON e.oid = d.refobjid
+WHERE n.nspname = :schema AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+ORDER BY c.relname
+""")
+
+
+def schema_tables(conn: Connection, schema: str) -> list[SchemaTable]:
+    """Every table of the schema: a partitioned table once, as itself (its partitions are its rows); views,
+    materialized views and foreign tables are not tables here."""
+    return [SchemaTable(r["name"], r["extension"], bool(r["readable"]))
+            for r in conn.execute(SCHEMA_TABLES_SQL, {"schema": schema}).mappings()]
+
+
+TOUCHING_FKS_SQL = text("""
+SELECT con.conname, c.relname AS child, p.relname AS parent, con.convalidated,
+       (SELECT array_agg(a.attname ORDER BY k.ord) FROM unnest(con.conkey) WITH ORDINALITY k(attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum) AS cols,
+       (SELECT array_agg(a.attname ORDER BY k.ord) FROM unnest(con.confkey) WITH ORDINALITY k(attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum) AS ref_cols
+FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid JOIN pg_class p ON p.oid = con.confrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE con.contype = 'f' AND con.conparentid = 0 AND n.nspname = :schema AND p.relnamespace = n.oid
+  AND c.oid <> p.oid AND (c.relname = ANY(:tables) OR p.relname = ANY(:tables))
+ORDER BY c.relname, con.conname
+""")
+
+
+def foreign_keys_touching(conn: Connection, schema: str, tables: list[str]) -> list[ForeignKey]:
+    """Foreign keys between two tables of the schema of which either is one of `tables`: each once, as declared
+    (not the copies PostgreSQL keeps on partitions), a table's references to itself left out."""
+    return [ForeignKey(r["conname"], r["child"], r["parent"], list(r["cols"]), list(r["ref_cols"]), r["convalidated"])
+            for r in conn.execute(TOUCHING_FKS_SQL, {"schema": schema, "tables": list(tables)}).mappings()]
+
+
 REFERENCING_SQL = text("""
 SELECT c.relname, bool_or(con.confdeltype IN ('c', 'n', 'd')) AS writes
 FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid

@@ -32,3 +32,12 @@ def measure(conn: Connection, oid: int) -> Sizes:
     """The sizes of the table `oid` and, when it is partitioned, of every partition below it."""
     r = conn.execute(SIZES_SQL, {"oid": oid}).mappings().one()
     return Sizes(int(r["heap"]), int(r["indexes"]), int(r["total"]))
+
+
+def readable(n: float) -> str:
+    """Bytes as a person reads them (B, kB, MB, GB, TB), for inspect's listings."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)

@@ -21,6 +21,7 @@ def run_phase(rb, since=None, force: bool = False) -> dict[str, Any]:
             out["preflight"] = inspect.preflight(rb)
             inspect.assert_ready(out["preflight"])  # the notebook stops here too, before reading any rows
             out["inventory"] = inspect.inventory(rb)
+            out["unlisted"] = inspect.unlisted_tables(rb)
             out["partitions"] = inspect.partition_inventory(rb)
             out["conflicts"] = inspect.tenant_conflicts(rb)
             out["lint"] = inspect.lint(rb)

@@ -14,25 +14,17 @@ from sqlalchemy.exc import DBAPIError
 
 from .. import drizzle
 from ..db.reading import ReadingFrame
-from ..db import baseline_rows, catalog, database, fingerprint, partitions
+from ..db import baseline_rows, catalog, database, fingerprint, partitions, sizes
 from ..db import privileges as db_privileges
 from ..db.ddl import plan_frame
 from ..db.names import TENANT_COLUMN
 from ..errors import RunbookError
 from ..legacy import conflicts, mapping
-from . import backfill, constrain, original_schema, privileges, seed
+from . import backfill, constrain, original_schema, privileges, seed, unlisted
 from . import state as table_states
 
 PHASE = "inspect"
 OK, WARN, FAIL = "ok", "warn", "FAIL"
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def preflight(rb) -> pd.DataFrame:
@@ -222,7 +214,7 @@ def inventory(rb) -> pd.DataFrame:
                 continue
             count, how = catalog.count_rows(conn, st, rb.params.inspect.exact_count_below)
             rows.append({
-                "table": st.name, "kind": kind, "rows": count, "counted": how, "size": _size(st.size_bytes),
+                "table": st.name, "kind": kind, "rows": count, "counted": how, "size": sizes.readable(st.size_bytes),
                 "primary key": ", ".join(st.pk_columns) or "none",
                 "tenant_id": _tenant_state(conn, rb, st),
                 "foreign key": "validated" if st.fk_valid else ("NOT VALID" if st.fk_name else "absent"),
@@ -235,6 +227,13 @@ def inventory(rb) -> pd.DataFrame:
     cols = ["table", "kind", "rows", "counted", "size", "primary key", "tenant_id", "foreign key", "index",
             "triggers", "dependent views", "partitioning", "rls"]
     return pd.DataFrame(rows, columns=cols)
+
+
+def unlisted_tables(rb) -> pd.DataFrame:
+    """Every table of the schema in neither core_tables nor shared_tables (the runbook's own excepted): its rows,
+    size, foreign keys to and from the core tables and what to do; or one line saying there is none. The runbook
+    migrates only what the spec names, so nothing else may go unmentioned."""
+    return unlisted.frame(rb)
 
 
 def _partitioning(conn, st) -> str:
@@ -258,7 +257,7 @@ def partition_inventory(rb) -> pd.DataFrame:
                 count, how = catalog.count_rows(conn, ps, rb.params.inspect.exact_count_below) if part.leaf \
                     else (None, "sub-partitioned")
                 rows.append({"table": name, "partition": part.name, "parent": part.parent, "level": part.level,
-                             "bound": part.bound, "rows": count, "counted": how, "size": _size(ps.size_bytes),
+                             "bound": part.bound, "rows": count, "counted": how, "size": sizes.readable(ps.size_bytes),
                              "tenant_id": _tenant_state(conn, rb, ps) if part.leaf else "",
                              "rls": ("on, forced" if ps.rls_forced else "on") if ps.rls_enabled else "off"})
     cols = ["table", "partition", "parent", "level", "bound", "rows", "counted", "size", "tenant_id", "rls"]

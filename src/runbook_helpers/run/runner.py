@@ -248,12 +248,13 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
             if recorded:
                 on_server(ledger.fail_open_phases, control, run_id)
         if lost:  # the listings read the database: not written (an embedded server is not started again for them)
-            lint_note = ambiguities_note = conflicts_note = writes_note = pace_note = sizes_note = drizzle_note = \
-                f"not written: the server went away during the run ({lost[0]})"
+            lint_note = ambiguities_note = conflicts_note = unlisted_note = writes_note = pace_note = sizes_note = \
+                drizzle_note = f"not written: the server went away during the run ({lost[0]})"
         else:
             lint_note = _write_lint(folder, env, run_id)
             ambiguities_note = _write_ambiguities(folder, params, env, run_id)
             conflicts_note = _write_conflicts(folder, env, run_id)
+            unlisted_note = _write_unlisted(folder, env, run_id)
             writes_note = _write_app_writes(folder, env, run_id)
             pace_note = _write_pace(folder, env, run_id) if "backfill" in wanted else None
             sizes_note = _write_table_sizes(folder, env, run_id) if "validate" in wanted else None
@@ -280,6 +281,7 @@ def run(env: str, phases: str | None = None, *, dry_run: bool = False, yes: bool
             "tenancy_lint": lint_note,
             "legacy_ambiguities": ambiguities_note,
             "tenant_conflicts": conflicts_note,
+            "unlisted_tables": unlisted_note,
             "application_writes": writes_note,
             "backfill_pace": pace_note,
             "table_sizes": sizes_note,
@@ -443,6 +445,20 @@ def _write_conflicts(folder: Path, env: str, run_id: str) -> str:
             else "")
     return _write_listing(folder, "inspect", env, run_id, conflicts.report,
                           lambda frame, at: conflicts.write_csv(frame, at / "tenant_conflicts.csv"), describe)
+
+
+def _write_unlisted(folder: Path, env: str, run_id: str) -> str:
+    """unlisted_tables.csv: every table of the schema in neither core_tables nor shared_tables, with its rows,
+    foreign keys to and from the core tables and what to do (or the one line saying there is none)."""
+    from ..phases import inspect, unlisted
+
+    def describe(frame) -> str:
+        if unlisted.NONE_COLUMN in frame:
+            return f"unlisted_tables.csv: none ({frame[unlisted.NONE_COLUMN].iloc[0]})"
+        return (f"unlisted_tables.csv: {len(frame)} table{'s' if len(frame) != 1 else ''} in neither core_tables nor "
+                f"shared_tables ({', '.join(frame['table'])})")
+    return _write_listing(folder, "inspect", env, run_id, inspect.unlisted_tables,
+                          lambda frame, at: frame.to_csv(at / "unlisted_tables.csv", index=False), describe)
 
 
 def _write_app_writes(folder: Path, env: str, run_id: str) -> str | None:
