@@ -5,7 +5,8 @@ so no table needs an isolation acceptance for being empty, and a broken policy o
 A tracker schema of our own: a board, its tickets and their comments all empty (an empty child of an empty parent,
 and its child), each with what makes a row hard to make up: NOT NULL foreign keys, an enum, jsonb, a text array, a
 unique varchar, a unique uuid, a unique timestamp, CHECK constraints the obvious value breaks, a NOT NULL foreign key
-to a shared table, and an empty partitioned table whose only partition lies in 2030."""
+to a shared table, and an empty partitioned table whose only partition lies in 2030. A table with a single row is
+copied twice (each copy with fresh keys), not left unprobed for lacking a second."""
 
 import pytest
 
@@ -31,15 +32,18 @@ CREATE TABLE event (event_id bigserial, ticket_id uuid REFERENCES ticket, at tim
                     PRIMARY KEY (event_id, at)) PARTITION BY RANGE (at);
 CREATE TABLE event_2030 PARTITION OF event FOR VALUES FROM ('2030-01-01 00:00+00') TO ('2031-01-01 00:00+00');
 CREATE TABLE project (project_id serial PRIMARY KEY, name text NOT NULL);
+CREATE TABLE milestone (milestone_id integer PRIMARY KEY, title text NOT NULL UNIQUE);
+INSERT INTO milestone VALUES (1, 'the only one');
 INSERT INTO person SELECT i, 'person ' || i FROM generate_series(1, 5) i;
 INSERT INTO project (name) SELECT 'project ' || i FROM generate_series(1, 8) i;
 ALTER TYPE ticket_state OWNER TO app_owner;  -- a non-superuser owner, as the demo's: the FORCE case means something
 ALTER TABLE person OWNER TO app_owner; ALTER TABLE board OWNER TO app_owner; ALTER TABLE ticket OWNER TO app_owner;
 ALTER TABLE comment OWNER TO app_owner; ALTER TABLE event OWNER TO app_owner; ALTER TABLE event_2030 OWNER TO app_owner;
-ALTER TABLE project OWNER TO app_owner;
+ALTER TABLE project OWNER TO app_owner; ALTER TABLE milestone OWNER TO app_owner;
 """
 EMPTY = ["board", "ticket", "comment", "event"]
-TABLES = EMPTY + ["project"]   # an empty table first: the cases that need committed rows must look further
+ONE_ROW = "milestone"           # one row to copy: each probe tenant gets two copies of it, with fresh keys
+TABLES = EMPTY + ["project", ONE_ROW]  # an empty table first: the cases that need committed rows must look further
 PROBE_ROWS = "probe rows created"
 MADE = "2 per probe tenant (made for the empty table, with fresh keys)"
 PER_TABLE_CASES = ["tenant sees exactly its own rows", "cross-tenant SELECT by key", "cross-tenant UPDATE by key",
@@ -85,7 +89,8 @@ def test_every_empty_table_is_probed_without_an_acceptance_and_nothing_stays(tra
     assert results["passed"].all(), results[~results["passed"]].to_dict("records")
     assert not results["actual"].str.contains("cannot run|accepted").any()
     made = results[results["case"] == PROBE_ROWS].set_index("table")["actual"].to_dict()
-    assert made == {**{t: MADE for t in EMPTY}, "project": "2 per probe tenant (copies with fresh keys)"}
+    copies = "2 per probe tenant (copies with fresh keys)"
+    assert made == {**{t: MADE for t in EMPTY}, "project": copies, ONE_ROW: copies}
     ran = {(r.case, r.table) for r in results.itertuples()}
     assert {(case, table) for case in PER_TABLE_CASES for table in TABLES} <= ran
     # the cases run once, on the first table, take the empty board; those that read committed rows, the project
