@@ -232,6 +232,21 @@ def test_probes_run_on_real_constraints_and_a_table_no_row_fits_cannot_until_acc
     assert note.endswith(f"(accepted: {COUPON_ACCEPTED['reason']})")
 
 
+def test_an_acceptance_takes_the_case_as_validate_prints_it(rental, ci_params):
+    """What the failure prints before the table ("isolation probe rows created [coupon]") can be copied into
+    rls.isolation_accept as it is; the case's own name (COUPON_ACCEPTED) stays valid too."""
+    with pytest.raises(RunbookError) as err:
+        rental.run("validate", params=rental_params(ci_params))
+    line = next(x for x in str(err.value).splitlines() if "[coupon]" in x)
+    printed = line.split("- ", 1)[1].split(" [coupon]")[0]
+    assert printed == "isolation probe rows created"
+    copied = {"case": printed, "table": "coupon", "reason": "copied from the failure as validate printed it"}
+    accepted = suite(rental, rental_params(ci_params, [copied]))
+    assert accepted["passed"].all(), accepted[~accepted["passed"]].to_dict("records")
+    note = accepted.set_index(["case", "table"]).loc[("probe rows created", "coupon"), "actual"]
+    assert note.startswith(COUPON_CANNOT_RUN) and note.endswith(f"(accepted: {copied['reason']})")
+
+
 def test_probes_through_existing_rows_still_catch_a_leak(rental, ci_params):
     rental.execute("DROP POLICY tenant_isolation_select ON staff")
     rental.execute("CREATE POLICY tenant_isolation_select ON staff FOR SELECT USING (true)")
