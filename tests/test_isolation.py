@@ -150,8 +150,9 @@ def test_on_a_citus_coordinator_before_distribution_the_suite_runs_as_on_postgre
 
 
 # A small schema of real constraints: primary keys without a default, unique keys over several columns,
-# foreign keys to other tenant tables, a key whose CHECK no fresh value satisfies (staff), and a table with no
-# row to copy or move (notes).
+# foreign keys to other tenant tables, a key whose CHECK no fresh value satisfies (staff), an empty table whose
+# probe rows the suite makes (notes), and an empty table no made row fits (coupon: no value the suite tries
+# matches its CHECK, so it has no row to copy, make or move).
 RENTAL_SCHEMA = """
 CREATE TABLE store (store_id integer PRIMARY KEY, name text NOT NULL);
 CREATE TABLE customer (customer_id integer PRIMARY KEY, store_id integer NOT NULL REFERENCES store,
@@ -164,6 +165,7 @@ CREATE TABLE rental (rental_id integer PRIMARY KEY, rental_date timestamptz NOT 
 CREATE TABLE staff (staff_id integer PRIMARY KEY CHECK (staff_id BETWEEN 1 AND 99),
                     store_id integer NOT NULL REFERENCES store, login text NOT NULL UNIQUE);
 CREATE TABLE notes (note_id integer PRIMARY KEY, rental_id integer REFERENCES rental, body text);
+CREATE TABLE coupon (coupon_id integer PRIMARY KEY, code text NOT NULL CHECK (code ~ '^[A-Z]{3}-[0-9]{4}$'));
 INSERT INTO store SELECT i, 'store ' || i FROM generate_series(1, 3) i;
 INSERT INTO customer SELECT i, 1 + i % 3, 'c' || i || '@example.com' FROM generate_series(1, 20) i;
 INSERT INTO inventory (store_id, film_code, copy_no) SELECT 1 + i % 3, 'film-' || (i % 7), i FROM generate_series(1, 30) i;
@@ -171,9 +173,11 @@ INSERT INTO rental SELECT i, timestamptz '2024-01-01 00:00+00' + i * interval '1
 FROM generate_series(1, 40) i;
 INSERT INTO staff SELECT i, 1 + i % 3, 'staff' || i FROM generate_series(1, 10) i;
 """
-RENTAL_TABLES = ["store", "customer", "inventory", "rental", "staff", "notes"]
-NOTES_ACCEPTED = {"case": "probe rows created", "table": "notes",
-                  "reason": "notes is empty until the notes feature ships; nothing to isolate yet"}
+RENTAL_TABLES = ["store", "customer", "inventory", "rental", "staff", "notes", "coupon"]
+COUPON_ACCEPTED = {"case": "probe rows created", "table": "coupon",
+                   "reason": "coupon is empty until the coupons feature ships; nothing to isolate yet"}
+COUPON_CANNOT_RUN = ("cannot run: no fresh copy could be inserted (the table has no row to copy, and no row could be "
+                     'made for it: no value of column "code" (text) satisfies coupon_code_check')
 
 
 def rental_params(ci_params, accept=()):
@@ -198,41 +202,60 @@ def rental(empty_db, ci_params):
     return empty_db
 
 
-def test_probes_run_on_real_constraints_and_an_empty_table_cannot_until_accepted(rental, ci_params):
+def test_probes_run_on_real_constraints_and_a_table_no_row_fits_cannot_until_accepted(rental, ci_params):
     results = suite(rental, rental_params(ci_params))
     made = results[results["case"] == "probe rows created"].set_index("table")["actual"]
     for table in ("store", "customer", "inventory", "rental"):
         assert made[table] == "2 per probe tenant (copies with fresh keys)", table
     assert made["staff"] == "2 per probe tenant (existing rows moved to the probe tenants)"
-    assert made["notes"].startswith("cannot run: no fresh copy could be inserted (the table has no row to copy)")
-    assert failing(results) == {("probe rows created", "notes")}
+    assert made["notes"] == "2 per probe tenant (made for the empty table, with fresh keys)"
+    assert made["coupon"].startswith(COUPON_CANNOT_RUN), made["coupon"]
+    assert made["coupon"].endswith("and no existing rows could be moved to the probe tenants (0 rows that no other "
+                                   "row references (4 needed))")
+    assert failing(results) == {("probe rows created", "coupon")}
     per_table = set(results[results["case"] == "tenant sees exactly its own rows"]["table"])
-    assert per_table == set(RENTAL_TABLES) - {"notes"}
+    assert per_table == set(RENTAL_TABLES) - {"coupon"}
     assert ("child row referencing another tenant's parent", "customer -> store") in {
         (r.case, r.table) for r in results[results["passed"]].itertuples()}
     # the probes leave nothing behind
     assert rental.scalar("SELECT count(*) FROM staff WHERE tenant_id <> (SELECT id FROM tenants WHERE uuid = %s)",
                          (str(ci_params.system_tenant.uuid),)) == 0
     assert rental.scalar("SELECT count(*) FROM customer") == 20
+    assert rental.scalar("SELECT count(*) FROM notes") == rental.scalar("SELECT count(*) FROM coupon") == 0
     # unaccepted, the probe that cannot run fails validate; accepted with a reason, it passes and says so
     with pytest.raises(RunbookError) as err:
         rental.run("validate", params=rental_params(ci_params))
-    assert "isolation probe rows created [notes]: expected 2 per probe tenant, got cannot run:" in str(err.value)
-    accepted = suite(rental, rental_params(ci_params, [NOTES_ACCEPTED]))
+    assert "isolation probe rows created [coupon]: expected 2 per probe tenant, got cannot run:" in str(err.value)
+    accepted = suite(rental, rental_params(ci_params, [COUPON_ACCEPTED]))
     assert accepted["passed"].all(), accepted[~accepted["passed"]].to_dict("records")
-    note = accepted.set_index(["case", "table"]).loc[("probe rows created", "notes"), "actual"]
-    assert note.endswith(f"(accepted: {NOTES_ACCEPTED['reason']})")
+    note = accepted.set_index(["case", "table"]).loc[("probe rows created", "coupon"), "actual"]
+    assert note.endswith(f"(accepted: {COUPON_ACCEPTED['reason']})")
+
+
+def test_an_acceptance_takes_the_case_as_validate_prints_it(rental, ci_params):
+    """What the failure prints before the table ("isolation probe rows created [coupon]") can be copied into
+    rls.isolation_accept as it is; the case's own name (COUPON_ACCEPTED) stays valid too."""
+    with pytest.raises(RunbookError) as err:
+        rental.run("validate", params=rental_params(ci_params))
+    line = next(x for x in str(err.value).splitlines() if "[coupon]" in x)
+    printed = line.split("- ", 1)[1].split(" [coupon]")[0]
+    assert printed == "isolation probe rows created"
+    copied = {"case": printed, "table": "coupon", "reason": "copied from the failure as validate printed it"}
+    accepted = suite(rental, rental_params(ci_params, [copied]))
+    assert accepted["passed"].all(), accepted[~accepted["passed"]].to_dict("records")
+    note = accepted.set_index(["case", "table"]).loc[("probe rows created", "coupon"), "actual"]
+    assert note.startswith(COUPON_CANNOT_RUN) and note.endswith(f"(accepted: {copied['reason']})")
 
 
 def test_probes_through_existing_rows_still_catch_a_leak(rental, ci_params):
     rental.execute("DROP POLICY tenant_isolation_select ON staff")
     rental.execute("CREATE POLICY tenant_isolation_select ON staff FOR SELECT USING (true)")
-    red = failing(suite(rental, rental_params(ci_params, [NOTES_ACCEPTED])))
+    red = failing(suite(rental, rental_params(ci_params, [COUPON_ACCEPTED])))
     assert {("tenant sees exactly its own rows", "staff"), ("cross-tenant SELECT by key", "staff")} <= red
 
 
 def test_an_acceptance_never_hides_a_case_that_ran_and_failed(rental, ci_params):
     rental.execute("ALTER TABLE customer DROP CONSTRAINT customer_tenant_id_store_id_store_tenant_id_store_id_fk")
-    params = rental_params(ci_params, [NOTES_ACCEPTED, {"case": "child row referencing another tenant's parent",
+    params = rental_params(ci_params, [COUPON_ACCEPTED, {"case": "child row referencing another tenant's parent",
                                                         "table": "customer -> store", "reason": "tried to hide it"}])
     assert ("child row referencing another tenant's parent", "customer -> store") in failing(suite(rental, params))

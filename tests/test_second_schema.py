@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, Db, create_database, drop_database
 from runbook_helpers import params as params_mod
 from runbook_helpers.errors import RunbookError
-from runbook_helpers.phases import rollback
+from runbook_helpers.phases import rollback, validate
 from runbook_helpers.phases.headless import run_phase
 
 SCHEMAS = Path(__file__).parent / "schemas"
@@ -170,3 +170,22 @@ def test_tenant_ids_that_name_no_tenant_stop_inspect_and_change_nothing(shop):
         db.run("inspect")
     assert "customer" in str(err.value) and "42" in str(err.value)
     assert db.schema_dump() == before
+
+
+def test_the_shop_with_no_rentals_or_payments_probes_every_table_without_an_acceptance(shop):
+    """Every table probed (issue 27, item 3), on the shop: its rentals and payments emptied, and payment's DEFAULT
+    partition dropped, so a made payment must land in one of 2026's quarters, each hashed in two. The isolation
+    suite makes its own rental and payment (the payment's rental one it made), runs every case on every table with
+    no acceptance, and leaves both tables empty."""
+    db = shop
+    db.execute("TRUNCATE payment, rental; DROP TABLE payment_other")
+    assert not db.params.rls.isolation_accept
+    db.run("inspect", "seed", "backfill", "constrain")
+    with db.session("validate") as rb:
+        isolation = validate.isolation_suite(rb)
+    assert isolation["passed"].all(), isolation[~isolation["passed"]].to_dict("records")
+    made = isolation[isolation["case"] == "probe rows created"].set_index("table")["actual"].to_dict()
+    assert made == {t: "2 per probe tenant (copies with fresh keys)" for t in TABLES if t not in ("rental", "payment")} \
+        | {t: "2 per probe tenant (made for the empty table, with fresh keys)" for t in ("rental", "payment")}
+    assert set(isolation[isolation["case"] == "tenant sees exactly its own rows"]["table"]) == set(TABLES)
+    assert rows(db, "SELECT (SELECT count(*) FROM rental), (SELECT count(*) FROM payment)") == [(0, 0)]

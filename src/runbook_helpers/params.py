@@ -125,7 +125,7 @@ class LintAcceptance(_Strict):
 
 
 class IsolationAcceptance(_Strict):
-    case: str            # e.g. "probe rows created"
+    case: str            # e.g. "probe rows created", or as validate prints it: "isolation probe rows created"
     table: str
     reason: str = Field(min_length=10)
 

@@ -366,7 +366,7 @@ def assert_all_passed(results: pd.DataFrame, dry_run: bool = False, lint: pd.Dat
     if lint is not None and len(lint):
         lines += [f"  - lint {r.rule} [{r.object}]: {r.finding}" for r in lint[lint["status"] == lint_mod.FAIL].itertuples()]
     if isolation_results is not None and len(isolation_results):
-        lines += [f"  - isolation {r.case} [{r.table}]: expected {r.expected}, got {r.actual}"
+        lines += [f"  - {isolation.ISOLATION_PREFIX}{r.case} [{r.table}]: expected {r.expected}, got {r.actual}"
                   for r in isolation_results[~isolation_results["passed"]].itertuples()]
     total = len(results) + (len(lint) if lint is not None else 0) + (
         len(isolation_results) if isolation_results is not None else 0)
