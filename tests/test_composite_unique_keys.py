@@ -3,14 +3,16 @@ unique key other than the primary key: a two-column key to a composite UNIQUE (i
 UNIQUE uuid constraint and to a unique index that is no constraint. Each gets its (tenant_id, …) twin, validated,
 with UNIQUE (tenant_id, <the referenced key>) built beside the parent's key; a child row pointing at another
 tenant's parent is refused; the lint passes without an acceptance; a re-run plans nothing; rollback gives back the
-schema exactly. A key that cannot be twinned is named by the lint and readiness with what to do."""
+schema exactly; 07_distribute's plain-PostgreSQL part swaps the keys and keeps the twins. A key that cannot be
+twinned is named by the lint and readiness with what to do."""
 
 import psycopg
 import pytest
 
+import step_harness as harness
 from runbook_helpers import params as params_mod
 from runbook_helpers.distribution import readiness as readiness_mod
-from runbook_helpers.phases import rollback
+from runbook_helpers.phases import distribute, rollback
 from runbook_helpers.phases.headless import run_phase
 from runbook_helpers.tenancy import lint
 
@@ -204,3 +206,34 @@ def test_a_key_that_cannot_be_twinned_is_named_with_what_to_do(migrated):
     assert not ready["ready"] and ready["what to do"] == todo
     assert db.run("constrain")["constrain"]["plan"].empty  # nothing planned for it, nothing else either
 
+
+def test_07_swaps_the_referenced_keys_and_keeps_the_twins(migrated):
+    """07_distribute's plain-PostgreSQL part (every step but Citus's own calls): the referenced unique keys become
+    (tenant_id, …) under their own names, the composite UNIQUE beside each is dropped as redundant, the application's
+    keys without tenant_id go, and the twins, re-added without ON UPDATE CASCADE (Citus refuses it), still refuse
+    a cross-tenant child."""
+    db = migrated
+    db.run("validate", "finalize")
+    db.params = params_mod.override(db.params, {"distribution": {"application_keys_agreed": True}})
+    with db.session("distribute", params=db.params) as rb:
+        assert distribute.blockers(rb).empty
+        # a run that stopped after the key swaps: the re-plan keeps the application's keys, drops 04's twins
+        rb.executor().run_all([s for s in distribute.analyse(rb).steps if s.action.startswith(("build ", "swap "))])
+    with db.session("distribute", dry_run=True, params=db.params) as rb:
+        drops = {s.action for s in distribute.analyse(rb).steps if ": the same columns as " in s.action}
+    assert {"drop steps_tenant_id_id_flow_id_unique: the same columns as steps_id_flow_id_key (tenant_id, id, flow_id)",
+            "drop steps_tenant_id_uuid_unique: the same columns as steps_uuid_key (tenant_id, uuid)",
+            "drop runs_tenant_id_uuid_unique: the same columns as runs_uuid_idx (tenant_id, uuid)"} <= drops, drops
+    harness.plain_distribute(db)
+    fks, uniques = constraints(db, "f"), constraints(db, "u")
+    assert uniques["steps.steps_id_flow_id_key"] == ("UNIQUE (tenant_id, id, flow_id)", True)
+    assert uniques["steps.steps_uuid_key"] == ("UNIQUE (tenant_id, uuid)", True)
+    assert not set(UNIQUE_TWINS) & set(uniques), uniques
+    assert db.scalar("SELECT pg_get_indexdef('runs_uuid_idx'::regclass)").endswith("(tenant_id, uuid)")
+    for fk, definition in TWINS.items():
+        assert fk not in fks
+        assert fks[twin_of(fk)] == (definition.replace(" ON UPDATE CASCADE", ""), True), fk
+    other = db.scalar("INSERT INTO tenants (uuid, name) VALUES (gen_random_uuid(), 'other') RETURNING id")
+    with pytest.raises(psycopg.errors.ForeignKeyViolation):
+        db.execute("INSERT INTO runs (uuid, flow_id, step_id, tenant_id) SELECT gen_random_uuid(), flow_id, id, %s "
+                   "FROM steps LIMIT 1", (other,))
