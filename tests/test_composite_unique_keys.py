@@ -237,3 +237,54 @@ def test_07_swaps_the_referenced_keys_and_keeps_the_twins(migrated):
     with pytest.raises(psycopg.errors.ForeignKeyViolation):
         db.execute("INSERT INTO runs (uuid, flow_id, step_id, tenant_id) SELECT gen_random_uuid(), flow_id, id, %s "
                    "FROM steps LIMIT 1", (other,))
+
+
+PARTITIONED = """
+CREATE TABLE accounts (id bigserial PRIMARY KEY, code uuid NOT NULL UNIQUE);
+CREATE TABLE events (
+  id bigserial, occurred_on date NOT NULL, uuid uuid NOT NULL, account_code uuid NOT NULL REFERENCES accounts (code),
+  PRIMARY KEY (id, occurred_on), UNIQUE (uuid, occurred_on)
+) PARTITION BY RANGE (occurred_on);
+CREATE TABLE events_2024 PARTITION OF events FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+CREATE TABLE events_other PARTITION OF events DEFAULT;
+CREATE TABLE event_notes (
+  id bigserial PRIMARY KEY, event_uuid uuid NOT NULL, event_on date NOT NULL,
+  FOREIGN KEY (event_uuid, event_on) REFERENCES events (uuid, occurred_on)
+);
+INSERT INTO accounts (code) SELECT md5('account' || g)::uuid FROM generate_series(1, 5) g;
+INSERT INTO events (occurred_on, uuid, account_code)
+SELECT date '2024-06-01' + g * 3, md5('event' || g)::uuid, md5('account' || (1 + g % 5))::uuid
+FROM generate_series(1, 200) g;
+INSERT INTO event_notes (event_uuid, event_on) SELECT uuid, occurred_on FROM events WHERE id % 4 = 0;
+"""
+
+
+def test_a_partitioned_child_and_a_partitioned_parent_get_theirs_too(migrated_db, ci_params):
+    """events (partitioned) references accounts (code); event_notes references events (uuid, occurred_on): the
+    unique key on the partitioned parent is built per partition and attached, the twin on the partitioned child
+    per partition and attached; validate passes, rollback gives back the schema."""
+    data = key_params(ci_params).model_dump(by_alias=True)
+    data["core_tables"] = {"accounts": {}, "events": {}, "event_notes": {}}
+    data["validate"]["smoke_queries"] = [{"name": "notes", "sql": "SELECT count(*) FROM event_notes"}]
+    p = params_mod.Params.model_validate(data)
+    before = migrated_db(params=p, schema=PARTITIONED).schema_dump(exclude_ledger=True)
+    db = migrated_db("inspect", "seed", "backfill", "constrain", params=p, schema=PARTITIONED)
+    fks, uniques = constraints(db, "f"), constraints(db, "u")
+    assert uniques["accounts.accounts_tenant_id_code_unique"] == ("UNIQUE (tenant_id, code)", True)
+    assert uniques["events.events_tenant_id_uuid_occurred_on_unique"] == ("UNIQUE (tenant_id, uuid, occurred_on)", True)
+    for leaf in ("events_2024", "events_other"):  # each partition's part of it, attached
+        assert db.scalar("SELECT count(*) FROM pg_constraint c JOIN pg_constraint p ON p.oid = c.conparentid WHERE "
+                         "c.conrelid = %s::regclass AND p.conname = 'events_tenant_id_uuid_occurred_on_unique'",
+                         (leaf,)) == 1, leaf
+    assert fks["events.events_tenant_id_account_code_accounts_tenant_id_code_fk"] == (
+        "FOREIGN KEY (tenant_id, account_code) REFERENCES accounts(tenant_id, code) ON UPDATE CASCADE", True)
+    long_name = "event_notes_tenant_id_event_uuid_event_on_events_tenant_id_uuid_occurred_on_fk"[:63]  # as PostgreSQL
+    assert fks[f"event_notes.{long_name}"] == (
+        "FOREIGN KEY (tenant_id, event_uuid, event_on) REFERENCES events(tenant_id, uuid, occurred_on) "
+        "ON UPDATE CASCADE", True)
+    out = db.run("validate")["validate"]
+    assert out["checks"]["passed"].all(), out["checks"][~out["checks"]["passed"]].to_dict("records")
+    assert lint.clean(out["lint"]) and not (out["lint"]["status"] == lint.ACCEPTED).any()
+    assert db.run("constrain")["constrain"]["plan"].empty
+    assert run_phase(db.session("rollback"))["verdict"].startswith(rollback.ROLLED_BACK)
+    assert db.schema_dump(exclude_ledger=True) == before
