@@ -394,6 +394,9 @@ class ForeignKey:
     on_update: str = "a"
     deferrable: bool = False
     deferred: bool = False
+    # the key columns of the parent's unique index the key uses (its primary key or another unique key), in the
+    # index's order: PostgreSQL matches a foreign key's columns to a unique key in any order
+    ref_key: list[str] = field(default_factory=list)
 
     def actions(self, on_update: str | None = None) -> sql.Composable:
         """The same ON DELETE / ON UPDATE / DEFERRABLE as this key (ON UPDATE as given, if given); SET NULL and
@@ -413,7 +416,11 @@ SELECT con.conname, c.relname AS child, p.relname AS parent, con.convalidated, c
        (SELECT array_agg(a.attname ORDER BY k.ord) FROM unnest(con.conkey) WITH ORDINALITY k(attnum, ord)
           JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum) AS cols,
        (SELECT array_agg(a.attname ORDER BY k.ord) FROM unnest(con.confkey) WITH ORDINALITY k(attnum, ord)
-          JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum) AS ref_cols
+          JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.attnum) AS ref_cols,
+       (SELECT array_agg(a.attname ORDER BY k.ord) FROM pg_index i
+          CROSS JOIN unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+         WHERE i.indexrelid = con.conindid AND k.ord <= i.indnkeyatts) AS ref_key
 FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid JOIN pg_class p ON p.oid = con.confrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE con.contype = 'f' AND n.nspname = :schema AND c.relname = ANY(:tables) AND p.relname = ANY(:tables)
@@ -423,7 +430,8 @@ ORDER BY c.relname, con.conname
 
 def foreign_keys(conn: Connection, schema: str, tables: list[str]) -> list[ForeignKey]:
     return [ForeignKey(r["conname"], r["child"], r["parent"], list(r["cols"]), list(r["ref_cols"]), r["convalidated"],
-                       r["confdeltype"], r["confupdtype"], r["condeferrable"], r["condeferred"])
+                       r["confdeltype"], r["confupdtype"], r["condeferrable"], r["condeferred"],
+                       list(r["ref_key"] or []))
             for r in conn.execute(FKS_SQL, {"schema": schema, "tables": tables}).mappings()]
 
 

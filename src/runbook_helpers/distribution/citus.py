@@ -383,9 +383,10 @@ def becoming_local(conn: Connection, schema: str, reference: list[str], inside: 
 
 @dataclass(frozen=True)
 class RedundantKey:
-    """A UNIQUE constraint with the very columns of the table's primary key (or of another of its keys) once 07's
-    key swaps are done: 04_constrain's composite UNIQUE (tenant_id, id) beside a primary key that became
-    (tenant_id, id). 07 drops it, after the foreign keys that use its index (they come back on the kept key's)."""
+    """A UNIQUE constraint with the very columns of the table's primary key (or of another of its keys, or unique
+    indexes) once 07's key swaps are done: 04_constrain's composite UNIQUE (tenant_id, id) beside a primary key that
+    became (tenant_id, id), or its UNIQUE (tenant_id, …) beside another unique key that became (tenant_id, …). 07
+    drops it, after the foreign keys that use its index (they come back on the kept key's)."""
     table: str
     name: str
     columns: list[str]
@@ -395,7 +396,7 @@ class RedundantKey:
 
 
 REDUNDANT_SQL = text("""
-SELECT c.relname AS table, con.conname AS name, con.contype AS type, pg_get_constraintdef(con.oid) AS definition,
+SELECT c.relname AS table, con.conname AS name, con.contype::text AS type, pg_get_constraintdef(con.oid) AS definition,
        (SELECT array_agg(a.attname::text ORDER BY k.ord) FROM unnest(con.conkey) WITH ORDINALITY k(attnum, ord)
           JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.attnum) AS columns,
        coalesce((SELECT array_agg(fc.relname || '.' || fk.conname ORDER BY fc.relname, fk.conname)
@@ -403,17 +404,30 @@ SELECT c.relname AS table, con.conname AS name, con.contype AS type, pg_get_cons
          WHERE fk.contype = 'f' AND fk.conindid = con.conindid AND fk.conparentid = 0), '{}') AS used_by
 FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = :schema AND c.relname = ANY(:tables) AND con.contype IN ('p', 'u') AND con.conparentid = 0
+UNION ALL
+-- unique indexes that are no constraint (whole, of plain columns): kept where a UNIQUE constraint duplicates one
+SELECT c.relname, ic.relname, 'i', pg_get_indexdef(i.indexrelid),
+       (SELECT array_agg(a.attname::text ORDER BY k.ord) FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord)
+          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum WHERE k.ord <= i.indnkeyatts),
+       '{}'
+FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_class ic ON ic.oid = i.indexrelid
+WHERE n.nspname = :schema AND c.relname = ANY(:tables) AND i.indisunique AND i.indpred IS NULL
+  AND i.indexprs IS NULL AND NOT EXISTS (SELECT 1 FROM pg_constraint con WHERE con.conindid = i.indexrelid
+                                         AND con.conrelid = i.indrelid AND con.contype IN ('p', 'u', 'x'))
 """)
 
 
-def redundant_keys(conn: Connection, schema: str, tables: list[str], swapping: list[UniqueKey]) -> list[RedundantKey]:
-    """The UNIQUE constraints that duplicate the primary key or another key of their table once the keys in
-    `swapping` are (tenant_id, …): the one kept is the primary key, else a key being swapped, else the first by
-    name."""
+def redundant_keys(conn: Connection, schema: str, tables: list[str], swapping: list[UniqueKey],
+                   swapped: frozenset[tuple[str, str]] = frozenset()) -> list[RedundantKey]:
+    """The UNIQUE constraints that duplicate the primary key or another key of their table (a unique index
+    included) once the keys in `swapping` are (tenant_id, …): the one kept is the primary key, else a key being
+    swapped or that 07 swapped before (`swapped`: (table, key) from the ledger), else the first by name."""
     after = {(k.table, k.name): k.tenant_columns for k in swapping}
+    mine = set(after) | set(swapped)
     out, seen = [], {}
     rows = sorted(conn.execute(REDUNDANT_SQL, {"schema": schema, "tables": tables}).mappings(),
-                  key=lambda r: (r["table"], r["type"] != "p", (r["table"], r["name"]) not in after, r["name"]))
+                  key=lambda r: (r["table"], r["type"] != "p", (r["table"], r["name"]) not in mine, r["name"]))
     for r in rows:
         cols = tuple(after.get((r["table"], r["name"]), list(r["columns"])))
         first = seen.setdefault((r["table"], cols), r["name"])

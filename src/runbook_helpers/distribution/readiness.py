@@ -111,7 +111,8 @@ def _foreign_keys(fks, plain, keys, add) -> None:
             todo = (f"Citus cannot keep a foreign key across tenants between colocated tables: drop it, or make "
                     f"{fk.parent} a table outside the spec that becomes a reference table")
         else:
-            todo = "turn on distribution.composite_keys and re-run 04_constrain: it adds the (tenant_id, …) twin"
+            todo = composite_keys.twin_refusal(fk) or (
+                "turn on distribution.composite_keys and re-run 04_constrain: it adds the (tenant_id, …) twin")
         add("foreign keys between tenant tables include tenant_id", f"{fk.child}.{fk.name}",
             f"({', '.join(fk.cols)}) -> {fk.parent}" + (
                 f"; {twin.name} enforces it with tenant_id: dropping this one is a later, explicit step"

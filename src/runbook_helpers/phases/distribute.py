@@ -118,9 +118,11 @@ class Analysis:
                       f"make {child} a tenant table")
 
         # a UNIQUE constraint with the very columns of a key that is (or becomes) (tenant_id, …): 04's composite
-        # UNIQUE (tenant_id, id) beside the primary key made (tenant_id, id); the foreign keys on its index go
-        # around distribution anyway and come back on the kept key's index
-        self.redundant = citus.redundant_keys(conn, schema, self.tables, self.keys)
+        # UNIQUE (tenant_id, id) beside the primary key made (tenant_id, id), or beside another unique key (or unique
+        # index) made (tenant_id, …); the foreign keys on its index go around distribution anyway and come back on
+        # the kept key's index
+        self.redundant = citus.redundant_keys(conn, schema, self.tables, self.keys,
+                                              frozenset(citus_keys.swapped(conn, p.ledger_schema)))
         on_redundant = {u for k in self.redundant for u in k.used_by}
         cycle = [f for f in citus_tables.cycle(refs, inside) if (f.child, f.name) not in dropped_by_keys
                  and (not (f.child in managed and f.parent in managed) or f.key in on_redundant)]

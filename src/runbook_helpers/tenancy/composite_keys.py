@@ -6,8 +6,14 @@ beside the ones the application relies on, online, and removes none:
 
   1. CREATE UNIQUE INDEX CONCURRENTLY on (tenant_id, <primary key>)       SHARE UPDATE EXCLUSIVE
   2. ADD CONSTRAINT <t>_tenant_id_<key>_unique UNIQUE USING INDEX          brief ACCESS EXCLUSIVE, no scan
+     (1 and 2 also for each other unique key, or unique index, that a foreign key between tenant tables
+     references: REFERENCES step (id, flow_id) to UNIQUE (id, flow_id) gets UNIQUE (tenant_id, id, flow_id))
   3. per foreign key between tenant tables: ADD … FOREIGN KEY (tenant_id, <cols>) REFERENCES
      parent (tenant_id, <key>) ON UPDATE CASCADE NOT VALID, then VALIDATE it     brief / no write block
+
+Every foreign key between tenant tables gets its twin but an accepted cross-tenant reference and one whose
+parent side holds tenant_id while its child side does not (twin_refusal says why and what to do; the lint and
+the readiness report show it).
 
 `PRIMARY KEY (id)`, every unique key and every original foreign key stay: the application's
 `REFERENCES t(id)`, `ON CONFLICT (id)` and its id lookups keep working, and an id stays unique across
@@ -113,78 +119,122 @@ def accepted_references(p) -> dict[str, str]:
     return {k: r.reason for k, r in p.cross_tenant.foreign_keys.items() if r.wins == "child"}
 
 
+def twin_refusal(fk: catalog.ForeignKey) -> str | None:
+    """Why no (tenant_id, …) twin can stand beside this foreign key, with what to do; None when one can.
+    PostgreSQL takes a foreign key only to a whole unique key of plain columns (never to a partial or an
+    expression index), so every key between tenant tables can be twinned but one whose parent side holds
+    tenant_id while its child side does not: its twin would name tenant_id twice."""
+    if TENANT_COLUMN not in fk.ref_cols or TENANT_COLUMN in fk.cols:
+        return None
+    return (f"no ({TENANT_COLUMN}, …) twin can be built: it references {fk.parent} ({', '.join(fk.ref_cols)}), "
+            f"which holds {TENANT_COLUMN}, from ({', '.join(fk.cols)}), which is not {fk.child}'s own {TENANT_COLUMN}; "
+            f"make it reference {fk.parent} from {fk.child}.{TENANT_COLUMN} (FOREIGN KEY ({TENANT_COLUMN}, …)), or "
+            f"accept it in cross_tenant.foreign_keys ({fk.child}.{fk.name}: wins: child, with the reason)")
+
+
+def twinned(fks: list[catalog.ForeignKey], tables, plain: dict[str, str] | None = None) -> list[catalog.ForeignKey]:
+    """The foreign keys between tenant tables that get a (tenant_id, …) twin, whichever unique key of the parent
+    they reference: all but those holding tenant_id already, the accepted cross-tenant references in `plain`
+    and those twin_refusal() refuses (the readiness report and the lint list those)."""
+    return [fk for fk in fks if TENANT_COLUMN not in fk.cols and fk.child in tables and fk.parent in tables
+            and f"{fk.child}.{fk.name}" not in (plain or {}) and twin_refusal(fk) is None]
+
+
+def keys_to_twin(states: dict, fks: list[catalog.ForeignKey]) -> dict[str, list[list[str]]]:
+    """Per tenant table, the keys that get UNIQUE (tenant_id, <key>) beside them: its primary key (every tenant
+    table's), then each other unique key a twinned foreign key references, in its index's column order (the
+    order 07_distribute gives that key when it swaps it to (tenant_id, …), so the two are seen as one)."""
+    out: dict[str, list[list[str]]] = {
+        name: [st.pk_columns] if st.exists and st.pk_columns and TENANT_COLUMN not in st.pk_columns else []
+        for name, st in states.items()}
+    for fk in fks:
+        if fk.ref_key not in out[fk.parent]:
+            out[fk.parent].append(fk.ref_key)
+    return out
+
+
+def unique_twin_steps(conn: Connection, st, key: list[str], stays: str) -> list[Step]:
+    """UNIQUE (tenant_id, <key>) beside `key`, unless it is there: the unique index CONCURRENTLY, then the
+    constraint USING it (per partition and attached, on a partitioned table). `stays`: what the why says stays."""
+    cols = [TENANT_COLUMN] + key
+    if cols in unique_constraints(conn, st.oid).values():
+        return []
+    if st.partitioned:
+        return partitioned_unique_steps(conn, st, key)
+    unique = composite_unique_name(st.name, key)
+    return unique_index_steps(PHASE, conn, st, unique, cols) + [
+        Step(PHASE, st.name, f"add UNIQUE ({', '.join(cols)}) using that index",
+             sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} UNIQUE USING INDEX {}").format(
+                 st.qualified, sql.Identifier(unique), sql.Identifier(unique)),
+             ACCESS_EXCLUSIVE_META, f"catalog change only: the index is built; {stays}")]
+
+
 def steps(conn: Connection, schema: str, tables: list[str], recorded: frozenset[str] = frozenset(),
           plain: dict[str, str] | None = None) -> list[Step]:
     """What remains to give every tenant table UNIQUE (tenant_id, <key>) and every foreign key between tenant
-    tables its (tenant_id, …) twin, from the catalog. Keys in `plain` (accepted cross-tenant references) get
-    none; a failed VALIDATE of a twin drops it again unless it is in `recorded` (there before the migration):
-    NOT VALID, it would refuse the application's new cross-tenant rows while the phase is stopped."""
+    tables its (tenant_id, …) twin, from the catalog: a key referencing another unique key than the primary key
+    gets UNIQUE (tenant_id, <that key>) on its parent to reference. Keys in `plain` (accepted cross-tenant
+    references) get none; a failed VALIDATE of a twin drops it again unless it is in `recorded` (there before
+    the migration): NOT VALID, it would refuse the application's new cross-tenant rows while the phase is stopped."""
     tenants_oid = catalog.relation_oid(conn, schema, "tenants")
     states = catalog.table_states(conn, schema, tables, tenants_oid)
-    out: list[Step] = []
-    for name, st in states.items():
-        if not st.exists or not st.pk_columns or TENANT_COLUMN in st.pk_columns:
-            continue
-        cols = [TENANT_COLUMN] + st.pk_columns
-        if cols in unique_constraints(conn, st.oid).values():
-            continue
-        unique = composite_unique_name(name, st.pk_columns)
-        if st.partitioned:
-            out += partitioned_unique_steps(conn, st, unique, cols)
-            continue
-        out += unique_index_steps(PHASE, conn, st, unique, cols)
-        out.append(Step(PHASE, name, f"add UNIQUE ({', '.join(cols)}) using that index",
-                        sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} UNIQUE USING INDEX {}").format(
-                            st.qualified, sql.Identifier(unique), sql.Identifier(unique)),
-                        ACCESS_EXCLUSIVE_META, "catalog change only: the index is built; the primary key stays"))
     trees = {t: partitions.tree(conn, st) for t, st in states.items()}
     leaves = {t: partitions.leaves(tree) for t, tree in trees.items()}
     every = {t: tuple(p.name for p in tree) for t, tree in trees.items()}  # what a recursing ALTER TABLE locks
     fks = catalog.foreign_keys(conn, schema, tables + [p.name for parts in leaves.values() for p in parts])
-    names = {f.name: f for f in fks}
-    for fk in fks:
-        if TENANT_COLUMN in fk.cols or fk.child not in states:
-            continue
-        parent = states.get(fk.parent)
-        if parent is None or fk.ref_cols != parent.pk_columns:
-            continue  # not a reference to a tenant table's primary key: the readiness report lists it
-        if f"{fk.child}.{fk.name}" in (plain or {}):
-            continue  # an accepted cross-tenant reference: the readiness report and the lint list it
+    twins = twinned(fks, states, plain)
+    out: list[Step] = []
+    for name, keys in keys_to_twin(states, twins).items():
+        for key in keys:
+            out += unique_twin_steps(conn, states[name], key, "the primary key stays" if key == states[name].pk_columns
+                                     else f"the unique key on ({', '.join(key)}) stays")
+    for fk in twins:
         if states[fk.child].partitioned:
             out += partitioned_fk_steps(schema, fk, leaves[fk.child], fks, every[fk.child], every[fk.parent])
-            continue
-        existing = covering(fk, fks)
-        composite = existing.name if existing else composite_fk_name(fk)
-        child = sql.Identifier(schema, fk.child)
-        if existing is None:
-            out.append(Step(PHASE, fk.child, f"add {composite} NOT VALID",
-                            sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} ({}){} NOT VALID").format(
-                                child, sql.Identifier(composite),
-                                sql.SQL(", ").join(map(sql.Identifier, [TENANT_COLUMN] + fk.cols)),
-                                sql.Identifier(schema, fk.parent),
-                                sql.SQL(", ").join(map(sql.Identifier, [TENANT_COLUMN] + fk.ref_cols)),
-                                fk.actions(on_update="c")),
-                            foreign_key_lock(fk.parent, parent_partitions=every[fk.parent]),
-                            f"NOT VALID skips the scan; new writes are checked at once; "
-                            f"{fk.name} stays beside it"))
-        if existing is None or not names[composite].validated:
-            twin = [TENANT_COLUMN] + fk.cols
-            out.append(Step(PHASE, fk.child, f"validate {composite}",
-                            sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(child, sql.Identifier(composite)),
-                            validate_foreign_key_lock(fk.parent), "scans without blocking reads or writes", long_scan=True,
-                            diagnose=violations.foreign_key_violations(
-                                child, twin, sql.Identifier(schema, fk.parent), [TENANT_COLUMN] + fk.ref_cols,
-                                states[fk.child].pk_columns if fk.child in states else []),
-                            on_error=None if composite in recorded else sql.SQL(
-                                "ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(child, sql.Identifier(composite))))
+        else:
+            out += fk_twin_steps(schema, fk, fks, states, every[fk.parent], recorded)
     return out
 
 
-def partitioned_unique_steps(conn: Connection, st, unique: str, cols: list[str]) -> list[Step]:
-    """UNIQUE (tenant_id, <primary key>) on a partitioned table (its primary key includes the partition key, as
-    PostgreSQL requires of every unique key there): per leaf partition the unique index CONCURRENTLY and the
+def fk_twin_steps(schema: str, fk: catalog.ForeignKey, fks: list[catalog.ForeignKey], states: dict,
+                  parent_parts: tuple[str, ...], recorded: frozenset[str]) -> list[Step]:
+    """The (tenant_id, …) twin of a foreign key whose child is not partitioned: NOT VALID (no scan), then VALIDATE
+    (no write blocked), each unless the catalog has it already."""
+    existing = covering(fk, fks)
+    composite = existing.name if existing else composite_fk_name(fk)
+    child = sql.Identifier(schema, fk.child)
+    out: list[Step] = []
+    if existing is None:
+        out.append(Step(PHASE, fk.child, f"add {composite} NOT VALID",
+                        sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} ({}){} NOT VALID").format(
+                            child, sql.Identifier(composite),
+                            sql.SQL(", ").join(map(sql.Identifier, [TENANT_COLUMN] + fk.cols)),
+                            sql.Identifier(schema, fk.parent),
+                            sql.SQL(", ").join(map(sql.Identifier, [TENANT_COLUMN] + fk.ref_cols)),
+                            fk.actions(on_update="c")),
+                        foreign_key_lock(fk.parent, parent_partitions=parent_parts),
+                        f"NOT VALID skips the scan; new writes are checked at once; "
+                        f"{fk.name} stays beside it"))
+    if existing is None or not existing.validated:
+        twin = [TENANT_COLUMN] + fk.cols
+        out.append(Step(PHASE, fk.child, f"validate {composite}",
+                        sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(child, sql.Identifier(composite)),
+                        validate_foreign_key_lock(fk.parent), "scans without blocking reads or writes", long_scan=True,
+                        diagnose=violations.foreign_key_violations(
+                            child, twin, sql.Identifier(schema, fk.parent), [TENANT_COLUMN] + fk.ref_cols,
+                            states[fk.child].pk_columns),
+                        on_error=None if composite in recorded else sql.SQL(
+                            "ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(child, sql.Identifier(composite))))
+    return out
+
+
+def partitioned_unique_steps(conn: Connection, st, key: list[str]) -> list[Step]:
+    """UNIQUE (tenant_id, <key>) on a partitioned table (the key includes the partition key, as PostgreSQL
+    requires of every unique key there): per leaf partition the unique index CONCURRENTLY and the
     constraint USING it, then the constraint on the table, which PostgreSQL builds by attaching each
     partition's (no scan; ADD … USING INDEX is not available on a partitioned table itself)."""
+    cols = [TENANT_COLUMN] + key
+    unique = composite_unique_name(st.name, key)
     out: list[Step] = []
     tree = partitions.tree(conn, st)
     for leaf in partitions.leaves(tree):
@@ -192,7 +242,7 @@ def partitioned_unique_steps(conn: Connection, st, unique: str, cols: list[str])
         if partitions.attached_constraint(conn, catalog.relation_oid(conn, st.schema, leaf.parent), unique, ls) \
                 or cols in unique_constraints(conn, ls.oid).values():
             continue
-        name = composite_unique_name(ls.name, st.pk_columns)
+        name = composite_unique_name(ls.name, key)
         out += [replace(s, table=st.name) for s in unique_index_steps(PHASE, conn, ls, name, cols)]
         out.append(Step(PHASE, st.name, f"add UNIQUE ({', '.join(cols)}) to partition {ls.name} using that index",
                         sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} UNIQUE USING INDEX {}").format(

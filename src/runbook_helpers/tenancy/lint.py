@@ -163,7 +163,8 @@ def run(rb, conn: Connection | None = None) -> pd.DataFrame:
             f"({', '.join(fk.cols)}) -> {fk.parent}" + (
                 f": {twin.name} beside it includes tenant_id" if twin else
                 ("" if ok else ": a row can point at another tenant's row")) + (
-                " (an accepted cross-tenant reference: cross_tenant.foreign_keys, wins: child)" if reason else ""), ok)
+                " (an accepted cross-tenant reference: cross_tenant.foreign_keys, wins: child)" if reason else
+                "" if ok else f"; {_untwinned_todo(fk)}"), ok)
         if reason:
             rows[-1].update(status=ACCEPTED, reason=reason)
 
@@ -176,6 +177,14 @@ def run(rb, conn: Connection | None = None) -> pd.DataFrame:
 
     frame = pd.DataFrame(rows, columns=COLUMNS)
     return _apply_acceptances(frame, p.rls.lint_accept)
+
+
+def _untwinned_todo(fk: catalog.ForeignKey) -> str:
+    """What to do about a foreign key between tenant tables without a (tenant_id, …) twin: why none can be built,
+    or what builds it (whichever unique key of its parent it references)."""
+    return composite_keys.twin_refusal(fk) or (
+        f"04_constrain adds its ({TENANT_COLUMN}, …) twin, and UNIQUE ({TENANT_COLUMN}, {', '.join(fk.ref_key)}) on "
+        f"{fk.parent} where missing, with distribution.composite_keys")
 
 
 def _materialized_view(view, app_role: str) -> dict[str, Any]:
