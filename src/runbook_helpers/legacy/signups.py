@@ -133,10 +133,11 @@ def install_steps(conn: Connection, p, phase: str) -> list[Step]:
     return out
 
 
-def remove_steps(conn: Connection, p, phase: str, why: str) -> list[Step]:
+def remove_steps(conn: Connection, p, phase: str, why: str, every: bool = False) -> list[Step]:
+    """`every`: each table's, whether it has them now or not (an earlier step of the same run puts them back)."""
     out = []
     for table in tables(p):
-        present = installed(conn, p, table.name)
+        present = set(_triggers(table)) if every else installed(conn, p, table.name)
         if not present:
             continue
         statement = sql.SQL(";\n").join(
@@ -148,4 +149,6 @@ def remove_steps(conn: Connection, p, phase: str, why: str) -> list[Step]:
 
 
 def undo_steps(conn: Connection, p) -> list[Step]:
-    return remove_steps(conn, p, UNDO_PHASE, "catalog change only; the legacy application wrote without them before")
+    """Their removal, also where 06_finalize removed them: its undo, earlier in the same rollback, puts them back."""
+    return remove_steps(conn, p, UNDO_PHASE, "catalog change only; the legacy application wrote without them before",
+                        every=window_closed(conn, p) and mapping.map_tables_exist(conn, p))
