@@ -180,6 +180,11 @@ def _references(conn: Connection, rb, tables, p, add) -> None:
                 f"foreign constraint\")", True,
                 f"nothing: 07_distribute re-adds it without {dropped} (NO ACTION): a distributed row's {TENANT_COLUMN} "
                 f"cannot change, so nothing is left to cascade")
+    for fk in refs:
+        if fk.child in inside and fk.parent in inside and citus_tables.delete_sets_null(fk.definition):
+            add("foreign keys holding tenant_id set no columns ON DELETE", fk.key, f"({', '.join(fk.columns)}) -> "
+                f"{fk.parent}: ON DELETE SET NULL or SET DEFAULT; Citus refuses it on a key that holds the distribution "
+                f"column, and 07_distribute refuses to start while it stands", False, citus_tables.SET_NULL_TODO)
     cycle = [f for f in citus.references_from(conn, rb.schema, tables + reference)
              if f.child in inside and f.parent in inside and not _dropped_with_a_key(f, tables)]
     for fk in cycle:

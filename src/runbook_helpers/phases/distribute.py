@@ -111,6 +111,9 @@ class Analysis:
             elif fk.child in self.reference and fk.parent in self.tables:
                 block("a reference table references a tenant table", fk.key,
                       "Citus cannot: make the child a tenant table (core_tables) or drop the foreign key")
+            elif citus_tables.delete_sets_null(fk.definition):
+                block("Citus refuses ON DELETE SET NULL or SET DEFAULT on a foreign key that holds the distribution "
+                      "column", fk.key, citus_tables.SET_NULL_TODO)
         for child, name, parent in citus.referenced_from_outside(conn, schema, self.tables, sorted(inside)):
             if (child, name) not in {(c, n) for k in keys for c, n in k.referenced_by}:
                 block("a table outside the spec references a tenant table", f"{child}.{name}",
