@@ -50,7 +50,8 @@ class Roles:
         self.app, self.legacy = f"app_{tag}", f"legacy_{tag}"
         self.all = (self.migrator, self.owner, self.app, self.legacy)
 
-    def create(self) -> None:
+    def create(self, legacy_tables: list[str] | None = None) -> None:
+        """`legacy_tables`: the snippet's optional legacy_tables (the tenant source's, with legacy.enabled)."""
         p = self.db.params
         # the demo's tables belong to app_owner, whom every test database shares: here a superuser owns them
         # first, and the snippet hands the core tables to this test's own owner role (a BYPASSRLS migration
@@ -62,6 +63,7 @@ class Roles:
                 [str(self.db.server.tool("psql")), "-X", "-q", "-v", "ON_ERROR_STOP=1",
                  "-v", f"migrator={self.migrator}", "-v", f"schema={p.schema_}", "-v", f"owner={self.owner}", "-v", f"app_role={self.app}",
                  "-v", f"legacy_role={self.legacy}", "-v", "core_tables={" + ",".join(p.tables) + "}",
+                 *(["-v", "legacy_tables={" + ",".join(legacy_tables) + "}"] if legacy_tables else []),
                  "-f", str(script), "-d", self.db.url], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
 
@@ -105,6 +107,39 @@ def test_the_whole_runbook_as_the_minimal_migration_role(db, roles, monkeypatch)
     assert len(finalized["applied"]) and set(finalized["applied"]["outcome"]) == {"applied"}, finalized["applied"]
     assert db.scalar("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'tenancy_rollout%%'") == 0
     assert_rolls_back(db, params, before)
+
+
+def test_the_whole_runbook_as_the_minimal_migration_role_with_the_legacy_mapping(db, roles, monkeypatch):
+    """With legacy.enabled 02_seed puts its signup triggers on the tenant source's tables, which the migration role
+    does not own: the snippet's legacy_tables hands them to the owner role like the core tables (DROP TRIGGER, in
+    06_finalize and rollback, needs the owner's privileges)."""
+    roles.create(legacy_tables=["org", "user", "org_user"])
+    params = roles.params(monkeypatch, {"legacy": {"enabled": True}})
+    before = db.schema_dump(exclude_ledger=True)
+    results = db.run(*PHASES, params=params)
+    assert "passed" in results["validate"]["verdict"]
+    assert db.scalar("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'tenancy_legacy_signup%%'") == 4
+    run_phase(db.session("finalize", params=params), force=True)
+    assert db.scalar("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'tenancy_%%'") == 0
+    assert_rolls_back(db, params, before)
+
+
+def test_without_the_tenant_sources_owner_preflight_says_so_and_changes_nothing(db, roles, monkeypatch):
+    roles.create()
+    params = roles.params(monkeypatch, {"legacy": {"enabled": True}})
+    tenants = db.scalar("SELECT count(*) FROM tenants")
+    with pytest.raises(RunbookError) as refused:
+        db.run("inspect", "seed", params=params)
+    assert "privilege: ownership of the tenant source's tables owned by postgres" in str(refused.value)
+    assert "cannot alter: \"user\", org, org_user (owner postgres): 02_seed creates its signup triggers on them" \
+        in str(refused.value)
+    # nothing was changed: no tenant, no trigger
+    assert db.scalar("SELECT count(*) FROM tenants") == tenants
+    assert db.scalar("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'tenancy_%%'") == 0
+    db.execute(f'ALTER TABLE org OWNER TO {roles.owner}; ALTER TABLE org_user OWNER TO {roles.owner}; '
+               f'ALTER TABLE "user" OWNER TO {roles.owner}')  # what the DBA does, as a superuser
+    db.run("inspect", "seed", params=params)
+    assert db.scalar("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'tenancy_legacy_signup%%'") == 4
 
 
 def test_a_superuser_rolls_back_what_the_minimal_role_granted(db, roles, monkeypatch):

@@ -26,6 +26,8 @@ class Needs:
     alter_views: bool = False                          # ALTER VIEW … security_invoker on the views over them
     read: list[str] = field(default_factory=list)      # tables only read (shared tables, the tenant source)
     grant_read: list[str] = field(default_factory=list)  # tables whose SELECT is granted on to the app role
+    triggers_on: list[str] = field(default_factory=list)  # tables besides the core tables that seed puts
+                                                          # triggers on and finalize drops them from (the tenant source's)
     tenancy_tables: list[str] = field(default_factory=list)  # tenants / users / user_tenants that exist already
     act_as: list[str] = field(default_factory=list)    # roles the isolation suite SETs (they must exist or be made)
     create_roles: list[str] = field(default_factory=list)  # roles that must exist or be made (no SET ROLE)
@@ -86,7 +88,12 @@ def missing(conn: Connection, needs: Needs) -> list[Missing]:
     out += _ledger(conn, needs, me, role["database"])
     out += _schema(conn, needs, me)
     out += _tenancy_tables(conn, needs, me)
-    owned = _ownership(conn, needs, me, role["rolname"])
+    owned = _ownership(conn, needs, me, role["rolname"], needs.alter, "core tables",
+                       "ALTER TABLE and ALTER VIEW need the owner's privileges", needs.alter_views)
+    triggers = [t for t in needs.triggers_on if t not in needs.alter]
+    owned += _ownership(conn, needs, me, role["rolname"], triggers, "tenant source's tables",
+                        "02_seed creates its signup triggers on them, 06_finalize drops them: DROP TRIGGER needs the "
+                        "owner's privileges") if triggers else []
     out += owned
     out += _table_privileges(conn, needs, me)
     if needs.bypass_rls and not role["rolbypassrls"]:
@@ -161,9 +168,10 @@ def _tenancy_tables(conn: Connection, needs: Needs, me: str) -> list[Missing]:
     return out
 
 
-def _ownership(conn: Connection, needs: Needs, me: str, who: str) -> list[Missing]:
-    rows = conn.execute(OWNED_SQL, {"schema": needs.schema, "tables": needs.alter,
-                                    "views": needs.alter_views}).mappings().all()
+def _ownership(conn: Connection, needs: Needs, me: str, who: str, tables: list[str], what: str, why: str,
+               views: bool = False) -> list[Missing]:
+    """Membership in the owner of each of `tables` (their partitions, and with `views` the views over them)."""
+    rows = conn.execute(OWNED_SQL, {"schema": needs.schema, "tables": tables, "views": views}).mappings().all()
     by_owner: dict[str, list] = {}
     for r in rows:
         if not r["owns"]:
@@ -178,9 +186,8 @@ def _ownership(conn: Connection, needs: Needs, me: str, who: str) -> list[Missin
             # INHERIT: ALTER TABLE as a member; SET: the isolation suite's negative control acts as the owner
             fix = f"GRANT {_ident(conn, owner)} TO {me}" + (" WITH INHERIT TRUE, SET TRUE" if _version(conn) >= 160000
                                                             else "")
-        out.append(Missing(f"ownership of the core tables owned by {owner}",
-                           f"{who} cannot alter: {names} (owner {owner}): ALTER TABLE and ALTER VIEW need the "
-                           f"owner's privileges", fix, role=owner))
+        out.append(Missing(f"ownership of the {what} owned by {owner}",
+                           f"{who} cannot alter: {names} (owner {owner}): {why}", fix, role=owner))
     return out
 
 

@@ -20,9 +20,11 @@ def needs(rb, conn) -> privileges.Needs:
 
     p = rb.params
     read = list(p.shared_tables)
+    triggers_on: list[str] = []
     if mapping.enabled(p):
         src = mapping.source(p)
-        read += [src.tenants.table, src.users.table] + [m.table for m in src.memberships]
+        triggers_on = [src.tenants.table, src.users.table] + [m.table for m in src.memberships]
+        read += triggers_on
     act_as = []
     if p.rls.enabled:
         act_as.append(p.rls.app_role)
@@ -34,7 +36,7 @@ def needs(rb, conn) -> privileges.Needs:
         act_as += [o for o in owners if o != rb.identity.user and o not in act_as]
     return privileges.Needs(
         schema=rb.schema, ledger_schema=p.ledger_schema, alter=p.tables, alter_views=p.rls.enabled,
-        read=sorted(set(read)), grant_read=list(p.shared_tables) if p.rls.enabled else [],
+        read=sorted(set(read)), triggers_on=sorted(set(triggers_on)), grant_read=list(p.shared_tables) if p.rls.enabled else [],
         tenancy_tables=[t for t in seed.CONVENTIONS if catalog.relation_oid(conn, rb.schema, t) is not None],
         act_as=act_as, create_roles=[p.rls.legacy_role] if p.rls.enabled and p.rls.legacy_role else [],
         bypass_rls=p.rls.enabled,
