@@ -44,7 +44,8 @@ LEGACY_ON = {"legacy": {"enabled": True}}
 # The longest files first: `--dist loadfile` hands whole files to the two workers one at a time as they free up,
 # by default the files with the most tests first; test_runner.py (9 long tests) then started near the end and ran
 # alone on one worker while the other sat idle. make test passes --no-loadscope-reorder, so this order holds.
-LONGEST_FIRST = ["test_runner.py", "test_steps_killed.py", "test_step_harness.py", "test_faults.py", "test_browser.py", "test_accounting.py", "test_constrain.py",
+LONGEST_FIRST = ["test_runner.py", "test_steps_killed.py", "test_step_harness.py", "test_faults.py", "test_browser.py",
+                 "test_least_privilege.py", "test_any_keys.py", "test_application_keeps_working.py", "test_accounting.py", "test_constrain.py",
                  "test_backfill.py", "test_audit.py", "test_partitions_mapped.py", "test_rerun_after_rollback.py",
                  "test_partitions.py", "test_legacy_mapping.py", "test_drizzle_kit_isolation.py", "test_drizzle.py",
                  "test_readiness.py", "test_steps_shop.py", "test_distribute.py", "test_plan_formats.py", "test_plan_locks.py"]

@@ -1,7 +1,8 @@
 """Tenant sources with text and uuid keys (issue 27): schemas of our own making in the shapes ORMs give them
 (tests/schemas/saas_text.sql: Prisma-like cuid text keys, quoted camelCase names, enums, jsonb, a chain five levels
 deep; tests/schemas/saas_uuid.sql: uuid keys from gen_random_uuid(), a membership table keyed by both ids), migrated
-end to end with the legacy mapping, RLS and composite keys on, validated clean and rolled back exactly.
+end to end with the legacy mapping, RLS and composite keys on, an organization signed up by the legacy application
+during the rollout window, validated clean and rolled back exactly.
 
 Expected tenants are worked out by walking each schema's chain from its organization, not with the runbook's
 expressions; a tenant's uuid is Python's uuid3 of the namespace and '<table>:<key>' (or of the source's uuid)."""
@@ -10,6 +11,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from conftest import ROOT, Db, create_database, drop_database
@@ -47,6 +49,19 @@ SCHEMA_ORGS = {
                           'e.id = x."environmentId" JOIN "Project" p ON p.id = e."projectId"',
         },
         "memberships": 'SELECT count(*) FROM "Membership"',
+        # an organization signed up by the legacy application during the window: its first user, their ADMIN
+        # membership and a row on each level under it, in one transaction (no tenant_id anywhere)
+        "legacy_role": "saas_legacy",
+        "signup": [
+            'INSERT INTO "Organization" (id, name, slug, "updatedAt") VALUES (%(org)s, \'New\', %(org)s, now())',
+            'INSERT INTO "User" (id, email, "updatedAt") VALUES (%(user)s, %(user)s || \'@example.com\', now())',
+            'INSERT INTO "Membership" (id, "userId", "organizationId", role) VALUES (%(m)s, %(user)s, %(org)s, \'ADMIN\')',
+            'INSERT INTO "Project" (id, "organizationId", name, "updatedAt") VALUES (%(p)s, %(org)s, \'P\', now())',
+            'INSERT INTO "Environment" (id, "projectId", name) VALUES (%(e)s, %(p)s, \'production\')',
+            'INSERT INTO "Flag" (id, "environmentId", key, value, "updatedAt") VALUES (%(f)s, %(e)s, \'k\', \'true\', now())',
+            'INSERT INTO "FlagRule" (id, "flagId", position, condition) VALUES (%(r)s, %(f)s, 0, \'{}\')'],
+        "signed_up": {"Organization": "org", "Membership": "m", "Project": "p", "Environment": "e", "Flag": "f",
+                      "FlagRule": "r"},
     },
     "saas_uuid": {
         "source": ("accounts", "id", "{}"),
@@ -59,6 +74,15 @@ SCHEMA_ORGS = {
                         "JOIN boards b ON b.id = c.board_id",
         },
         "memberships": "SELECT count(*) FROM account_people",
+        "legacy_role": "board_legacy",
+        "signup": [
+            "INSERT INTO accounts (id, name) VALUES (%(org)s::uuid, 'New')",
+            "INSERT INTO people (id, email, full_name) VALUES (%(user)s::uuid, %(user)s || '@example.org', 'New')",
+            "INSERT INTO account_people (account_id, person_id, role) VALUES (%(org)s::uuid, %(user)s::uuid, 'admin')",
+            "INSERT INTO boards (id, account_id, title) VALUES (%(p)s::uuid, %(org)s::uuid, 'B')",
+            "INSERT INTO cards (id, board_id, title, position) VALUES (%(e)s::uuid, %(p)s::uuid, 'C', 1)",
+            "INSERT INTO comments (id, card_id, author_id, body) VALUES (%(f)s::uuid, %(e)s::uuid, %(user)s::uuid, 'x')"],
+        "signed_up": {"accounts": "org", "boards": "p", "cards": "e", "comments": "f"},
     },
 }
 
@@ -97,10 +121,35 @@ def tenant_of_org(db) -> dict[object, int]:
     return out
 
 
+def sign_up(db) -> dict[str, str]:
+    """The schema's signup as its legacy application does it (its role, one transaction); the keys it used."""
+    spec = SCHEMA_ORGS[db.spec]
+    keys = {k: ("c" + uuid.uuid4().hex[:24]) if db.spec == "saas_text" else str(uuid.uuid4())
+            for k in ("org", "user", "m", "p", "e", "f", "r")}
+    with psycopg.connect(db.url.replace("postgresql://postgres@", f"postgresql://{spec['legacy_role']}@")) as conn:
+        for statement in spec["signup"]:
+            conn.execute(statement, keys)
+    return keys
+
+
 def test_a_tenant_source_with_text_or_uuid_keys_migrates_validates_and_rolls_back_exactly(saas):
     db = saas
-    before_rows, before_schema = counts(db), db.schema_dump()
-    results = db.run("inspect", "seed", "backfill", "constrain", "validate")
+    before_schema = db.schema_dump()
+    db.run("inspect", "seed", "backfill")
+    # an organization signed up while the rollout window is open gets its tenant at once (issue 27, item 2): every
+    # row written under it lands there, and its user gets a membership with the mapped role
+    keys = sign_up(db)
+    tenant = db.scalar("SELECT tenant_id FROM tenancy_runbook.org_tenants WHERE org_id = %s", (keys["org"],))
+    source, _, name = SCHEMA_ORGS[db.spec]["source"]
+    assert db.scalar("SELECT uuid FROM tenants WHERE id = %s", (tenant,)) == uuid.uuid3(
+        db.params.legacy.tenant_uuid_namespace, name.format(keys["org"]))  # the uuid seed would give it
+    for table, key in SCHEMA_ORGS[db.spec]["signed_up"].items():
+        pk = "id" if table != "account_people" else "account_id"
+        assert db.scalar(f'SELECT tenant_id FROM "{table}" WHERE {pk} = %s', (keys[key],)) == tenant, table
+    assert db.scalar("SELECT ut.role FROM user_tenants ut JOIN tenancy_runbook.user_map m ON m.user_id = ut.user_id "
+                     "WHERE m.legacy_user_id = %s AND ut.tenant_id = %s", (keys["user"], tenant)) == "admin"
+    before_rows = counts(db)
+    results = db.run("constrain", "validate")
 
     checks = results["validate"]["checks"]
     assert checks["passed"].all(), checks[~checks["passed"]].to_dict("records")
@@ -131,4 +180,4 @@ def test_a_tenant_source_with_text_or_uuid_keys_migrates_validates_and_rolls_bac
     run_phase(db.session("finalize"), force=True)
     assert run_phase(db.session("rollback"))["verdict"] == rollback.ROLLED_BACK + rollback.RETIRED
     assert db.schema_dump(exclude_ledger=True) == before_schema
-    assert counts(db) == before_rows
+    assert counts(db) == before_rows  # the signed-up organization's rows included: they are the application's
