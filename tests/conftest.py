@@ -61,6 +61,20 @@ os.environ.pop("RUNBOOK_RUN_ID", None)
 os.environ["RUNBOOK_HEADLESS"] = "1"
 
 
+
+def schema_spec(ci_params, tables: list[str], smoke_queries: list[dict], **changes) -> params_mod.Params:
+    """The ci params (RLS and composite keys on) with a test schema's spec in place of the demo's: its core tables
+    (replaced, not merged), no shared table, no legacy mapping, legacy role, lint acceptance or Drizzle record."""
+    data = ci_params.model_dump(by_alias=True)
+    data["core_tables"] = {t: {} for t in tables}
+    data["shared_tables"] = []
+    data["legacy"]["enabled"] = False
+    data["rls"]["lint_accept"] = []
+    data["rls"]["legacy_role"] = None
+    data["drizzle"].update({"folder": None, "record_after_validate": [], "schema_file": None})
+    data["validate"]["smoke_queries"] = smoke_queries
+    return params_mod.override(params_mod.Params.model_validate(data), changes)
+
 @pytest.fixture(scope="session")
 def server() -> EmbeddedServer:
     srv = EmbeddedServer(TEST_ENV)

@@ -7,28 +7,18 @@ during the rollout window, validated clean and rolled back exactly.
 Expected tenants are worked out by walking each schema's chain from its organization, not with the runbook's
 expressions; a tenant's uuid is Python's uuid3 of the namespace and '<table>:<key>' (or of the source's uuid)."""
 
-import shutil
 import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from conftest import ROOT, Db, create_database, drop_database
-from runbook_helpers import params as params_mod
+from conftest import Db, create_database, drop_database
 from runbook_helpers.phases import rollback
 from runbook_helpers.phases.headless import run_phase
+from test_second_schema import spec_params
 
 SCHEMAS = Path(__file__).parent / "schemas"
-
-
-def spec_params(tmp_path, name: str, extra: str = "") -> params_mod.Params:
-    """The ci env (its embedded server) with the schema's spec in place of the demo's."""
-    folder = tmp_path / "params"
-    shutil.copytree(ROOT / "params", folder, dirs_exist_ok=True)
-    shutil.copy(SCHEMAS / f"{name}.yaml", folder / "apps" / f"{name}.yaml")
-    (folder / "ci.yaml").write_text(f"extends: apps/{name}.yaml\ndatabase: {{embedded: true}}\n" + extra)
-    return params_mod.load("ci", folder)
 
 
 # per schema: the tenant source (table, key column, how a tenant's uuid is named), and per core table the SQL

@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 import step_harness as harness
+from conftest import schema_spec
 from runbook_helpers import params as params_mod
 from runbook_helpers.distribution import readiness as readiness_mod
 from runbook_helpers.phases import distribute, rollback
@@ -62,17 +63,9 @@ UNIQUE_TWINS = {"steps.steps_tenant_id_id_flow_id_unique": "UNIQUE (tenant_id, i
 def key_params(ci_params, **changes):
     """The ci params (RLS and composite keys on) with this schema's spec in place of the demo's, and nothing
     accepted in the lint."""
-    data = ci_params.model_dump(by_alias=True)
-    data["core_tables"] = {t: {} for t in TABLES}
-    data["shared_tables"] = []
-    data["legacy"]["enabled"] = False
-    data["rls"]["lint_accept"] = []
-    data["rls"]["legacy_role"] = None
-    data["drizzle"].update({"folder": None, "record_after_validate": [], "schema_file": None})
-    data["validate"]["smoke_queries"] = [
+    return schema_spec(ci_params, TABLES, [
         {"name": "runs with their step", "sql": "SELECT count(*) FROM runs r JOIN steps s ON (s.id, s.flow_id) = "
-                                                "(r.step_id, r.flow_id)"}]
-    return params_mod.override(params_mod.Params.model_validate(data), changes)
+                                                "(r.step_id, r.flow_id)"}], **changes)
 
 
 @pytest.fixture

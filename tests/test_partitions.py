@@ -7,6 +7,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from conftest import schema_spec
 from runbook_helpers import params as params_mod
 from runbook_helpers.phases import rollback, validate
 
@@ -43,18 +44,11 @@ LEAVES = ["events_2024_eu", "events_2024_other", "events_2024_us", "events_2025_
 
 def partition_params(ci_params, **changes):
     """The ci params with this schema's spec in place of the demo's (core_tables replaced, not merged)."""
-    data = ci_params.model_dump(by_alias=True)
-    data["core_tables"] = {"accounts": {}, "events": {}, "event_notes": {}}
-    data["shared_tables"] = []
-    data["legacy"]["enabled"] = False
-    data["rls"]["lint_accept"] = []
-    data["rls"]["legacy_role"] = None
-    data["drizzle"].update({"folder": None, "record_after_validate": [], "schema_file": None})
-    data["validate"]["smoke_queries"] = [
+    return schema_spec(ci_params, ["accounts", "events", "event_notes"], [
         {"name": "events of an account", "sql": "SELECT count(*) FROM events WHERE account_id = 1"},
         {"name": "notes with their event", "sql": "SELECT count(*) FROM event_notes n JOIN events e ON "
-                                                  "(e.id, e.occurred_on, e.region) = (n.event_id, n.event_on, n.event_region)"}]
-    return params_mod.override(params_mod.Params.model_validate(data), changes)
+                                                  "(e.id, e.occurred_on, e.region) = (n.event_id, n.event_on, n.event_region)"}],
+        **changes)
 
 
 @pytest.fixture

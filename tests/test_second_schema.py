@@ -24,13 +24,18 @@ TABLES = ["store", "staff", "customer", "inventory", "rental", "payment"]
 STORE_TENANT = "(SELECT m.tenant_id FROM tenancy_runbook.org_tenants m WHERE m.org_id = {}.store_id)"
 
 
-def shop_params(tmp_path, extra: str = "") -> params_mod.Params:
-    """The ci env (its embedded server) with the shop's spec in place of the demo's."""
+def spec_params(tmp_path, name: str, extra: str = "") -> params_mod.Params:
+    """The ci env (its embedded server) with the spec tests/schemas/<name>.yaml in place of the demo's."""
     folder = tmp_path / "params"
     shutil.copytree(ROOT / "params", folder, dirs_exist_ok=True)
-    shutil.copy(SCHEMAS / "shop.yaml", folder / "apps" / "shop.yaml")
-    (folder / "ci.yaml").write_text("extends: apps/shop.yaml\ndatabase: {embedded: true}\n" + extra)
+    shutil.copy(SCHEMAS / f"{name}.yaml", folder / "apps" / f"{name}.yaml")
+    (folder / "ci.yaml").write_text(f"extends: apps/{name}.yaml\ndatabase: {{embedded: true}}\n" + extra)
     return params_mod.load("ci", folder)
+
+
+def shop_params(tmp_path, extra: str = "") -> params_mod.Params:
+    """The ci env (its embedded server) with the shop's spec in place of the demo's."""
+    return spec_params(tmp_path, "shop", extra)
 
 
 @pytest.fixture
